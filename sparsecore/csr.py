@@ -1,0 +1,296 @@
+"""CSR sparse weights: construction fused with selection, checks, products.
+
+Results are canonical ``scipy.sparse.csr_array``: sorted column indices, no
+duplicates, no stored zeros; ``indices`` and ``indptr`` share one dtype,
+int32 unless the shape or nnz needs int64. A weight of N dimensions is stored
+as ``(shape[0], prod(shape[1:]))`` (a 1-D weight as one row, a scalar as 1x1);
+:func:`to_dense` restores the original shape.
+"""
+
+import math
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+from ._kernels import cpu_csr
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
+from ._validate import as_float_array, check_fraction, check_threshold, flat
+from .selection import Rule, Source, _select_one, apply_rule, scores_source, threshold_rule
+
+__all__ = ["check_csr", "csr_matmul", "index_dtype", "matrix_shape", "to_csr", "to_dense"]
+
+# Largest value that int32 CSR indices may hold. Read at every call (tests
+# lower it to force the int64 path on tiny inputs), never inside a kernel.
+INT32_LIMIT = int(np.iinfo(np.int32).max)
+
+
+def index_dtype(shape, nnz):
+    """int32 when ``max(shape, nnz)`` fits, else int64 (scipy's rule).
+
+    Examples
+    --------
+    >>> import sparsecore as sc
+    >>> sc.index_dtype((4096, 4096), 1_000_000)
+    dtype('int32')
+    >>> sc.index_dtype((3_000_000_000, 2), 5)
+    dtype('int64')
+    """
+    big = max(max(shape) if len(shape) else 0, nnz)
+    return np.dtype(np.int32) if big <= INT32_LIMIT else np.dtype(np.int64)
+
+
+def matrix_shape(shape):
+    """The 2-D CSR shape of a weight: ``(shape[0], prod(shape[1:]))``.
+
+    A 1-D weight becomes one row ``(1, n)``, a scalar ``(1, 1)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return (1, 1)
+    if len(shape) == 1:
+        return (1, shape[0])
+    return (shape[0], math.prod(shape[1:]))
+
+
+def build_csr(w_flat, mshape, src, rule, *, want_mask=False, weights_name="weights", weights_original=None):
+    """CSR (and optionally the flat keep-mask) of ``w_flat`` under ``rule``."""
+    mask, (data, indices, indptr) = apply_rule(
+        w_flat, src, rule, mshape[0], want_mask=want_mask, want_csr=True,
+        index_dtype=lambda nnz: index_dtype(mshape, nnz),
+        weights_name=weights_name, weights_original=weights_original)
+    a = sp.csr_array((data, indices, indptr), shape=mshape, copy=False)
+    a.has_sorted_indices = True
+    a.has_canonical_format = True
+    return a, mask
+
+
+def to_csr(weights, mask=None, *, scores=None, threshold=None, sparsity=None, name="weights"):
+    """Canonical CSR of a weight, pruned on the fly.
+
+    With only ``weights``, the non-zeros are stored. With ``mask``, entries
+    where it is False are dropped. With ``threshold``, entries whose score is
+    below it are dropped; with ``sparsity``, exactly ``round(sparsity * n)``
+    lowest-scoring entries (ties: lower flat index first). Scores default to
+    ``|weights|``. Selection and compression are fused: one parallel count
+    pass, a prefix sum and one parallel fill, with no dense masked temporary.
+
+    Parameters
+    ----------
+    weights : array_like of float
+        Any shape; N-D weights become ``(shape[0], prod(shape[1:]))``.
+    mask : array_like of bool, optional
+        Keep-mask shaped like ``weights``.
+    scores : array_like of float, optional
+        Importance shaped like ``weights``; ``|weights|`` when omitted.
+    threshold, sparsity : float, optional
+        At most one of them, and not with ``mask``.
+    name : str
+        Names the tensor in error messages.
+
+    Returns
+    -------
+    scipy.sparse.csr_array
+        float32 data for float16/float32 weights, float64 for float64.
+        Kept entries that are exactly zero are not stored.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Non-float weights or scores, NaN/Inf, mismatched shapes, bad options.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> w = np.array([[0.5, -0.1], [0.0, 2.0]], np.float32)
+    >>> a = sc.to_csr(w, threshold=0.2)
+    >>> a.toarray()
+    array([[0.5, 0. ],
+           [0. , 2. ]], dtype=float32)
+    >>> a.indices.dtype
+    dtype('int32')
+    """
+    w = as_float_array(weights, name, "weights")
+    given = [x for x in (mask, threshold, sparsity) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"to_csr for {name!r}: give at most one of mask, threshold, sparsity")
+    wf = flat(w)
+    mshape = matrix_shape(w.shape)
+    if mask is not None:
+        if scores is not None:
+            raise ValueError(f"to_csr for {name!r}: scores have no use with a mask")
+        m = np.asarray(mask)
+        if m.dtype != np.bool_:
+            raise TypeError(f"mask for {name!r} has dtype {m.dtype}; pass a bool array")
+        if m.shape != w.shape:
+            raise ValueError(f"mask for {name!r} has shape {m.shape}, weights have shape {w.shape}")
+        src = Source(name, flat(m).view(np.uint8), w.shape, MODE_IDENTITY, role="mask", original=m)
+        rule = Rule(key_of(0.5, False), 0, False)
+    else:
+        if scores is None:
+            src = Source(name, wf, w.shape, MODE_ABS, role="weights", original=w)
+        else:
+            src = scores_source(scores, name)
+            if src.shape != w.shape:
+                raise ValueError(f"scores for {name!r} have shape {src.shape}, weights have shape {w.shape}")
+        if threshold is not None:
+            rule = threshold_rule(src, check_threshold(threshold, name))
+        elif sparsity is not None:
+            rule = _select_one(src, round(check_fraction(sparsity, name) * src.size))
+        else:  # keep everything: the CSR drops exact zeros only
+            rule = Rule(0, 0, src.needs_wide())
+    a, _ = build_csr(wf, mshape, src, rule, weights_name=name, weights_original=w)
+    return a
+
+
+def to_dense(a, shape=None):
+    """Dense array of a CSR weight, reshaped to ``shape`` (the weight's own).
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> w = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    >>> bool((sc.to_dense(sc.to_csr(w), w.shape) == w).all())
+    True
+    """
+    check_csr(a)
+    d = a.toarray()
+    if shape is None:
+        return d
+    shape = tuple(shape)
+    if matrix_shape(shape) != d.shape:
+        raise ValueError(f"CSR of shape {d.shape} cannot take the weight shape {shape}: "
+                         f"that shape is stored as {matrix_shape(shape)}")
+    return d.reshape(shape)
+
+
+def _fail(rule, detail):
+    raise ValueError(f"invalid CSR: {rule} ({detail})")
+
+
+def check_csr(a, full=False):
+    """Check that ``a`` is a well-formed, and with ``full``, canonical CSR.
+
+    O(1) checks always (type, shape, array lengths and dtypes, ``indptr``
+    ends); with ``full=True`` an O(nnz) scan: ``indptr`` non-decreasing,
+    column indices in range, strictly increasing within each row (sorted, no
+    duplicates), no stored zeros. Modelled on scipy's ``check_format``.
+
+    Raises
+    ------
+    TypeError
+        ``a`` is not a scipy CSR array or matrix.
+    ValueError
+        Naming the rule broken and the offending value.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp, sparsecore as sc
+    >>> sc.check_csr(sp.csr_array(np.eye(3)), full=True)
+    >>> bad = sp.csr_array((np.ones(2), np.array([1, 0]), np.array([0, 2])), shape=(1, 2))
+    >>> sc.check_csr(bad, full=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid CSR: column indices must be strictly increasing within a row (row 0: column 0 follows column 1)
+    """
+    if not (sp.issparse(a) and a.format == "csr"):
+        raise TypeError(f"expected a scipy.sparse CSR array or matrix, got {type(a).__name__}")
+    if len(a.shape) != 2:
+        _fail("CSR must be 2-D", f"shape {a.shape}")
+    rows, cols = a.shape
+    data, indices, indptr = a.data, a.indices, a.indptr
+    if indptr.ndim != 1 or indptr.size != rows + 1:
+        _fail("indptr must hold rows + 1 entries", f"{indptr.size} for {rows} rows")
+    if indices.dtype != indptr.dtype:
+        _fail("indices and indptr must share one dtype", f"{indices.dtype} and {indptr.dtype}")
+    if indices.dtype.kind != "i":
+        _fail("index arrays must be signed integers", f"dtype {indices.dtype}")
+    if indices.size != data.size:
+        _fail("indices and data must have the same length", f"{indices.size} and {data.size}")
+    if indptr[0] != 0:
+        _fail("indptr[0] must be 0", f"got {indptr[0]}")
+    if indptr[-1] != indices.size:
+        _fail("indptr[-1] must equal nnz", f"{indptr[-1]} against {indices.size} stored entries")
+    if not full:
+        return
+    steps = np.diff(indptr)
+    if steps.size and steps.min() < 0:
+        r = int(np.argmax(steps < 0))
+        _fail("indptr must be non-decreasing", f"indptr[{r}]={indptr[r]} > indptr[{r + 1}]={indptr[r + 1]}")
+    if indices.size:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= cols:
+            bad = lo if lo < 0 else hi
+            _fail("column indices must lie in [0, columns)", f"index {bad} with {cols} columns")
+        row_of = np.repeat(np.arange(rows), steps)
+        same_row = row_of[1:] == row_of[:-1]
+        wrong = same_row & (indices[1:] <= indices[:-1])
+        if wrong.any():
+            p = int(np.argmax(wrong))
+            _fail("column indices must be strictly increasing within a row",
+                  f"row {row_of[p]}: column {indices[p + 1]} follows column {indices[p]}")
+        zeros = data == 0
+        if zeros.any():
+            p = int(np.argmax(zeros))
+            _fail("no explicit zeros may be stored", f"row {row_of[p]}, column {indices[p]}")
+
+
+def _row_bounds(indptr, rows):
+    """Row ranges holding about equal nnz, a few per thread."""
+    nchunks = max(1, min(rows, 4 * numba.get_num_threads()))
+    nnz = int(indptr[-1])
+    targets = np.linspace(0, nnz, nchunks + 1)
+    b = np.searchsorted(indptr, targets, side="left").astype(np.int64)
+    b[0], b[-1] = 0, rows
+    return np.unique(np.clip(b, 0, rows))
+
+
+def csr_matmul(a, x, out=None):
+    """``a @ x`` for a CSR ``a`` and a dense vector or matrix ``x``.
+
+    Parallel over rows, the rows split into ranges of equal nnz. Vector
+    products accumulate each row in float64; matrix products in the output
+    dtype, ``result_type(a.dtype, x.dtype)`` (float16 computes in float32).
+
+    Parameters
+    ----------
+    a : scipy.sparse CSR array or matrix
+    x : array_like, shape (a.shape[1],) or (a.shape[1], k)
+    out : numpy.ndarray, optional
+        Preallocated C-contiguous result of the right shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp, sparsecore as sc
+    >>> a = sp.csr_array(np.array([[1.0, 0.0], [0.0, 2.0]]))
+    >>> sc.csr_matmul(a, np.array([3.0, 4.0]))
+    array([3., 8.])
+    """
+    check_csr(a)
+    xa = np.asarray(x)
+    rows, cols = a.shape
+    if xa.ndim not in (1, 2) or xa.shape[0] != cols:
+        raise ValueError(f"x has shape {xa.shape}; a of shape {a.shape} needs ({cols},) or ({cols}, k)")
+    dt = np.result_type(a.dtype, xa.dtype)
+    if dt.kind != "f" or dt.itemsize > 8:
+        raise TypeError(f"a @ x would have dtype {dt}; pass float32 or float64 operands")
+    if dt.itemsize < 4:  # float16 computes in float32
+        dt = np.dtype(np.float32)
+    data = a.data if a.data.dtype == dt else a.data.astype(dt)
+    xc = np.ascontiguousarray(xa, dtype=dt)
+    shape = (rows,) if xa.ndim == 1 else (rows, xa.shape[1])
+    if out is None:
+        out = np.empty(shape, dt)
+    else:
+        if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
+            raise ValueError(f"out must be a {dt} ndarray of shape {shape}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be C-contiguous and writeable")
+    if rows == 0:
+        return out
+    bounds = _row_bounds(a.indptr, rows)
+    if xa.ndim == 1:
+        cpu_csr.csr_matvec(data, a.indices, a.indptr, xc, out, bounds)
+    else:
+        cpu_csr.csr_matmat(data, a.indices, a.indptr, xc, out, bounds)
+    return out

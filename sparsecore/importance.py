@@ -1,0 +1,434 @@
+"""Importance: magnitude, gradient statistics and the criterion registry.
+
+A criterion maps ``(weights, state) -> scores`` for one tensor, where
+``state`` is that tensor's accumulated statistics (a dict, possibly empty).
+Built-ins resolve by name through one registry; any callable with that
+signature works wherever a built-in does.
+"""
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ._kernels import cpu_accumulate, cpu_select
+from ._kernels.keys import MODE_ABS, MODE_SQUARE
+from ._validate import as_float_array, nonfinite_error
+
+__all__ = ["Criterion", "GradientAccumulator", "get_criterion", "list_criteria", "magnitude",
+           "register_criterion"]
+
+STATS = ("g", "g2", "wg", "wg2")
+_STAT_DOC = {
+    "g": "sum of g",
+    "g2": "sum of g**2 (empirical Fisher diagonal)",
+    "wg": "sum of w*g",
+    "wg2": "sum of (w*g)**2",
+}
+_EMPTY = np.zeros(0, np.float64)
+_BLOCK = 4096  # elements a thread keeps in cache across the samples of a batch
+
+
+def magnitude(weights, power=1):
+    """Magnitude importance: ``|w|`` (``power=1``) or ``w**2`` (``power=2``).
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> sc.magnitude(np.array([-2.0, 0.5]), power=2)
+    array([4.  , 0.25])
+    """
+    if power not in (1, 2):
+        raise ValueError(f"magnitude power must be 1 or 2, got {power!r}")
+    w = as_float_array(weights, "weights")
+    return np.abs(w) if power == 1 else np.square(w)
+
+
+class Criterion:
+    """A named importance criterion ``(weights, state) -> scores``.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    fn : callable
+        ``fn(weights, state) -> scores`` with ``scores`` shaped like ``weights``.
+    requires : tuple of str
+        Statistics of :class:`GradientAccumulator` the criterion reads.
+    doc : str
+        One line shown by :func:`list_criteria`.
+    """
+
+    def __init__(self, name, fn, requires=(), doc="", *, _mode=None):
+        if not callable(fn):
+            raise TypeError(f"criterion {name!r}: fn must be callable, got {type(fn).__name__}")
+        bad = [r for r in requires if r not in STATS]
+        if bad:
+            raise ValueError(f"criterion {name!r} requires unknown statistics {bad}; valid: {list(STATS)}")
+        self.name = name
+        self.fn = fn
+        self.requires = tuple(requires)
+        self.doc = doc
+        self.mode = _mode  # set for magnitude: selection then reads the weights directly
+
+    def __call__(self, weights, state=None):
+        return self.fn(weights, {} if state is None else state)
+
+    def __repr__(self):
+        return f"Criterion({self.name!r}, requires={self.requires})"
+
+
+_REGISTRY: dict = {}
+
+
+def register_criterion(criterion, *, overwrite=False):
+    """Add a :class:`Criterion` to the registry under its name."""
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"register_criterion takes a Criterion, got {type(criterion).__name__}")
+    if criterion.name in _REGISTRY and not overwrite:
+        raise ValueError(f"a criterion named {criterion.name!r} is registered already; pass overwrite=True")
+    _REGISTRY[criterion.name] = criterion
+    return criterion
+
+
+def list_criteria():
+    """Names of the registered criteria, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(spec):
+    """Resolve a criterion: a registered name, a :class:`Criterion` or a callable.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the valid ones.
+
+    Examples
+    --------
+    >>> import sparsecore as sc
+    >>> sc.get_criterion("fisher").requires
+    ('g2',)
+    """
+    if isinstance(spec, str):
+        try:
+            return _REGISTRY[spec]
+        except KeyError:
+            raise ValueError(f"unknown criterion {spec!r}; valid: {', '.join(list_criteria())}") from None
+    if callable(spec):
+        return spec
+    raise TypeError(f"a criterion is a name, a Criterion or a callable (weights, state) -> scores; "
+                    f"got {type(spec).__name__}")
+
+
+def _need(state, key, crit, alt=None):
+    if key in state:
+        return state[key]
+    if alt is not None and alt in state:
+        return None
+    want = key if alt is None else f"{key}' or '{alt}"
+    raise ValueError(f"criterion {crit!r} needs the statistic '{want}', which the state lacks "
+                     f"(it has {sorted(k for k in state if k in STATS)}); accumulate it with "
+                     f"GradientAccumulator(stats=(...'{key}'...))")
+
+
+def _fisher(w, state):
+    return np.array(_need(state, "g2", "fisher"), copy=True)
+
+
+def _taylor(w, state):
+    wg = _need(state, "wg", "taylor", alt="g")
+    if wg is None:  # weights fixed while accumulating: sum(w*g) = w * sum(g)
+        return np.abs(np.asarray(w, np.float64) * state["g"])
+    return np.abs(wg)
+
+
+def _taylor_squared(w, state):
+    wg2 = _need(state, "wg2", "taylor_squared", alt="g2")
+    if wg2 is None:  # weights fixed: sum((w*g)**2) = w**2 * sum(g**2)
+        return np.square(np.asarray(w, np.float64)) * state["g2"]
+    return np.array(wg2, copy=True)
+
+
+def _obd(w, state):
+    return 0.5 * np.square(np.asarray(w, np.float64)) * _need(state, "g2", "obd")
+
+
+for _c in (
+    Criterion("magnitude", lambda w, s: magnitude(w, 1), (), "|w|", _mode=MODE_ABS),
+    Criterion("magnitude_squared", lambda w, s: magnitude(w, 2), (), "w**2", _mode=MODE_SQUARE),
+    Criterion("fisher", _fisher, ("g2",), "sum of g**2 over samples (empirical Fisher)"),
+    Criterion("taylor", _taylor, ("wg",), "|sum of w*g| (Molchanov et al. 2017/2019)"),
+    Criterion("taylor_squared", _taylor_squared, ("wg2",), "sum of (w*g)**2"),
+    Criterion("obd", _obd, ("g2",), "0.5 * w**2 * sum of g**2 (LeCun et al. 1990, Optimal Brain Damage)"),
+):
+    register_criterion(_c)
+del _c
+
+
+def _check_finite(arr, name, role):
+    if arr.size:
+        count, first = cpu_select.first_nonfinite(arr.reshape(-1))
+        if count:
+            raise nonfinite_error(name, role, arr, count, first)
+
+
+class GradientAccumulator:
+    """Streaming sums of gradient statistics, fused in one parallel pass.
+
+    Feed it per-batch gradients from any framework: one array, or a mapping
+    name -> array, for any number of batches. With ``per_sample=True`` the
+    gradients carry a leading sample axis and each sample counts on its own
+    (the empirical Fisher sum over samples of g**2, the reference article's
+    R_i = sum_{x,y} (dL/dz_ij)**2); without it, each update is one batch
+    gradient (the square of a batch mean is not the mean of squares).
+
+    Parameters
+    ----------
+    stats : sequence of str
+        Any of ``"g"`` (sum g), ``"g2"`` (sum g**2), ``"wg"`` (sum w*g),
+        ``"wg2"`` (sum (w*g)**2). ``"wg"`` and ``"wg2"`` need the weights at
+        each update (they may change between batches, as in training).
+
+    Notes
+    -----
+    Precision: every statistic is accumulated in float64 whatever the input
+    dtype (float16 and float32 inputs are widened before multiplying). For
+    the non-negative statistics g2 and wg2 the relative error after n updates
+    is at most about n * 2**-53 (1.1e-12 for 10,000 updates); for g and wg
+    the error is bounded by the same factor times the sum of absolute terms.
+    A test checks 10,000 float32 batches against an exactly rounded float64
+    reference.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> acc = sc.GradientAccumulator(stats=("g2",))
+    >>> for g in (np.array([1.0, -2.0]), np.array([3.0, 0.0])):
+    ...     _ = acc.update(g)
+    >>> acc.state()["g2"]
+    array([10.,  4.])
+    """
+
+    def __init__(self, stats=("g2",)):
+        if isinstance(stats, str):
+            stats = (stats,)
+        stats = tuple(stats)
+        bad = [s for s in stats if s not in STATS]
+        if bad or not stats:
+            raise ValueError(f"unknown statistics {bad or stats}; valid: {list(STATS)}")
+        self.stats = tuple(s for s in STATS if s in stats)
+        self._single = None
+        self._shapes = {}
+        self._acc = {}
+        self.count = 0
+        self.n_batches = 0
+
+    @classmethod
+    def for_criteria(cls, *criteria):
+        """An accumulator with the statistics that the named criteria need."""
+        need = set()
+        for c in criteria:
+            need.update(getattr(get_criterion(c), "requires", ()))
+        return cls(stats=tuple(need) or ("g2",))
+
+    @property
+    def names(self):
+        """Tensor names seen so far (``[None]`` for single-array use)."""
+        return [None] if self._single else list(self._shapes)
+
+    def _as_mapping(self, grads, what):
+        if isinstance(grads, Mapping):
+            if self._single is True:
+                raise ValueError(f"this accumulator was fed single arrays; {what} is a mapping")
+            if any(not isinstance(k, str) or not k for k in grads):
+                raise TypeError(f"{what} names must be non-empty strings")
+            return dict(grads), False
+        if self._single is False:
+            raise ValueError(f"this accumulator was fed mappings name -> array; {what} is a single array")
+        return {"": grads}, True
+
+    def update(self, grads, weights=None, *, per_sample=False):
+        """Add one batch of gradients; returns ``self``.
+
+        Parameters
+        ----------
+        grads : array_like or mapping name -> array_like
+            Gradients shaped like the weights, or with a leading sample axis
+            when ``per_sample`` is true.
+        weights : array_like or mapping, optional
+            The weights at this step; needed for ``"wg"`` and ``"wg2"``.
+        per_sample : bool
+            The first axis indexes samples.
+
+        Raises
+        ------
+        TypeError
+            Non-float gradients or weights.
+        ValueError
+            NaN/Inf, shapes that differ from earlier batches or from the
+            weights (both shapes named), names that differ from earlier.
+            Nothing is added when an error is raised.
+        """
+        gmap, single = self._as_mapping(grads, "grads")
+        need_w = "wg" in self.stats or "wg2" in self.stats
+        if need_w and weights is None:
+            raise ValueError(f"statistics {[s for s in self.stats if s.startswith('w')]} need the "
+                             f"weights at each update; pass weights=")
+        if weights is not None:
+            wmap, wsingle = (dict(weights), False) if isinstance(weights, Mapping) else ({"": weights}, True)
+            if wsingle != single:
+                raise ValueError("grads and weights must both be arrays or both be mappings")
+            missing = [k for k in gmap if k not in wmap]
+            if missing:
+                raise ValueError(f"weights miss tensors {missing} that grads have")
+        if self._shapes and set(gmap) != set(self._shapes):
+            new = sorted(set(gmap) - set(self._shapes))
+            gone = sorted(set(self._shapes) - set(gmap))
+            raise ValueError(f"grads name other tensors than earlier batches: new {new}, missing {gone}")
+        prepared = []
+        nsamp_seen = None
+        for name, g in gmap.items():
+            label = name or "grads"
+            ga = as_float_array(g, label, "gradients")
+            if per_sample:
+                if ga.ndim == 0:
+                    raise ValueError(f"per-sample gradients {label!r} need a leading sample axis, got a scalar")
+                shape, nsamp = ga.shape[1:], ga.shape[0]
+                if nsamp_seen is not None and nsamp != nsamp_seen:
+                    raise ValueError(f"per-sample gradients {label!r} hold {nsamp} samples, others {nsamp_seen}")
+                nsamp_seen = nsamp
+            else:
+                shape, nsamp = ga.shape, 1
+            known = self._shapes.get(name)
+            if known is not None and known != shape:
+                raise ValueError(f"gradients {label!r} have shape {shape}, earlier batches {known}")
+            w2 = _EMPTY
+            if need_w:
+                wa = as_float_array(wmap[name], label, "weights")
+                if wa.shape != shape:
+                    raise ValueError(f"gradients {label!r} have shape {shape} but weights {label!r} "
+                                     f"have shape {wa.shape}")
+                w2 = np.ascontiguousarray(wa).reshape(-1)
+                _check_finite(w2, label, "weights")
+            n = int(np.prod(shape, dtype=np.int64))
+            g2d = np.ascontiguousarray(ga).reshape(nsamp, n)
+            _check_finite(g2d, label, "gradients")
+            prepared.append((name, shape, n, g2d, w2))
+        # All checks passed: only now is any state touched.
+        if self._single is None:
+            self._single = single
+        for name, shape, n, g2d, w2 in prepared:
+            if name not in self._shapes:
+                self._shapes[name] = shape
+                self._acc[name] = {s: np.zeros(n, np.float64) for s in self.stats}
+            acc = self._acc[name]
+            if n and g2d.shape[0]:
+                cpu_accumulate.accumulate(g2d, w2, _BLOCK, acc.get("g", _EMPTY), acc.get("g2", _EMPTY),
+                                          acc.get("wg", _EMPTY), acc.get("wg2", _EMPTY))
+        self.count += nsamp_seen if per_sample and nsamp_seen is not None else 1
+        self.n_batches += 1
+        return self
+
+    def state(self, name=None):
+        """One tensor's statistics: ``{stat: array shaped like the weight}``
+        plus ``"count"`` (samples or batches added). Arrays are copies."""
+        key = "" if name is None else name
+        if key not in self._acc:
+            if not self._acc:
+                raise ValueError("the accumulator is empty: call update() first")
+            raise ValueError(f"no statistics for tensor {name!r}; known: {self.names}")
+        shape = self._shapes[key]
+        out = {s: a.reshape(shape).copy() for s, a in self._acc[key].items()}
+        out["count"] = self.count
+        return out
+
+    def scores(self, criterion, weights=None):
+        """Scores of a criterion from the accumulated state: an array, or a
+        dict by name for mapping use. ``weights`` as given to ``update``."""
+        crit = get_criterion(criterion)
+        if self._single:
+            return crit(weights, self.state())
+        wmap = weights or {}
+        return {k: crit(wmap.get(k), self.state(k)) for k in self._shapes}
+
+    def merge(self, other):
+        """Add another accumulator's sums (another data shard); returns ``self``."""
+        if not isinstance(other, GradientAccumulator):
+            raise TypeError(f"merge takes a GradientAccumulator, got {type(other).__name__}")
+        if other.stats != self.stats:
+            raise ValueError(f"cannot merge statistics {other.stats} into {self.stats}")
+        if self._shapes and other._shapes:
+            if other._single != self._single or other._shapes != self._shapes:
+                raise ValueError(f"cannot merge tensors {other._shapes} into {self._shapes}")
+        if not other._shapes:
+            return self
+        if not self._shapes:
+            self._single = other._single
+            self._shapes = dict(other._shapes)
+            self._acc = {k: {s: a.copy() for s, a in v.items()} for k, v in other._acc.items()}
+        else:
+            for k, v in other._acc.items():
+                for s, a in v.items():
+                    self._acc[k][s] += a
+        self.count += other.count
+        self.n_batches += other.n_batches
+        return self
+
+    def reset(self):
+        """Zero every statistic and counter, keeping names and shapes."""
+        for v in self._acc.values():
+            for a in v.values():
+                a[:] = 0
+        self.count = 0
+        self.n_batches = 0
+        return self
+
+    def state_dict(self):
+        """A plain dict of arrays, for ``np.savez`` or any format.
+
+        Keys are ``"<stat>:<tensor name>"`` (the name is empty for
+        single-array use) plus ``"_meta:count"``, ``"_meta:n_batches"`` and
+        ``"_meta:stats"``. Arrays are copies.
+        """
+        out = {"_meta:count": np.array(self.count, np.int64),
+               "_meta:n_batches": np.array(self.n_batches, np.int64),
+               "_meta:stats": np.array(self.stats)}
+        for k, v in self._acc.items():
+            for s, a in v.items():
+                out[f"{s}:{k}"] = a.reshape(self._shapes[k]).copy()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d):
+        """Rebuild an accumulator saved by :meth:`state_dict`."""
+        try:
+            stats = tuple(str(s) for s in np.asarray(d["_meta:stats"]).reshape(-1))
+            count = int(d["_meta:count"])
+            n_batches = int(d["_meta:n_batches"])
+        except KeyError as exc:
+            raise ValueError(f"not a GradientAccumulator state dict: missing {exc}") from None
+        acc = cls(stats=stats)
+        names = []
+        for key, arr in d.items():
+            if key.startswith("_meta:"):
+                continue
+            stat, _, name = key.partition(":")
+            if stat not in stats:
+                raise ValueError(f"state dict entry {key!r} names statistic {stat!r}, not among {stats}")
+            a = np.asarray(arr, np.float64)
+            if name not in acc._shapes:
+                acc._shapes[name] = a.shape
+                acc._acc[name] = {}
+                names.append(name)
+            elif acc._shapes[name] != a.shape:
+                raise ValueError(f"state dict entries for {name!r} disagree on shape")
+            acc._acc[name][stat] = a.reshape(-1).copy()
+        for name in names:
+            missing = [s for s in stats if s not in acc._acc[name]]
+            if missing:
+                raise ValueError(f"state dict lacks statistics {missing} for tensor {name!r}")
+        if names:
+            acc._single = names == [""]
+        acc.count = count
+        acc.n_batches = n_batches
+        return acc

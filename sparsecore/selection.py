@@ -1,0 +1,341 @@
+"""Selection: which entries to prune, by threshold or by exact count.
+
+Scores are compared through order-preserving integer keys (see
+``sparsecore._kernels.keys``); the k-th smallest score of one tensor, or of many
+tensors together, is found by a radix select over those keys in Numba, level
+by level, without sorting and without concatenating the tensors.
+
+Tie-breaking rule: among equal scores, the entry with the smaller flat
+(row-major) index is pruned first; across tensors in a global selection, the
+tensor that comes first in the mapping's order is pruned first. The answer is
+the same on every run and every thread count.
+"""
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ._kernels import cpu_csr, cpu_select
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of, value_of
+from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
+
+__all__ = ["select_threshold", "sparsity_mask", "threshold_mask"]
+
+_NORMS = {"none": 0, "l1": 1, "l2": 2, "max": 3}
+# Histogram memory for one level of a global selection, all tensors together.
+_HIST_BUDGET_BYTES = 32 << 20
+_PAR_MIN = 1 << 16  # elements per chunk below which a kernel runs on one thread
+
+
+@dataclass
+class Source:
+    """One tensor's scores as the kernels read them: a transform of ``data``."""
+
+    name: str
+    data: np.ndarray  # flat, C-contiguous float32/float64 (or uint8 for a mask)
+    shape: tuple
+    mode: int = MODE_IDENTITY
+    inv: float = 1.0
+    scaled: bool = False
+    role: str = "scores"
+    original: object = None  # the array to name in error messages
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def needs_wide(self):
+        return self.data.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Prune where key < ``key``, and the first ``quota`` entries with key == ``key``."""
+
+    key: int
+    quota: int
+    wide: bool
+
+
+def _nchunks(n):
+    return max(1, min(numba.get_num_threads(), n // _PAR_MIN))
+
+
+def _levels(wide, ntensors):
+    keybits = 64 if wide else 32
+    bits = 16
+    while bits > 8 and ntensors * (8 << bits) > _HIST_BUDGET_BYTES:
+        bits -= 1
+    levels = []
+    shift = keybits
+    while shift > 0:
+        b = min(bits, shift)
+        shift -= b
+        levels.append((shift, b))
+    return levels
+
+
+def _raise_nonfinite(src, count, first):
+    raise nonfinite_error(src.name, src.role, src.original if src.original is not None else src.data,
+                          count, first)
+
+
+def _search(sources, lo, hi, target, wide):
+    """Smallest key T whose capped count sum_t clip(#{key_t <= T}, lo_t, hi_t)
+    reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
+    keys < T and == T."""
+    ntens = len(sources)
+    below = np.zeros(ntens, np.int64)
+    prefix = 0
+    hist = None
+    d = 0
+    for li, (shift, bits) in enumerate(_levels(wide, ntens)):
+        hist = np.zeros((ntens, 1 << bits), np.int64)
+        for t, src in enumerate(sources):
+            part = np.zeros((_nchunks(src.size), 1 << bits), np.int64)
+            bad, first = cpu_select.hist_level(src.data, src.mode, src.inv, src.scaled, wide,
+                                               li == 0, prefix, shift + bits, shift, bits, part)
+            if bad:
+                _raise_nonfinite(src, bad, first)
+            hist[t] = part.sum(axis=0)
+        d = cpu_select.pick_digit(hist, below, lo, hi, target)
+        prefix = (prefix << bits) | int(d)
+    return prefix, below, hist[:, d].copy()
+
+
+def _rule_for(T, below_t, ties_t, extra, wide):
+    if extra >= ties_t:
+        return Rule(T + 1, 0, wide)
+    return Rule(T, extra, wide)
+
+
+def select_rules(sources, counts=None, target=None, lo=None, hi=None):
+    """Exact selection rules.
+
+    ``counts``: per-tensor numbers to prune (local). Or ``target`` (a total
+    over all sources) with per-tensor caps ``lo``/``hi`` (global).
+    """
+    if counts is not None:
+        out = []
+        for src, k in zip(sources, counts):
+            out.append(_select_one(src, int(k)))
+        return out
+    wide = any(s.needs_wide() for s in sources) or len({s.data.dtype for s in sources}) > 1
+    lo = np.asarray(lo, np.int64)
+    hi = np.asarray(hi, np.int64)
+    if target == int(lo.sum()):
+        return [_select_one(src, int(k), wide) for src, k in zip(sources, lo)]
+    T, below, ties = _search(sources, lo, hi, target, wide)
+    base = np.clip(below, lo, hi)
+    room = np.clip(below + ties, lo, hi) - base
+    rest = target - int(base.sum())
+    rules = []
+    for t, src in enumerate(sources):
+        extra = min(int(room[t]), rest)
+        rest -= extra
+        p = int(base[t]) + extra
+        if below[t] <= p <= below[t] + ties[t]:
+            rules.append(_rule_for(T, int(below[t]), int(ties[t]), p - int(below[t]), wide))
+        else:  # a cap binds beyond the global threshold: the tensor's own p smallest
+            rules.append(_select_one(src, p, wide))
+    return rules
+
+
+def _select_one(src, k, wide=None):
+    if wide is None:
+        wide = src.needs_wide()
+    if k <= 0:
+        return Rule(0, 0, wide)
+    one = np.zeros(1, np.int64)
+    T, below, ties = _search([src], one, np.array([src.size], np.int64), k, wide)
+    return _rule_for(T, int(below[0]), int(ties[0]), k - int(below[0]), wide)
+
+
+def threshold_rule(src, threshold):
+    """The rule that prunes scores strictly below ``threshold``."""
+    wide = src.needs_wide()
+    t = float(threshold)
+    if not wide:
+        with np.errstate(over="ignore"):
+            t32 = np.float32(t)
+        if float(t32) < t:
+            t32 = np.nextafter(t32, np.float32(np.inf))
+        t = t32
+    return Rule(key_of(t, wide), 0, wide)
+
+
+def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, want_csr=False,
+               index_dtype=None, weights_name=None, weights_original=None):
+    """Apply ``rule``: returns ``(mask or None, (data, indices, indptr) or None)``.
+
+    ``index_dtype(nnz)`` picks the CSR index dtype once the exact nnz is known.
+
+    Two passes: a parallel count per segment (kept non-zeros, ties), a prefix
+    sum, then a parallel fill. No dense masked temporary is formed.
+    """
+    n = weights_flat.size
+    s = src.data
+    above = np.empty(nseg, np.int64)
+    tie_total = np.empty(nseg, np.int64)
+    tie_nz = np.empty(nseg, np.int64)
+    bw, fw, bs, fs = cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide,
+                                       rule.key, nseg, above, tie_total, tie_nz)
+    if bw:
+        raise nonfinite_error(weights_name or src.name, "weights",
+                              weights_original if weights_original is not None else weights_flat, bw, fw)
+    if bs:
+        _raise_nonfinite(src, bs, fs)
+    tie_start = np.zeros(nseg, np.int64)
+    if nseg > 1:
+        np.cumsum(tie_total[:-1], out=tie_start[1:])
+    mask = np.empty(n, np.bool_) if want_mask else np.empty(0, np.bool_)
+    if want_csr:
+        pruned_ties = np.clip(rule.quota - tie_start, 0, tie_total)
+        row_nnz = above + np.where(pruned_ties == 0, tie_nz, 0)
+        for r in np.nonzero((pruned_ties > 0) & (pruned_ties < tie_total))[0]:
+            row_nnz[r] += cpu_csr.seg_kept_ties_nz(weights_flat, s, src.mode, src.inv, src.scaled,
+                                                   rule.wide, rule.key, rule.quota,
+                                                   int(tie_start[r]), int(r), nseg)
+        ptr64 = np.zeros(nseg + 1, np.int64)
+        np.cumsum(row_nnz, out=ptr64[1:])
+        nnz = int(ptr64[-1])
+        idt = index_dtype(nnz)
+        indptr = ptr64.astype(idt)
+        data = np.empty(nnz, weights_flat.dtype)
+        indices = np.empty(nnz, idt)
+        row_start = ptr64[:-1]
+    else:
+        data = np.empty(0, weights_flat.dtype)
+        indices = np.empty(0, index_dtype)
+        row_start = np.zeros(nseg, np.int64)
+    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, rule.key, rule.quota,
+                     tie_start, nseg, want_csr, row_start, data, indices, want_mask, mask)
+    return (mask if want_mask else None), ((data, indices, indptr) if want_csr else None)
+
+
+def _mask_nseg(n):
+    return max(1, min(4 * numba.get_num_threads(), n // _PAR_MIN))
+
+
+def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores"):
+    arr = as_float_array(scores, name, role)
+    return Source(name, flat(arr), arr.shape, mode, role=role, original=arr)
+
+
+def _mask_from(src, rule):
+    mask, _ = apply_rule(src.data, src, rule, _mask_nseg(src.size), want_mask=True)
+    return mask.reshape(src.shape)
+
+
+def threshold_mask(scores, threshold):
+    """Keep-mask of the scores at or above ``threshold``.
+
+    The rule of the reference article: an entry is pruned where its score is
+    strictly below the threshold.
+
+    Parameters
+    ----------
+    scores : array_like of float
+        Importance scores, any shape. float16 is compared in float32.
+    threshold : float
+        Scores ``< threshold`` are pruned. Must not be NaN.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``True`` where the entry is kept, shaped like ``scores``.
+
+    Raises
+    ------
+    TypeError
+        For non-float scores.
+    ValueError
+        For NaN or Inf scores, or a NaN threshold.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> sc.threshold_mask(np.array([0.1, 0.5, 0.3]), 0.3)
+    array([False,  True,  True])
+    """
+    t = check_threshold(threshold, "scores")
+    src = scores_source(scores)
+    return _mask_from(src, threshold_rule(src, t))
+
+
+def sparsity_mask(scores, sparsity):
+    """Keep-mask that prunes exactly ``round(sparsity * n)`` lowest scores.
+
+    Python's ``round`` counts (as ``torch.nn.utils.prune`` does). Among equal
+    scores the entry with the smaller flat index is pruned first.
+
+    Parameters
+    ----------
+    scores : array_like of float
+        Importance scores, any shape.
+    sparsity : float
+        Fraction in [0, 1] of the entries to prune.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``True`` where the entry is kept.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For non-float scores, NaN/Inf scores, a sparsity outside [0, 1].
+
+    Notes
+    -----
+    The k-th score is found by a radix select on order-preserving integer
+    keys: two histogram passes for float32, four for float64.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> sc.sparsity_mask(np.array([3.0, 1.0, 1.0, 2.0]), 0.5)
+    array([ True, False, False,  True])
+    >>> sc.sparsity_mask(np.array([1.0, 1.0, 1.0]), 0.34)   # ties: lower index first
+    array([False,  True,  True])
+    """
+    s = check_fraction(sparsity, "scores")
+    src = scores_source(scores)
+    k = round(s * src.size)
+    return _mask_from(src, _select_one(src, k))
+
+
+def select_threshold(scores, sparsity):
+    """The largest pruned score when ``round(sparsity * n)`` lowest scores go.
+
+    Equals ``np.partition(scores.ravel(), k - 1)[k - 1]`` for ``k >= 1``;
+    ``-inf`` when nothing is pruned.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> sc.select_threshold(np.array([0.4, 0.1, 0.3, 0.2]), 0.5)
+    0.2
+    """
+    s = check_fraction(sparsity, "scores")
+    src = scores_source(scores)
+    return kth_value(src, round(s * src.size))
+
+
+def kth_value(src, k):
+    """Value of the k-th smallest score of ``src`` (1-based); -inf for k = 0."""
+    if k <= 0:
+        return float("-inf")
+    wide = src.needs_wide()
+    T, _, _ = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
+    return value_of(T, wide)
+
+
+def norm_inverse(src, normalize):
+    """1 / the source's norm (1.0 for no normalisation or an all-zero tensor)."""
+    kind = _NORMS[normalize]
+    if kind == 0:
+        return 1.0
+    nrm = cpu_select.score_norm(src.data, src.mode, kind)
+    return 1.0 / nrm if nrm > 0 and np.isfinite(nrm) else 1.0
