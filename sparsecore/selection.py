@@ -95,7 +95,7 @@ def _search(sources, lo, hi, target, wide):
         for t, src in enumerate(sources):
             part = np.zeros((_nchunks(src.size), 1 << bits), np.int64)
             bad, first = cpu_select.hist_level(src.data, src.mode, src.inv, src.scaled, wide,
-                                               li == 0, prefix, shift + bits, shift, bits, part)
+                                               li == 0, np.uint64(prefix), shift + bits, shift, bits, part)
             if bad:
                 _raise_nonfinite(src, bad, first)
             hist[t] = part.sum(axis=0)
@@ -180,7 +180,7 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
     tie_total = np.empty(nseg, np.int64)
     tie_nz = np.empty(nseg, np.int64)
     bw, fw, bs, fs = cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide,
-                                       rule.key, nseg, above, tie_total, tie_nz)
+                                       np.uint64(rule.key), nseg, above, tie_total, tie_nz)
     if bw:
         raise nonfinite_error(weights_name or src.name, "weights",
                               weights_original if weights_original is not None else weights_flat, bw, fw)
@@ -195,7 +195,7 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
         row_nnz = above + np.where(pruned_ties == 0, tie_nz, 0)
         for r in np.nonzero((pruned_ties > 0) & (pruned_ties < tie_total))[0]:
             row_nnz[r] += cpu_csr.seg_kept_ties_nz(weights_flat, s, src.mode, src.inv, src.scaled,
-                                                   rule.wide, rule.key, rule.quota,
+                                                   rule.wide, np.uint64(rule.key), rule.quota,
                                                    int(tie_start[r]), int(r), nseg)
         ptr64 = np.zeros(nseg + 1, np.int64)
         np.cumsum(row_nnz, out=ptr64[1:])
@@ -209,7 +209,7 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
         data = np.empty(0, weights_flat.dtype)
         indices = np.empty(0, index_dtype)
         row_start = np.zeros(nseg, np.int64)
-    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, rule.key, rule.quota,
+    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key), rule.quota,
                      tie_start, nseg, want_csr, row_start, data, indices, want_mask, mask)
     return (mask if want_mask else None), ((data, indices, indptr) if want_csr else None)
 

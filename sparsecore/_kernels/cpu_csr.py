@@ -25,10 +25,11 @@ def seg_count(w, s, mode, inv, scaled, wide, T, nseg, above_nz, tie_total, tie_n
     """
     n = w.size
     uT = np.uint64(T)
-    bad_w = np.zeros(nseg, np.int64)
-    first_w = np.full(nseg, n, np.int64)
-    bad_s = np.zeros(nseg, np.int64)
-    first_s = np.full(nseg, n, np.int64)
+    m = max(nseg, 1)
+    bad_w = np.zeros(m, np.int64)
+    first_w = np.full(m, n, np.int64)
+    bad_s = np.zeros(m, np.int64)
+    first_s = np.full(m, n, np.int64)
     for r in prange(nseg):
         lo = r * n // nseg
         hi = (r + 1) * n // nseg
