@@ -165,11 +165,11 @@ for _c in (
 del _c
 
 
-def _check_finite(arr, name, role):
+def _check_finite(arr, name, role, original):
     if arr.size:
         count, first = cpu_select.first_nonfinite(arr.reshape(-1))
         if count:
-            raise nonfinite_error(name, role, arr, count, first)
+            raise nonfinite_error(name, role, original, count, first)
 
 
 class GradientAccumulator:
@@ -309,10 +309,10 @@ class GradientAccumulator:
                     raise ValueError(f"gradients {label!r} have shape {shape} but weights {label!r} "
                                      f"have shape {wa.shape}")
                 w2 = np.ascontiguousarray(wa).reshape(-1)
-                _check_finite(w2, label, "weights")
+                _check_finite(w2, label, "weights", wa)
             n = int(np.prod(shape, dtype=np.int64))
             g2d = np.ascontiguousarray(ga).reshape(nsamp, n)
-            _check_finite(g2d, label, "gradients")
+            _check_finite(g2d, label, "gradients", ga)
             prepared.append((name, shape, n, g2d, w2))
         # All checks passed: only now is any state touched.
         if self._single is None:
