@@ -218,7 +218,9 @@ def _mask_nseg(n):
     return max(1, min(4 * numba.get_num_threads(), n // _PAR_MIN))
 
 
-def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores"):
+def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores", absolute=False):
+    if absolute:
+        mode = MODE_ABS
     arr = as_float_array(scores, name, role)
     return Source(name, flat(arr), arr.shape, mode, role=role, original=arr)
 
@@ -264,7 +266,7 @@ def threshold_mask(scores, threshold):
     return _mask_from(src, threshold_rule(src, t))
 
 
-def sparsity_mask(scores, sparsity):
+def sparsity_mask(scores, sparsity, *, absolute=False):
     """Keep-mask that prunes exactly ``round(sparsity * n)`` lowest scores.
 
     Python's ``round`` counts (as ``torch.nn.utils.prune`` does). Among equal
@@ -276,6 +278,8 @@ def sparsity_mask(scores, sparsity):
         Importance scores, any shape.
     sparsity : float
         Fraction in [0, 1] of the entries to prune.
+    absolute : bool
+        Rank ``|scores|`` (magnitude) without forming it in memory.
 
     Returns
     -------
@@ -301,16 +305,17 @@ def sparsity_mask(scores, sparsity):
     array([False,  True,  True])
     """
     s = check_fraction(sparsity, "scores")
-    src = scores_source(scores)
+    src = scores_source(scores, absolute=absolute)
     k = round(s * src.size)
     return _mask_from(src, _select_one(src, k))
 
 
-def select_threshold(scores, sparsity):
+def select_threshold(scores, sparsity, *, absolute=False):
     """The largest pruned score when ``round(sparsity * n)`` lowest scores go.
 
     Equals ``np.partition(scores.ravel(), k - 1)[k - 1]`` for ``k >= 1``;
-    ``-inf`` when nothing is pruned.
+    ``-inf`` when nothing is pruned. With ``absolute=True`` the scores are
+    ``|scores|`` (magnitude), never formed in memory.
 
     Examples
     --------
@@ -319,7 +324,7 @@ def select_threshold(scores, sparsity):
     0.2
     """
     s = check_fraction(sparsity, "scores")
-    src = scores_source(scores)
+    src = scores_source(scores, absolute=absolute)
     return kth_value(src, round(s * src.size))
 
 

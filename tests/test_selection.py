@@ -70,6 +70,11 @@ def test_select_threshold_equals_partition(rng, dtype, kind):
         k = round(sp_ * s.size)
         assert sc.select_threshold(s, sp_) == float(np.partition(s.ravel(), k - 1)[k - 1])
     assert sc.select_threshold(s, 0.0) == -np.inf
+    a = np.abs(s)
+    for sp_ in (0.2, 0.9):
+        k = round(sp_ * s.size)
+        assert sc.select_threshold(s, sp_, absolute=True) == float(np.partition(a.ravel(), k - 1)[k - 1])
+        np.testing.assert_array_equal(sc.sparsity_mask(s, sp_, absolute=True), ref.keep_mask_sparsity(a, k))
 
 
 def _global(weights, scores, sparsity, lo=0.0, hi=1.0, **kw):
