@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import MODE_ABS, MODE_SQUARE, score_key
+from .keys import MODE_ABS, MODE_SQUARE, score_key, specialize
 
 # Elements per block of the deterministic reductions: partial results are
 # formed per fixed block, never per thread, so the answer does not depend on
@@ -19,41 +19,52 @@ from .keys import MODE_ABS, MODE_SQUARE, score_key
 REDUCE_BLOCK = 1 << 16
 
 
-@njit(parallel=True, cache=True)
+@specialize
+def _hist_kernel(mode, wide, scaled):
+    @njit(parallel=True, cache=True)
+    def kernel(x, inv, first, prefix, pshift, shift, bits, hist):
+        n = x.size
+        nchunks = hist.shape[0]
+        digit_mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+        ushift = np.uint64(shift)
+        upshift = np.uint64(pshift)
+        bad = np.zeros(nchunks, np.int64)
+        first_bad = np.full(nchunks, n, np.int64)
+        for c in prange(nchunks):
+            lo = c * n // nchunks
+            hi = (c + 1) * n // nchunks
+            h = hist[c]
+            nbad = 0
+            fbad = n
+            if first:
+                for i in range(lo, hi):
+                    ok, k = score_key(x[i], mode, inv, scaled, wide)
+                    if ok:
+                        h[(k >> ushift) & digit_mask] += 1
+                    else:
+                        nbad += 1
+                        if fbad == n:
+                            fbad = i
+            else:
+                for i in range(lo, hi):
+                    ok, k = score_key(x[i], mode, inv, scaled, wide)
+                    if ok and (k >> upshift) == prefix:
+                        h[(k >> ushift) & digit_mask] += 1
+            bad[c] = nbad
+            first_bad[c] = fbad
+        return bad.sum(), first_bad.min()
+
+    return kernel
+
+
 def hist_level(x, mode, inv, scaled, wide, first, prefix, pshift, shift, bits, hist):
     """Add the digit histogram of one level into ``hist`` (chunks x 2**bits).
 
     On the first level every element counts and non-finite scores are
     counted; later levels count only elements whose ``key >> pshift`` equals
-    ``prefix``. Returns ``(n_nonfinite, first_nonfinite_index)``.
+    ``prefix`` (a uint64). Returns ``(n_nonfinite, first_nonfinite_index)``.
     """
-    n = x.size
-    nchunks = hist.shape[0]
-    digit_mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
-    ushift = np.uint64(shift)
-    upshift = np.uint64(pshift)
-    uprefix = np.uint64(prefix)
-    bad = np.zeros(nchunks, np.int64)
-    first_bad = np.full(nchunks, n, np.int64)
-    for c in prange(nchunks):
-        lo = c * n // nchunks
-        hi = (c + 1) * n // nchunks
-        h = hist[c]
-        nbad = 0
-        fbad = n
-        for i in range(lo, hi):
-            ok, k = score_key(x[i], mode, inv, scaled, wide)
-            if not ok:
-                if first:
-                    nbad += 1
-                    if fbad == n:
-                        fbad = i
-                continue
-            if first or (k >> upshift) == uprefix:
-                h[(k >> ushift) & digit_mask] += 1
-        bad[c] = nbad
-        first_bad[c] = fbad
-    return bad.sum(), first_bad.min()
+    return _hist_kernel(mode, wide, scaled)(x, inv, first, prefix, pshift, shift, bits, hist)
 
 
 @njit(cache=True)

@@ -12,10 +12,9 @@ exactly and in order). Both are returned as ``uint64``.
 
 A score is the stored value after a transform: ``MODE_IDENTITY``,
 ``MODE_ABS`` or ``MODE_SQUARE``, then multiplied by ``inv`` when ``scaled``
-(per-tensor normalisation). Everything a kernel needs comes in as arguments.
+(per-tensor normalisation). Everything a kernel needs comes in as arguments, or as the compile-time
+constants of a specialised kernel (``specialize``).
 """
-
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -55,23 +54,27 @@ def _f64_bits(typingctx, x):
     return sig, codegen
 
 
+_ABS32 = np.uint64(0x7FFFFFFF)
+_INF32 = np.uint64(0x7F800000)
+_ABS64 = _SIGN64 - np.uint64(1)
+_INF64 = np.uint64(0x7FF0000000000000)
+
+
 @njit(inline="always", cache=True)
-def key32(f):
-    """Key of a finite float32 (as uint64 below 2**32)."""
-    if f == 0:
-        return _SIGN32
-    b = np.uint64(_f32_bits(f))
+def key32_bits(b):
+    """Key of float32 bits ``b`` (uint64 below 2**32); ``-0.0`` as ``+0.0``."""
+    if b == _SIGN32:
+        b = np.uint64(0)
     if b & _SIGN32:
         return (~b) & _MASK32
     return b | _SIGN32
 
 
 @njit(inline="always", cache=True)
-def key64(d):
-    """Key of a finite float64."""
-    if d == 0:
-        return _SIGN64
-    b = _f64_bits(d)
+def key64_bits(b):
+    """Key of float64 bits ``b``; ``-0.0`` as ``+0.0``."""
+    if b == _SIGN64:
+        b = np.uint64(0)
     if b & _SIGN64:
         return ~b
     return b | _SIGN64
@@ -79,7 +82,12 @@ def key64(d):
 
 @njit(inline="always", cache=True)
 def score_key(v, mode, inv, scaled, wide):
-    """Return ``(finite, key)`` of the score of a stored value ``v``."""
+    """Return ``(finite, key)`` of the score of a stored value ``v``.
+
+    Kernels call this with ``mode``, ``scaled`` and ``wide`` bound as
+    compile-time constants (see ``specialize``), so the branches fold away.
+    The narrow path works on the float32 bit pattern with integer operations.
+    """
     if wide:
         d = np.float64(v)
         if mode == MODE_ABS:
@@ -88,17 +96,15 @@ def score_key(v, mode, inv, scaled, wide):
             d = d * d
         if scaled:
             d = d * inv
-        if not math.isfinite(d):
-            return False, np.uint64(0)
-        return True, key64(d)
+        b = _f64_bits(d)
+        return (b & _ABS64) < _INF64, key64_bits(b)
     f = np.float32(v)
-    if mode == MODE_ABS:
-        f = abs(f)
-    elif mode == MODE_SQUARE:
+    if mode == MODE_SQUARE:
         f = f * f
-    if not math.isfinite(f):
-        return False, np.uint64(0)
-    return True, key32(f)
+    b = np.uint64(_f32_bits(f))
+    if mode == MODE_ABS:
+        b = b & _ABS32
+    return (b & _ABS32) < _INF32, key32_bits(b)
 
 
 def key_of(value, wide):
@@ -123,3 +129,24 @@ def value_of(key, wide):
         return float(np.array(b, dtype=np.uint64).view(np.float64))
     b = key ^ (1 << 31) if key >> 31 else (~key) & 0xFFFFFFFF
     return float(np.array(b, dtype=np.uint32).view(np.float32))
+
+
+def specialize(factory):
+    """Memoise a kernel factory ``factory(mode, wide, scaled)``.
+
+    The factory defines its ``@njit`` kernel inside, so ``mode``, ``wide`` and
+    ``scaled`` are closure constants: Numba folds the transform's branches
+    away, and its on-disk cache keys each variant by those constants. Only
+    the variants that a run uses are compiled.
+    """
+    cache = {}
+
+    def get(mode, wide, scaled):
+        key = (int(mode), bool(wide), bool(scaled))
+        if key not in cache:
+            cache[key] = factory(*key)
+        return cache[key]
+
+    get.__doc__ = factory.__doc__
+    get.__name__ = factory.__name__
+    return get
