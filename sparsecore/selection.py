@@ -26,6 +26,9 @@ _NORMS = {"none": 0, "l1": 1, "l2": 2, "max": 3}
 # Histogram memory for one level of a global selection, all tensors together.
 _HIST_BUDGET_BYTES = 32 << 20
 _PAR_MIN = 1 << 16  # elements per chunk below which a kernel runs on one thread
+# Tensors from this size on are selected by the one-pass sampled bracket
+# (tests lower it to run that path on small inputs).
+_SAMPLE_MIN = 1 << 18
 
 
 @dataclass
@@ -142,14 +145,63 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     return rules
 
 
+def _search_one(src, k, wide):
+    """``(T, below, ties)`` of the k-th smallest key (1 <= k <= n) of one tensor."""
+    if src.size >= _SAMPLE_MIN:
+        found = _search_sampled(src, k, wide)
+        if found is not None:
+            return found
+    T, below, ties = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
+    return T, int(below[0]), int(ties[0])
+
+
+def _search_sampled(src, k, wide):
+    """One pass instead of two to four: bracket the k-th key between two
+    quantiles of an evenly strided sample, count the keys below the bracket
+    and copy the few inside it, then select among those. Returns None (the
+    caller falls back to the radix passes) when the bracket misses or holds
+    more keys than the buffer: adversarial orders, heavy ties."""
+    n = src.size
+    m = min(max(n // 256, 1024), 1 << 20, n)
+    sample = np.empty(m, np.uint64)
+    cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, wide, sample)
+    q = k / n
+    margin = 4.0 * np.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
+    j_lo = int(np.floor((q - margin) * m))
+    j_hi = int(np.ceil((q + margin) * m))
+    at = [j for j in (j_lo, j_hi) if 0 <= j < m]
+    if at:
+        sample.partition(at)
+    lo_key = sample[j_lo] if j_lo >= 0 else np.uint64(0)
+    hi_key = sample[j_hi] if j_hi < m else np.uint64(0xFFFFFFFFFFFFFFFF)
+    nchunks = _nchunks(n)
+    expect = (min(j_hi, m) - max(j_lo, 0) + 1) / m * n
+    cap = int(2 * expect / nchunks) + 1024
+    if cap * nchunks > max(n // 8, 1 << 16):  # the bracket is too wide to pay off
+        return None
+    buf = np.empty(cap * nchunks, np.uint64)
+    n_less = np.empty(nchunks, np.int64)
+    n_cand = np.empty(nchunks, np.int64)
+    bad, first = cpu_select.range_pass(src.data, src.mode, src.inv, src.scaled, wide, lo_key, hi_key,
+                                       nchunks, cap, buf, n_less, n_cand)
+    if bad:
+        _raise_nonfinite(src, bad, first)
+    less = int(n_less.sum())
+    if n_cand.max() > cap or not (less < k <= less + int(n_cand.sum())):
+        return None
+    cand = np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)])
+    cand.partition(k - less - 1)
+    T = cand[k - less - 1]
+    return int(T), less + int(np.count_nonzero(cand < T)), int(np.count_nonzero(cand == T))
+
+
 def _select_one(src, k, wide=None):
     if wide is None:
         wide = src.needs_wide()
     if k <= 0:
         return Rule(0, 0, wide)
-    one = np.zeros(1, np.int64)
-    T, below, ties = _search([src], one, np.array([src.size], np.int64), k, wide)
-    return _rule_for(T, int(below[0]), int(ties[0]), k - int(below[0]), wide)
+    T, below, ties = _search_one(src, k, wide)
+    return _rule_for(T, below, ties, k - below, wide)
 
 
 def threshold_rule(src, threshold):
@@ -176,16 +228,18 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
     """
     n = weights_flat.size
     s = src.data
-    above = np.empty(nseg, np.int64)
-    tie_total = np.empty(nseg, np.int64)
-    tie_nz = np.empty(nseg, np.int64)
-    bw, fw, bs, fs = cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide,
-                                       np.uint64(rule.key), nseg, above, tie_total, tie_nz)
-    if bw:
+    above, tie_total, tie_nz, bad_w, bad_s = (np.empty(nseg, np.int64) for _ in range(5))
+    cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key),
+                      nseg, above, tie_total, tie_nz, bad_w, bad_s)
+    if bad_w.any():
+        count, first = cpu_select.first_nonfinite(weights_flat)
         raise nonfinite_error(weights_name or src.name, "weights",
-                              weights_original if weights_original is not None else weights_flat, bw, fw)
-    if bs:
-        _raise_nonfinite(src, bs, fs)
+                              weights_original if weights_original is not None else weights_flat,
+                              count, first)
+    if bad_s.any():  # a one-bit histogram pass finds the first one
+        _raise_nonfinite(src, *cpu_select.hist_level(
+            s, src.mode, src.inv, src.scaled, rule.wide, True, np.uint64(0), 64, 63, 1,
+            np.zeros((1, 2), np.int64)))
     tie_start = np.zeros(nseg, np.int64)
     if nseg > 1:
         np.cumsum(tie_total[:-1], out=tie_start[1:])
@@ -210,7 +264,7 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
         indices = np.empty(0, index_dtype)
         row_start = np.zeros(nseg, np.int64)
     cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key), rule.quota,
-                     tie_start, nseg, want_csr, row_start, data, indices, want_mask, mask)
+                     tie_start, tie_total, nseg, want_csr, row_start, data, indices, want_mask, mask)
     return (mask if want_mask else None), ((data, indices, indptr) if want_csr else None)
 
 
@@ -333,8 +387,7 @@ def kth_value(src, k):
     if k <= 0:
         return float("-inf")
     wide = src.needs_wide()
-    T, _, _ = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
-    return value_of(T, wide)
+    return value_of(_search_one(src, k, wide)[0], wide)
 
 
 def norm_inverse(src, normalize):

@@ -12,31 +12,38 @@ def accumulate(g, w, block, acc_g, acc_g2, acc_wg, acc_wg2):
     gradient. ``w`` is the flat weight (empty when no w*g statistic is
     asked for). An accumulator of size 0 is skipped. Each thread owns whole
     blocks of ``block`` elements and loops over the samples inside a block,
-    so the block's accumulators stay in cache across samples.
+    so the block's accumulators stay in cache across samples; the loops work
+    on views indexed from 0, which LLVM vectorises.
     """
     nsamp, n = g.shape
     do_g = acc_g.size > 0
     do_g2 = acc_g2.size > 0
     do_wg = acc_wg.size > 0
     do_wg2 = acc_wg2.size > 0
-    do_w = do_wg or do_wg2
     nblocks = (n + block - 1) // block
     for b in prange(nblocks):
         lo = b * block
         hi = min(n, lo + block)
+        m = hi - lo
         for s in range(nsamp):
-            gs = g[s]
+            gs = g[s, lo:hi]
             if do_g:
-                for i in range(lo, hi):
-                    acc_g[i] += np.float64(gs[i])
+                a = acc_g[lo:hi]
+                for i in range(m):
+                    a[i] += np.float64(gs[i])
             if do_g2:
-                for i in range(lo, hi):
+                a = acc_g2[lo:hi]
+                for i in range(m):
                     gv = np.float64(gs[i])
-                    acc_g2[i] += gv * gv
-            if do_w:
-                for i in range(lo, hi):
-                    p = np.float64(w[i]) * np.float64(gs[i])
-                    if do_wg:
-                        acc_wg[i] += p
-                    if do_wg2:
-                        acc_wg2[i] += p * p
+                    a[i] += gv * gv
+            if do_wg or do_wg2:
+                ws = w[lo:hi]
+                if do_wg:
+                    a = acc_wg[lo:hi]
+                    for i in range(m):
+                        a[i] += np.float64(ws[i]) * np.float64(gs[i])
+                if do_wg2:
+                    a = acc_wg2[lo:hi]
+                    for i in range(m):
+                        p = np.float64(ws[i]) * np.float64(gs[i])
+                        a[i] += p * p

@@ -1,9 +1,18 @@
-"""Radix selection on score keys: histograms per level, then the digit pick.
+"""Selection kernels: radix histograms, the sampled bracket, reductions.
 
 The k-th smallest score of one or many tensors is found without sorting and
-without concatenating them: each level histograms one digit of the keys of
-the elements that share the prefix found so far, so the extra memory is one
-histogram per tensor and thread whatever the tensors' sizes.
+without concatenating them. Two ways, both exact:
+
+* radix select: each level histograms one digit of the keys of the elements
+  that share the prefix found so far (two levels for float32, four for
+  float64); the extra memory is one histogram per tensor and thread;
+* sampled bracket (one tensor): the k-th key is bracketed between two
+  quantiles of an evenly strided sample; one pass counts the keys below the
+  bracket and copies the few inside it. The caller falls back to radix when
+  the bracket misses.
+
+Hot loops index with unsigned integers: Numba then emits no negative-index
+wraparound, and LLVM can vectorise the loop.
 """
 
 import math
@@ -11,12 +20,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import MODE_ABS, MODE_SQUARE, score_key, specialize
+from .keys import MODE_SQUARE, score_key, specialize
 
 # Elements per block of the deterministic reductions: partial results are
 # formed per fixed block, never per thread, so the answer does not depend on
 # the thread count.
 REDUCE_BLOCK = 1 << 16
+# Elements tested together before a rare slow path is taken.
+_SKIP_BLOCK = 16
 
 
 @specialize
@@ -35,23 +46,32 @@ def _hist_kernel(mode, wide, scaled):
             hi = (c + 1) * n // nchunks
             h = hist[c]
             nbad = 0
-            fbad = n
             if first:
                 for i in range(lo, hi):
-                    ok, k = score_key(x[i], mode, inv, scaled, wide)
+                    ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
                     if ok:
                         h[(k >> ushift) & digit_mask] += 1
                     else:
                         nbad += 1
-                        if fbad == n:
-                            fbad = i
+                if nbad:
+                    for i in range(lo, hi):
+                        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                        if not ok:
+                            first_bad[c] = i
+                            break
             else:
-                for i in range(lo, hi):
-                    ok, k = score_key(x[i], mode, inv, scaled, wide)
-                    if ok and (k >> upshift) == prefix:
-                        h[(k >> ushift) & digit_mask] += 1
+                for b0 in range(lo, hi, _SKIP_BLOCK):
+                    b1 = min(hi, b0 + _SKIP_BLOCK)
+                    hit = 0
+                    for i in range(b0, b1):
+                        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                        hit += ok & ((k >> upshift) == prefix)
+                    if hit:
+                        for i in range(b0, b1):
+                            ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                            if ok and (k >> upshift) == prefix:
+                                h[(k >> ushift) & digit_mask] += 1
             bad[c] = nbad
-            first_bad[c] = fbad
         return bad.sum(), first_bad.min()
 
     return kernel
@@ -65,6 +85,75 @@ def hist_level(x, mode, inv, scaled, wide, first, prefix, pshift, shift, bits, h
     ``prefix`` (a uint64). Returns ``(n_nonfinite, first_nonfinite_index)``.
     """
     return _hist_kernel(mode, wide, scaled)(x, inv, first, prefix, pshift, shift, bits, hist)
+
+
+@specialize
+def _sample_kernel(mode, wide, scaled):
+    @njit(cache=True)
+    def kernel(x, inv, out):
+        n = x.size
+        m = out.size
+        for j in range(m):
+            ok, k = score_key(x[np.uint64(j * n // m)], mode, inv, scaled, wide)
+            out[j] = k  # a non-finite sample is caught by the full pass
+        return m
+
+    return kernel
+
+
+def sample_keys(x, mode, inv, scaled, wide, out):
+    """Keys of ``out.size`` elements of ``x`` at evenly strided positions."""
+    return _sample_kernel(mode, wide, scaled)(x, inv, out)
+
+
+@specialize
+def _range_kernel(mode, wide, scaled):
+    @njit(parallel=True, cache=True)
+    def kernel(x, inv, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand):
+        n = x.size
+        bad = np.zeros(nchunks, np.int64)
+        first_bad = np.full(nchunks, n, np.int64)
+        for c in prange(nchunks):
+            lo = c * n // nchunks
+            hi = (c + 1) * n // nchunks
+            out = buf[c * cap:(c + 1) * cap]
+            less = 0
+            p = 0
+            nbad = 0
+            for b0 in range(lo, hi, _SKIP_BLOCK):
+                b1 = min(hi, b0 + _SKIP_BLOCK)
+                hit = 0
+                for i in range(b0, b1):
+                    ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                    nbad += not ok
+                    less += ok & (k < lo_key)
+                    hit += ok & (k >= lo_key) & (k <= hi_key)
+                if hit:
+                    for i in range(b0, b1):
+                        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                        if ok and k >= lo_key and k <= hi_key:
+                            if p < cap:
+                                out[np.uint64(p)] = k
+                            p += 1
+            if nbad:
+                for i in range(lo, hi):
+                    ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+                    if not ok:
+                        first_bad[c] = i
+                        break
+            n_less[c] = less
+            n_cand[c] = p
+            bad[c] = nbad
+        return bad.sum(), first_bad.min()
+
+    return kernel
+
+
+def range_pass(x, mode, inv, scaled, wide, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand):
+    """One pass: per chunk, count keys below ``lo_key`` and copy the keys in
+    ``[lo_key, hi_key]`` into ``buf[c*cap:(c+1)*cap]`` (counting past ``cap``
+    without writing). Returns ``(n_nonfinite, first_nonfinite_index)``."""
+    return _range_kernel(mode, wide, scaled)(x, inv, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand)
 
 
 @njit(cache=True)
@@ -114,11 +203,9 @@ def score_norm(x, mode, kind):
         hi = min(n, lo + REDUCE_BLOCK)
         acc = 0.0
         for i in range(lo, hi):
-            d = np.float64(x[i])
+            d = np.float64(x[np.uint64(i)])
             if mode == MODE_SQUARE:
                 d = d * d
-            elif mode == MODE_ABS:
-                d = abs(d)
             d = abs(d)
             if kind == 1:
                 acc += d
@@ -150,12 +237,12 @@ def first_nonfinite(x):
         lo = b * REDUCE_BLOCK
         hi = min(n, lo + REDUCE_BLOCK)
         c = 0
-        f = n
         for i in range(lo, hi):
-            if not math.isfinite(x[i]):
-                c += 1
-                if f == n:
-                    f = i
+            c += not math.isfinite(x[np.uint64(i)])
+        if c:
+            for i in range(lo, hi):
+                if not math.isfinite(x[np.uint64(i)]):
+                    first[b] = i
+                    break
         count[b] = c
-        first[b] = f
     return count.sum(), first.min()

@@ -60,6 +60,21 @@ _ABS64 = _SIGN64 - np.uint64(1)
 _INF64 = np.uint64(0x7FF0000000000000)
 
 
+@intrinsic
+def cttz(typingctx, x):
+    """Count of trailing zero bits of a non-zero uint64 (LLVM ``cttz``)."""
+    if x != types.uint64:
+        return None
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
+        fn = builder.module.declare_intrinsic("llvm.cttz", [ir.IntType(64)], fnty)
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return sig, codegen
+
+
 @njit(inline="always", cache=True)
 def key32_bits(b):
     """Key of float32 bits ``b`` (uint64 below 2**32); ``-0.0`` as ``+0.0``."""
