@@ -217,25 +217,21 @@ def threshold_rule(src, threshold):
     return Rule(key_of(t, wide), 0, wide)
 
 
-def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, want_csr=False,
+def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
                index_dtype=None, weights_name=None, weights_original=None):
     """Apply ``rule``: returns ``(mask or None, (data, indices, indptr) or None)``.
 
-    ``index_dtype(nnz)`` picks the CSR index dtype once the exact nnz is known.
-
-    Two passes: a parallel count per segment (kept non-zeros, ties), a prefix
-    sum, then a parallel fill. No dense masked temporary is formed.
+    A parallel count over the scores (kept and tied keys per segment), a
+    prefix sum, then a parallel fill that writes the mask and/or the CSR
+    entries. No dense masked temporary is formed. The count bounds each row
+    by its kept entries; kept weights that are exactly zero are not stored,
+    and the rare rows that held some are closed up afterwards, so the arrays
+    returned are exact. ``index_dtype(nnz)`` picks the CSR index dtype.
     """
-    n = weights_flat.size
     s = src.data
-    above, tie_total, tie_nz, bad_w, bad_s = (np.empty(nseg, np.int64) for _ in range(5))
-    cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key),
-                      nseg, above, tie_total, tie_nz, bad_w, bad_s)
-    if bad_w.any():
-        count, first = cpu_select.first_nonfinite(weights_flat)
-        raise nonfinite_error(weights_name or src.name, "weights",
-                              weights_original if weights_original is not None else weights_flat,
-                              count, first)
+    above, tie_total, bad_s = (np.empty(nseg, np.int64) for _ in range(3))
+    cpu_csr.seg_count(s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key), nseg,
+                      above, tie_total, bad_s)
     if bad_s.any():  # a one-bit histogram pass finds the first one
         _raise_nonfinite(src, *cpu_select.hist_level(
             s, src.mode, src.inv, src.scaled, rule.wide, True, np.uint64(0), 64, 63, 1,
@@ -243,29 +239,37 @@ def apply_rule(weights_flat, src, rule, nseg, *, ncols=None, want_mask=True, wan
     tie_start = np.zeros(nseg, np.int64)
     if nseg > 1:
         np.cumsum(tie_total[:-1], out=tie_start[1:])
-    mask = np.empty(n, np.bool_) if want_mask else np.empty(0, np.bool_)
+    mask = np.empty(weights_flat.size if want_mask else 0, np.bool_)
+    row_start = np.zeros(nseg + 1, np.int64)
     if want_csr:
-        pruned_ties = np.clip(rule.quota - tie_start, 0, tie_total)
-        row_nnz = above + np.where(pruned_ties == 0, tie_nz, 0)
-        for r in np.nonzero((pruned_ties > 0) & (pruned_ties < tie_total))[0]:
-            row_nnz[r] += cpu_csr.seg_kept_ties_nz(weights_flat, s, src.mode, src.inv, src.scaled,
-                                                   rule.wide, np.uint64(rule.key), rule.quota,
-                                                   int(tie_start[r]), int(r), nseg)
-        ptr64 = np.zeros(nseg + 1, np.int64)
-        np.cumsum(row_nnz, out=ptr64[1:])
-        nnz = int(ptr64[-1])
+        kept = above + tie_total - np.clip(rule.quota - tie_start, 0, tie_total)
+        np.cumsum(kept, out=row_start[1:])
+    bound = int(row_start[-1])
+    idt = index_dtype(bound) if want_csr else np.int64
+    data = np.empty(bound, weights_flat.dtype)
+    indices = np.empty(bound, idt)
+    row_nnz = np.empty(nseg, np.int64)
+    bad_w = np.zeros(nseg, np.int64)
+    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key),
+                     rule.quota, tie_start, tie_total, nseg, want_csr, row_start, data, indices,
+                     row_nnz, bad_w, want_mask, mask)
+    if bad_w.any():
+        count, first = cpu_select.first_nonfinite(weights_flat)
+        raise nonfinite_error(weights_name or src.name, "weights",
+                              weights_original if weights_original is not None else weights_flat,
+                              count, first)
+    if not want_csr:
+        return mask, None
+    indptr = row_start
+    nnz = int(row_nnz.sum())
+    if nnz != bound:  # kept zeros were dropped: close the gaps, trim to the exact size
+        indptr = np.zeros(nseg + 1, np.int64)
+        np.cumsum(row_nnz, out=indptr[1:])
+        cpu_csr.compact_rows(data, indices, row_start, row_nnz, indptr)
         idt = index_dtype(nnz)
-        indptr = ptr64.astype(idt)
-        data = np.empty(nnz, weights_flat.dtype)
-        indices = np.empty(nnz, idt)
-        row_start = ptr64[:-1]
-    else:
-        data = np.empty(0, weights_flat.dtype)
-        indices = np.empty(0, index_dtype)
-        row_start = np.zeros(nseg, np.int64)
-    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key), rule.quota,
-                     tie_start, tie_total, nseg, want_csr, row_start, data, indices, want_mask, mask)
-    return (mask if want_mask else None), ((data, indices, indptr) if want_csr else None)
+        data = data[:nnz].copy()
+        indices = indices[:nnz].astype(idt)
+    return (mask if want_mask else None), (data, indices, indptr.astype(idt))
 
 
 def _mask_nseg(n):
