@@ -24,16 +24,25 @@ import sparsecore as sc
 ROWS = []
 
 
-def timeit(fns, repeat):
-    """Median seconds of each callable, calls alternating, after one warm-up each."""
+def timeit(fns, repeat, inner=3, pause=0.12):
+    """Median seconds per call of each callable.
+
+    Rounds alternate the callables; in a round each one gets a pause (so
+    that the worker threads of whatever ran before, which spin-wait after a
+    call in OpenBLAS, OpenMP and PyTorch, have gone idle), an untimed call,
+    then ``inner`` timed calls.
+    """
     for f in fns:
         f()
     times = [[] for _ in fns]
     for _ in range(repeat):
         for i, f in enumerate(fns):
-            t = time.perf_counter()
+            time.sleep(pause)
             f()
-            times[i].append(time.perf_counter() - t)
+            for _ in range(inner):
+                t = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
 
@@ -113,7 +122,7 @@ def bench_accumulate(n, batches, repeat, torch):
                 t_wg.add_(ttmp)
 
         fns.append(torch_inplace)
-    res = timeit(fns, repeat)
+    res = timeit(fns, repeat, inner=1)
     np.testing.assert_allclose(acc.state()["g2"], a_g2, rtol=1e-6)
     bw = triad_bandwidth(n, repeat)
     # bytes per element per batch: read g and w (8), read+write two float64 sums (32)
@@ -171,11 +180,20 @@ def bench_global(n_each, repeat, torch):
         tprune.global_unstructured([(m, "weight") for m in mods], pruning_method=tprune.L1Unstructured,
                                    amount=0.8)
 
-    res = timeit([ours, anchor], max(1, repeat // 2))
+    res = timeit([ours, anchor], repeat, inner=1)
+    # 16M float32 draws hold equal magnitudes: masks may differ only among
+    # entries tied at the threshold, which torch's topk orders its own way.
+    t = sc.select_threshold(np.concatenate([w.ravel() for w in ws.values()]), 0.8, absolute=True)
+    differ = 0
     for i, m in enumerate(mods):
-        assert np.array_equal(out["r"].masks[f"l{i}"], m.weight_mask.numpy().astype(bool))
+        ours_m = out["r"].masks[f"l{i}"]
+        theirs = m.weight_mask.numpy().astype(bool)
+        off = ours_m != theirs
+        assert np.all(np.abs(ws[f"l{i}"][off]) == np.float32(t))
+        differ += int(off.sum())
+    assert sum(int(out["r"].masks[k].sum()) for k in ws) == sum(int(m.weight_mask.sum()) for m in mods)
     report("prune(scope='global') masks+CSR", res[0], "torch global_unstructured L1", res[1], 80,
-           "identical masks")
+           f"same masks but {differ} entries tied at the threshold")
 
 
 def bench_csr_build(repeat):
@@ -277,13 +295,13 @@ def main():
         torch = None
         print("PyTorch not installed: its anchors are skipped (pip install -e '.[bench]')")
     big = 1 << (22 if args.quick else 24)
-    rep = 3 if args.quick else 7
+    rep = 2 if args.quick else 3
     print(f"sparsecore {sc.__version__}, numba {numba.__version__} with {numba.get_num_threads()} threads, "
           f"numpy {np.__version__}, scipy {sp.__name__ and __import__('scipy').__version__}"
           + (f", torch {torch.__version__} with {torch.get_num_threads()} threads" if torch else ""))
     cases = args.only or ["accumulate", "threshold", "global", "csr", "matmul", "startup"]
     if "accumulate" in cases:
-        bench_accumulate(big, 8 if args.quick else 32, max(1, rep // 2), torch)
+        bench_accumulate(big, 8 if args.quick else 32, rep, torch)
     if "threshold" in cases:
         bench_threshold(big, rep)
     if "global" in cases:
@@ -291,7 +309,7 @@ def main():
     if "csr" in cases:
         bench_csr_build(rep)
     if "matmul" in cases:
-        bench_matmul(rep * 3, torch)
+        bench_matmul(rep, torch)
     if "startup" in cases:
         bench_startup()
     if args.json:

@@ -23,6 +23,7 @@ __all__ = ["check_csr", "csr_matmul", "index_dtype", "matrix_shape", "to_csr", "
 # Largest value that int32 CSR indices may hold. Read at every call (tests
 # lower it to force the int64 path on tiny inputs), never inside a kernel.
 INT32_LIMIT = int(np.iinfo(np.int32).max)
+_PAR_NNZ = 1 << 15  # products with fewer stored entries run on one thread
 
 
 def index_dtype(shape, nnz):
@@ -235,16 +236,6 @@ def check_csr(a, full=False):
             _fail("no explicit zeros may be stored", f"row {row_of[p]}, column {indices[p]}")
 
 
-def _row_bounds(indptr, rows):
-    """Row ranges holding about equal nnz, a few per thread."""
-    nchunks = max(1, min(rows, 4 * numba.get_num_threads()))
-    nnz = int(indptr[-1])
-    targets = np.linspace(0, nnz, nchunks + 1)
-    b = np.searchsorted(indptr, targets, side="left").astype(np.int64)
-    b[0], b[-1] = 0, rows
-    return np.unique(np.clip(b, 0, rows))
-
-
 def csr_matmul(a, x, out=None):
     """``a @ x`` for a CSR ``a`` and a dense vector or matrix ``x``.
 
@@ -288,9 +279,10 @@ def csr_matmul(a, x, out=None):
             raise ValueError("out must be C-contiguous and writeable")
     if rows == 0:
         return out
-    bounds = _row_bounds(a.indptr, rows)
+    # A few ranges per thread, each of about equal nnz; small products run on one.
+    nchunks = min(rows, 4 * numba.get_num_threads()) if a.nnz >= _PAR_NNZ else 1
     if xa.ndim == 1:
-        cpu_csr.csr_matvec(data, a.indices, a.indptr, xc, out, bounds)
+        cpu_csr.csr_matvec(data, a.indices, a.indptr, xc, out, nchunks)
     else:
-        cpu_csr.csr_matmat(data, a.indices, a.indptr, xc, out, bounds)
+        cpu_csr.csr_matmat(data, a.indices, a.indptr, xc, out, nchunks)
     return out

@@ -139,30 +139,70 @@ def compact_rows(data, indices, row_start, row_nnz, indptr):
                 indices[dst + q] = indices[src + q]
 
 
-@njit(parallel=True, cache=True)
-def csr_matvec(data, indices, indptr, x, out, bounds):
-    """``out = A @ x`` for CSR ``A``; row ranges in ``bounds`` hold equal nnz.
+@njit(cache=True)
+def row_bounds(indptr, nchunks):
+    """Row ranges holding about equal nnz: ``nchunks + 1`` non-decreasing bounds."""
+    rows = indptr.size - 1
+    nnz = indptr[rows]
+    b = np.empty(nchunks + 1, np.int64)
+    b[0] = 0
+    for c in range(1, nchunks):
+        b[c] = np.searchsorted(indptr, c * nnz // nchunks)
+        if b[c] < b[c - 1]:
+            b[c] = b[c - 1]
+        if b[c] > rows:
+            b[c] = rows
+    b[nchunks] = rows
+    return b
 
-    Each row is accumulated in float64."""
-    for c in prange(bounds.size - 1):
+
+@njit(parallel=True, cache=True)
+def csr_matvec(data, indices, indptr, x, out, nchunks):
+    """``out = A @ x`` for CSR ``A``, rows split into ``nchunks`` ranges of
+    equal nnz. Each row is accumulated in float64."""
+    bounds = row_bounds(indptr, nchunks)
+    for c in prange(nchunks):
         for r in range(bounds[c], bounds[c + 1]):
+            a0 = indptr[r]
+            a1 = indptr[r + 1]
+            d = data[a0:a1]
+            ix = indices[a0:a1]
             acc = 0.0
-            for p in range(indptr[r], indptr[r + 1]):
-                acc += data[np.uint64(p)] * x[np.uint64(indices[np.uint64(p)])]
+            for p in range(d.size):
+                acc += d[p] * x[np.uint64(ix[p])]
             out[r] = acc
 
 
 @njit(parallel=True, cache=True)
-def csr_matmat(data, indices, indptr, x, out, bounds):
-    """``out = A @ X`` for CSR ``A`` and C-ordered dense ``X`` (cols x k)."""
+def csr_matmat(data, indices, indptr, x, out, nchunks):
+    """``out = A @ X`` for CSR ``A`` and C-ordered dense ``X`` (cols x k).
+
+    Four stored entries at a time update the output row once, so the row is
+    loaded and stored a quarter as often as entry by entry."""
     k = x.shape[1]
-    for c in prange(bounds.size - 1):
-        acc = np.empty(k, out.dtype)
+    one = np.uint64(1)
+    bounds = row_bounds(indptr, nchunks)
+    for c in prange(nchunks):
         for r in range(bounds[c], bounds[c + 1]):
-            acc[:] = 0
-            for p in range(indptr[r], indptr[r + 1]):
-                v = data[np.uint64(p)]
-                row = x[np.uint64(indices[np.uint64(p)])]
+            o = out[r]
+            o[:] = 0
+            p = np.uint64(indptr[r])
+            end = np.uint64(indptr[r + 1])
+            while p + np.uint64(4) <= end:
+                v0 = data[p]
+                v1 = data[p + one]
+                v2 = data[p + np.uint64(2)]
+                v3 = data[p + np.uint64(3)]
+                r0 = x[np.uint64(indices[p])]
+                r1 = x[np.uint64(indices[p + one])]
+                r2 = x[np.uint64(indices[p + np.uint64(2)])]
+                r3 = x[np.uint64(indices[p + np.uint64(3)])]
                 for j in range(k):
-                    acc[j] += v * row[j]
-            out[r, :] = acc
+                    o[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
+                p += np.uint64(4)
+            while p < end:
+                v = data[p]
+                row = x[np.uint64(indices[p])]
+                for j in range(k):
+                    o[j] += v * row[j]
+                p += one
