@@ -93,17 +93,19 @@ def bench_accumulate(n, batches, repeat, torch):
         for i in range(batches):
             acc.update(gs[i % 4], w)
 
-    def numpy_inplace():
-        a_g2[:] = 0
-        a_wg[:] = 0
-        for i in range(batches):
-            g = gs[i % 4]
-            np.multiply(g, g, out=tmp)
-            np.add(a_g2, tmp, out=a_g2)
-            np.multiply(w, g, out=tmp)
-            np.add(a_wg, tmp, out=a_wg)
+    def numpy_inplace(a_g2, a_wg):
+        def run():
+            a_g2[:] = 0
+            a_wg[:] = 0
+            for i in range(batches):
+                g = gs[i % 4]
+                np.multiply(g, g, out=tmp)
+                np.add(a_g2, tmp, out=a_g2)
+                np.multiply(w, g, out=tmp)
+                np.add(a_wg, tmp, out=a_wg)
+        return run
 
-    fns = [ours, numpy_inplace]
+    fns = [ours, numpy_inplace(a_g2, a_wg)]
     if torch is not None:
         tg = [torch.from_numpy(g) for g in gs]
         tw = torch.from_numpy(w)
@@ -122,20 +124,7 @@ def bench_accumulate(n, batches, repeat, torch):
                 t_wg.add_(ttmp)
 
         fns.append(torch_inplace)
-    a32_g2 = np.zeros(n, np.float32)
-    a32_wg = np.zeros(n, np.float32)
-
-    def numpy_float32():
-        a32_g2[:] = 0
-        a32_wg[:] = 0
-        for i in range(batches):
-            g = gs[i % 4]
-            np.multiply(g, g, out=tmp)
-            np.add(a32_g2, tmp, out=a32_g2)
-            np.multiply(w, g, out=tmp)
-            np.add(a32_wg, tmp, out=a32_wg)
-
-    fns.append(numpy_float32)
+    fns.append(numpy_inplace(np.zeros(n, np.float32), np.zeros(n, np.float32)))
     res = timeit(fns, repeat, inner=1)
     np.testing.assert_allclose(acc.state()["g2"], a_g2, rtol=1e-6)
     bw = triad_bandwidth(n, repeat)

@@ -166,7 +166,7 @@ def _search_sampled(src, k, wide):
     sample = np.empty(m, np.uint64)
     cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, wide, sample)
     q = k / n
-    margin = 4.0 * np.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
+    margin = 3.0 * np.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
     j_lo = int(np.floor((q - margin) * m))
     j_hi = int(np.ceil((q + margin) * m))
     at = [j for j in (j_lo, j_hi) if 0 <= j < m]

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import MODE_SQUARE, score_key, specialize
+from .keys import MODE_SQUARE, cttz, score_key, specialize
 
 # Elements per block of the deterministic reductions: partial results are
 # formed per fixed block, never per thread, so the answer does not depend on
@@ -28,6 +28,16 @@ from .keys import MODE_SQUARE, score_key, specialize
 REDUCE_BLOCK = 1 << 16
 # Elements tested together before a rare slow path is taken.
 _SKIP_BLOCK = 16
+
+
+@njit(inline="always", cache=True)
+def _first_bad(x, lo, hi, mode, inv, scaled, wide):
+    """Index of the first non-finite score in ``x[lo:hi]`` (``hi`` if none)."""
+    for i in range(lo, hi):
+        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+        if not ok:
+            return i
+    return hi
 
 
 @specialize
@@ -54,11 +64,7 @@ def _hist_kernel(mode, wide, scaled):
                     else:
                         nbad += 1
                 if nbad:
-                    for i in range(lo, hi):
-                        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
-                        if not ok:
-                            first_bad[c] = i
-                            break
+                    first_bad[c] = _first_bad(x, lo, hi, mode, inv, scaled, wide)
             else:
                 for b0 in range(lo, hi, _SKIP_BLOCK):
                     b1 = min(hi, b0 + _SKIP_BLOCK)
@@ -111,6 +117,7 @@ def _range_kernel(mode, wide, scaled):
     @njit(parallel=True, cache=True)
     def kernel(x, inv, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand):
         n = x.size
+        one = np.uint64(1)
         bad = np.zeros(nchunks, np.int64)
         first_bad = np.full(nchunks, n, np.int64)
         for c in prange(nchunks):
@@ -120,27 +127,25 @@ def _range_kernel(mode, wide, scaled):
             less = 0
             p = 0
             nbad = 0
-            for b0 in range(lo, hi, _SKIP_BLOCK):
-                b1 = min(hi, b0 + _SKIP_BLOCK)
-                hit = 0
-                for i in range(b0, b1):
-                    ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+            for b0 in range(lo, hi, 64):
+                # One vectorised loop per 64 elements: counts, and the bracket's
+                # members as a bit set, copied out bit by bit.
+                m = min(64, hi - b0)
+                bits = np.uint64(0)
+                for j in range(m):
+                    ok, k = score_key(x[np.uint64(b0 + j)], mode, inv, scaled, wide)
                     nbad += not ok
                     less += ok & (k < lo_key)
-                    hit += ok & (k >= lo_key) & (k <= hi_key)
-                if hit:
-                    for i in range(b0, b1):
-                        ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
-                        if ok and k >= lo_key and k <= hi_key:
-                            if p < cap:
-                                out[np.uint64(p)] = k
-                            p += 1
+                    bits |= np.uint64(ok & (k >= lo_key) & (k <= hi_key)) << np.uint64(j)
+                while bits:
+                    j = cttz(bits)
+                    if p < cap:
+                        ok, k = score_key(x[np.uint64(b0) + j], mode, inv, scaled, wide)
+                        out[np.uint64(p)] = k
+                    p += 1
+                    bits &= bits - one
             if nbad:
-                for i in range(lo, hi):
-                    ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
-                    if not ok:
-                        first_bad[c] = i
-                        break
+                first_bad[c] = _first_bad(x, lo, hi, mode, inv, scaled, wide)
             n_less[c] = less
             n_cand[c] = p
             bad[c] = nbad

@@ -28,36 +28,26 @@ MODE_SQUARE = 2
 _SIGN32 = np.uint64(0x80000000)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SIGN64 = np.uint64(1) << np.uint64(63)
-
-
-@intrinsic
-def _f32_bits(typingctx, x):
-    if x != types.float32:
-        return None
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _f64_bits(typingctx, x):
-    if x != types.float64:
-        return None
-    sig = types.uint64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return sig, codegen
-
-
 _ABS32 = np.uint64(0x7FFFFFFF)
 _INF32 = np.uint64(0x7F800000)
 _ABS64 = _SIGN64 - np.uint64(1)
 _INF64 = np.uint64(0x7FF0000000000000)
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """The IEEE-754 bit pattern of a float32 (as uint32) or float64 (as uint64)."""
+    if x == types.float32:
+        sig, width = types.uint32(types.float32), 32
+    elif x == types.float64:
+        sig, width = types.uint64(types.float64), 64
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(width))
+
+    return sig, codegen
 
 
 @intrinsic
@@ -111,12 +101,12 @@ def score_key(v, mode, inv, scaled, wide):
             d = d * d
         if scaled:
             d = d * inv
-        b = _f64_bits(d)
+        b = _bits(d)
         return (b & _ABS64) < _INF64, key64_bits(b)
     f = np.float32(v)
     if mode == MODE_SQUARE:
         f = f * f
-    b = np.uint64(_f32_bits(f))
+    b = np.uint64(_bits(f))
     if mode == MODE_ABS:
         b = b & _ABS32
     return (b & _ABS32) < _INF32, key32_bits(b)
