@@ -129,7 +129,11 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     hi = np.asarray(hi, np.int64)
     if target == int(lo.sum()):
         return [_select_one(src, int(k), wide) for src, k in zip(sources, lo)]
-    T, below, ties = _search(sources, lo, hi, target, wide)
+    sizes = np.array([src.size for src in sources], np.int64)
+    found = None
+    if not lo.any() and np.array_equal(hi, sizes):  # no caps: the plain k-th of all keys
+        found = _search_sampled(sources, target, wide)
+    T, below, ties = found if found is not None else _search(sources, lo, hi, target, wide)
     base = np.clip(below, lo, hi)
     room = np.clip(below + ties, lo, hi) - base
     rest = target - int(base.sum())
@@ -147,24 +151,34 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
 
 def _search_one(src, k, wide):
     """``(T, below, ties)`` of the k-th smallest key (1 <= k <= n) of one tensor."""
-    if src.size >= _SAMPLE_MIN:
-        found = _search_sampled(src, k, wide)
-        if found is not None:
-            return found
-    T, below, ties = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
+    found = _search_sampled([src], k, wide)
+    if found is None:
+        found = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
+    T, below, ties = found
     return T, int(below[0]), int(ties[0])
 
 
-def _search_sampled(src, k, wide):
-    """One pass instead of two to four: bracket the k-th key between two
-    quantiles of an evenly strided sample, count the keys below the bracket
-    and copy the few inside it, then select among those. Returns None (the
-    caller falls back to the radix passes) when the bracket misses or holds
-    more keys than the buffer: adversarial orders, heavy ties."""
-    n = src.size
-    m = min(max(n // 256, 1024), 1 << 20, n)
-    sample = np.empty(m, np.uint64)
-    cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, wide, sample)
+def _search_sampled(sources, k, wide):
+    """The k-th smallest key of all sources together, in one pass instead of
+    two to four: bracket it between two quantiles of an evenly strided
+    sample, count the keys below the bracket and copy the few inside it,
+    then select among those. Returns ``(T, below, ties)`` per source like
+    :func:`_search`, or None (the caller falls back to the radix passes)
+    when the tensors are small, or the bracket misses or holds more keys
+    than the buffer: adversarial orders, heavy ties."""
+    sizes = [src.size for src in sources]
+    n = sum(sizes)
+    if n < _SAMPLE_MIN or n == 0:
+        return None
+    m_all = min(max(n // 256, 1024), 1 << 20, n)
+    parts = []
+    for src, size in zip(sources, sizes):
+        mt = min(size, -(-m_all * size // n))  # proportional, at least one of a non-empty tensor
+        part = np.empty(mt, np.uint64)
+        cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, wide, part)
+        parts.append(part)
+    sample = np.concatenate(parts)
+    m = sample.size
     q = k / n
     margin = 3.0 * np.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
     j_lo = int(np.floor((q - margin) * m))
@@ -174,25 +188,34 @@ def _search_sampled(src, k, wide):
         sample.partition(at)
     lo_key = sample[j_lo] if j_lo >= 0 else np.uint64(0)
     hi_key = sample[j_hi] if j_hi < m else np.uint64(0xFFFFFFFFFFFFFFFF)
-    nchunks = _nchunks(n)
-    expect = (min(j_hi, m) - max(j_lo, 0) + 1) / m * n
-    cap = int(2 * expect / nchunks) + 1024
-    if cap * nchunks > max(n // 8, 1 << 16):  # the bracket is too wide to pay off
+    frac = (min(j_hi, m) - max(j_lo, 0) + 1) / m
+    less = np.zeros(len(sources), np.int64)
+    cands = []
+    for t, src in enumerate(sources):
+        nchunks = _nchunks(src.size)
+        cap = int(2 * frac * src.size / nchunks) + 1024
+        if cap * nchunks > max(src.size // 8, 1 << 16):  # the bracket is too wide to pay off
+            return None
+        buf = np.empty(cap * nchunks, np.uint64)
+        n_less = np.empty(nchunks, np.int64)
+        n_cand = np.empty(nchunks, np.int64)
+        bad, first = cpu_select.range_pass(src.data, src.mode, src.inv, src.scaled, wide, lo_key, hi_key,
+                                           nchunks, cap, buf, n_less, n_cand)
+        if bad:
+            _raise_nonfinite(src, bad, first)
+        if n_cand.max() > cap:
+            return None
+        less[t] = n_less.sum()
+        cands.append(np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)]))
+    total_less = int(less.sum())
+    cand = np.concatenate(cands)
+    if not (total_less < k <= total_less + cand.size):
         return None
-    buf = np.empty(cap * nchunks, np.uint64)
-    n_less = np.empty(nchunks, np.int64)
-    n_cand = np.empty(nchunks, np.int64)
-    bad, first = cpu_select.range_pass(src.data, src.mode, src.inv, src.scaled, wide, lo_key, hi_key,
-                                       nchunks, cap, buf, n_less, n_cand)
-    if bad:
-        _raise_nonfinite(src, bad, first)
-    less = int(n_less.sum())
-    if n_cand.max() > cap or not (less < k <= less + int(n_cand.sum())):
-        return None
-    cand = np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)])
-    cand.partition(k - less - 1)
-    T = cand[k - less - 1]
-    return int(T), less + int(np.count_nonzero(cand < T)), int(np.count_nonzero(cand == T))
+    cand.partition(k - total_less - 1)
+    T = cand[k - total_less - 1]
+    below = less + np.array([np.count_nonzero(c < T) for c in cands], np.int64)
+    ties = np.array([np.count_nonzero(c == T) for c in cands], np.int64)
+    return int(T), below, ties
 
 
 def _select_one(src, k, wide=None):

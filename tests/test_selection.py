@@ -270,3 +270,20 @@ def test_sampled_nonfinite_is_reported(rng, sampled):
     s[7, 9] = np.nan
     with pytest.raises(ValueError, match=r"scores 'scores' hold 1 NaN or Inf value \(first: NaN at index \(7, 9\)\)"):
         sc.sparsity_mask(s, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sampled_global_matches_reference(rng, sampled, kind, mixed):
+    shapes = [(100, 120), (0, 3), (1, 1), (300, 70), (2000,)]
+    dts = [np.float32, np.float64, np.float32, np.float64, np.float32] if mixed else [np.float32] * 5
+    scores = {f"t{i}": make(rng, s, d, kind) for i, (s, d) in enumerate(zip(shapes, dts))}
+    weights = {k: np.ones_like(v) for k, v in scores.items()}
+    n = sum(v.size for v in scores.values())
+    for sparsity in (0.05, 0.5, 0.93):
+        r = _global(weights, scores, sparsity)
+        want = ref.global_keep_masks(list(scores.values()), round(sparsity * n), [0] * 5,
+                                     [v.size for v in scores.values()])
+        for (name, _), m in zip(scores.items(), want):
+            np.testing.assert_array_equal(r.masks[name], m, err_msg=name)
+    assert sampled["range"] > 0
