@@ -244,17 +244,33 @@ def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
                index_dtype=None, weights_name=None, weights_original=None):
     """Apply ``rule``: returns ``(mask or None, (data, indices, indptr) or None)``.
 
-    A parallel count over the scores (kept and tied keys per segment), a
-    prefix sum, then a parallel fill that writes the mask and/or the CSR
-    entries. No dense masked temporary is formed. The count bounds each row
-    by its kept entries; kept weights that are exactly zero are not stored,
-    and the rare rows that held some are closed up afterwards, so the arrays
-    returned are exact. ``index_dtype(nnz)`` picks the CSR index dtype.
+    A parallel count pass over weights and scores writes the keep-mask, a bit
+    set of the kept non-zeros and their count per segment (one bit per
+    element: 1/32 of a float32 weight's size); a prefix sum sizes the CSR
+    exactly; a parallel fill writes the entries from the bit sets, reading
+    the weights only where they are kept. Rows whose ties at the threshold
+    key are kept under a quota (a sparsity target that splits equal scores)
+    are rescanned instead. No dense masked temporary is formed.
+    ``index_dtype(nnz)`` picks the CSR index dtype.
     """
     s = src.data
-    above, tie_total, bad_s = (np.empty(nseg, np.int64) for _ in range(3))
-    cpu_csr.seg_count(s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key), nseg,
-                      above, tie_total, bad_s)
+    n = weights_flat.size
+    T = np.uint64(rule.key)
+    # With no quota every tie is kept: the bits hold key >= T. With one, the
+    # bits hold key > T and the fill adds the kept ties.
+    cut = T if rule.quota == 0 else T + np.uint64(1)
+    seglen = -(-n // nseg) if nseg else 0
+    bitmap = np.empty((nseg, -(-seglen // 64)), np.uint64)
+    kept_nz, bad_w, bad_s = (np.empty(nseg, np.int64) for _ in range(3))
+    tie_total, tie_nz = np.zeros(nseg, np.int64), np.zeros(nseg, np.int64)  # kept 0 without a quota
+    mask = np.empty(n if want_mask else 0, np.bool_)
+    cpu_csr.seg_count(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, cut, T, rule.quota > 0, nseg,
+                      bitmap, kept_nz, tie_total, tie_nz, bad_w, bad_s, want_mask, mask)
+    if bad_w.any():
+        count, first = cpu_select.first_nonfinite(weights_flat)
+        raise nonfinite_error(weights_name or src.name, "weights",
+                              weights_original if weights_original is not None else weights_flat,
+                              count, first)
     if bad_s.any():  # a one-bit histogram pass finds the first one
         _raise_nonfinite(src, *cpu_select.hist_level(
             s, src.mode, src.inv, src.scaled, rule.wide, True, np.uint64(0), 64, 63, 1,
@@ -262,37 +278,25 @@ def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
     tie_start = np.zeros(nseg, np.int64)
     if nseg > 1:
         np.cumsum(tie_total[:-1], out=tie_start[1:])
-    mask = np.empty(weights_flat.size if want_mask else 0, np.bool_)
+    row_nnz = kept_nz
+    if rule.quota:
+        pruned_ties = np.clip(rule.quota - tie_start, 0, tie_total)
+        row_nnz = kept_nz + np.where(pruned_ties == 0, tie_nz, 0)
+        for r in np.nonzero((pruned_ties > 0) & (pruned_ties < tie_total))[0]:
+            row_nnz[r] += cpu_csr.seg_kept_ties_nz(weights_flat, s, src.mode, src.inv, src.scaled,
+                                                   rule.wide, T, rule.quota, int(tie_start[r]), int(r), nseg)
     row_start = np.zeros(nseg + 1, np.int64)
-    if want_csr:
-        kept = above + tie_total - np.clip(rule.quota - tie_start, 0, tie_total)
-        np.cumsum(kept, out=row_start[1:])
-    bound = int(row_start[-1])
-    idt = index_dtype(bound) if want_csr else np.int64
-    data = np.empty(bound, weights_flat.dtype)
-    indices = np.empty(bound, idt)
-    row_nnz = np.empty(nseg, np.int64)
-    bad_w = np.zeros(nseg, np.int64)
-    cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, np.uint64(rule.key),
-                     rule.quota, tie_start, tie_total, nseg, want_csr, row_start, data, indices,
-                     row_nnz, bad_w, want_mask, mask)
-    if bad_w.any():
-        count, first = cpu_select.first_nonfinite(weights_flat)
-        raise nonfinite_error(weights_name or src.name, "weights",
-                              weights_original if weights_original is not None else weights_flat,
-                              count, first)
+    np.cumsum(row_nnz, out=row_start[1:])
+    nnz = int(row_start[-1]) if want_csr else 0
+    idt = index_dtype(nnz) if want_csr else np.int64
+    data = np.empty(nnz, weights_flat.dtype)
+    indices = np.empty(nnz, idt)
+    if want_csr or (want_mask and rule.quota):
+        cpu_csr.seg_fill(weights_flat, s, src.mode, src.inv, src.scaled, rule.wide, T, rule.quota, tie_start,
+                         tie_total, nseg, bitmap, row_start, want_csr, data, indices, want_mask, mask)
     if not want_csr:
         return mask, None
-    indptr = row_start
-    nnz = int(row_nnz.sum())
-    if nnz != bound:  # kept zeros were dropped: close the gaps, trim to the exact size
-        indptr = np.zeros(nseg + 1, np.int64)
-        np.cumsum(row_nnz, out=indptr[1:])
-        cpu_csr.compact_rows(data, indices, row_start, row_nnz, indptr)
-        idt = index_dtype(nnz)
-        data = data[:nnz].copy()
-        indices = indices[:nnz].astype(idt)
-    return (mask if want_mask else None), (data, indices, indptr.astype(idt))
+    return (mask if want_mask else None), (data, indices, row_start.astype(idt))
 
 
 def _mask_nseg(n):

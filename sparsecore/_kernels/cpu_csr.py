@@ -16,127 +16,151 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import cttz, score_key, specialize
+from .keys import cttz, popcount, score_key, specialize
 
 
 @specialize
 def _count_kernel(mode, wide, scaled):
     @njit(parallel=True, cache=True)
-    def kernel(s, inv, T, nseg, above, tie_total, bad_s):
-        n = s.size
+    def kernel(w, s, inv, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz, bad_w, bad_s,
+               write_mask, mask):
+        n = w.size
+        zero = np.uint64(0)
         for r in prange(nseg):
             lo = r * n // nseg
             hi = (r + 1) * n // nseg
-            a = 0
+            words = bitmap[r]
+            a = zero
             t = 0
+            tz = 0
+            bw = 0
             bs = 0
-            for i in range(lo, hi):
-                ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
-                bs += not ok
-                a += ok & (k > T)
-                t += ok & (k == T)
-            above[r] = a
+            for b in range((hi - lo + 63) // 64):
+                # Loops of 64 elements, each free of branches so that LLVM
+                # vectorises it; the later ones read from L1.
+                b0 = lo + 64 * b
+                m = min(64, hi - b0)
+                bits = zero
+                for j in range(m):
+                    i = np.uint64(b0 + j)
+                    v = w[i]
+                    ok, k = score_key(s[i], mode, inv, scaled, wide)
+                    bw += not math.isfinite(v)
+                    bs += not ok
+                    bits |= np.uint64(ok & (k >= cut) & (v != 0)) << np.uint64(j)
+                words[b] = bits
+                a += popcount(bits)
+                if write_mask:
+                    for j in range(m):
+                        i = np.uint64(b0 + j)
+                        ok, k = score_key(s[i], mode, inv, scaled, wide)
+                        mask[i] = ok & (k >= cut)
+                if count_ties:
+                    for j in range(m):
+                        i = np.uint64(b0 + j)
+                        ok, k = score_key(s[i], mode, inv, scaled, wide)
+                        eq = ok & (k == T)
+                        t += eq
+                        tz += eq & (w[i] != 0)
+            kept_nz[r] = a
             tie_total[r] = t
+            tie_nz[r] = tz
+            bad_w[r] = bw
             bad_s[r] = bs
 
     return kernel
 
 
-def seg_count(s, mode, inv, scaled, wide, T, nseg, above, tie_total, bad_s):
-    """Per segment: scores with key above ``T``, at ``T``, and non-finite.
+def seg_count(w, s, mode, inv, scaled, wide, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
+              bad_w, bad_s, write_mask, mask):
+    """One pass over weights and scores, per segment: the bit set of the
+    entries kept with a non-zero weight (key >= ``cut``) into ``bitmap`` (one
+    row of 64-bit words per segment), their count, the ties at key ``T``
+    (all, and with non-zero weight) when ``count_ties``, the non-finite
+    weights and scores; and the keep-mask (key >= ``cut``) when ``write_mask``."""
+    _count_kernel(mode, wide, scaled)(w, s, inv, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
+                                      bad_w, bad_s, write_mask, mask)
 
-    Only the scores are read: the fill pass drops zero weights and checks
-    the weights' finiteness.
-    """
-    _count_kernel(mode, wide, scaled)(s, inv, T, nseg, above, tie_total, bad_s)
+
+@specialize
+def _ties_kernel(mode, wide, scaled):
+    @njit(cache=True)
+    def kernel(w, s, inv, T, quota, tie_start, r, nseg):
+        n = w.size
+        lo = r * n // nseg
+        hi = (r + 1) * n // nseg
+        rank = tie_start
+        kept = 0
+        for i in range(lo, hi):
+            ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
+            if ok and k == T:
+                if rank >= quota and w[np.uint64(i)] != 0:
+                    kept += 1
+                rank += 1
+        return kept
+
+    return kernel
+
+
+def seg_kept_ties_nz(w, s, mode, inv, scaled, wide, T, quota, tie_start, r, nseg):
+    """Non-zero ties kept in segment ``r`` (the one segment a quota splits)."""
+    return _ties_kernel(mode, wide, scaled)(w, s, inv, T, quota, tie_start, r, nseg)
 
 
 @specialize
 def _fill_kernel(mode, wide, scaled):
     @njit(parallel=True, cache=True)
-    def kernel(w, s, inv, T, quota, tie_start, tie_total, nseg, write_csr, row_start, data, indices,
-               row_nnz, bad_w, write_mask, mask):
+    def kernel(w, s, inv, T, quota, tie_start, tie_total, nseg, bitmap, row_start, write_csr, data,
+               indices, write_mask, mask):
         n = w.size
-        T1 = T + np.uint64(1)
-        zero = np.uint64(0)
         one = np.uint64(1)
         for r in prange(nseg):
             lo = r * n // nseg
             hi = (r + 1) * n // nseg
             rank = tie_start[r]
-            start = np.uint64(row_start[r])
-            pos = start
-            nb = 0
-            # The row's ties are all kept, all pruned, or split (rare: one row).
-            if not (rank < quota and rank + tie_total[r] > quota):
-                cut = T if rank >= quota else T1  # keep where key >= cut
-                if write_mask:
-                    for i in range(lo, hi):
-                        ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
-                        mask[np.uint64(i)] = k >= cut
+            pos = np.uint64(row_start[r])
+            if quota == 0 or tie_total[r] == 0 or rank + tie_total[r] <= quota:
+                # The count pass's bits are the answer: write the set ones,
+                # reading the weights only there.
                 if write_csr:
-                    # Kept non-zeros of each 64-element block as a bit set (a
-                    # vectorised loop), then written bit by bit: no branch
-                    # per element to mispredict.
-                    for b0 in range(lo, hi, 64):
-                        m = min(64, hi - b0)
-                        bits = zero
-                        for j in range(m):
-                            i = np.uint64(b0 + j)
-                            ok, k = score_key(s[i], mode, inv, scaled, wide)
-                            v = w[i]
-                            nb += not math.isfinite(v)
-                            bits |= np.uint64((k >= cut) & (v != 0)) << np.uint64(j)
-                        col = np.uint64(b0 - lo)
+                    words = bitmap[r]
+                    for b in range(words.size):
+                        bits = words[b]
+                        base = np.uint64(lo + 64 * b)
+                        col = np.uint64(64 * b)
                         while bits:
                             j = cttz(bits)
-                            data[pos] = w[np.uint64(b0) + j]
+                            data[pos] = w[base + j]
                             indices[pos] = col + j
                             pos += one
                             bits &= bits - one
-            else:
-                for i in range(lo, hi):
-                    ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
-                    keep = k > T
-                    if k == T:
-                        keep = rank >= quota
-                        rank += 1
-                    if write_mask:
-                        mask[np.uint64(i)] = keep
-                    if write_csr:
-                        v = w[np.uint64(i)]
-                        nb += not math.isfinite(v)
-                        if keep and v != 0:
-                            data[pos] = v
-                            indices[pos] = i - lo
-                            pos += one
-            row_nnz[r] = pos - start
-            bad_w[r] = nb
+                continue
+            # Ties at T kept in this row (all, or from the quota on): rescan it.
+            for i in range(lo, hi):
+                ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
+                keep = k > T
+                if k == T:
+                    keep = rank >= quota
+                    rank += 1
+                if write_mask:
+                    mask[np.uint64(i)] = keep
+                if write_csr and keep:
+                    v = w[np.uint64(i)]
+                    if v != 0:
+                        data[pos] = v
+                        indices[pos] = i - lo
+                        pos += one
 
     return kernel
 
 
-def seg_fill(w, s, mode, inv, scaled, wide, T, quota, tie_start, tie_total, nseg,
-             write_csr, row_start, data, indices, row_nnz, bad_w, write_mask, mask):
-    """Write the kept elements: CSR ``data``/``indices`` from ``row_start``
-    per segment (zeros never stored; ``row_nnz`` gets the count written, and
-    ``bad_w`` the non-finite weights met), and/or the keep ``mask``."""
-    _fill_kernel(mode, wide, scaled)(w, s, inv, T, quota, tie_start, tie_total, nseg, write_csr,
-                                     row_start, data, indices, row_nnz, bad_w, write_mask, mask)
-
-
-@njit(cache=True)
-def compact_rows(data, indices, row_start, row_nnz, indptr):
-    """Close the gaps that dropped zero weights left: move each row's
-    ``row_nnz`` entries from ``row_start`` down to ``indptr`` (in row order,
-    so a move never overwrites entries not yet moved)."""
-    for r in range(row_nnz.size):
-        src = row_start[r]
-        dst = indptr[r]
-        if src != dst:
-            for q in range(row_nnz[r]):
-                data[dst + q] = data[src + q]
-                indices[dst + q] = indices[src + q]
+def seg_fill(w, s, mode, inv, scaled, wide, T, quota, tie_start, tie_total, nseg, bitmap, row_start,
+             write_csr, data, indices, write_mask, mask):
+    """Write the CSR entries of each segment from ``row_start``: the count
+    pass's bit set, or a rescan of the rows whose ties at ``T`` are kept
+    under a quota (those rows' mask entries are rewritten too)."""
+    _fill_kernel(mode, wide, scaled)(w, s, inv, T, quota, tie_start, tie_total, nseg, bitmap, row_start,
+                                     write_csr, data, indices, write_mask, mask)
 
 
 @njit(cache=True)

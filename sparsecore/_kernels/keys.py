@@ -65,6 +65,21 @@ def cttz(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def popcount(typingctx, x):
+    """Number of set bits of a uint64 (LLVM ``ctpop``)."""
+    if x != types.uint64:
+        return None
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)], fnty)
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
 @njit(inline="always", cache=True)
 def key32_bits(b):
     """Key of float32 bits ``b`` (uint64 below 2**32); ``-0.0`` as ``+0.0``."""
