@@ -24,22 +24,28 @@ import sparsecore as sc
 ROWS = []
 
 
-def timeit(fns, repeat, inner=3, pause=0.12):
+def timeit(fns, repeat, inner=3, pause=0.12, block=0.02):
     """Median seconds per call of each callable.
 
     Rounds alternate the callables; in a round each one gets a pause (so
     that the worker threads of whatever ran before, which spin-wait after a
     call in OpenBLAS, OpenMP and PyTorch, have gone idle), an untimed call,
-    then ``inner`` timed calls.
+    then at least ``inner`` timed calls, more for quick ones so that a block
+    lasts about ``block`` seconds (up to 200 calls).
     """
+    counts = []
     for f in fns:
         f()
+        t = time.perf_counter()
+        f()
+        once = time.perf_counter() - t
+        counts.append(max(inner, min(200, int(block / max(once, 1e-9)))))
     times = [[] for _ in fns]
     for _ in range(repeat):
         for i, f in enumerate(fns):
             time.sleep(pause)
             f()
-            for _ in range(inner):
+            for _ in range(counts[i]):
                 t = time.perf_counter()
                 f()
                 times[i].append(time.perf_counter() - t)

@@ -1,9 +1,13 @@
 """Selection: which entries to prune, by threshold or by exact count.
 
 Scores are compared through order-preserving integer keys (see
-``sparsecore._kernels.keys``); the k-th smallest score of one tensor, or of many
-tensors together, is found by a radix select over those keys in Numba, level
-by level, without sorting and without concatenating the tensors.
+``sparsecore._kernels.keys``). The k-th smallest score of one tensor, or of
+many tensors together, is found without sorting and without concatenating the
+tensors: from 2**18 elements on, the k-th key is bracketed between two
+quantiles of an evenly strided sample and one pass counts the keys below the
+bracket and copies the few inside it; otherwise, when the bracket misses, or
+when per-tensor caps apply, a radix select histograms the keys level by level
+(two passes for float32, four for float64). Both are exact.
 
 Tie-breaking rule: among equal scores, the entry with the smaller flat
 (row-major) index is pruned first; across tensors in a global selection, the
@@ -107,8 +111,9 @@ def _search(sources, lo, hi, target, wide):
     return prefix, below, hist[:, d].copy()
 
 
-def _rule_for(T, below_t, ties_t, extra, wide):
-    if extra >= ties_t:
+def _rule_for(T, ties, extra, wide):
+    """The rule pruning keys below ``T`` and ``extra`` of its ``ties``."""
+    if extra >= ties:
         return Rule(T + 1, 0, wide)
     return Rule(T, extra, wide)
 
@@ -120,10 +125,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     over all sources) with per-tensor caps ``lo``/``hi`` (global).
     """
     if counts is not None:
-        out = []
-        for src, k in zip(sources, counts):
-            out.append(_select_one(src, int(k)))
-        return out
+        return [_select_one(src, int(k)) for src, k in zip(sources, counts)]
     wide = any(s.needs_wide() for s in sources) or len({s.data.dtype for s in sources}) > 1
     lo = np.asarray(lo, np.int64)
     hi = np.asarray(hi, np.int64)
@@ -143,7 +145,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
         rest -= extra
         p = int(base[t]) + extra
         if below[t] <= p <= below[t] + ties[t]:
-            rules.append(_rule_for(T, int(below[t]), int(ties[t]), p - int(below[t]), wide))
+            rules.append(_rule_for(T, int(ties[t]), p - int(below[t]), wide))
         else:  # a cap binds beyond the global threshold: the tensor's own p smallest
             rules.append(_select_one(src, p, wide))
     return rules
@@ -224,7 +226,7 @@ def _select_one(src, k, wide=None):
     if k <= 0:
         return Rule(0, 0, wide)
     T, below, ties = _search_one(src, k, wide)
-    return _rule_for(T, below, ties, k - below, wide)
+    return _rule_for(T, ties, k - below, wide)
 
 
 def threshold_rule(src, threshold):
