@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from ._kernels import cpu_csr, cpu_select
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of, value_of
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, cut_value, key_of, value_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
 
 __all__ = ["select_threshold", "sparsity_mask", "threshold_mask"]
@@ -257,10 +257,11 @@ def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
     """
     s = src.data
     n = weights_flat.size
-    T = np.uint64(rule.key)
     # With no quota every tie is kept: the bits hold key >= T. With one, the
-    # bits hold key > T and the fill adds the kept ties.
-    cut = T if rule.quota == 0 else T + np.uint64(1)
+    # bits hold key > T and the fill adds the kept ties. The kernels compare
+    # scores with the floats these keys stand for.
+    cut = cut_value(rule.key if rule.quota == 0 else rule.key + 1, rule.wide)
+    T = cut_value(rule.key, rule.wide)
     seglen = -(-n // nseg) if nseg else 0
     bitmap = np.empty((nseg, -(-seglen // 64)), np.uint64)
     kept_nz, bad_w, bad_s = (np.empty(nseg, np.int64) for _ in range(3))

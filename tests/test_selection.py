@@ -287,3 +287,22 @@ def test_sampled_global_matches_reference(rng, sampled, kind, mixed):
         for (name, _), m in zip(scores.items(), want):
             np.testing.assert_array_equal(r.masks[name], m, err_msg=name)
     assert sampled["range"] > 0
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_cut_value_splits_scores_as_the_key_splits_keys(rng, wide):
+    from sparsecore._kernels.keys import cut_value
+
+    dt = np.float64 if wide else np.float32
+    f = np.finfo(dt)
+    vals = np.concatenate([rng.standard_normal(300) * 10.0 ** rng.integers(-40, 30, 300),
+                           [0.0, -0.0, f.max, -f.max, f.tiny, -f.tiny, f.smallest_subnormal,
+                            -f.smallest_subnormal, 1.0, -1.0]]).astype(dt)
+    vals = vals[np.isfinite(vals)]
+    top = 1 << (64 if wide else 32)
+    cuts = [0, 1, top - 1, key_of(np.inf, wide), key_of(-np.inf, wide), key_of(0.0, wide) - 1,
+            key_of(0.0, wide), key_of(0.0, wide) + 1] + [key_of(v, wide) + d for v in vals[:50] for d in (-1, 0, 1)]
+    for c in cuts:
+        cv = cut_value(c, wide)
+        for v in vals:
+            assert (key_of(v, wide) >= c) == bool(v >= cv), (c, v, cv)

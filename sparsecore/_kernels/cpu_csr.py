@@ -3,7 +3,9 @@ CSR products.
 
 A pruning rule is ``(T, quota)`` on score keys: an element is pruned when its
 key is below ``T``, or equal to ``T`` and fewer than ``quota`` elements with
-key ``T`` come before it in flat (row-major) order. The flat array is cut into
+key ``T`` come before it in flat (row-major) order. These kernels compare the
+scores themselves against the floats that the keys stand for
+(``keys.cut_value``): the same order, fewer instructions. The flat array is cut into
 ``nseg`` segments ``[r*n//nseg, (r+1)*n//nseg)``: for a CSR build these are the
 rows; for a mask they are any balanced cut.
 
@@ -16,13 +18,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import cttz, popcount, score_key, specialize
+from .keys import cttz, popcount, score_value, specialize
 
 
 @specialize
 def _count_kernel(mode, wide, scaled):
     @njit(parallel=True, cache=True)
-    def kernel(w, s, inv, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz, bad_w, bad_s,
+    def kernel(w, s, inv, cut, tie, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz, bad_w, bad_s,
                write_mask, mask):
         n = w.size
         zero = np.uint64(0)
@@ -44,22 +46,22 @@ def _count_kernel(mode, wide, scaled):
                 for j in range(m):
                     i = np.uint64(b0 + j)
                     v = w[i]
-                    ok, k = score_key(s[i], mode, inv, scaled, wide)
+                    ok, x = score_value(s[i], mode, inv, scaled, wide)
                     bw += not math.isfinite(v)
                     bs += not ok
-                    bits |= np.uint64(ok & (k >= cut) & (v != 0)) << np.uint64(j)
+                    bits |= np.uint64(ok & (x >= cut) & (v != 0)) << np.uint64(j)
                 words[b] = bits
                 a += popcount(bits)
                 if write_mask:
                     for j in range(m):
                         i = np.uint64(b0 + j)
-                        ok, k = score_key(s[i], mode, inv, scaled, wide)
-                        mask[i] = ok & (k >= cut)
+                        ok, x = score_value(s[i], mode, inv, scaled, wide)
+                        mask[i] = ok & (x >= cut)
                 if count_ties:
                     for j in range(m):
                         i = np.uint64(b0 + j)
-                        ok, k = score_key(s[i], mode, inv, scaled, wide)
-                        eq = ok & (k == T)
+                        ok, x = score_value(s[i], mode, inv, scaled, wide)
+                        eq = ok & (x == tie)
                         t += eq
                         tz += eq & (w[i] != 0)
             kept_nz[r] = a
@@ -71,29 +73,29 @@ def _count_kernel(mode, wide, scaled):
     return kernel
 
 
-def seg_count(w, s, mode, inv, scaled, wide, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
+def seg_count(w, s, mode, inv, scaled, wide, cut, tie, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
               bad_w, bad_s, write_mask, mask):
     """One pass over weights and scores, per segment: the bit set of the
-    entries kept with a non-zero weight (key >= ``cut``) into ``bitmap`` (one
-    row of 64-bit words per segment), their count, the ties at key ``T``
+    entries kept with a non-zero weight (score >= ``cut``) into ``bitmap`` (one
+    row of 64-bit words per segment), their count, the ties (score == ``tie``)
     (all, and with non-zero weight) when ``count_ties``, the non-finite
-    weights and scores; and the keep-mask (key >= ``cut``) when ``write_mask``."""
-    _count_kernel(mode, wide, scaled)(w, s, inv, cut, T, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
+    weights and scores; and the keep-mask (score >= ``cut``) when ``write_mask``."""
+    _count_kernel(mode, wide, scaled)(w, s, inv, cut, tie, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
                                       bad_w, bad_s, write_mask, mask)
 
 
 @specialize
 def _ties_kernel(mode, wide, scaled):
     @njit(cache=True)
-    def kernel(w, s, inv, T, quota, tie_start, r, nseg):
+    def kernel(w, s, inv, tie, quota, tie_start, r, nseg):
         n = w.size
         lo = r * n // nseg
         hi = (r + 1) * n // nseg
         rank = tie_start
         kept = 0
         for i in range(lo, hi):
-            ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
-            if ok and k == T:
+            ok, x = score_value(s[np.uint64(i)], mode, inv, scaled, wide)
+            if ok and x == tie:
                 if rank >= quota and w[np.uint64(i)] != 0:
                     kept += 1
                 rank += 1
@@ -102,15 +104,15 @@ def _ties_kernel(mode, wide, scaled):
     return kernel
 
 
-def seg_kept_ties_nz(w, s, mode, inv, scaled, wide, T, quota, tie_start, r, nseg):
+def seg_kept_ties_nz(w, s, mode, inv, scaled, wide, tie, quota, tie_start, r, nseg):
     """Non-zero ties kept in segment ``r`` (the one segment a quota splits)."""
-    return _ties_kernel(mode, wide, scaled)(w, s, inv, T, quota, tie_start, r, nseg)
+    return _ties_kernel(mode, wide, scaled)(w, s, inv, tie, quota, tie_start, r, nseg)
 
 
 @specialize
 def _fill_kernel(mode, wide, scaled):
     @njit(parallel=True, cache=True)
-    def kernel(w, s, inv, T, quota, tie_start, tie_total, nseg, bitmap, row_start, write_csr, data,
+    def kernel(w, s, inv, tie, quota, tie_start, tie_total, nseg, bitmap, row_start, write_csr, data,
                indices, write_mask, mask):
         n = w.size
         one = np.uint64(1)
@@ -137,9 +139,9 @@ def _fill_kernel(mode, wide, scaled):
                 continue
             # Ties at T kept in this row (all, or from the quota on): rescan it.
             for i in range(lo, hi):
-                ok, k = score_key(s[np.uint64(i)], mode, inv, scaled, wide)
-                keep = k > T
-                if k == T:
+                ok, x = score_value(s[np.uint64(i)], mode, inv, scaled, wide)
+                keep = ok and x > tie
+                if ok and x == tie:
                     keep = rank >= quota
                     rank += 1
                 if write_mask:
@@ -154,12 +156,12 @@ def _fill_kernel(mode, wide, scaled):
     return kernel
 
 
-def seg_fill(w, s, mode, inv, scaled, wide, T, quota, tie_start, tie_total, nseg, bitmap, row_start,
+def seg_fill(w, s, mode, inv, scaled, wide, tie, quota, tie_start, tie_total, nseg, bitmap, row_start,
              write_csr, data, indices, write_mask, mask):
     """Write the CSR entries of each segment from ``row_start``: the count
     pass's bit set, or a rescan of the rows whose ties at ``T`` are kept
     under a quota (those rows' mask entries are rewritten too)."""
-    _fill_kernel(mode, wide, scaled)(w, s, inv, T, quota, tie_start, tie_total, nseg, bitmap, row_start,
+    _fill_kernel(mode, wide, scaled)(w, s, inv, tie, quota, tie_start, tie_total, nseg, bitmap, row_start,
                                      write_csr, data, indices, write_mask, mask)
 
 

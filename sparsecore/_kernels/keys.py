@@ -17,6 +17,8 @@ constants of a specialised kernel (``specialize``).
 """
 
 import numpy as np
+import math
+
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
@@ -125,6 +127,42 @@ def score_key(v, mode, inv, scaled, wide):
     if mode == MODE_ABS:
         b = b & _ABS32
     return (b & _ABS32) < _INF32, key32_bits(b)
+
+
+@njit(inline="always", cache=True)
+def score_value(v, mode, inv, scaled, wide):
+    """Return ``(finite, score)``: the transformed value itself, float64 when
+    ``wide`` else float32. For finite scores, comparing these values orders
+    exactly as comparing their keys (``-0.0 == 0.0`` on both sides), and a
+    float compare is cheaper than forming the key."""
+    if wide:
+        d = np.float64(v)
+        if mode == MODE_ABS:
+            d = abs(d)
+        elif mode == MODE_SQUARE:
+            d = d * d
+        if scaled:
+            d = d * inv
+        return math.isfinite(d), d
+    f = np.float32(v)
+    if mode == MODE_ABS:
+        f = abs(f)
+    elif mode == MODE_SQUARE:
+        f = f * f
+    return math.isfinite(f), f
+
+
+def cut_value(key, wide):
+    """The float that splits scores as ``key`` splits keys: a finite score
+    ``v`` has ``key(v) >= key`` exactly when ``v >= cut_value(key)`` (keys
+    below that of -inf give -inf, keys above that of +inf give +inf)."""
+    if key <= key_of(-np.inf, wide):
+        v = -np.inf
+    elif key >= key_of(np.inf, wide):
+        v = np.inf
+    else:
+        v = value_of(key, wide)
+    return np.float64(v) if wide else np.float32(v)
 
 
 def key_of(value, wide):
