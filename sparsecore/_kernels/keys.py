@@ -52,34 +52,29 @@ def _bits(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def cttz(typingctx, x):
-    """Count of trailing zero bits of a non-zero uint64 (LLVM ``cttz``)."""
-    if x != types.uint64:
-        return None
-    sig = types.uint64(types.uint64)
+def _u64_bit_intrinsic(llvm_name, zero_undef_flag, doc):
+    """A Numba intrinsic calling the LLVM bit-counting intrinsic on a uint64."""
 
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
-        fn = builder.module.declare_intrinsic("llvm.cttz", [ir.IntType(64)], fnty)
-        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+    def impl(typingctx, x):
+        if x != types.uint64:
+            return None
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            extra = [ir.IntType(1)] if zero_undef_flag else []
+            fnty = ir.FunctionType(i64, [i64] + extra)
+            fn = builder.module.declare_intrinsic(llvm_name, [i64], fnty)
+            flag = [ir.Constant(ir.IntType(1), 0)] if zero_undef_flag else []
+            return builder.call(fn, [args[0]] + flag)
+
+        return types.uint64(types.uint64), codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
 
 
-@intrinsic
-def popcount(typingctx, x):
-    """Number of set bits of a uint64 (LLVM ``ctpop``)."""
-    if x != types.uint64:
-        return None
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
-        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)], fnty)
-        return builder.call(fn, [args[0]])
-
-    return sig, codegen
+cttz = _u64_bit_intrinsic("llvm.cttz", True, "Count of trailing zero bits of a non-zero uint64.")
+popcount = _u64_bit_intrinsic("llvm.ctpop", False, "Number of set bits of a uint64.")
 
 
 @njit(inline="always", cache=True)
