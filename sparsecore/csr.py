@@ -7,10 +7,14 @@ as ``(shape[0], prod(shape[1:]))`` (a 1-D weight as one row, a scalar as 1x1);
 :func:`to_dense` restores the original shape.
 """
 
+from __future__ import annotations
+
+
 import math
 
 import numba
 import numpy as np
+from numpy.typing import ArrayLike
 import scipy.sparse as sp
 
 from ._kernels import cpu_csr
@@ -26,7 +30,7 @@ INT32_LIMIT = int(np.iinfo(np.int32).max)
 _PAR_NNZ = 1 << 15  # products with fewer stored entries run on one thread
 
 
-def index_dtype(shape, nnz):
+def index_dtype(shape: tuple, nnz: int) -> np.dtype:
     """int32 when ``max(shape, nnz)`` fits, else int64 (scipy's rule).
 
     Examples
@@ -41,7 +45,7 @@ def index_dtype(shape, nnz):
     return np.dtype(np.int32) if big <= INT32_LIMIT else np.dtype(np.int64)
 
 
-def matrix_shape(shape):
+def matrix_shape(shape: tuple) -> tuple:
     """The 2-D CSR shape of a weight: ``(shape[0], prod(shape[1:]))``.
 
     A 1-D weight becomes one row ``(1, n)``, a scalar ``(1, 1)``.
@@ -66,7 +70,9 @@ def build_csr(w_flat, mshape, src, rule, *, want_mask=False, weights_name="weigh
     return a, mask
 
 
-def to_csr(weights, mask=None, *, scores=None, threshold=None, sparsity=None, name="weights"):
+def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLike | None = None,
+           threshold: float | None = None, sparsity: float | None = None,
+           name: str = "weights") -> sp.csr_array:
     """Canonical CSR of a weight, pruned on the fly.
 
     With only ``weights``, the non-zeros are stored. With ``mask``, entries
@@ -144,7 +150,7 @@ def to_csr(weights, mask=None, *, scores=None, threshold=None, sparsity=None, na
     return a
 
 
-def to_dense(a, shape=None):
+def to_dense(a: sp.csr_array, shape: tuple | None = None) -> np.ndarray:
     """Dense array of a CSR weight, reshaped to ``shape`` (the weight's own).
 
     Examples
@@ -169,7 +175,7 @@ def _fail(rule, detail):
     raise ValueError(f"invalid CSR: {rule} ({detail})")
 
 
-def check_csr(a, full=False):
+def check_csr(a: sp.csr_array, full: bool = False) -> None:
     """Check that ``a`` is a well-formed, and with ``full``, canonical CSR.
 
     O(1) checks always (type, shape, array lengths and dtypes, ``indptr``
@@ -236,7 +242,7 @@ def check_csr(a, full=False):
             _fail("no explicit zeros may be stored", f"row {row_of[p]}, column {indices[p]}")
 
 
-def csr_matmul(a, x, out=None):
+def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
     """``a @ x`` for a CSR ``a`` and a dense vector or matrix ``x``.
 
     Parallel over rows, the rows split into ranges of equal nnz. Vector

@@ -6,9 +6,13 @@ Built-ins resolve by name through one registry; any callable with that
 signature works wherever a built-in does.
 """
 
+from __future__ import annotations
+
+
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._kernels import cpu_accumulate, cpu_select
 from ._kernels.keys import MODE_ABS, MODE_SQUARE
@@ -30,7 +34,7 @@ _BLOCK = 4096  # elements a thread keeps in cache across the samples of a batch
 _PRECISIONS = {"mixed": 16, "float64": 0}  # terms a float32 partial holds before its flush
 
 
-def magnitude(weights, power=1):
+def magnitude(weights: ArrayLike, power: int = 1) -> np.ndarray:
     """Magnitude importance: ``|w|`` (``power=1``) or ``w**2`` (``power=2``).
 
     Examples
@@ -82,7 +86,7 @@ class Criterion:
 _REGISTRY: dict = {}
 
 
-def register_criterion(criterion, *, overwrite=False):
+def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
     """Add a :class:`Criterion` to the registry under its name."""
     if not isinstance(criterion, Criterion):
         raise TypeError(f"register_criterion takes a Criterion, got {type(criterion).__name__}")
@@ -92,12 +96,12 @@ def register_criterion(criterion, *, overwrite=False):
     return criterion
 
 
-def list_criteria():
+def list_criteria() -> list[str]:
     """Names of the registered criteria, sorted."""
     return sorted(_REGISTRY)
 
 
-def get_criterion(spec):
+def get_criterion(spec: str | Callable) -> Callable:
     """Resolve a criterion: a registered name, a :class:`Criterion` or a callable.
 
     Raises
@@ -263,7 +267,9 @@ class GradientAccumulator:
             raise ValueError(f"this accumulator was fed mappings name -> array; {what} is a single array")
         return {"": grads}, True
 
-    def update(self, grads, weights=None, *, per_sample=False):
+    def update(self, grads: ArrayLike | Mapping[str, ArrayLike],
+               weights: ArrayLike | Mapping[str, ArrayLike] | None = None, *,
+               per_sample: bool = False) -> "GradientAccumulator":
         """Add one batch of gradients; returns ``self``.
 
         Parameters
@@ -352,7 +358,7 @@ class GradientAccumulator:
         self.n_batches += 1
         return self
 
-    def state(self, name=None):
+    def state(self, name: str | None = None) -> dict:
         """One tensor's statistics: ``{stat: array shaped like the weight}``
         plus ``"count"`` (samples or batches added). Arrays are copies."""
         key = "" if name is None else name
@@ -379,7 +385,7 @@ class GradientAccumulator:
                     p[:] = 0
         self._pending = 0
 
-    def scores(self, criterion, weights=None):
+    def scores(self, criterion: str | Callable, weights=None):
         """Scores of a criterion from the accumulated state: an array, or a
         dict by name for mapping use. ``weights`` as given to ``update``."""
         crit = get_criterion(criterion)
@@ -388,7 +394,7 @@ class GradientAccumulator:
         wmap = weights or {}
         return {k: crit(wmap.get(k), self.state(k)) for k in self._shapes}
 
-    def merge(self, other):
+    def merge(self, other: "GradientAccumulator") -> "GradientAccumulator":
         """Add another accumulator's sums (another data shard); returns ``self``."""
         if not isinstance(other, GradientAccumulator):
             raise TypeError(f"merge takes a GradientAccumulator, got {type(other).__name__}")
@@ -415,7 +421,7 @@ class GradientAccumulator:
         self.n_batches += other.n_batches
         return self
 
-    def reset(self):
+    def reset(self) -> "GradientAccumulator":
         """Zero every statistic and counter, keeping names and shapes."""
         for d in (self._acc, self._part):
             for v in d.values():
@@ -426,7 +432,7 @@ class GradientAccumulator:
         self.n_batches = 0
         return self
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """A plain dict of arrays, for ``np.savez`` or any format.
 
         Keys are ``"<stat>:<tensor name>"`` (the name is empty for
@@ -443,7 +449,7 @@ class GradientAccumulator:
         return out
 
     @classmethod
-    def from_state_dict(cls, d):
+    def from_state_dict(cls, d: Mapping) -> "GradientAccumulator":
         """Rebuild an accumulator saved by :meth:`state_dict`."""
         try:
             stats = tuple(str(s) for s in np.asarray(d["_meta:stats"]).reshape(-1))

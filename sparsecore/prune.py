@@ -1,9 +1,13 @@
 """``prune``: importance -> selection -> CSR weights, masks and a summary."""
 
-from collections.abc import Mapping
+from __future__ import annotations
+
+
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from ._validate import as_float_array, check_fraction, check_threshold, flat, per_name
@@ -135,8 +139,11 @@ def _sources(weights, names, scores, state, normalize, for_selection):
     return warrs, srcs
 
 
-def prune(weights, scores=None, *, sparsity=None, threshold=None, scope="local", state=None,
-          min_sparsity=0.0, max_sparsity=1.0, normalize="none", ignore=()):
+def prune(weights: Mapping[str, ArrayLike], scores=None, *,
+          sparsity: float | Mapping[str, float] | None = None,
+          threshold: float | Mapping[str, float] | None = None, scope: str = "local", state=None,
+          min_sparsity: float | Mapping[str, float] = 0.0, max_sparsity: float | Mapping[str, float] = 1.0,
+          normalize: str = "none", ignore: Iterable[str] = ()) -> PruneResult:
     """Prune a set of weights and return CSR weights, masks and a summary.
 
     Parameters

@@ -15,10 +15,14 @@ tensor that comes first in the mapping's order is pruned first. The answer is
 the same on every run and every thread count.
 """
 
+from __future__ import annotations
+
+
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._kernels import cpu_csr, cpu_select
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, cut_value, key_of, value_of
@@ -318,7 +322,7 @@ def _mask_from(src, rule):
     return mask.reshape(src.shape)
 
 
-def threshold_mask(scores, threshold):
+def threshold_mask(scores: ArrayLike, threshold: float) -> np.ndarray:
     """Keep-mask of the scores at or above ``threshold``.
 
     The rule of the reference article: an entry is pruned where its score is
@@ -354,7 +358,7 @@ def threshold_mask(scores, threshold):
     return _mask_from(src, threshold_rule(src, t))
 
 
-def sparsity_mask(scores, sparsity, *, absolute=False):
+def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False) -> np.ndarray:
     """Keep-mask that prunes exactly ``round(sparsity * n)`` lowest scores.
 
     Python's ``round`` counts (as ``torch.nn.utils.prune`` does). Among equal
@@ -398,7 +402,7 @@ def sparsity_mask(scores, sparsity, *, absolute=False):
     return _mask_from(src, _select_one(src, k))
 
 
-def select_threshold(scores, sparsity, *, absolute=False):
+def select_threshold(scores: ArrayLike, sparsity: float, *, absolute: bool = False) -> float:
     """The largest pruned score when ``round(sparsity * n)`` lowest scores go.
 
     Equals ``np.partition(scores.ravel(), k - 1)[k - 1]`` for ``k >= 1``;
