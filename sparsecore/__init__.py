@@ -15,22 +15,28 @@ from .importance import (
     magnitude,
     register_criterion,
 )
+from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
 from .prune import PruneResult, TensorSummary, prune
 from .selection import select_threshold, sparsity_mask, threshold_mask
 
 __all__ = [
+    "Bins",
     "Criterion",
     "GradientAccumulator",
+    "PairwiseMIAccumulator",
     "PruneResult",
     "TensorSummary",
+    "UnitMIAccumulator",
     "__version__",
     "check_csr",
     "csr_matmul",
+    "fit_bins",
     "get_criterion",
     "index_dtype",
     "list_criteria",
     "magnitude",
     "matrix_shape",
+    "pairwise_mi",
     "prune",
     "register_criterion",
     "select_threshold",
@@ -38,4 +44,5 @@ __all__ = [
     "threshold_mask",
     "to_csr",
     "to_dense",
+    "unit_mi",
 ]

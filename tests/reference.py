@@ -96,3 +96,32 @@ def norm(x, mode, kind):
     if kind == "l2":
         return np.sqrt((v * v).sum())
     return v.max() if v.size else 0.0
+
+
+def uniform_codes(acts, nbins):
+    """Equal-width codes per unit (units x samples), by the definition."""
+    a = np.asarray(acts, np.float64)
+    out = np.zeros((a.shape[1], a.shape[0]), np.int64)
+    for u in range(a.shape[1]):
+        lo, hi = a[:, u].min(), a[:, u].max()
+        width = (hi - lo) / nbins
+        if width > 0:
+            out[u] = np.clip(np.floor((a[:, u] - lo) / width), 0, nbins - 1)
+    return out
+
+
+def mi_counts(x, y, nx, ny):
+    """Joint counts of two code vectors by np.histogram2d."""
+    h, _, _ = np.histogram2d(x, y, bins=[np.arange(nx + 1) - 0.5, np.arange(ny + 1) - 0.5])
+    return h
+
+
+def mi_from_counts(h):
+    """MI in nats of a joint count table, straight from the definition."""
+    h = np.asarray(h, np.float64)
+    n = h.sum()
+    p = h / n
+    px = p.sum(axis=1, keepdims=True)
+    py = p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / (px @ py)[nz])).sum())

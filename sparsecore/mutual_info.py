@@ -1,0 +1,380 @@
+"""Histogram mutual information: I(X;Y) = sum p(x,y) log(p(x,y) / (p(x) p(y))).
+
+Activations are binned once into integer codes (equal-width or quantile bins
+per unit, edges reusable for later batches); joint counts are additive, so
+the accumulators take data batch by batch, merge across shards and save as
+plain dicts; MI comes from the counts at the end.
+
+Layouts: activations are (samples, units); convolution activations
+(samples, channels, H, W) are reduced per channel by ``reduce="mean"`` or
+``"max"`` first. Pairwise MI between a layer's inputs (``in`` units) and its
+outputs (``out`` units) is an (out, in) matrix, shaped like a PyTorch Linear
+weight; a Keras Dense kernel is (in, out), its transpose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ._kernels import cpu_mi, cpu_select
+from ._validate import as_float_array
+from .importance import Criterion, register_criterion
+
+__all__ = ["Bins", "PairwiseMIAccumulator", "UnitMIAccumulator", "fit_bins", "pairwise_mi", "unit_mi"]
+
+_STRATEGIES = ("uniform", "quantile")
+_RULES = ("sturges", "fd", "sqrt")
+_BASES = {"e": 1.0, "nats": 1.0, 2: 1.0 / math.log(2), "bits": 1.0 / math.log(2)}
+_MAX_BINS = 65535
+
+
+def _activations(acts, name, reduce=None):
+    """(samples, units) float array; conv (N, C, H, W) reduced per channel."""
+    a = as_float_array(acts, name, "activations")
+    if a.ndim == 4:
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"activations {name!r} have shape {a.shape} (samples, channels, H, W); "
+                             f"pass reduce='mean' or reduce='max' to get one value per channel")
+        a = a.mean(axis=(2, 3)) if reduce == "mean" else a.max(axis=(2, 3))
+    elif a.ndim == 1:
+        a = a[:, None]
+    elif a.ndim != 2:
+        raise ValueError(f"activations {name!r} must be (samples, units) or (samples, channels, H, W), "
+                         f"got shape {a.shape}")
+    if a.shape[0] < 2:
+        raise ValueError(f"activations {name!r} hold {a.shape[0]} sample(s); MI needs at least 2")
+    if a.size:
+        count, first = cpu_select.first_nonfinite(np.ascontiguousarray(a).reshape(-1))
+        if count:
+            s, u = divmod(int(first), a.shape[1])
+            raise ValueError(f"activations {name!r} hold {count} NaN or Inf value(s) "
+                             f"(first at sample {s}, unit {u})")
+    return a
+
+
+def _nbins(bins, a, name):
+    if isinstance(bins, str):
+        if bins not in _RULES:
+            raise ValueError(f"bins rule {bins!r} is unknown; valid: {list(_RULES)} or an integer >= 2")
+        n = a.shape[0]
+        if bins == "sturges":
+            k = math.ceil(math.log2(n)) + 1
+        elif bins == "sqrt":
+            k = math.ceil(math.sqrt(n))
+        else:  # Freedman-Diaconis per unit, the median over units
+            q75, q25 = np.percentile(a, [75, 25], axis=0)
+            width = 2.0 * (q75 - q25) / n ** (1 / 3)
+            span = a.max(axis=0) - a.min(axis=0)
+            ok = width > 0
+            k = int(np.median(np.ceil(span[ok] / width[ok]))) if ok.any() else 2
+        return int(min(max(k, 2), _MAX_BINS))
+    if isinstance(bins, (bool, np.bool_)) or not isinstance(bins, (int, np.integer)):
+        raise TypeError(f"bins for {name!r} must be an integer >= 2 or one of {list(_RULES)}, got {bins!r}")
+    if bins < 2:
+        raise ValueError(f"bins for {name!r} must be >= 2, got {bins}")
+    if bins > _MAX_BINS:
+        raise ValueError(f"bins for {name!r} must be <= {_MAX_BINS}, got {bins}")
+    return int(bins)
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Fitted bin edges of one layer's units, reusable for later batches.
+
+    Attributes
+    ----------
+    edges : ndarray, (units, nbins + 1)
+        Per-unit edges; the first and last are the fitted minimum and maximum.
+    nbins : int
+    strategy : {"uniform", "quantile"}
+    """
+
+    edges: np.ndarray
+    nbins: int
+    strategy: str
+
+    @property
+    def units(self):
+        return self.edges.shape[0]
+
+    def codes(self, acts: ArrayLike, name: str = "activations", reduce: str | None = None) -> np.ndarray:
+        """Integer codes of ``acts`` (samples, units), returned as (units, samples).
+
+        Values outside the fitted range go to the first or last bin.
+        """
+        a = _activations(acts, name, reduce)
+        if a.shape[1] != self.units:
+            raise ValueError(f"activations {name!r} have {a.shape[1]} units, the bins were fitted on {self.units}")
+        out = np.empty((self.units, a.shape[0]), np.uint8 if self.nbins <= 256 else np.uint16)
+        ac = np.ascontiguousarray(a)
+        if self.strategy == "uniform":
+            lo = self.edges[:, 0]
+            width = (self.edges[:, -1] - lo) / self.nbins
+            cpu_mi.uniform_codes(ac, lo, width, self.nbins, out)
+        else:
+            cpu_mi.edge_codes(ac, self.edges, self.nbins, out)
+        return out
+
+
+def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *, name: str = "activations",
+             reduce: str | None = None) -> Bins:
+    """Fit per-unit bin edges on activations (samples, units).
+
+    ``strategy="uniform"``: equal-width bins between each unit's minimum and
+    maximum (a constant unit puts every sample in bin 0: its MI is 0).
+    ``"quantile"``: equal-frequency bins from each unit's quantiles (equal
+    quantiles, from ties, merge bins). ``bins`` is an integer >= 2 or a rule:
+    ``"sturges"`` (ceil(log2 n) + 1), ``"sqrt"`` (ceil(sqrt n)), ``"fd"``
+    (Freedman-Diaconis, the median over units of range / (2 IQR n^(-1/3))).
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> b = sc.fit_bins(np.array([[0.0], [1.0], [2.0], [4.0]]), bins=2)
+    >>> b.edges
+    array([[0., 2., 4.]])
+    >>> b.codes(np.array([[0.5], [3.0]]))
+    array([[0, 1]], dtype=uint8)
+    """
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    a = _activations(acts, name, reduce)
+    k = _nbins(bins, a, name)
+    lo = a.min(axis=0).astype(np.float64)
+    hi = a.max(axis=0).astype(np.float64)
+    if strategy == "uniform":
+        edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
+        edges[:, -1] = hi
+    else:
+        edges = np.quantile(a.astype(np.float64), np.linspace(0, 1, k + 1), axis=0).T.copy()
+    return Bins(np.ascontiguousarray(edges), k, strategy)
+
+
+def _labels(labels, n, name):
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels for {name!r} must be one value per sample, got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"labels for {name!r} hold {y.shape[0]} values but the activations {n} samples")
+    if y.dtype.kind == "f":
+        if np.isnan(y).any():
+            raise ValueError(f"labels for {name!r} hold NaN (first at sample {int(np.argmax(np.isnan(y)))})")
+        raise TypeError(f"labels for {name!r} are floats ({y.dtype}); pass integer class ids, or "
+                        f"target='continuous' to bin a continuous target")
+    if y.dtype.kind not in "iub":
+        raise TypeError(f"labels for {name!r} have dtype {y.dtype}; pass integer class ids")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise ValueError(f"labels for {name!r} must be >= 0, got {int(y.min())} at sample {int(np.argmin(y))}")
+    return y
+
+
+def _finish(table, base, correction, normalized):
+    """MI (and marginal entropies) of stacked count tables -> MI array."""
+    res = np.empty((table.shape[0], 3))
+    cpu_mi.mi_from_counts(table, res, bool(correction))
+    mi = res[:, 0]
+    if normalized:
+        denom = 0.5 * (res[:, 1] + res[:, 2])
+        mi = np.where(denom > 0, mi / np.where(denom > 0, denom, 1.0), 0.0)
+        return mi
+    return mi * _BASES[base]
+
+
+def _check_opts(base, correction):
+    if base not in _BASES:
+        raise ValueError(f"base must be 'e' (nats) or 2 (bits), got {base!r}")
+    if correction not in (None, "miller-madow"):
+        raise ValueError(f"correction must be None or 'miller-madow', got {correction!r}")
+
+
+class UnitMIAccumulator:
+    """Streaming per-unit relevance I(a_u; y) against discrete labels.
+
+    Joint counts (units x bins x classes, int64) add up batch by batch with
+    the fixed ``bins``; :meth:`mi` turns them into MI.
+
+    Parameters
+    ----------
+    bins : Bins
+        Edges fitted on a first batch (:func:`fit_bins`).
+    n_classes : int
+        Labels are 0 .. n_classes - 1.
+    """
+
+    def __init__(self, bins: Bins, n_classes: int):
+        if not isinstance(bins, Bins):
+            raise TypeError(f"bins must be a Bins from fit_bins, got {type(bins).__name__}")
+        if int(n_classes) < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        self.bins = bins
+        self.n_classes = int(n_classes)
+        self.counts = np.zeros((bins.units, bins.nbins, self.n_classes), np.int64)
+
+    def update(self, acts: ArrayLike, labels: ArrayLike, *, reduce: str | None = None) -> "UnitMIAccumulator":
+        codes = self.bins.codes(acts, reduce=reduce)
+        y = _labels(labels, codes.shape[1], "activations")
+        if y.size and y.max() >= self.n_classes:
+            raise ValueError(f"label {int(y.max())} at sample {int(np.argmax(y))} is >= n_classes={self.n_classes}")
+        cpu_mi.unit_label_counts(codes, y, self.counts)
+        return self
+
+    def mi(self, base="e", correction=None, normalized=False) -> np.ndarray:
+        """MI per unit: nats (``base="e"``) or bits (``2``); ``correction=
+        "miller-madow"`` adds (m_x + m_y - m_xy - 1) / (2n) with m the
+        non-empty cells; ``normalized`` divides by the mean of the two
+        entropies (scikit-learn's arithmetic NMI), 0 where both are 0."""
+        _check_opts(base, correction)
+        return _finish(self.counts, base, correction, normalized)
+
+    def merge(self, other: "UnitMIAccumulator") -> "UnitMIAccumulator":
+        if self.counts.shape != other.counts.shape or not np.array_equal(self.bins.edges, other.bins.edges):
+            raise ValueError("can merge only accumulators with the same bins and classes")
+        self.counts += other.counts
+        return self
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.copy(), "edges": self.bins.edges.copy(),
+                "nbins": np.array(self.bins.nbins), "strategy": np.array(self.bins.strategy)}
+
+    @classmethod
+    def from_state_dict(cls, d) -> "UnitMIAccumulator":
+        bins = Bins(np.asarray(d["edges"], np.float64), int(d["nbins"]), str(d["strategy"]))
+        acc = cls(bins, np.asarray(d["counts"]).shape[2])
+        acc.counts[...] = d["counts"]
+        return acc
+
+
+class PairwiseMIAccumulator:
+    """Streaming pairwise MI I(a_in_j; a_out_i) between two layers.
+
+    The counts take ``out * in * nbins_out * nbins_in * 4`` bytes (int32);
+    a request above ``memory_limit`` bytes fails when the accumulator is
+    built. For MI alone, :func:`pairwise_mi` tiles and needs far less.
+    """
+
+    def __init__(self, bins_in: Bins, bins_out: Bins, memory_limit: int = 1 << 30):
+        for b in (bins_in, bins_out):
+            if not isinstance(b, Bins):
+                raise TypeError(f"bins must be Bins from fit_bins, got {type(b).__name__}")
+        need = bins_out.units * bins_in.units * bins_out.nbins * bins_in.nbins * 4
+        if need > memory_limit:
+            raise ValueError(f"pairwise counts for {bins_out.units} x {bins_in.units} units with "
+                             f"{bins_out.nbins} x {bins_in.nbins} bins need {need / 2**20:.1f} MiB, over "
+                             f"memory_limit={memory_limit / 2**20:.1f} MiB; use fewer bins, raise the limit, "
+                             f"or pairwise_mi() on the whole data (it tiles)")
+        self.bins_in = bins_in
+        self.bins_out = bins_out
+        self.counts = np.zeros((bins_out.units, bins_in.units, bins_out.nbins, bins_in.nbins), np.int32)
+        self.n = 0
+
+    def update(self, acts_in: ArrayLike, acts_out: ArrayLike, *, reduce: str | None = None):
+        ci = self.bins_in.codes(acts_in, "inputs", reduce)
+        co = self.bins_out.codes(acts_out, "outputs", reduce)
+        if ci.shape[1] != co.shape[1]:
+            raise ValueError(f"inputs hold {ci.shape[1]} samples but outputs {co.shape[1]}")
+        if self.n + ci.shape[1] > np.iinfo(np.int32).max:
+            raise ValueError("more than 2**31 - 1 samples would overflow the int32 pair counts")
+        cpu_mi.pair_counts(co, ci, self.bins_in.nbins, self.counts)
+        self.n += ci.shape[1]
+        return self
+
+    def mi(self, base="e", correction=None, normalized=False) -> np.ndarray:
+        """MI of every pair as an (out, in) matrix (options as UnitMIAccumulator.mi)."""
+        _check_opts(base, correction)
+        o, i, a, b = self.counts.shape
+        return _finish(self.counts.reshape(o * i, a, b), base, correction, normalized).reshape(o, i)
+
+    def merge(self, other: "PairwiseMIAccumulator") -> "PairwiseMIAccumulator":
+        if self.counts.shape != other.counts.shape:
+            raise ValueError("can merge only accumulators with the same bins")
+        self.counts += other.counts
+        self.n += other.n
+        return self
+
+    def state(self) -> dict:
+        """The state a weight-shaped criterion reads: ``{"mi": (out, in) MI}``."""
+        return {"mi": self.mi()}
+
+
+def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
+            target: str = "discrete", base="e", correction=None, normalized=False,
+            reduce: str | None = None) -> np.ndarray:
+    """Per-unit relevance I(a_u; y) of activations (samples, units).
+
+    ``target="discrete"``: ``labels`` are class ids >= 0. ``"continuous"``:
+    a float target binned with the same ``bins`` and ``strategy``.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    >>> a = np.stack([y * 1.0, np.zeros(8)], axis=1)   # unit 0 equals the label, unit 1 is constant
+    >>> np.round(sc.unit_mi(a, y, bins=2, base=2), 12)
+    array([1., 0.])
+    """
+    if target not in ("discrete", "continuous"):
+        raise ValueError(f"target must be 'discrete' or 'continuous', got {target!r}")
+    a = _activations(acts, "activations", reduce)
+    b = fit_bins(a, bins, strategy)
+    if target == "continuous":
+        t = as_float_array(labels, "target", "labels")
+        tb = fit_bins(t.reshape(-1, 1), bins, strategy, name="target")
+        y = tb.codes(t.reshape(-1, 1), "target")[0].astype(np.int64)
+        if y.shape[0] != a.shape[0]:
+            raise ValueError(f"target holds {y.shape[0]} values but the activations {a.shape[0]} samples")
+        k = tb.nbins
+    else:
+        y = _labels(labels, a.shape[0], "activations")
+        k = int(y.max()) + 1 if y.size else 1
+    acc = UnitMIAccumulator(b, k)
+    cpu_mi.unit_label_counts(b.codes(a), y, acc.counts)
+    return acc.mi(base, correction, normalized)
+
+
+def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
+                base="e", correction=None, normalized=False, reduce: str | None = None,
+                memory_limit: int = 256 << 20) -> np.ndarray:
+    """MI between every input unit and every output unit: (out, in).
+
+    Counts are formed a tile of output units at a time, within
+    ``memory_limit`` bytes (at least one output unit per tile).
+    """
+    _check_opts(base, correction)
+    ai = _activations(acts_in, "inputs", reduce)
+    ao = _activations(acts_out, "outputs", reduce)
+    if ai.shape[0] != ao.shape[0]:
+        raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
+    bi, bo = fit_bins(ai, bins, strategy, name="inputs"), fit_bins(ao, bins, strategy, name="outputs")
+    ci, co = bi.codes(ai, "inputs"), bo.codes(ao, "outputs")
+    per_out = bi.units * bi.nbins * bo.nbins * 4
+    tile = max(1, min(bo.units, memory_limit // max(per_out, 1)))
+    out = np.empty((bo.units, bi.units))
+    for o0 in range(0, bo.units, tile):
+        o1 = min(bo.units, o0 + tile)
+        counts = np.zeros((o1 - o0, bi.units, bo.nbins, bi.nbins), np.int32)
+        cpu_mi.pair_counts(co[o0:o1], ci, bi.nbins, counts)
+        out[o0:o1] = _finish(counts.reshape(-1, bo.nbins, bi.nbins), base, correction,
+                             normalized).reshape(o1 - o0, bi.units)
+    return out
+
+
+def _mi_criterion(weights, state):
+    if "mi" not in state:
+        raise ValueError("criterion 'mutual_info' needs state['mi'], the (out, in) pairwise MI matrix "
+                         "(PairwiseMIAccumulator.state())")
+    mi = np.asarray(state["mi"])
+    w = np.asarray(weights)
+    if mi.shape != w.shape:
+        if mi.T.shape == w.shape:  # a Keras (in, out) kernel
+            return mi.T.copy()
+        raise ValueError(f"pairwise MI of shape {mi.shape} does not fit weights of shape {w.shape}")
+    return mi.copy()
+
+
+register_criterion(Criterion("mutual_info", _mi_criterion, (),
+                             "pairwise MI between the units a weight connects (state['mi'])"))
