@@ -173,16 +173,33 @@ def _labels(labels, n, name):
     return y
 
 
-def _finish(table, base, correction, normalized):
-    """MI (and marginal entropies) of stacked count tables -> MI array."""
-    res = np.empty((table.shape[0], 3))
-    cpu_mi.mi_from_counts(table, res, bool(correction))
-    mi = res[:, 0]
+_TABLE_MAX = 1 << 22  # counts up to this use a table of k log k instead of log()
+
+
+def xlogx_table(n):
+    """k * log(k) for k = 0 .. min(n, 2**22)."""
+    k = np.arange(min(int(n), _TABLE_MAX) + 1, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(k > 0, k * np.log(k), 0.0)
+
+
+def _finish(mi, hx, hy, mx, my, mxy, n, base, correction, normalized):
+    """Corrected, normalised or converted MI from nats and its parts."""
+    if correction:
+        mi = mi + (mx + my - mxy - 1) / (2.0 * n)
     if normalized:
-        denom = 0.5 * (res[:, 1] + res[:, 2])
-        mi = np.where(denom > 0, mi / np.where(denom > 0, denom, 1.0), 0.0)
-        return mi
+        denom = 0.5 * (hx + hy)
+        return np.where(denom > 0, mi / np.where(denom > 0, denom, 1.0), 0.0)
     return mi * _BASES[base]
+
+
+def _mi_of_tables(counts, base, correction, normalized):
+    """MI of stacked joint count tables (tables x nx x ny)."""
+    n = int(counts[0].sum()) if counts.shape[0] else 0
+    res = np.empty((counts.shape[0], 6))
+    cpu_mi.mi_from_counts(counts, xlogx_table(n), res)
+    return _finish(res[:, 0], res[:, 1], res[:, 2], res[:, 3], res[:, 4], res[:, 5], max(n, 1),
+                   base, correction, normalized)
 
 
 def _check_opts(base, correction):
@@ -229,7 +246,7 @@ class UnitMIAccumulator:
         non-empty cells; ``normalized`` divides by the mean of the two
         entropies (scikit-learn's arithmetic NMI), 0 where both are 0."""
         _check_opts(base, correction)
-        return _finish(self.counts, base, correction, normalized)
+        return _mi_of_tables(self.counts, base, correction, normalized)
 
     def merge(self, other: "UnitMIAccumulator") -> "UnitMIAccumulator":
         if self.counts.shape != other.counts.shape or not np.array_equal(self.bins.edges, other.bins.edges):
@@ -287,7 +304,7 @@ class PairwiseMIAccumulator:
         """MI of every pair as an (out, in) matrix (options as UnitMIAccumulator.mi)."""
         _check_opts(base, correction)
         o, i, a, b = self.counts.shape
-        return _finish(self.counts.reshape(o * i, a, b), base, correction, normalized).reshape(o, i)
+        return _mi_of_tables(self.counts.reshape(o * i, a, b), base, correction, normalized).reshape(o, i)
 
     def merge(self, other: "PairwiseMIAccumulator") -> "PairwiseMIAccumulator":
         if self.counts.shape != other.counts.shape:
@@ -336,13 +353,32 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
     return acc.mi(base, correction, normalized)
 
 
-def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
-                base="e", correction=None, normalized=False, reduce: str | None = None,
-                memory_limit: int = 256 << 20) -> np.ndarray:
-    """MI between every input unit and every output unit: (out, in).
+def _marginals(codes, nbins, table, n):
+    """Per unit: sum of N_a log N_a over its bins, entropy (nats), non-empty bins."""
+    counts = np.stack([np.bincount(c, minlength=nbins) for c in codes]) if codes.shape[0] else \
+        np.zeros((0, nbins), np.int64)
+    sx = np.where(counts > 0, table[np.minimum(counts, table.size - 1)], 0.0).sum(axis=1)
+    big = counts >= table.size
+    if big.any():
+        sx = np.where(counts > 0, counts * np.log(np.maximum(counts, 1)), 0.0).sum(axis=1)
+    return sx, math.log(n) - sx / n, (counts > 0).sum(axis=1)
 
-    Counts are formed a tile of output units at a time, within
-    ``memory_limit`` bytes (at least one output unit per tile).
+
+def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
+                base="e", correction=None, normalized=False, reduce: str | None = None) -> np.ndarray:
+    """MI between every input unit and every output unit: an (out, in) matrix.
+
+    Each pair is counted and finished in a per-thread histogram, so the
+    extra memory is the codes (one byte per sample and unit for up to 256
+    bins) plus ``threads * bins**2`` counters, never the counts of all pairs
+    (for those, streamed batch by batch, see :class:`PairwiseMIAccumulator`).
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> x = np.array([[0.], [1.], [1.], [0.], [0.]]); y = np.array([[1.], [0.], [0.], [0.], [1.]])
+    >>> round(float(sc.pairwise_mi(x, y, bins=2)[0, 0]), 12)   # scikit-learn's reference value
+    0.291103166032
     """
     _check_opts(base, correction)
     ai = _activations(acts_in, "inputs", reduce)
@@ -351,16 +387,15 @@ def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, s
         raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
     bi, bo = fit_bins(ai, bins, strategy, name="inputs"), fit_bins(ao, bins, strategy, name="outputs")
     ci, co = bi.codes(ai, "inputs"), bo.codes(ao, "outputs")
-    per_out = bi.units * bi.nbins * bo.nbins * 4
-    tile = max(1, min(bo.units, memory_limit // max(per_out, 1)))
-    out = np.empty((bo.units, bi.units))
-    for o0 in range(0, bo.units, tile):
-        o1 = min(bo.units, o0 + tile)
-        counts = np.zeros((o1 - o0, bi.units, bo.nbins, bi.nbins), np.int32)
-        cpu_mi.pair_counts(co[o0:o1], ci, bi.nbins, counts)
-        out[o0:o1] = _finish(counts.reshape(-1, bo.nbins, bi.nbins), base, correction,
-                             normalized).reshape(o1 - o0, bi.units)
-    return out
+    n = ai.shape[0]
+    table = xlogx_table(n)
+    sx_i, h_i, m_i = _marginals(ci, bi.nbins, table, n)
+    sx_o, h_o, m_o = _marginals(co, bo.nbins, table, n)
+    mi = np.empty((bo.units, bi.units))
+    mxy = np.empty((bo.units, bi.units), np.int64)
+    cpu_mi.pair_mi(co, ci, bo.nbins, bi.nbins, table, sx_o, sx_i, n, mi, mxy)
+    return _finish(mi, h_o[:, None], h_i[None, :], m_o[:, None], m_i[None, :], mxy, n,
+                   base, correction, normalized)
 
 
 def _mi_criterion(weights, state):

@@ -72,56 +72,90 @@ def pair_counts(codes_out, codes_in, nb_in, counts):
                 h[np.uint64(row[s] + ci[s])] += 1
 
 
+@njit(inline="always", cache=True)
+def _xlogx(v, table):
+    """v * log(v) for a count v >= 0, from ``table`` when it reaches."""
+    if v < table.size:
+        return table[v]
+    return v * math.log(v) if v > 0 else 0.0
+
+
 @njit(parallel=True, cache=True)
-def mi_from_counts(counts, out, correction):
-    """MI in nats of each joint count table ``counts[t]`` (tables x nx x ny),
-    with the Miller-Madow correction when ``correction``. Also returns the
-    marginal entropies (for normalisation) in ``out[:, 1:3]``."""
+def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy):
+    """MI in nats of every pair (o, i), counted and finished pair by pair in
+    a per-thread histogram: memory O(threads x bins**2), never the counts of
+    all pairs. ``sx_*`` are the units' sums of N_a log N_a over their bins;
+    MI = log n + (sum_ab N_ab log N_ab - sx_out[o] - sx_in[i]) / n. ``mxy``
+    gets the number of non-empty joint cells (for Miller-Madow)."""
+    nout, nsamp = codes_out.shape
+    nin = codes_in.shape[0]
+    ncell = nb_out * nb_in
+    logn = math.log(n)
+    for o in prange(nout):
+        row = np.empty(nsamp, np.int64)
+        co = codes_out[o]
+        for s in range(nsamp):
+            row[s] = np.int64(co[s]) * nb_in
+        h = np.zeros(ncell, np.int64)
+        for i in range(nin):
+            ci = codes_in[i]
+            for s in range(nsamp):
+                h[np.uint64(row[s] + ci[s])] += 1
+            acc = 0.0
+            m = 0
+            for c in range(ncell):
+                v = h[c]
+                if v:
+                    acc += _xlogx(v, table)
+                    m += 1
+                    h[c] = 0
+            val = logn + (acc - sx_out[o] - sx_in[i]) / n
+            mi[o, i] = val if val > 0 else 0.0
+            mxy[o, i] = m
+
+
+@njit(parallel=True, cache=True)
+def mi_from_counts(counts, table, out):
+    """For each joint count table ``counts[t]`` (tables x nx x ny): MI in
+    nats, the two marginal entropies and the non-empty cells of X, Y and
+    (X, Y), into ``out[t, 0:6]``."""
     ntab, nx, ny = counts.shape
     for t in prange(ntab):
         h = counts[t]
-        n = 0.0
-        px = np.zeros(nx)
-        py = np.zeros(ny)
+        px = np.zeros(nx, np.int64)
+        py = np.zeros(ny, np.int64)
+        sxy = 0.0
         mxy = 0
         for a in range(nx):
             for b in range(ny):
-                v = np.float64(h[a, b])
+                v = np.int64(h[a, b])
                 if v > 0:
                     px[a] += v
                     py[b] += v
-                    n += v
+                    sxy += _xlogx(v, table)
                     mxy += 1
-        if n == 0:
-            out[t, 0] = 0.0
-            out[t, 1] = 0.0
-            out[t, 2] = 0.0
-            continue
-        mi = 0.0
-        for a in range(nx):
-            if px[a] == 0:
-                continue
-            for b in range(ny):
-                v = np.float64(h[a, b])
-                if v > 0:
-                    mi += v * math.log(v * n / (px[a] * py[b]))
-        mi /= n
-        hx = 0.0
+        n = 0
+        sx = 0.0
         mx = 0
         for a in range(nx):
             if px[a] > 0:
-                hx -= px[a] / n * math.log(px[a] / n)
+                n += px[a]
+                sx += _xlogx(px[a], table)
                 mx += 1
-        hy = 0.0
+        sy = 0.0
         my = 0
         for b in range(ny):
             if py[b] > 0:
-                hy -= py[b] / n * math.log(py[b] / n)
+                sy += _xlogx(py[b], table)
                 my += 1
-        if correction:
-            mi += (mx + my - mxy - 1) / (2.0 * n)
-        if mi < 0 and not correction:
-            mi = 0.0  # rounding below zero; MI is non-negative
-        out[t, 0] = mi
-        out[t, 1] = hx
-        out[t, 2] = hy
+        if n == 0:
+            out[t, :] = 0.0
+            continue
+        logn = math.log(n)
+        mi = logn + (sxy - sx - sy) / n
+        out[t, 0] = mi if mi > 0 else 0.0
+        out[t, 1] = logn - sx / n
+        out[t, 2] = logn - sy / n
+        out[t, 3] = mx
+        out[t, 4] = my
+        out[t, 5] = mxy
