@@ -109,6 +109,10 @@ class Bins:
         a = _activations(acts, name, reduce)
         if a.shape[1] != self.units:
             raise ValueError(f"activations {name!r} have {a.shape[1]} units, the bins were fitted on {self.units}")
+        return self._codes(a)
+
+    def _codes(self, a):
+        """Codes of validated (samples, units) activations."""
         out = np.empty((self.units, a.shape[0]), np.uint8 if self.nbins <= 256 else np.uint16)
         ac = np.ascontiguousarray(a)
         if self.strategy == "uniform":
@@ -142,10 +146,16 @@ def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *
     """
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
-    a = _activations(acts, name, reduce)
+    return _fit(_activations(acts, name, reduce), bins, strategy, name)
+
+
+def _fit(a, bins, strategy, name):
+    """fit_bins on validated (samples, units) activations."""
     k = _nbins(bins, a, name)
-    lo = a.min(axis=0).astype(np.float64)
-    hi = a.max(axis=0).astype(np.float64)
+    lo = np.empty(a.shape[1])
+    hi = np.empty(a.shape[1])
+    if a.shape[1]:
+        cpu_mi.column_min_max(np.ascontiguousarray(a), lo, hi)
     if strategy == "uniform":
         edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
         edges[:, -1] = hi
@@ -336,8 +346,10 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
     """
     if target not in ("discrete", "continuous"):
         raise ValueError(f"target must be 'discrete' or 'continuous', got {target!r}")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
     a = _activations(acts, "activations", reduce)
-    b = fit_bins(a, bins, strategy)
+    b = _fit(a, bins, strategy, "activations")
     if target == "continuous":
         t = as_float_array(labels, "target", "labels")
         tb = fit_bins(t.reshape(-1, 1), bins, strategy, name="target")
@@ -349,7 +361,7 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
         y = _labels(labels, a.shape[0], "activations")
         k = int(y.max()) + 1 if y.size else 1
     acc = UnitMIAccumulator(b, k)
-    cpu_mi.unit_label_counts(b.codes(a), y, acc.counts)
+    cpu_mi.unit_label_counts(b._codes(a), y, acc.counts)
     return acc.mi(base, correction, normalized)
 
 
@@ -385,8 +397,10 @@ def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, s
     ao = _activations(acts_out, "outputs", reduce)
     if ai.shape[0] != ao.shape[0]:
         raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
-    bi, bo = fit_bins(ai, bins, strategy, name="inputs"), fit_bins(ao, bins, strategy, name="outputs")
-    ci, co = bi.codes(ai, "inputs"), bo.codes(ao, "outputs")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    bi, bo = _fit(ai, bins, strategy, "inputs"), _fit(ao, bins, strategy, "outputs")
+    ci, co = bi._codes(ai), bo._codes(ao)
     n = ai.shape[0]
     table = xlogx_table(n)
     sx_i, h_i, m_i = _marginals(ci, bi.nbins, table, n)

@@ -5,29 +5,65 @@ import math
 import numpy as np
 from numba import njit, prange
 
+_SAMPLE_BLOCK = 64  # samples per block: reads whole rows, writes 64 codes per unit
+
+
+@njit(parallel=True, cache=True)
+def column_min_max(x, lo, hi):
+    """Per-column minimum and maximum of (samples, units) ``x`` into float64
+    ``lo`` and ``hi``; parallel over sample blocks, reading whole rows."""
+    nsamp, nunits = x.shape
+    nblocks = max(1, min(64, nsamp // 256))
+    part_lo = np.empty((nblocks, nunits))
+    part_hi = np.empty((nblocks, nunits))
+    for b in prange(nblocks):
+        s0 = b * nsamp // nblocks
+        s1 = (b + 1) * nsamp // nblocks
+        pl = part_lo[b]
+        ph = part_hi[b]
+        row = x[s0]
+        for u in range(nunits):
+            pl[u] = row[u]
+            ph[u] = row[u]
+        for s in range(s0 + 1, s1):
+            row = x[s]
+            for u in range(nunits):
+                v = np.float64(row[u])
+                pl[u] = min(pl[u], v)
+                ph[u] = max(ph[u], v)
+    for u in range(nunits):
+        lo[u] = part_lo[0, u]
+        hi[u] = part_hi[0, u]
+    for b in range(1, nblocks):
+        for u in range(nunits):
+            lo[u] = min(lo[u], part_lo[b, u])
+            hi[u] = max(hi[u], part_hi[b, u])
+
 
 @njit(parallel=True, cache=True)
 def uniform_codes(x, lo, width, nbins, out):
     """Equal-width codes: ``out[u, s]`` = bin of ``x[s, u]`` for unit u's
     ``lo[u]`` and bin ``width[u]`` (0 width: a constant unit, code 0).
-    Values outside the fitted range go to the first or last bin."""
+    Values outside the fitted range go to the first or last bin. Parallel
+    over blocks of samples, each reading whole rows of ``x``."""
     nsamp, nunits = x.shape
-    for u in prange(nunits):
-        o = out[u]
-        w = width[u]
-        base = lo[u]
-        if w <= 0:
-            o[:] = 0
-            continue
-        inv = 1.0 / w
-        top = nbins - 1
-        for s in range(nsamp):
-            c = math.floor((np.float64(x[s, u]) - base) * inv)
-            if c < 0:
-                c = 0
-            elif c > top:
-                c = top
-            o[s] = c
+    inv = np.empty(nunits)
+    for u in range(nunits):
+        inv[u] = 1.0 / width[u] if width[u] > 0 else 0.0
+    top = nbins - 1
+    nblocks = (nsamp + _SAMPLE_BLOCK - 1) // _SAMPLE_BLOCK
+    for b in prange(nblocks):
+        s0 = b * _SAMPLE_BLOCK
+        s1 = min(nsamp, s0 + _SAMPLE_BLOCK)
+        for s in range(s0, s1):
+            row = x[s]
+            for u in range(nunits):
+                c = math.floor((np.float64(row[u]) - lo[u]) * inv[u])
+                if c < 0:
+                    c = 0
+                elif c > top:
+                    c = top
+                out[u, s] = c
 
 
 @njit(parallel=True, cache=True)
