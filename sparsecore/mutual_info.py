@@ -327,6 +327,24 @@ class PairwiseMIAccumulator:
         """The state a weight-shaped criterion reads: ``{"mi": (out, in) MI}``."""
         return {"mi": self.mi()}
 
+    def state_dict(self) -> dict:
+        """A plain dict of arrays: the counts and both layers' bins."""
+        out = {"counts": self.counts.copy(), "n": np.array(self.n)}
+        for side, b in (("in", self.bins_in), ("out", self.bins_out)):
+            out[f"{side}_edges"] = b.edges.copy()
+            out[f"{side}_nbins"] = np.array(b.nbins)
+            out[f"{side}_strategy"] = np.array(b.strategy)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d, memory_limit: int = 1 << 30) -> "PairwiseMIAccumulator":
+        bins = {side: Bins(np.asarray(d[f"{side}_edges"], np.float64), int(d[f"{side}_nbins"]),
+                           str(d[f"{side}_strategy"])) for side in ("in", "out")}
+        acc = cls(bins["in"], bins["out"], memory_limit)
+        acc.counts[...] = d["counts"]
+        acc.n = int(d["n"])
+        return acc
+
 
 def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
             target: str = "discrete", base="e", correction=None, normalized=False,

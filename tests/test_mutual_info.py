@@ -77,6 +77,9 @@ def test_streaming_equals_one_batch_exactly(rng):
     merged = parts[0].merge(parts[1]).merge(parts[2])
     np.testing.assert_array_equal(merged.counts, whole.counts)
     np.testing.assert_array_equal(merged.mi(), whole.mi())
+    restored = sc.PairwiseMIAccumulator.from_state_dict(whole.state_dict())
+    np.testing.assert_array_equal(restored.mi(), whole.mi())
+    assert restored.n == 900
     np.testing.assert_allclose(whole.mi(), sc.pairwise_mi(a_in, a_out, bins=8), atol=1e-12)
     u_whole = sc.UnitMIAccumulator(bi, 3).update(a_in, labels)
     u_parts = sc.UnitMIAccumulator(bi, 3)
@@ -177,3 +180,19 @@ def test_mutual_info_criterion_in_prune(rng):
     np.testing.assert_array_equal(r.masks["fc"], ref.keep_mask_sparsity(acc.mi(), 12))
     rk = sc.prune({"k": w.T.copy()}, "mutual_info", state={"k": acc.state()}, sparsity=0.5)  # Keras (in, out)
     np.testing.assert_array_equal(rk.masks["k"], r.masks["fc"].T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 1), (3, 1), (2, 4), (17, 1), (5, 3)])
+def test_edge_shapes_against_reference(rng, dtype, shape):
+    a = rng.standard_normal(shape).astype(dtype)
+    y = rng.integers(0, 2, shape[0])
+    codes = ref.uniform_codes(a, 3)
+    np.testing.assert_allclose(sc.unit_mi(a, y, bins=3),
+                               [sklearn_metrics.mutual_info_score(codes[u], y) for u in range(shape[1])], atol=1e-12)
+    b = rng.standard_normal((shape[0], 2)).astype(dtype)
+    cb = ref.uniform_codes(b, 3)
+    got = sc.pairwise_mi(a, b, bins=3)
+    for o in range(2):
+        for i in range(shape[1]):
+            assert abs(got[o, i] - ref.mi_from_counts(ref.mi_counts(cb[o], codes[i], 3, 3))) < 1e-12
