@@ -12,13 +12,13 @@ exactly and in order). Both are returned as ``uint64``.
 
 A score is the stored value after a transform: ``MODE_IDENTITY``,
 ``MODE_ABS`` or ``MODE_SQUARE``, then multiplied by ``inv`` when ``scaled``
-(per-tensor normalisation). Everything a kernel needs comes in as arguments, or as the compile-time
-constants of a specialised kernel (``specialize``).
+(per-tensor normalisation). Everything a kernel needs comes in as arguments,
+or as the compile-time constants of a specialised kernel (``specialize``).
 """
 
-import numpy as np
 import math
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
@@ -30,10 +30,6 @@ MODE_SQUARE = 2
 _SIGN32 = np.uint64(0x80000000)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SIGN64 = np.uint64(1) << np.uint64(63)
-_ABS32 = np.uint64(0x7FFFFFFF)
-_INF32 = np.uint64(0x7F800000)
-_ABS64 = _SIGN64 - np.uint64(1)
-_INF64 = np.uint64(0x7FF0000000000000)
 
 
 @intrinsic
@@ -98,33 +94,6 @@ def key64_bits(b):
 
 
 @njit(inline="always", cache=True)
-def score_key(v, mode, inv, scaled, wide):
-    """Return ``(finite, key)`` of the score of a stored value ``v``.
-
-    Kernels call this with ``mode``, ``scaled`` and ``wide`` bound as
-    compile-time constants (see ``specialize``), so the branches fold away.
-    The narrow path works on the float32 bit pattern with integer operations.
-    """
-    if wide:
-        d = np.float64(v)
-        if mode == MODE_ABS:
-            d = abs(d)
-        elif mode == MODE_SQUARE:
-            d = d * d
-        if scaled:
-            d = d * inv
-        b = _bits(d)
-        return (b & _ABS64) < _INF64, key64_bits(b)
-    f = np.float32(v)
-    if mode == MODE_SQUARE:
-        f = f * f
-    b = np.uint64(_bits(f))
-    if mode == MODE_ABS:
-        b = b & _ABS32
-    return (b & _ABS32) < _INF32, key32_bits(b)
-
-
-@njit(inline="always", cache=True)
 def score_value(v, mode, inv, scaled, wide):
     """Return ``(finite, score)``: the transformed value itself, float64 when
     ``wide`` else float32. For finite scores, comparing these values orders
@@ -145,6 +114,19 @@ def score_value(v, mode, inv, scaled, wide):
     elif mode == MODE_SQUARE:
         f = f * f
     return math.isfinite(f), f
+
+
+@njit(inline="always", cache=True)
+def score_key(v, mode, inv, scaled, wide):
+    """Return ``(finite, key)`` of the score of a stored value ``v``.
+
+    Kernels call this with ``mode``, ``scaled`` and ``wide`` bound as
+    compile-time constants (see ``specialize``), so the branches fold away.
+    """
+    ok, x = score_value(v, mode, inv, scaled, wide)
+    if wide:
+        return ok, key64_bits(_bits(x))
+    return ok, key32_bits(np.uint64(_bits(x)))
 
 
 def cut_value(key, wide):
