@@ -56,14 +56,15 @@ def uniform_codes(x, lo, width, nbins, out):
         s0 = b * _SAMPLE_BLOCK
         s1 = min(nsamp, s0 + _SAMPLE_BLOCK)
         for s in range(s0, s1):
-            row = x[s]
+            us = np.uint64(s)  # unsigned: no negative-index wraparound in the hot loop
+            row = x[us]
             for u in range(nunits):
                 c = math.floor((np.float64(row[u]) - lo[u]) * inv[u])
                 if c < 0:
                     c = 0
                 elif c > top:
                     c = top
-                out[u, s] = c
+                out[u, us] = c
 
 
 @njit(parallel=True, cache=True)
@@ -86,7 +87,7 @@ def unit_label_counts(codes, labels, counts):
         c = codes[u]
         h = counts[u]
         for s in range(nsamp):
-            h[c[s], labels[s]] += 1
+            h[c[s], np.uint64(labels[s])] += 1
 
 
 @njit(parallel=True, cache=True)
