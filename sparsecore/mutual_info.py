@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -379,7 +380,13 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
         y = _labels(labels, a.shape[0], "activations")
         k = int(y.max()) + 1 if y.size else 1
     acc = UnitMIAccumulator(b, k)
-    cpu_mi.unit_label_counts(b._codes(a), y, acc.counts)
+    if b.strategy == "uniform":  # counted block by block from the activations: no codes array
+        parts = np.zeros((max(1, min(numba.get_num_threads(), a.shape[0] // 1024)),) + acc.counts.shape, np.int64)
+        lo = b.edges[:, 0]
+        cpu_mi.uniform_label_counts(np.ascontiguousarray(a), lo, (b.edges[:, -1] - lo) / b.nbins, b.nbins, y, parts)
+        parts.sum(axis=0, out=acc.counts)
+    else:
+        cpu_mi.unit_label_counts(b._codes(a), y, acc.counts)
     return acc.mi(base, correction, normalized)
 
 

@@ -6,6 +6,8 @@ import numpy as np
 from numba import njit, prange
 
 _SAMPLE_BLOCK = 64  # samples per block: reads whole rows, writes 64 codes per unit
+_COUNT_BLOCK = 256  # samples per block of uniform_label_counts: codes in L2, counters hot
+
 
 
 @njit(parallel=True, cache=True)
@@ -40,31 +42,70 @@ def column_min_max(x, lo, hi):
             hi[u] = max(hi[u], part_hi[b, u])
 
 
+@njit(cache=True)
+def _inverse_widths(width):
+    inv = np.empty(width.size)
+    for u in range(width.size):
+        inv[u] = 1.0 / width[u] if width[u] > 0 else 0.0
+    return inv
+
+
+@njit(inline="always", cache=True)
+def _block_codes(x, s0, m, lo, inv, topf, tmp):
+    """Equal-width codes of samples s0 .. s0+m-1 into ``tmp[u, j]``.
+
+    Reads whole rows (a loop over units that vectorises); clamping before the
+    truncation gives floor-then-clip: values outside the fitted range go to
+    the first or last bin."""
+    for j in range(m):
+        row = x[np.uint64(s0 + j)]
+        for u in range(row.size):
+            v = (np.float64(row[u]) - lo[u]) * inv[u]
+            tmp[u, j] = min(max(v, 0.0), topf)
+
+
 @njit(parallel=True, cache=True)
 def uniform_codes(x, lo, width, nbins, out):
     """Equal-width codes: ``out[u, s]`` = bin of ``x[s, u]`` for unit u's
     ``lo[u]`` and bin ``width[u]`` (0 width: a constant unit, code 0).
-    Values outside the fitted range go to the first or last bin. Parallel
-    over blocks of samples, each reading whole rows of ``x``."""
+    Parallel over blocks of samples."""
     nsamp, nunits = x.shape
-    inv = np.empty(nunits)
-    for u in range(nunits):
-        inv[u] = 1.0 / width[u] if width[u] > 0 else 0.0
-    top = nbins - 1
+    inv = _inverse_widths(width)
+    topf = np.float64(nbins - 1)
     nblocks = (nsamp + _SAMPLE_BLOCK - 1) // _SAMPLE_BLOCK
     for b in prange(nblocks):
         s0 = b * _SAMPLE_BLOCK
-        s1 = min(nsamp, s0 + _SAMPLE_BLOCK)
-        for s in range(s0, s1):
-            us = np.uint64(s)  # unsigned: no negative-index wraparound in the hot loop
-            row = x[us]
+        m = min(nsamp, s0 + _SAMPLE_BLOCK) - s0
+        tmp = np.empty((nunits, _SAMPLE_BLOCK), out.dtype)
+        _block_codes(x, s0, m, lo, inv, topf, tmp)
+        for u in range(nunits):
+            out[u, s0:s0 + m] = tmp[u, :m]
+
+
+@njit(parallel=True, cache=True)
+def uniform_label_counts(x, lo, width, nbins, labels, parts):
+    """Per-unit joint counts against labels straight from the activations
+    (equal-width bins, the codes of :func:`uniform_codes`), one block of
+    samples at a time, never forming all codes: ``parts[c]`` (units x nbins x
+    classes) gets chunk c's samples; the caller adds the chunks."""
+    nsamp, nunits = x.shape
+    nchunks = parts.shape[0]
+    inv = _inverse_widths(width)
+    topf = np.float64(nbins - 1)
+    for c in prange(nchunks):
+        h = parts[c]
+        tmp = np.empty((nunits, _COUNT_BLOCK), np.uint16)
+        a0 = c * nsamp // nchunks
+        a1 = (c + 1) * nsamp // nchunks
+        for b0 in range(a0, a1, _COUNT_BLOCK):
+            m = min(a1, b0 + _COUNT_BLOCK) - b0
+            _block_codes(x, b0, m, lo, inv, topf, tmp)
+            lab = labels[b0:b0 + m]
             for u in range(nunits):
-                c = math.floor((np.float64(row[u]) - lo[u]) * inv[u])
-                if c < 0:
-                    c = 0
-                elif c > top:
-                    c = top
-                out[u, us] = c
+                hu = h[u]
+                t = tmp[u]
+                for j in range(m):
+                    hu[t[j], np.uint64(lab[j])] += 1
 
 
 @njit(parallel=True, cache=True)
