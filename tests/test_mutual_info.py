@@ -2,6 +2,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import sparsecore as sc
 
@@ -196,3 +199,22 @@ def test_edge_shapes_against_reference(rng, dtype, shape):
     for o in range(2):
         for i in range(shape[1]):
             assert abs(got[o, i] - ref.mi_from_counts(ref.mi_counts(cb[o], codes[i], 3, 3))) < 1e-12
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=40),
+                       elements=st.floats(-100, 100)),
+       nbins=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_properties_bounds_symmetry_and_oracle(data, nbins, seed):
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, data.shape[0])
+    mi = sc.unit_mi(data, y, bins=nbins)
+    codes = ref.uniform_codes(data, nbins)
+    hy = sklearn_metrics.mutual_info_score(y, y)
+    for u in range(data.shape[1]):
+        hx = sklearn_metrics.mutual_info_score(codes[u], codes[u])
+        assert 0.0 <= mi[u] <= min(hx, hy) + 1e-12
+        assert abs(mi[u] - sklearn_metrics.mutual_info_score(codes[u], y)) < 1e-12
+    other = r.standard_normal((data.shape[0], 2))
+    np.testing.assert_allclose(sc.pairwise_mi(data, other, bins=nbins), sc.pairwise_mi(other, data, bins=nbins).T,
+                               atol=1e-12)
