@@ -13,7 +13,7 @@ from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from ._validate import as_float_array, check_fraction, check_threshold, flat, per_name
 from .csr import build_csr, matrix_shape, to_dense
 from .importance import GradientAccumulator, get_criterion
-from .selection import _NORMS, Source, norm_inverse, select_rules, threshold_rule
+from .selection import _NORMS, Source, norm_inverse, scores_source, select_rules, threshold_rule
 
 __all__ = ["PruneResult", "TensorSummary", "prune"]
 
@@ -110,10 +110,11 @@ def _sources(weights, names, scores, state, normalize, for_selection):
             if n not in scores:
                 raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor "
                                  f"or list it in ignore=")
-            s = as_float_array(scores[n], n, "scores")
-            if s.shape != warrs[n].shape:
-                raise ValueError(f"scores {n!r} have shape {s.shape} but weights {n!r} have shape {warrs[n].shape}")
-            srcs.append(Source(n, flat(s), s.shape, MODE_IDENTITY, original=s))
+            src = scores_source(scores[n], n)
+            if src.shape != warrs[n].shape:
+                raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape "
+                                 f"{warrs[n].shape}")
+            srcs.append(src)
     else:
         crit = get_criterion(scores)
         mode = getattr(crit, "mode", None)

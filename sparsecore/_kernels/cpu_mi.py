@@ -82,6 +82,13 @@ def uniform_codes(x, lo, width, nbins, out):
             out[u, s0:s0 + m] = tmp[u, :m]
 
 
+@njit(inline="always", cache=True)
+def _add_label_counts(h, codes, labels):
+    """``h[code, label] += 1`` for one unit's codes and the samples' labels."""
+    for j in range(codes.size):
+        h[codes[j], np.uint64(labels[j])] += 1
+
+
 @njit(parallel=True, cache=True)
 def uniform_label_counts(x, lo, width, nbins, labels, parts):
     """Per-unit joint counts against labels straight from the activations
@@ -102,10 +109,7 @@ def uniform_label_counts(x, lo, width, nbins, labels, parts):
             _block_codes(x, b0, m, lo, inv, topf, tmp)
             lab = labels[b0:b0 + m]
             for u in range(nunits):
-                hu = h[u]
-                t = tmp[u]
-                for j in range(m):
-                    hu[t[j], np.uint64(lab[j])] += 1
+                _add_label_counts(h[u], tmp[u, :m], lab)
 
 
 @njit(parallel=True, cache=True)
@@ -123,12 +127,8 @@ def edge_codes(x, edges, nbins, out):
 @njit(parallel=True, cache=True)
 def unit_label_counts(codes, labels, counts):
     """``counts[u, code, label] += 1`` over all samples; codes (units x samples)."""
-    nunits, nsamp = codes.shape
-    for u in prange(nunits):
-        c = codes[u]
-        h = counts[u]
-        for s in range(nsamp):
-            h[c[s], np.uint64(labels[s])] += 1
+    for u in prange(codes.shape[0]):
+        _add_label_counts(counts[u], codes[u], labels)
 
 
 @njit(parallel=True, cache=True)
