@@ -1,8 +1,10 @@
 """sparsecore: a framework-agnostic neural-network pruning engine.
 
-Importance (magnitude, gradient statistics, user criteria) -> selection
-(threshold, exact sparsity, local or global with caps) -> canonical CSR
-weights and the kernels that run them, on raw NumPy arrays.
+Importance (magnitude, gradient statistics, mutual information, user
+criteria) -> selection (threshold, exact sparsity, local or global with caps;
+unstructured, N:M, blocks or whole units; gradual schedules) -> canonical CSR
+weights, the kernels that run them, and smaller dense layers, on raw NumPy
+arrays.
 """
 
 from ._version import __version__
@@ -16,33 +18,52 @@ from .importance import (
     register_criterion,
 )
 from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
+from .patterns import NM, Blocks, NMCompact, Units, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
+from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
+from .shrink import Layer, shrink
 from .selection import select_threshold, sparsity_mask, threshold_mask
 
 __all__ = [
     "Bins",
+    "Blocks",
+    "ConstantSparsity",
     "Criterion",
     "GradientAccumulator",
+    "GradualPruner",
+    "Layer",
+    "NM",
+    "NMCompact",
     "PairwiseMIAccumulator",
+    "PolynomialDecay",
     "PruneResult",
+    "PruningHistory",
+    "PruningStep",
     "TensorSummary",
     "UnitMIAccumulator",
+    "Units",
     "__version__",
+    "block_scores",
     "check_csr",
     "csr_matmul",
     "fit_bins",
     "get_criterion",
     "index_dtype",
+    "is_n_m",
     "list_criteria",
     "magnitude",
     "matrix_shape",
+    "nm_mask",
     "pairwise_mi",
     "prune",
     "register_criterion",
     "select_threshold",
+    "shrink",
     "sparsity_mask",
     "threshold_mask",
+    "to_bsr",
     "to_csr",
     "to_dense",
     "unit_mi",
+    "unit_scores",
 ]

@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat, per_name
 from .csr import build_csr, matrix_shape, to_dense
 from .importance import GradientAccumulator, get_criterion
-from .selection import _NORMS, Source, norm_inverse, scores_source, select_rules, threshold_rule
+from .patterns import (
+    NM,
+    Blocks,
+    Units,
+    as_pattern,
+    block_source_scores,
+    expand_blocks,
+    group_source,
+    nm_source_mask,
+    unit_mask,
+    unit_source_scores,
+)
+from .selection import (
+    _NORMS,
+    Rule,
+    Source,
+    _mask_nseg,
+    apply_rule,
+    norm_inverse,
+    scores_source,
+    select_rules,
+    threshold_rule,
+)
 
 __all__ = ["PruneResult", "TensorSummary", "prune"]
 
@@ -52,6 +73,10 @@ class PruneResult:
         One line per pruned tensor, in the input order.
     ignored : list of str
         Names left alone by ``ignore=``.
+    groups : dict name -> ndarray of bool
+        For a :class:`Blocks` or :class:`Units` pattern, the keep-mask of the
+        blocks ``(ceil(R / r), ceil(C / c))`` or of the units (1-D) of each
+        tensor; empty otherwise.
     """
 
     csr: dict
@@ -59,6 +84,7 @@ class PruneResult:
     shapes: dict
     summary: list
     ignored: list
+    groups: dict = field(default_factory=dict)
 
     def dense(self, name):
         """The pruned weight ``name`` as a dense array of its own shape."""
@@ -71,7 +97,7 @@ class PruneResult:
         tot = [0, 0, 0, 0, 0]
         for s in self.summary:
             ratio = s.csr_bytes / s.dense_bytes if s.dense_bytes else 0.0
-            lines.append(f"{s.name:<24} {str(s.shape):<16} {s.nnz:>10} {s.sparsity:>9.2%} "
+            lines.append(f"{s.name:<24} {s.shape!s:<16} {s.nnz:>10} {s.sparsity:>9.2%} "
                          f"{s.dense_bytes:>12} {s.csr_bytes:>12} {ratio:>6.2f}")
             for i, v in enumerate((s.size, s.pruned, s.nnz, s.dense_bytes, s.csr_bytes)):
                 tot[i] += v
@@ -96,8 +122,12 @@ def _state_for(state, name):
     raise TypeError(f"state must be a GradientAccumulator or a mapping name -> dict, got {type(state).__name__}")
 
 
-def _sources(weights, names, scores, state, normalize, for_selection):
-    """One :class:`Source` per tensor, and the weights as float arrays."""
+def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=None):
+    """One :class:`Source` per tensor, and the weights as float arrays.
+
+    With ``unit_axis`` (a :class:`Units` pattern), a score array may also be
+    1-D with one score per unit.
+    """
     warrs = {n: as_float_array(weights[n], n, "weights") for n in names}
     srcs = []
     if scores is None:
@@ -111,7 +141,11 @@ def _sources(weights, names, scores, state, normalize, for_selection):
                 raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor "
                                  f"or list it in ignore=")
             src = scores_source(scores[n], n)
-            if src.shape != warrs[n].shape:
+            wshape = warrs[n].shape
+            if (unit_axis is not None and len(src.shape) == 1 and len(wshape) > 1
+                    and -len(wshape) <= unit_axis < len(wshape) and src.shape[0] == wshape[unit_axis]):
+                src.role = "unit scores"  # one score per unit, used as given
+            elif src.shape != wshape:
                 raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape "
                                  f"{warrs[n].shape}")
             srcs.append(src)
@@ -133,18 +167,57 @@ def _sources(weights, names, scores, state, normalize, for_selection):
                 raise ValueError(f"criterion {cname!r} returned scores of shape {s.shape} for weights "
                                  f"{n!r} of shape {w.shape}")
             srcs.append(Source(n, flat(s), s.shape, MODE_IDENTITY, original=s))
+    return warrs, srcs
+
+
+def _normalise(srcs, normalize):
     for src in srcs:
         inv = norm_inverse(src, normalize)
         if _NORMS[normalize]:
             src.inv, src.scaled = inv, True
-    return warrs, srcs
+
+
+# Score given to entries that current masks have already pruned: below every
+# finite score, so that a selection takes them first. Real scores at or below
+# it (|s| ~ 1.8e308) are lifted one ulp above.
+_PRUNED = -np.finfo(np.float64).max
+
+
+def _materialise(src, pruned):
+    """A copy of ``src``'s transformed scores with ``pruned`` entries lowest."""
+    x = src.data.astype(np.float64)
+    if src.mode == MODE_ABS:
+        np.abs(x, out=x)
+    elif src.mode == MODE_SQUARE:
+        np.multiply(x, x, out=x)
+    if src.scaled:
+        x *= src.inv
+    np.maximum(x, np.nextafter(_PRUNED, 0.0), out=x)
+    x[pruned] = _PRUNED
+    return Source(src.name, x, src.shape, MODE_IDENTITY, role=src.role, original=src.original)
+
+
+def _mask_of(src, rule):
+    mask, _ = apply_rule(src.data, src, rule, _mask_nseg(src.size), want_mask=True)
+    return mask
+
+
+def _group_all_kept(mask, shape, pattern, name):
+    """Per block or unit: whether the current element mask keeps all of it."""
+    m = Source(name, flat(mask).astype(np.float32), tuple(shape), MODE_IDENTITY, role="mask")
+    if isinstance(pattern, Blocks):
+        pooled = block_source_scores(m, Blocks(pattern.shape, "mean"))
+    else:
+        pooled = unit_source_scores(m, Units(pattern.axis, "mean"))
+    return pooled.reshape(-1) == 1.0
 
 
 def prune(weights: Mapping[str, ArrayLike], scores=None, *,
           sparsity: float | Mapping[str, float] | None = None,
           threshold: float | Mapping[str, float] | None = None, scope: str = "local", state=None,
           min_sparsity: float | Mapping[str, float] = 0.0, max_sparsity: float | Mapping[str, float] = 1.0,
-          normalize: str = "none", ignore: Iterable[str] = ()) -> PruneResult:
+          normalize: str = "none", ignore: Iterable[str] = (), pattern=None,
+          masks: Mapping[str, ArrayLike] | None = None) -> PruneResult:
     """Prune a set of weights and return CSR weights, masks and a summary.
 
     Parameters
@@ -155,13 +228,15 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         Importance. ``None`` is magnitude ``|w|``; a registered criterion
         name (see :func:`list_criteria`) or a callable ``(weights, state) ->
         scores`` is evaluated per tensor with ``state``; a mapping gives the
-        scores directly.
+        scores directly (with a :class:`Units` pattern, also one score per
+        unit, e.g. per-unit mutual information).
     sparsity : float or mapping name -> float, optional
         Fraction to prune: exactly ``round(sparsity * n)`` entries per tensor
-        (local), or ``round(sparsity * N)`` of all N entries (global).
+        (local), or ``round(sparsity * N)`` of all N entries (global). With a
+        :class:`Blocks` or :class:`Units` pattern, n counts blocks or units.
     threshold : float or mapping name -> float, optional
         Prune where the (normalised) score is below it. Exactly one of
-        ``sparsity`` and ``threshold``.
+        ``sparsity`` and ``threshold``, or neither for an N:M pattern.
     scope : {"local", "global"}
         Global selection ranks all tensors' scores together with one exact
         threshold.
@@ -171,10 +246,19 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         Per-tensor caps, so that no layer collapses (global scope and
         thresholds; a local sparsity is exact by definition).
     normalize : {"none", "l1", "l2", "max"}
-        Divide each tensor's scores by their norm before comparing across
-        tensors (raw scores of different layers are not comparable).
+        Divide each tensor's scores (block or unit scores under a pattern) by
+        their norm before comparing across tensors (raw scores of different
+        layers are not comparable).
     ignore : iterable of str
         Names left unpruned; they are listed in ``result.ignored``.
+    pattern : None, "N:M", NM, Blocks or Units
+        Unstructured (None), N:M semi-structured, blocks, or whole units;
+        see :mod:`sparsecore.patterns`.
+    masks : mapping name -> array of bool, optional
+        Current keep-masks (iterative pruning): entries they prune stay
+        pruned and are counted first, so the new masks are subsets of them.
+        A sparsity is still a fraction of the whole tensor, not of what is
+        left (``torch.nn.utils.prune`` counts the other way).
 
     Returns
     -------
@@ -186,7 +270,9 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         Non-float arrays, a wrong kind of argument.
     ValueError
         NaN/Inf, shape or name mismatches, fractions outside [0, 1], NaN
-        thresholds, caps that make the target impossible, unknown options.
+        thresholds, caps that make the target impossible, unknown options,
+        a pattern that does not fit a tensor, a sparsity below what
+        ``masks`` already prune.
 
     Notes
     -----
@@ -204,6 +290,10 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     24
     >>> r.csr["fc1"].shape
     (8, 4)
+    >>> sc.prune(w, pattern="2:4").masks["fc2"].sum(axis=1)
+    array([4, 4])
+    >>> sc.prune(w, pattern=sc.Units(), sparsity=0.25).groups["fc1"]
+    array([False,  True,  True,  True,  True,  True,  True, False])
     """
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}; "
@@ -212,7 +302,12 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
     if normalize not in _NORMS:
         raise ValueError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
-    if (sparsity is None) == (threshold is None):
+    pattern = as_pattern(pattern)
+    if isinstance(pattern, NM):
+        if sparsity is not None or threshold is not None:
+            raise ValueError(f"an N:M pattern fixes the sparsity at 1 - {pattern.n}/{pattern.m}; "
+                             f"give neither sparsity= nor threshold=")
+    elif (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity= and threshold=")
     if isinstance(ignore, str):
         ignore = (ignore,)
@@ -224,8 +319,20 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     for n in names:
         if not isinstance(n, str):
             raise TypeError(f"tensor names must be strings, got {n!r}")
+    old = _check_masks(masks, weights, names)
 
-    warrs, srcs = _sources(weights, names, scores, state, normalize, sparsity is not None)
+    unit_axis = pattern.axis if isinstance(pattern, Units) else None
+    warrs, srcs = _sources(weights, names, scores, state, normalize,
+                           sparsity is not None and pattern is None and old is None, unit_axis)
+    groups = {}
+    if isinstance(pattern, (Blocks, Units)):
+        srcs = [_group_scores(src, warrs[src.name], pattern) for src in srcs]
+    if not isinstance(pattern, NM):
+        _normalise(srcs, normalize)
+    if old is not None and not isinstance(pattern, NM):
+        srcs = [_materialise(src, _pruned_groups(old[src.name], warrs[src.name].shape, pattern, src.name))
+                for src in srcs]
+
     sizes = np.array([s.size for s in srcs], np.int64)
     lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
     hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
@@ -234,8 +341,17 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
             raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
     lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
     hi_c = np.array([round(hi[n] * s) for n, s in zip(names, sizes)], np.int64)
+    if isinstance(pattern, Units):
+        hi_c = np.minimum(hi_c, np.maximum(sizes - pattern.min_keep, 0))
+        lo_c = np.minimum(lo_c, hi_c)
+    if old is not None and not isinstance(pattern, NM):
+        done = np.array([int(np.count_nonzero(src.data == _PRUNED)) for src in srcs], np.int64)
+        _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern)
+        lo_c = np.maximum(lo_c, done)
 
-    if sparsity is not None:
+    if isinstance(pattern, NM):
+        rules = [None] * len(srcs)
+    elif sparsity is not None:
         if scope == "global":
             if isinstance(sparsity, Mapping):
                 raise TypeError("a global sparsity is one number; per-tensor targets need scope='local'")
@@ -248,28 +364,122 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
             rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c) if srcs else []
         else:
             sp_t = per_name(sparsity, names, "sparsity", check_fraction)
-            rules = select_rules(srcs, counts=[round(sp_t[n] * s) for n, s in zip(names, sizes)])
+            counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
+            if isinstance(pattern, Units) or old is not None:
+                counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
+            rules = select_rules(srcs, counts=counts)
     else:
         th = per_name(threshold, names, "threshold", check_threshold)
         rules = [threshold_rule(src, th[src.name]) for src in srcs]
 
-    csr, masks, shapes, summary = {}, {}, {}, []
+    csr, out_masks, shapes, summary = {}, {}, {}, []
     for src, rule, lo_t, hi_t in zip(srcs, rules, lo_c, hi_c):
         n = src.name
         w = warrs[n]
         mshape = matrix_shape(w.shape)
         wf = flat(w)
-        a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=n, weights_original=w)
-        pruned = int(mask.size - np.count_nonzero(mask))
-        if threshold is not None and not (lo_t <= pruned <= hi_t):
-            # A cap binds: prune exactly the capped count of this tensor's lowest scores.
-            (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
+        if pattern is None and old is None:
             a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=n, weights_original=w)
             pruned = int(mask.size - np.count_nonzero(mask))
+            if threshold is not None and not (lo_t <= pruned <= hi_t):
+                # A cap binds: prune exactly the capped count of this tensor's lowest scores.
+                (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
+                a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=n, weights_original=w)
+        else:
+            if isinstance(pattern, NM):
+                mask = nm_source_mask(src, pattern.n, pattern.m, pattern.axis)
+            else:
+                keep = _mask_of(src, rule)
+                pruned = int(keep.size - np.count_nonzero(keep))
+                if threshold is not None and not (lo_t <= pruned <= hi_t):
+                    (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
+                    keep = _mask_of(src, rule)
+                mask = flat(_expand(keep, w.shape, pattern))
+                if pattern is not None:
+                    groups[n] = keep.reshape(src.shape)
+            if old is not None:
+                mask &= flat(old[n])
+            mask_src = Source(n, mask.view(np.uint8), w.shape, MODE_IDENTITY, role="mask")
+            a, _ = build_csr(wf, mshape, mask_src, Rule(key_of(0.5, False), 0, False), weights_name=n, weights_original=w)
+        pruned = int(mask.size - np.count_nonzero(mask))
         csr[n] = a
-        masks[n] = mask.reshape(w.shape)
+        out_masks[n] = mask.reshape(w.shape)
         shapes[n] = w.shape
         summary.append(TensorSummary(
             n, tuple(w.shape), int(w.size), pruned, int(a.nnz), int(w.size * w.dtype.itemsize),
             int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
-    return PruneResult(csr, masks, shapes, summary, ignore)
+    return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
+
+
+def _check_masks(masks, weights, names):
+    if masks is None:
+        return None
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping name -> bool array, got {type(masks).__name__}")
+    unknown = [k for k in masks if k not in weights]
+    if unknown:
+        raise ValueError(f"masks name unknown tensors {unknown}; weights have {list(weights)}")
+    out = {}
+    for n in names:
+        shape = np.shape(weights[n])
+        if n not in masks:
+            out[n] = np.ones(shape, np.bool_)
+            continue
+        m = np.asarray(masks[n])
+        if m.dtype != np.bool_:
+            raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
+        if m.shape != shape:
+            raise ValueError(f"mask {n!r} has shape {m.shape} but weights {n!r} have shape {shape}")
+        out[n] = m
+    return out
+
+
+def _group_scores(src, w, pattern):
+    """The block or unit scores of one tensor as a :class:`Source`."""
+    if src.role == "unit scores":
+        return group_source(src.name, src.data, src.shape, src.original)
+    if isinstance(pattern, Blocks):
+        pooled = block_source_scores(src, pattern)
+        return group_source(src.name, pooled, pooled.shape)
+    units = unit_source_scores(src, pattern)
+    return group_source(src.name, units, units.shape)
+
+
+def _pruned_groups(mask, shape, pattern, name):
+    """Flat indices of the entries, blocks or units that ``mask`` prunes."""
+    if pattern is None:
+        return np.flatnonzero(~mask)
+    return np.flatnonzero(~_group_all_kept(mask, shape, pattern, name))
+
+
+def _expand(keep, shape, pattern):
+    if pattern is None:
+        return keep
+    if isinstance(pattern, Blocks):
+        R, C = matrix_shape(shape)
+        r, c = pattern.shape
+        return expand_blocks(keep.reshape(-(-R // r), -(-C // c)), shape, pattern.shape)
+    return unit_mask(keep, shape, pattern.axis)
+
+
+def _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern):
+    """Current masks only grow: refuse targets and caps below what they prune."""
+    what = {None: "entries", Blocks: "blocks", Units: "units"}[type(pattern) if pattern is not None else None]
+    for n, d, size, h in zip(names, done, sizes, hi_c):
+        if d > h:
+            raise ValueError(f"masks already prune {d} of {size} {what} of {n!r}, more than the "
+                             f"{int(h)} that max_sparsity (or min_keep) allows; masks only grow")
+    if sparsity is None:
+        return
+    if scope == "global":
+        if not isinstance(sparsity, Mapping) and round(float(sparsity) * int(sizes.sum())) < int(done.sum()):
+            raise ValueError(f"masks already prune {int(done.sum())} of {int(sizes.sum())} {what}, more than "
+                             f"global sparsity {sparsity}; a sparsity counts the whole tensors and "
+                             f"masks only grow")
+        return
+    for n, d, size in zip(names, done, sizes):
+        sp_n = sparsity[n] if isinstance(sparsity, Mapping) else sparsity
+        if isinstance(sp_n, (int, float, np.integer, np.floating)) and round(float(sp_n) * int(size)) < d:
+            raise ValueError(f"masks already prune {d} of {size} {what} of {n!r} "
+                             f"({d / size:.4g}), more than sparsity {sp_n}; a sparsity counts the "
+                             f"whole tensor and masks only grow")
