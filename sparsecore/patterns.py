@@ -330,8 +330,9 @@ class NMCompact:
             if keep.dtype != np.bool_ or keep.shape != w.shape:
                 raise ValueError(f"mask for {name!r} must be bool of shape {w.shape}, got {keep.dtype} "
                                  f"{keep.shape}")
-        wt = np.moveaxis(w, axis, -1).reshape(-1, L // m, m)
-        kt = np.moveaxis(keep, axis, -1).reshape(-1, L // m, m)
+        rows = w.size // L if L else math.prod(w.shape[:axis] + w.shape[axis + 1:])
+        wt = np.moveaxis(w, axis, -1).reshape(rows, L // m, m)
+        kt = np.moveaxis(keep, axis, -1).reshape(rows, L // m, m)
         per = kt.sum(axis=2)
         if per.size and per.max() > n:
             g = np.unravel_index(int(np.argmax(per)), per.shape)

@@ -125,3 +125,78 @@ def mi_from_counts(h):
     py = p.sum(axis=0, keepdims=True)
     nz = p > 0
     return float((p[nz] * np.log(p[nz] / (px @ py)[nz])).sum())
+
+
+def nm_keep(scores, n, m, axis):
+    """Keep the n highest of each m consecutive entries along ``axis``
+    (ties: the lower index is pruned first), group by group."""
+    s = np.moveaxis(np.asarray(scores, np.float64), axis, -1)
+    keep = np.ones(s.shape, bool)
+    for idx in np.ndindex(s.shape[:-1]):
+        row = s[idx]
+        for g in range(0, row.size, m):
+            drop = np.argsort(row[g:g + m], kind="stable")[: m - n]
+            keep[idx + (g + drop,)] = False
+    return np.moveaxis(keep, -1, axis)
+
+
+def block_pool(scores2d, r, c, pool):
+    """Pooled block scores, block by block, over the entries present."""
+    s = np.asarray(scores2d, np.float64)
+    R, C = s.shape
+    out = np.zeros((-(-R // r), -(-C // c)))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            b = s[i * r:(i + 1) * r, j * c:(j + 1) * c]
+            out[i, j] = {"mean": b.mean, "max": b.max, "l2": lambda: np.sqrt((b * b).sum())}[pool]()
+    return out
+
+
+def unit_reduce(scores, axis, reduce):
+    """Per-unit reduction of the slices along ``axis``."""
+    s = np.moveaxis(np.asarray(scores, np.float64), axis, 0).reshape(np.shape(scores)[axis], -1)
+    f = {"l1": lambda v: np.abs(v).sum(), "l2": lambda v: np.sqrt((v * v).sum()),
+         "mean": lambda v: v.mean() if v.size else 0.0, "max": lambda v: v.max() if v.size else -np.inf}[reduce]
+    return np.array([f(row) for row in s])
+
+
+def dense_forward(x, layers, act=lambda z: np.maximum(z, 0.0), unit_masks=None):
+    """An MLP by the definition: x @ W.T + b (layout 'oi') or x @ W + b ('io'),
+    batch norm in inference form, ReLU between layers; removed units output 0."""
+    h = np.asarray(x, np.float64)
+    names = list(layers)
+    for k, name in enumerate(names):
+        lay = layers[name]
+        w = np.asarray(lay.weight, np.float64)
+        h = h @ (w.T if lay.layout == "oi" else w)
+        if lay.bias is not None:
+            h = h + lay.bias
+        h = batch_norm(h, lay.bn, axis=-1)
+        if k < len(names) - 1:
+            h = act(h)
+        if unit_masks is not None and name in unit_masks:
+            h = h * unit_masks[name]
+    return h
+
+
+def batch_norm(h, bn, axis):
+    if not bn:
+        return h
+    shape = [1] * h.ndim
+    shape[axis] = -1
+    g, b, mu, var = (np.asarray(bn[k], np.float64).reshape(shape) for k in ("gamma", "beta", "mean", "var"))
+    return (h - mu) / np.sqrt(var + 1e-5) * g + b
+
+
+def conv2d_nchw(x, w_oihw, bias):
+    """'Valid' cross-correlation of NCHW input with OIHW filters, loop over the kernel."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w_oihw, np.float64)
+    n, _, H, W = x.shape
+    o, _, kh, kw = w.shape
+    out = np.zeros((n, o, H - kh + 1, W - kw + 1))
+    for p in range(kh):
+        for q in range(kw):
+            patch = x[:, :, p:p + H - kh + 1, q:q + W - kw + 1]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, p, q])
+    return out + np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
