@@ -344,6 +344,93 @@ def bench_mi(repeat):
           f"(inputs 2 x 39 MiB), {max(int(m1) - int(m0), 0) / 1024:.0f} MiB above the process before the call")
 
 
+def bench_patterns(n, repeat):
+    header(f"Structured patterns on a {n} x {n} float32 weight (magnitude scores)")
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((n, n), dtype=np.float32)
+    out = {}
+
+    def ours_nm():
+        out["ours"] = sc.nm_mask(w, 2, 4, absolute=True)
+
+    def numpy_nm():
+        g = np.abs(w).reshape(-1, 4)
+        order = np.argsort(g, axis=1, kind="stable")
+        mask = np.ones(g.shape, bool)
+        np.put_along_axis(mask, order[:, :2], False, axis=1)
+        out["np"] = mask.reshape(w.shape)
+
+    res = timeit([ours_nm, numpy_nm], repeat)
+    assert np.array_equal(out["ours"], out["np"])
+    report("2:4 mask (nm_mask)", res[0], "np.abs + argsort + put_along_axis", res[1], 10, "same mask")
+
+    nb = n // 4
+    k = round(0.5 * nb * nb)
+
+    def ours_block():
+        out["ours"] = sc.block_mask(w, (4, 4), "mean", sparsity=0.5, absolute=True)
+
+    def numpy_block():
+        pooled = np.abs(w).reshape(nb, 4, nb, 4).mean(axis=(1, 3))
+        keep = np.ones(nb * nb, bool)
+        keep[np.argpartition(pooled.ravel(), k - 1)[:k]] = False
+        out["np"] = np.repeat(np.repeat(keep.reshape(nb, nb), 4, axis=0), 4, axis=1)
+
+    res = timeit([ours_block, numpy_block], repeat)
+    assert np.array_equal(out["ours"], out["np"])
+    report("4x4 blocks, mean, 50% (block_mask)", res[0], "reshape-mean + argpartition + repeat", res[1], 10,
+           "same mask")
+
+    def ours_block_csr():
+        out["ours"] = sc.prune({"w": w}, sparsity=0.5, pattern=sc.Blocks((4, 4))).csr["w"]
+
+    def numpy_block_csr():
+        numpy_block()
+        out["np"] = sp.csr_array(np.where(out["np"], w, 0))
+
+    res = timeit([ours_block_csr, numpy_block_csr], repeat)
+    assert (out["ours"] != out["np"]).nnz == 0
+    report("4x4 blocks 50% -> CSR (prune)", res[0], "NumPy mask + np.where + csr_array", res[1], None,
+           "same CSR")
+
+
+def bench_units(n, repeat):
+    header(f"Neuron selection and shrink of a 4-layer MLP of width {n} (float32)")
+    rng = np.random.default_rng(5)
+    sizes = [n, n, n, n, 10]
+    chain = {f"fc{i}": sc.Layer(rng.standard_normal((b, a), dtype=np.float32), np.zeros(b, np.float32))
+             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+    hidden = ["fc0", "fc1", "fc2"]
+    out = {}
+
+    def ours():
+        keep = {k: sc.sparsity_mask(sc.unit_scores(chain[k].weight, reduce="l2"), 0.5) for k in hidden}
+        out["ours"] = sc.shrink(chain, keep)
+
+    def numpy_ref():
+        res, prev = {}, None
+        for k, lay in chain.items():
+            w = lay.weight
+            if k in hidden:
+                scores = np.sqrt((w.astype(np.float64) ** 2).sum(axis=1))
+                keep = np.ones(w.shape[0], bool)
+                keep[np.argsort(scores, kind="stable")[: round(0.5 * w.shape[0])]] = False
+                idx = np.flatnonzero(keep)
+            else:
+                idx = None
+            nw = w if idx is None else w[idx]
+            nw = nw if prev is None else nw[:, prev]
+            res[k] = (nw, lay.bias if idx is None else lay.bias[idx])
+            prev = idx
+        out["np"] = res
+
+    res = timeit([ours, numpy_ref], repeat, inner=1)
+    for k in chain:
+        assert np.array_equal(out["ours"][k].weight, out["np"][k][0])
+    report("unit L2 scores + 50% per layer + shrink", res[0], "NumPy norms + argsort + fancy indexing", res[1],
+           None, "same arrays")
+
+
 def bench_startup():
     header("Start-up: a small prune() in a fresh process (import + run), first call vs cached")
     code = ("import time, numpy as np; t=time.perf_counter(); import sparsecore as sc; "
@@ -364,7 +451,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--only", nargs="*", help="cases: accumulate threshold global csr matmul mi startup")
+    ap.add_argument("--only", nargs="*", help="cases: accumulate threshold global csr matmul mi patterns units startup")
     args = ap.parse_args()
     try:
         import torch
@@ -376,7 +463,8 @@ def main():
     print(f"sparsecore {sc.__version__}, numba {numba.__version__} with {numba.get_num_threads()} threads, "
           f"numpy {np.__version__}, scipy {sp.__name__ and __import__('scipy').__version__}"
           + (f", torch {torch.__version__} with {torch.get_num_threads()} threads" if torch else ""))
-    cases = args.only or ["accumulate", "threshold", "global", "csr", "matmul", "mi", "startup"]
+    cases = args.only or ["accumulate", "threshold", "global", "csr", "matmul", "mi", "patterns", "units",
+                          "startup"]
     if "accumulate" in cases:
         bench_accumulate(big, 8 if args.quick else 32, rep, torch)
     if "threshold" in cases:
@@ -389,6 +477,10 @@ def main():
         bench_matmul(rep, torch)
     if "mi" in cases:
         bench_mi(rep)
+    if "patterns" in cases:
+        bench_patterns(2048 if args.quick else 4096, rep)
+    if "units" in cases:
+        bench_units(1024 if args.quick else 4096, rep)
     if "startup" in cases:
         bench_startup()
     if args.json:

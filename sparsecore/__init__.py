@@ -18,7 +18,7 @@ from .importance import (
     register_criterion,
 )
 from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
-from .patterns import NM, Blocks, NMCompact, Units, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
+from .patterns import NM, Blocks, NMCompact, Units, block_mask, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
 from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
 from .shrink import Layer, shrink
@@ -43,6 +43,7 @@ __all__ = [
     "UnitMIAccumulator",
     "Units",
     "__version__",
+    "block_mask",
     "block_scores",
     "check_csr",
     "csr_matmul",

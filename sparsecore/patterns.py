@@ -31,17 +31,18 @@ import math
 import re
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
 from ._kernels import cpu_pattern
 from ._kernels.keys import MODE_IDENTITY, MODE_SQUARE
-from ._validate import as_float_array, flat, nonfinite_error
+from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
 from .csr import index_dtype, matrix_shape
-from .selection import Source, scores_source
+from .selection import Source, _mask_from, _select_one, scores_source, threshold_rule
 
-__all__ = ["NM", "Blocks", "NMCompact", "Units", "block_scores", "is_n_m", "nm_mask", "to_bsr", "unit_scores"]
+__all__ = ["NM", "Blocks", "NMCompact", "Units", "block_mask", "block_scores", "is_n_m", "nm_mask", "to_bsr", "unit_scores"]
 
 _POOLS = {"mean": cpu_pattern.POOL_MEAN, "max": cpu_pattern.POOL_MAX, "l2": cpu_pattern.POOL_L2}
 _REDUCE = {"mean": cpu_pattern.POOL_MEAN, "max": cpu_pattern.POOL_MAX, "l2": cpu_pattern.POOL_L2,
@@ -193,9 +194,14 @@ def nm_source_mask(src, n, m, axis):
     """Flat keep-mask of a :class:`Source` under ``n:m`` along ``axis``."""
     axis, A, L, B = _nm_view(src.shape, n, m, axis, src.name)
     keep = np.empty(src.size, np.bool_)
-    bad = np.zeros(max(A, 1), np.int64)
-    if src.size:
-        cpu_pattern.nm_keep(src.mode, src.needs_wide(), False)(src.data, A, L, B, n, m, keep, bad)
+    if B == 1 and m <= cpu_pattern.NM_UNROLL_MAX:  # contiguous groups
+        bad = np.zeros(max(1, min(4 * numba.get_num_threads(), src.size // (1 << 14))), np.int64)
+        if src.size:
+            cpu_pattern.nm_keep_rows(src.mode, src.needs_wide(), n, m)(src.data, keep, bad)
+    else:
+        bad = np.zeros(max(A, 1), np.int64)
+        if src.size:
+            cpu_pattern.nm_keep(src.mode, src.needs_wide(), False)(src.data, A, L, B, n, m, keep, bad)
     if bad.any():
         count, first = _first_bad(src)
         _raise_bad(src, count, first)
@@ -369,7 +375,7 @@ def _pool_source(src, shape2, block, pool):
     bad = np.zeros(out.shape[0], np.int64)
     first = np.zeros(out.shape[0], np.int64)
     if out.size:
-        cpu_pattern.block_pool(src.mode, src.needs_wide(), False)(src.data, R, C, r, c, _POOLS[pool], out, bad, first)
+        cpu_pattern.block_pool(src.mode, src.needs_wide(), _POOLS[pool], c)(src.data, R, C, r, c, out, bad, first)
     if bad.any():
         _raise_bad(src, bad.sum(), first[bad > 0].min())
     return out
@@ -418,6 +424,51 @@ def block_scores(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, absolut
     """
     b = Blocks(block, pool)
     return block_source_scores(scores_source(scores, absolute=absolute), b)
+
+
+def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity: float | None = None,
+               threshold: float | None = None, absolute: bool = False) -> np.ndarray:
+    """Keep-mask that prunes whole ``(r, c)`` blocks of the 2-D view.
+
+    Exactly ``round(sparsity * nblocks)`` blocks with the lowest pooled
+    scores are pruned (ties: lower block index, row-major, first), or the
+    blocks whose pooled score is below ``threshold``. Give exactly one.
+
+    Parameters
+    ----------
+    scores : array_like of float
+        Element importance, shaped like the weight.
+    block : (int, int)
+        Block shape in the 2-D view ``(shape[0], prod(shape[1:]))``; trailing
+        partial blocks pool the entries present and go whole like the rest.
+    pool : {"mean", "max", "l2"}
+    sparsity, threshold : float
+    absolute : bool
+        Pool ``|scores|``.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shaped like ``scores``.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> s = np.array([[1.0, 1.0, 5.0, 5.0], [1.0, 1.0, 5.0, 5.0]])
+    >>> sc.block_mask(s, (2, 2), sparsity=0.5).astype(int)
+    array([[0, 0, 1, 1],
+           [0, 0, 1, 1]])
+    """
+    if (sparsity is None) == (threshold is None):
+        raise ValueError("block_mask: give exactly one of sparsity= and threshold=")
+    b = Blocks(block, pool)
+    src = scores_source(scores, absolute=absolute)
+    pooled = block_source_scores(src, b)
+    gsrc = group_source(src.name, pooled, pooled.shape)
+    if sparsity is not None:
+        rule = _select_one(gsrc, round(check_fraction(sparsity, "block scores") * gsrc.size))
+    else:
+        rule = threshold_rule(gsrc, check_threshold(threshold, "block scores"))
+    return expand_blocks(_mask_from(gsrc, rule), src.shape, b.shape)
 
 
 def expand_blocks(keep_blocks, shape, block):

@@ -324,3 +324,21 @@ def test_masks_input_checks():
         sc.prune(w, sparsity=0.5, masks={"a": np.ones(3, bool)})
     with pytest.raises(ValueError, match="unknown tensors"):
         sc.prune(w, sparsity=0.5, masks={"z": np.ones(3, bool)})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 8), (9, 10), (3, 4, 5)])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_block_mask_matches_reference_and_prune(rng, dtype, shape, kind):
+    s = make(rng, shape, dtype, kind)
+    R, C = sc.matrix_shape(shape)
+    pooled = ref.block_pool(np.abs(s).reshape(R, C), 2, 2, "l2")
+    keep_b = ref.keep_mask_sparsity(pooled, round(0.4 * pooled.size))
+    want = np.kron(keep_b, np.ones((2, 2), bool))[:R, :C].reshape(shape)
+    got = sc.block_mask(s, (2, 2), "l2", sparsity=0.4, absolute=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(sc.prune({"w": s}, sparsity=0.4, pattern=sc.Blocks((2, 2), "l2")).masks["w"], want)
+    np.testing.assert_array_equal(sc.block_mask(s, (2, 2), "l2", threshold=1.0, absolute=True),
+                                  np.kron(pooled >= 1.0, np.ones((2, 2), bool))[:R, :C].reshape(shape))
+    with pytest.raises(ValueError, match="exactly one of"):
+        sc.block_mask(s, (2, 2))

@@ -51,6 +51,49 @@ def nm_keep(mode, wide, scaled):
     return kernel
 
 
+_NM_VARIANTS = {}
+# Largest M whose contiguous kernel is unrolled (M * M compares per group).
+NM_UNROLL_MAX = 16
+
+
+def nm_keep_rows(mode, wide, n, m):
+    """Keep-mask of ``n`` of every ``m`` consecutive entries of a flat array
+    (groups contiguous: the grouped axis is the last one). ``n`` and ``m``
+    are compile-time constants, so the rank loops unroll and the group
+    stays in registers. Specialised on ``(mode, wide, n, m)``."""
+    key = (int(mode), bool(wide), int(n), int(m))
+    if key not in _NM_VARIANTS:
+        _NM_VARIANTS[key] = _nm_rows_factory(*key)
+    return _NM_VARIANTS[key]
+
+
+def _nm_rows_factory(mode, wide, n, m):
+    @njit(parallel=True, cache=True)
+    def kernel(s, keep, bad):
+        ngroups = s.size // m
+        nchunks = bad.size
+        for c in prange(nchunks):
+            lo = c * ngroups // nchunks
+            hi = (c + 1) * ngroups // nchunks
+            nbad = 0
+            for g in range(lo, hi):
+                base = np.uint64(g * m)
+                for i in range(m):
+                    oki, vi = score_value(s[base + np.uint64(i)], mode, 1.0, False, wide)
+                    nbad += not oki
+                    beats = 0
+                    for j in range(m):
+                        okj, vj = score_value(s[base + np.uint64(j)], mode, 1.0, False, wide)
+                        if j > i:
+                            beats += vj >= vi
+                        elif j < i:
+                            beats += vj > vi
+                    keep[base + np.uint64(i)] = beats < n
+            bad[c] = nbad
+
+    return kernel
+
+
 @njit(parallel=True, cache=True)
 def nm_group_counts(w, A, L, B, m, counts):
     """Number of non-zero entries in each N:M group; ``counts`` is
@@ -67,55 +110,95 @@ def nm_group_counts(w, A, L, B, m, counts):
                 counts[a, g, b] = c
 
 
-@specialize
-def block_pool(mode, wide, scaled):
+_POOL_VARIANTS = {}
+
+
+@njit(inline="always", cache=True)
+def _pool_term(v, pool):
+    """A score's term in a pooled sum (or max), in float64."""
+    d = np.float64(v)
+    if pool == 2:
+        return d * d
+    if pool == 3:
+        return abs(d)
+    return d
+
+
+def block_pool(mode, wide, pool, c):
     """Pool the scores of an ``(R, C)`` matrix over ``(r, c)`` blocks.
 
+    Per block row, the ``r`` rows are first folded column by column into
+    one row of per-column sums (or maxima), a contiguous loop that
+    vectorises; each block then reduces its ``c`` columns of that row.
     Trailing partial blocks pool the entries present: the mean divides by
-    their count, the max and the L2 norm use them alone.
+    their count, the max and the L2 norm use them alone. Specialised on
+    ``(mode, wide, pool)`` and on block widths ``c <= 16`` (unrolled).
     """
+    key = (int(mode), bool(wide), int(pool), int(c) if c <= 16 else 0)
+    if key not in _POOL_VARIANTS:
+        _POOL_VARIANTS[key] = _block_pool_factory(*key)
+    return _POOL_VARIANTS[key]
 
+
+def _block_pool_factory(mode, wide, pool, cc):
     @njit(parallel=True, cache=True)
-    def kernel(s, R, C, r, c, pool, out, bad, first_bad):
+    def kernel(s, R, C, r, c_arg, out, bad, first_bad):
+        c = cc if cc > 0 else c_arg
         nbr, nbc = out.shape
         for br in prange(nbr):
-            acc = np.zeros(nbc, np.float64)
-            if pool == 1:
-                acc[:] = -np.inf
+            acc = np.full(C, -np.inf if pool == 1 else 0.0)
             r0 = br * r
             r1 = min(r0 + r, R)
             nbad = 0
             fb = R * C
             for i in range(r0, r1):
-                row = i * C
-                for bc in range(nbc):
-                    c0 = bc * c
-                    c1 = min(c0 + c, C)
-                    t = acc[bc]
-                    for j in range(c0, c1):
-                        ok, v = score_value(s[np.uint64(row + j)], mode, 1.0, scaled, wide)
+                row = s[i * C:(i + 1) * C]
+                nrow = 0
+                if pool == 1:
+                    for j in range(C):
+                        ok, v = score_value(row[np.uint64(j)], mode, 1.0, False, wide)
+                        nrow += not ok
+                        acc[np.uint64(j)] = max(acc[np.uint64(j)], np.float64(v))
+                else:
+                    for j in range(C):
+                        ok, v = score_value(row[np.uint64(j)], mode, 1.0, False, wide)
+                        nrow += not ok
+                        acc[np.uint64(j)] += _pool_term(v, pool)
+                if nrow and not nbad:
+                    for j in range(C):
+                        ok, v = score_value(row[np.uint64(j)], mode, 1.0, False, wide)
                         if not ok:
-                            if nbad == 0:
-                                fb = row + j
-                            nbad += 1
-                        d = np.float64(v)
-                        if pool == 1:
-                            t = max(t, d)
-                        elif pool == 2:
-                            t += d * d
-                        elif pool == 3:
-                            t += abs(d)
-                        else:
-                            t += d
-                    acc[bc] = t
-            rows = r1 - r0
-            for bc in range(nbc):
-                t = acc[bc]
+                            fb = i * C + j
+                            break
+                nbad += nrow
+            full = C // c  # blocks of c columns; then at most one partial block
+            scale = 1.0 / ((r1 - r0) * c)
+            for bc in range(full):
+                c0 = np.uint64(bc * c)
+                t = acc[c0]
+                for j in range(1, c):
+                    if pool == 1:
+                        t = max(t, acc[c0 + np.uint64(j)])
+                    else:
+                        t += acc[c0 + np.uint64(j)]
                 if pool == 0:
-                    t /= rows * (min(bc * c + c, C) - bc * c)
+                    t *= scale
                 elif pool == 2:
                     t = np.sqrt(t)
                 out[br, bc] = t
+            if full < nbc:
+                c0 = full * c
+                t = acc[c0]
+                for j in range(c0 + 1, C):
+                    if pool == 1:
+                        t = max(t, acc[j])
+                    else:
+                        t += acc[j]
+                if pool == 0:
+                    t /= (r1 - r0) * (C - c0)
+                elif pool == 2:
+                    t = np.sqrt(t)
+                out[br, full] = t
             bad[br] = nbad
             first_bad[br] = fb
 
@@ -124,12 +207,21 @@ def block_pool(mode, wide, scaled):
 
 @njit(parallel=True, cache=True)
 def block_expand(keep_blocks, R, C, r, c, mask):
-    """Element keep-mask (flat, ``R * C``) of a block keep-mask."""
-    for i in prange(R):
-        kb = keep_blocks[i // r]
-        row = i * C
-        for j in range(C):
-            mask[np.uint64(row + j)] = kb[j // c]
+    """Element keep-mask (flat, ``R * C``) of a block keep-mask: one row per
+    block row is spelled out, then copied into the block row's ``r`` rows."""
+    nbr = keep_blocks.shape[0]
+    for br in prange(nbr):
+        kb = keep_blocks[br]
+        r0 = br * r
+        first = mask[r0 * C:(r0 + 1) * C]
+        for bc in range(kb.size):
+            v = kb[bc]
+            for j in range(bc * c, min(bc * c + c, C)):
+                first[np.uint64(j)] = v
+        for i in range(r0 + 1, min(r0 + r, R)):
+            row = mask[i * C:(i + 1) * C]
+            for j in range(C):
+                row[np.uint64(j)] = first[np.uint64(j)]
 
 
 @specialize
