@@ -342,3 +342,15 @@ def test_block_mask_matches_reference_and_prune(rng, dtype, shape, kind):
                                   np.kron(pooled >= 1.0, np.ones((2, 2), bool))[:R, :C].reshape(shape))
     with pytest.raises(ValueError, match="exactly one of"):
         sc.block_mask(s, (2, 2))
+
+
+def test_units_from_unit_mutual_information(rng):
+    """Per-unit MI of a layer's activations against the labels picks its neurons."""
+    y = rng.integers(0, 3, 600)
+    acts = rng.standard_normal((600, 6))
+    acts[:, 1] += 3.0 * y  # units 1 and 4 carry the label
+    acts[:, 4] -= 2.0 * y
+    mi = sc.unit_mi(acts, y, bins=8)
+    w = {"fc1": rng.standard_normal((6, 5))}
+    r = sc.prune(w, {"fc1": mi}, sparsity=4 / 6, pattern=sc.Units())
+    np.testing.assert_array_equal(np.flatnonzero(r.groups["fc1"]), [1, 4])

@@ -15,3 +15,20 @@ def test_readme_example_runs():
     res = scope["result"]
     assert sum(s.pruned for s in res.summary) == round(0.9 * (256 * 784 + 10 * 256))
     assert scope["y"].shape == (256,) and scope["mask"].dtype == np.bool_
+
+
+def test_readme_structured_example_runs(tmp_path, monkeypatch):
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["small"]["fc1"].weight.shape == (48, 32) and scope["small"]["fc2"].weight.shape == (10, 48)
+    assert scope["compact"].values.shape == (64, 16)
+    assert scope["bsr"].blocksize == (4, 4)
+    masks = scope["pruner"].masks
+    assert abs(1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values()) - 0.8) < 1e-3
+    import sparsecore as sc
+
+    back = sc.PruningHistory.load(tmp_path / "history.npz").masks()
+    assert all(np.array_equal(back[k], masks[k]) for k in masks)
