@@ -116,3 +116,34 @@ def main(sparsity=0.9, seed=0, out=print):
     out(f"done in {time.perf_counter() - t0:.1f} s (the first run also compiles the kernels; later runs use the cache)")
     return {"dense": acc_dense, "pruned": acc_pruned, "tuned": acc_tuned, "csr": acc_csr,
             "summary": final.summary}
+
+
+DEFAULT_SEED = 0
+
+
+def default_model_path():
+    """The embedded default model: the demo MLP trained with seed 0, as safetensors."""
+    import importlib.resources as res
+
+    return str(res.files("sparsecore") / "data" / "mlp-64-128-10.safetensors")
+
+
+def build_default_model(path):
+    """Train the embedded default model and write it (how the shipped file was made)."""
+    from .io import _safetensors as st
+
+    rng = np.random.default_rng(DEFAULT_SEED)
+    x, y = make_data(rng, 6000)
+    p = train(init(rng), x[:5000], y[:5000], rng, steps=1500, lr=0.05)
+    meta = {"model": "MLP 64-128-10, ReLU, PyTorch (out, in) layout", "data": "sparsecore._demo.make_data, seed 0",
+            "test_accuracy": f"{accuracy(p, x[5000:], y[5000:]):.4f}"}
+    with open(path, "wb") as f:
+        st.write(f, [(k, "F32", v.shape, lambda v=v: v) for k, v in p.items()], meta)
+
+
+def default_test_accuracy(weights):
+    """Accuracy of MLP weights (names as in the default model) on its held-out data."""
+    rng = np.random.default_rng(DEFAULT_SEED)
+    x, y = make_data(rng, 6000)
+    p = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    return accuracy(p, x[5000:], y[5000:])

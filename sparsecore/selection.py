@@ -56,8 +56,12 @@ class Source:
     def size(self):
         return self.data.size
 
+    @property
+    def dtype(self):
+        return self.data.dtype
+
     def needs_wide(self):
-        return self.data.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
+        return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     """
     if counts is not None:
         return [_select_one(src, int(k)) for src, k in zip(sources, counts)]
-    wide = any(s.needs_wide() for s in sources) or len({s.data.dtype for s in sources}) > 1
+    wide = any(s.needs_wide() for s in sources) or len({s.dtype for s in sources}) > 1
     lo = np.asarray(lo, np.int64)
     hi = np.asarray(hi, np.int64)
     if target == int(lo.sum()):

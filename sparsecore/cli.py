@@ -1,0 +1,252 @@
+"""The ``sparsecore`` command line: info, prune, densify, report, demo.
+
+User errors print one line (``sparsecore: error: ...``) and exit with status
+1 (2 for bad usage, 130 when interrupted); nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from . import __version__
+
+_EPILOG = """examples:
+  sparsecore prune                                  prune the embedded default model (90%, global)
+  sparsecore info model.keras
+  sparsecore prune model.keras -o pruned.keras --sparsity 0.8 --scope global --max-sparsity 0.95
+  sparsecore prune model.safetensors -o model.sparse.h5 --sparsity 0.9
+  sparsecore prune model.weights.h5 -o out.weights.h5 --scores fisher.npz --criterion fisher --sparsity 0.5
+  sparsecore densify model.sparse.h5 -o model.safetensors
+  sparsecore report model.sparse.h5 --plot sparsity.png
+"""
+
+
+class _Progress:
+    """A one-line progress bar on stderr, only when it is a terminal."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, done, total, name):
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="sparsecore", description="Prune neural-network weight files offline, with "
+                                "no framework installed: Keras .keras / .weights.h5 / legacy .h5, safetensors, "
+                                "PyTorch state dicts, and sparsecore's sparse HDF5.",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sparsecore {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("info", help="tensors, shapes, dtypes, sparsity and bytes of a weight file")
+    q.add_argument("file")
+
+    q = sub.add_parser("prune", help="prune a weight file (no input: the embedded default model)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune a weight file into the same format (dense, zeros where pruned) or "
+                                   "into sparse HDF5 (an output name ending in .sparse.h5, or --sparse). "
+                                   "With no input, the embedded default model (an MLP 64-128-10) is pruned.")
+    q.add_argument("input", nargs="?", help="weight file (default: the embedded model)")
+    q.add_argument("-o", "--output", help="output file (required with an input)")
+    how = q.add_mutually_exclusive_group()
+    how.add_argument("--sparsity", type=float, help="fraction to prune, exactly round(s*n) entries")
+    how.add_argument("--threshold", type=float, help="prune where the score is below this")
+    q.add_argument("--scope", choices=["local", "global"], default=None,
+                   help="per tensor (default), or one threshold across tensors")
+    q.add_argument("--scores", help="importance scores file (same tensor names); default: magnitude |w|")
+    q.add_argument("--criterion", help="the scores' criterion, recorded in sparse output")
+    q.add_argument("--min-sparsity", type=float, default=0.0, help="per-tensor lower cap (default 0)")
+    q.add_argument("--max-sparsity", type=float, default=1.0, help="per-tensor upper cap (default 1)")
+    q.add_argument("--normalize", choices=["none", "l1", "l2", "max"], default="none",
+                   help="divide each tensor's scores by their norm (for global scope)")
+    q.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="prune only tensors matching (fnmatch or substring; repeatable)")
+    q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune these")
+    q.add_argument("--sparse", action="store_true", help="write sparse HDF5 whatever the output's name")
+    q.add_argument("--force", action="store_true", help="replace an existing output")
+    q.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+
+    q = sub.add_parser("densify", help="turn a sparse HDF5 file back into its source format")
+    q.add_argument("input")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--force", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+
+    q = sub.add_parser("report", help="per-tensor sparsity table (and a PNG plot with matplotlib)")
+    q.add_argument("file")
+    q.add_argument("--plot", metavar="PNG", help="write a bar chart of per-tensor sparsity")
+
+    q = sub.add_parser("demo", help="the engine on raw arrays: train, prune by OBD, fine-tune, run CSR")
+    q.add_argument("--sparsity", type=float, default=0.9)
+    q.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _rows(path):
+    from .io import open_weights
+    from .io.offline import tensor_stats
+
+    rows = []
+    with open_weights(path) as r:
+        for name, e in r.entries.items():
+            zeros, size = tensor_stats(r, name)
+            rows.append((name, e, zeros / size if size else 0.0))
+        fmt = r.format
+    return fmt, rows
+
+
+def _info(args):
+    fmt, rows = _rows(args.file)
+    print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(os.path.getsize(args.file))} on disk")
+    print(f"{'tensor':<48} {'shape':<20} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  prunable")
+    for name, e, sp in rows:
+        print(f"{name:<48} {str(e.shape):<20} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {'yes' if e.default else ''}")
+    print(f"{'total':<48} {'':<20} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
+    return 0
+
+
+def _report(args):
+    fmt, rows = _rows(args.file)
+    total = sum(e.size for _, e, _ in rows if e.is_float)
+    zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
+    print(f"{'tensor':<48} {'shape':<20} {'sparsity':>9}")
+    for name, e, sp in rows:
+        if e.is_float:
+            print(f"{name:<48} {str(e.shape):<20} {sp:>9.2%}")
+    print(f"{'all float tensors':<48} {'':<20} {zeros / total if total else 0.0:>9.2%}")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+            return 0
+        names = [n for n, e, _ in rows if e.is_float]
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(names) + 1.5))
+        ax.barh(range(len(names)), [sp for _, e, sp in rows if e.is_float])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("sparsity")
+        ax.invert_yaxis()
+        ax.set_title(f"{os.path.basename(args.file)} ({fmt})")
+        fig.tight_layout()
+        from .io.offline import _Atomic
+
+        with _Atomic(args.plot) as tmp:
+            fig.savefig(tmp, format="png")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _prune(args, parser):
+    from .io import prune_file
+
+    embedded = args.input is None
+    if embedded:
+        from ._demo import default_model_path
+
+        args.input = default_model_path()
+        if args.sparsity is None and args.threshold is None:
+            args.sparsity = 0.9
+        args.scope = args.scope or "global"
+    elif args.output is None:
+        parser.error("prune: give an output file with -o (input and output are never the same file)")
+    if args.sparsity is None and args.threshold is None:
+        parser.error("prune: give --sparsity or --threshold")
+    tmpdir = None
+    out = args.output
+    if out is None:
+        tmpdir = tempfile.mkdtemp(prefix="sparsecore-")
+        out = os.path.join(tmpdir, "pruned.safetensors")
+    try:
+        res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
+                         scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
+                         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, normalize=args.normalize,
+                         include=args.include, exclude=args.exclude, sparse=True if args.sparse else None,
+                         force=args.force, progress=_Progress(not args.quiet))
+        if not args.quiet:
+            where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
+            print(f"pruned {where}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")
+            print(res.table())
+            print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format})")
+            if embedded:
+                from ._demo import default_test_accuracy
+                from .io import open_weights
+
+                with open_weights(args.input) as a, open_weights(out) as b:
+                    before = default_test_accuracy({k: a.raw(k) for k in a.entries})
+                    after = default_test_accuracy({k: b.raw(k) for k in b.entries})
+                print(f"test accuracy: dense {before:.3f} | pruned {after:.3f} (no fine-tuning)")
+                if tmpdir:
+                    print("the output was not kept: pass -o FILE to write it")
+            else:
+                print(f"written: {args.output}")
+    finally:
+        if tmpdir:
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return 0
+
+
+def _densify(args):
+    from .io import densify_file
+
+    res = densify_file(args.input, args.output, force=args.force)
+    if not args.quiet:
+        print(f"{args.input} ({_fmt_bytes(res.input_bytes)}, sparse) -> {args.output} "
+              f"({_fmt_bytes(res.output_bytes)}, {res.format})")
+    return 0
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .io import FormatError, UserError
+
+    try:
+        if args.command == "info":
+            return _info(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "prune":
+            return _prune(args, parser)
+        if args.command == "densify":
+            return _densify(args)
+        if not 0.0 <= args.sparsity <= 1.0:
+            parser.error(f"--sparsity must lie in [0, 1], got {args.sparsity}")
+        from ._demo import main as demo
+
+        demo(sparsity=args.sparsity, seed=args.seed)
+        return 0
+    except (UserError, FormatError, ValueError, TypeError, OSError) as exc:
+        msg = str(exc).replace("\n", " ")
+        print(f"sparsecore: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparsecore: interrupted; no output was written", file=sys.stderr)
+        return 130

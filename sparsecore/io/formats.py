@@ -1,0 +1,465 @@
+"""Weight files: format detection, readers, and writers that keep the format.
+
+Every reader lists its tensors in file order (:class:`Entry`) and reads one
+at a time, so memory stays bounded by the largest tensor. Formats:
+
+* ``keras``: Keras 3 ``.keras`` zip (``model.weights.h5``, ``config.json``,
+  ``metadata.json``, maybe ``assets/``); tensors are named by their HDF5
+  path inside ``model.weights.h5`` (``layers/dense/vars/0``; nested models
+  nest: ``layers/functional/layers/dense/vars/0``).
+* ``keras-weights``: a standalone Keras 3 ``.weights.h5``, same names.
+* ``keras-legacy``: Keras 2 HDF5, full model (``model_weights`` group) or
+  weights only; tensors are listed by the ``layer_names`` attribute and each
+  layer's ``weight_names`` (bytes or str, split into ``layer_names0``,
+  ``layer_names1``, ... when large) and named ``<layer>/<weight name>``.
+* ``hdf5``: any other HDF5 file; every dataset, named by its path.
+* ``safetensors``: read and written with NumPy (see ``_safetensors``).
+* ``torch``: a PyTorch state dict (``.pt``, ``.bin``), read with
+  ``torch.load(weights_only=True, mmap=True)`` when PyTorch is installed.
+* ``sparse``: sparsecore's own sparse HDF5 (see ``sparse``).
+
+Optimizer state (Keras ``optimizer/`` and ``optimizer_weights``) is copied
+through and never pruned by default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from . import _safetensors as st
+from .errors import FormatError
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+SPARSE_TAG = "sparsecore-sparse-hdf5"
+
+
+@dataclass
+class Entry:
+    """One tensor of a weight file."""
+
+    name: str
+    shape: tuple
+    dtype: str  # NumPy dtype name, or "bfloat16"
+    is_float: bool
+    default: bool  # pruned unless --include/--exclude say otherwise
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self):
+        return self.size * (2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize)
+
+
+def _entry(name, shape, dtype, optimizer=False):
+    dt = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
+    is_float = dt == "bfloat16" or (np.dtype(dt).kind == "f" and np.dtype(dt).itemsize in (2, 4, 8))
+    return Entry(name, tuple(int(s) for s in shape), dt, is_float, is_float and len(shape) >= 2 and not optimizer)
+
+
+def to_float(raw, entry):
+    """The values of a raw tensor as float32/float64 (bfloat16 widened exactly)."""
+    if entry.dtype == "bfloat16":
+        return st.bf16_to_f32(raw)
+    return raw
+
+
+class WeightFile:
+    """A weight file open for reading: ``entries`` (name -> Entry, file order),
+    ``raw(name)`` (stored form) and ``floats(name)`` (for scoring)."""
+
+    format = "?"
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.entries = {}
+
+    def raw(self, name):
+        raise NotImplementedError  # every concrete reader defines it
+
+    def floats(self, name):
+        return to_float(self.raw(name), self.entries[name])
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def select(self, include=(), exclude=()):
+        """Names to prune: float tensors only; by default those with two or
+        more dimensions outside optimizer state; ``include`` patterns (fnmatch,
+        or a substring) replace the default, ``exclude`` patterns remove."""
+        def hit(name, pats):
+            return any(fnmatch.fnmatchcase(name, p) or p in name for p in pats)
+        out = []
+        for e in self.entries.values():
+            if not e.is_float:
+                continue
+            take = hit(e.name, include) if include else e.default
+            if take and not hit(e.name, exclude):
+                out.append(e.name)
+        return out
+
+
+# --- HDF5 -------------------------------------------------------------------
+
+def _attr_strings(obj, key):
+    """A list-of-strings attribute, bytes or str, possibly split in chunks
+    ``key0``, ``key1``, ... (Keras 2 does that for large ones)."""
+    if key in obj.attrs:
+        vals = list(obj.attrs[key])
+    elif f"{key}0" in obj.attrs:
+        vals, i = [], 0
+        while f"{key}{i}" in obj.attrs:
+            vals.extend(obj.attrs[f"{key}{i}"])
+            i += 1
+    else:
+        return None
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in vals]
+
+
+class H5File(WeightFile):
+    """Keras 3 ``.weights.h5``, Keras 2 legacy HDF5, or any HDF5 file (or an
+    HDF5 group laid out like one: ``group=``)."""
+
+    def __init__(self, path, display=None, group=None):
+        super().__init__(path)
+        try:
+            self.h5 = h5py.File(self.path, "r") if group is None else group
+        except OSError as exc:
+            raise FormatError(f"{display or path}: not a readable HDF5 file ({exc}); the file may be "
+                              f"truncated or corrupt") from None
+        self.prefix = ""
+        try:
+            self._list()
+        except FormatError:
+            self.h5.close()
+            raise
+        except (OSError, KeyError, RuntimeError) as exc:
+            self.h5.close()
+            raise FormatError(f"{display or path}: cannot read the HDF5 structure ({exc}); the file may be "
+                              f"truncated or corrupt") from None
+
+    def _list(self):
+        h = self.h5
+        root = h["model_weights"] if isinstance(h.get("model_weights"), h5py.Group) else h
+        layers = _attr_strings(root, "layer_names")
+        if layers is not None:
+            self.format = "keras-legacy"
+            self.prefix = "model_weights/" if root is not h else ""
+            for lname in layers:
+                if lname not in root:
+                    raise FormatError(f"{self.path}: layer {lname!r} is listed in layer_names but missing")
+                g = root[lname]
+                for wname in _attr_strings(g, "weight_names") or []:
+                    ds = g.get(wname)
+                    if not isinstance(ds, h5py.Dataset):
+                        raise FormatError(f"{self.path}: weight {wname!r} of layer {lname!r} is listed but missing")
+                    self.entries[f"{lname}/{wname}"] = _entry(f"{lname}/{wname}", ds.shape, ds.dtype)
+            return
+        self.format = "keras-weights" if ("layers" in h or "vars" in h) else "hdf5"
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiub":
+                opt = self.format == "keras-weights" and name.startswith("optimizer/")
+                self.entries[name] = _entry(name, obj.shape, obj.dtype, optimizer=opt)
+
+        h.visititems(visit)
+
+    def raw(self, name):
+        ds = self.h5[self.prefix + name]
+        out = np.empty(ds.shape, ds.dtype)
+        if out.size:
+            ds.read_direct(out)
+        return out
+
+    def close(self):
+        if isinstance(self.h5, h5py.File):
+            self.h5.close()
+
+    def dataset_path(self, name):
+        """The HDF5 path of tensor ``name``."""
+        return self.prefix + name
+
+
+def _copy_attrs(src, dst):
+    for k in src.attrs:
+        aid = src.attrs.get_id(k)
+        dst.attrs.create(k, src.attrs[k], dtype=aid.dtype)
+
+
+# ``replace`` answers this to leave a dataset allocated but unwritten (no storage).
+PLACEHOLDER = object()
+
+
+def rebuild_h5(src, dst_path, replace):
+    """Write ``dst_path`` with ``src``'s groups, datasets and attributes;
+    the datasets whose path ``replace(path)`` answers with an array get that
+    array instead (same dtype, shape, chunking and filters)."""
+    with h5py.File(dst_path, "w") as out:
+        rebuild_into(src, out, replace)
+
+
+def rebuild_into(src, out, replace):
+    """:func:`rebuild_h5` into an open group ``out``."""
+    _copy_attrs(src, out)
+    _rebuild_group(src, out, "", replace)
+
+
+def _rebuild_group(g, out, base, replace):
+    for key in g:
+        link = g.get(key, getlink=True)
+        if isinstance(link, h5py.SoftLink):
+            out[key] = h5py.SoftLink(link.path)
+            continue
+        if isinstance(link, h5py.ExternalLink):
+            out[key] = h5py.ExternalLink(link.filename, link.path)
+            continue
+        obj = g[key]
+        path = f"{base}{key}"
+        if isinstance(obj, h5py.Group):
+            sub = out.create_group(key)
+            _copy_attrs(obj, sub)
+            _rebuild_group(obj, sub, path + "/", replace)
+            continue
+        new = replace(path)
+        if new is None:
+            g.copy(obj, out, name=key)
+            continue
+        ds = out.create_dataset(key, shape=obj.shape, dtype=obj.dtype, chunks=obj.chunks,
+                                compression=obj.compression, compression_opts=obj.compression_opts,
+                                shuffle=obj.shuffle, fletcher32=obj.fletcher32)
+        if new is not PLACEHOLDER and new.size:
+            ds.write_direct(np.ascontiguousarray(new, obj.dtype))
+        _copy_attrs(obj, ds)
+
+
+# --- .keras zip ---------------------------------------------------------------
+
+class KerasZip(H5File):
+    """A Keras 3 ``.keras`` archive; its ``model.weights.h5`` is extracted to
+    a temporary file beside nothing the user owns."""
+
+    def __init__(self, path):
+        self.zip_path = os.fspath(path)
+        try:
+            with zipfile.ZipFile(self.zip_path) as z:
+                names = z.namelist()
+                if "model.weights.h5" not in names:
+                    raise FormatError(f"{path}: a zip archive without model.weights.h5 is not a Keras "
+                                      f"3 .keras file (members: {names[:5]})")
+                self.members = [(i.filename, i.compress_type) for i in z.infolist()]
+                self.tmpdir = tempfile.mkdtemp(prefix="sparsecore-keras-")
+                try:
+                    with z.open("model.weights.h5") as src, open(os.path.join(self.tmpdir, "w.h5"), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    shutil.rmtree(self.tmpdir, ignore_errors=True)
+                    raise FormatError(f"{path}: cannot extract model.weights.h5 ({exc}); the archive is "
+                                      f"truncated or corrupt") from None
+        except zipfile.BadZipFile as exc:
+            raise FormatError(f"{path}: not a readable zip archive ({exc})") from None
+        try:
+            super().__init__(os.path.join(self.tmpdir, "w.h5"), display=f"{path} (model.weights.h5)")
+        except FormatError:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            raise
+        self.path = self.zip_path
+        self.format = "keras"
+
+    def close(self):
+        super().close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
+    """A ``.keras`` archive at ``dst_path``: every member of ``src_zip`` (or of
+    ``member_bytes``) in order, with ``model.weights.h5`` taken from
+    ``weights_h5``."""
+    with zipfile.ZipFile(dst_path, "w") as out:
+        src = zipfile.ZipFile(src_zip) if src_zip else None
+        try:
+            for name, ctype in members:
+                if name == "model.weights.h5":
+                    out.write(weights_h5, name, compress_type=ctype)
+                elif src is not None:
+                    out.writestr(src.getinfo(name), src.read(name), compress_type=ctype)
+                else:
+                    out.writestr(name, member_bytes[name], compress_type=ctype)
+        finally:
+            if src is not None:
+                src.close()
+
+
+# --- safetensors ----------------------------------------------------------------
+
+class SafeTensorsFile(WeightFile):
+    format = "safetensors"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.header, self.metadata, self.start, self.header_bytes = st.read_header(self.path)
+        for name, (dt, shape, _, _) in self.header.items():
+            dtype = "bfloat16" if dt == "BF16" else st.DTYPES[dt]
+            e = _entry(name, shape, dtype)
+            if dt.startswith("F8"):
+                e.is_float, e.default = False, False  # 8-bit floats pass through
+            self.entries[name] = e
+
+    def raw(self, name):
+        return st.read_tensor(self.path, self.header[name], self.start)
+
+
+class NpzFile(WeightFile):
+    """``np.savez`` archives (for scores files); read only."""
+
+    format = "npz"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.z = np.load(self.path, allow_pickle=False)
+        for k in self.z.files:
+            with self.z.zip.open(k + ".npy") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = np.lib.format._read_array_header(f, version)
+            self.entries[k] = _entry(k, shape, dtype)
+
+    def raw(self, name):
+        return self.z[name]
+
+    def close(self):
+        self.z.close()
+
+
+# --- PyTorch ---------------------------------------------------------------------
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise FormatError("this is a PyTorch file; reading and writing it needs PyTorch "
+                          "(pip install torch==2.13.0)") from None
+    return torch
+
+
+class TorchFile(WeightFile):
+    format = "torch"
+
+    def __init__(self, path):
+        super().__init__(path)
+        torch = _torch()
+        try:
+            try:
+                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                sd = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds; the message names it
+            raise FormatError(f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+            raise FormatError(f"{path}: not a PyTorch state dict (a mapping name -> tensor)")
+        self.sd = sd
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            dtype = "bfloat16" if v.dtype == torch.bfloat16 else torch.empty(0, dtype=v.dtype).numpy().dtype
+            self.entries[k] = _entry(k, tuple(v.shape), dtype)
+
+    def raw(self, name):
+        t = self.sd[name].detach().cpu().contiguous()
+        if t.dtype == _torch().bfloat16:
+            return t.view(_torch().int16).numpy().view(np.uint16).copy()
+        return t.numpy().copy()
+
+
+def write_torch(items, dst_path):
+    """``torch.save`` a state dict from ``(name, tensor or raw array, Entry)`` items."""
+    torch = _torch()
+    out = {}
+    for name, value, entry in items:
+        if isinstance(value, np.ndarray):
+            if entry is not None and entry.dtype == "bfloat16":
+                value = torch.from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
+            else:
+                value = torch.from_numpy(np.ascontiguousarray(value))
+        out[name] = value
+    torch.save(out, dst_path)
+
+
+# --- detection --------------------------------------------------------------------
+
+def detect(path):
+    """The format of ``path`` from its bytes, not its name."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: is a directory, not a weight file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5-family"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as exc:
+            raise FormatError(f"{path}: looks like a zip archive but cannot be read ({exc}); truncated?") from None
+        if "model.weights.h5" in names:
+            return "keras"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        raise FormatError(f"{path}: a zip archive without model.weights.h5 (not a Keras 3 .keras file) "
+                          f"and without data.pkl (not a PyTorch file)")
+    if head[:1] == b"\x80" and path.endswith((".pt", ".pth", ".bin")):
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    ext = os.path.splitext(path)[1]
+    hint = {".h5": "an .h5 name but no HDF5 signature", ".hdf5": "an .hdf5 name but no HDF5 signature",
+            ".keras": "a .keras name but not a zip archive", ".safetensors": "not a valid safetensors header"}.get(ext)
+    raise FormatError(f"{path}: unknown weight-file format" + (f" ({hint})" if hint else "")
+                      + "; sparsecore reads .keras, .weights.h5, Keras 2 .h5, safetensors, PyTorch .pt/.bin "
+                        "and its own sparse HDF5")
+
+
+def open_weights(path) -> WeightFile:
+    """Open a weight file for reading, whatever its format (see the module doc)."""
+    kind = detect(path)
+    if kind == "keras":
+        return KerasZip(path)
+    if kind == "torch":
+        return TorchFile(path)
+    if kind == "safetensors":
+        return SafeTensorsFile(path)
+    if kind == "npz":
+        return NpzFile(path)
+    try:
+        with h5py.File(path, "r") as h:
+            tag = h.attrs.get("format")
+    except OSError as exc:
+        raise FormatError(f"{path}: HDF5 signature but unreadable ({exc}); the file is truncated or corrupt") from None
+    if isinstance(tag, bytes):
+        tag = tag.decode()
+    if tag == SPARSE_TAG:
+        from .sparse import SparseFile
+
+        return SparseFile(path)
+    return H5File(path)

@@ -1,0 +1,464 @@
+"""Prune weight files offline: tensor by tensor, in bounded memory, atomically.
+
+Selection is the engine's, so a file pruned here gets the masks that
+:func:`sparsecore.prune` gives the same tensors in memory. Local selection
+reads each tensor once. Global selection streams the tensors to find its one
+exact threshold without holding them together: a strided sample of all keys
+brackets the threshold and one more pass counts the keys below and collects
+the few inside (or, with caps, a radix select of two histogram passes); then
+the writing pass applies it. ``normalize`` adds one pass for the norms.
+
+Output goes to a temporary file beside the target, is flushed and synced,
+then renamed over the target: an interrupted run leaves no partial output,
+and the input is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
+from .._validate import check_fraction, check_threshold, flat, per_name
+from .._version import __version__
+from ..csr import build_csr, matrix_shape
+from ..prune import TensorSummary, format_table
+from ..selection import _NORMS, Source, norm_inverse, select_rules, threshold_rule
+from . import _safetensors as st
+from .formats import (
+    PLACEHOLDER,
+    H5File,
+    KerasZip,
+    SafeTensorsFile,
+    TorchFile,
+    WeightFile,
+    open_weights,
+    rebuild_h5,
+    rebuild_into,
+    to_float,
+    write_keras_zip,
+    write_torch,
+)
+from .sparse import SparseFile, SparseWriter
+
+__all__ = ["FileResult", "densify_file", "prune_file"]
+
+
+class UserError(ValueError):
+    """An error in what the user asked for (the command line prints it in one line)."""
+
+
+@dataclass
+class FileResult:
+    """What :func:`prune_file` and :func:`densify_file` did."""
+
+    source: str
+    output: str
+    format: str
+    summary: list = field(default_factory=list)
+    copied: list = field(default_factory=list)
+    input_bytes: int = 0
+    output_bytes: int = 0
+
+    def table(self):
+        return format_table(self.summary, [])
+
+
+class LazySource:
+    """A selection source whose data is read from the file when used, so
+    that only one tensor is in memory at a time."""
+
+    role = "scores"
+    original = None
+
+    def __init__(self, name, shape, dtype, load, mode):
+        self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
+        self.inv, self.scaled = 1.0, False
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def data(self):
+        return flat(self._load())
+
+    def needs_wide(self):
+        return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
+
+
+def _float_dtype(entry):
+    return np.float32 if entry.dtype in ("bfloat16", "float16") else np.dtype(entry.dtype)
+
+
+def _check_paths(src, dst, force):
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(src):
+        raise UserError(f"{src}: no such file")
+    if os.path.exists(dst):
+        if os.path.isdir(dst):
+            raise UserError(f"{dst}: is a directory; give a file name for the output")
+        if os.path.samefile(src, dst):
+            raise UserError(f"{dst}: the output would overwrite the input; give another output path")
+        if not force:
+            raise UserError(f"{dst}: exists; pass --force (force=True) to replace it")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UserError(f"{dst}: the folder {parent} does not exist")
+
+
+class _Atomic:
+    """A temporary path beside ``dst``, renamed onto it on success."""
+
+    def __init__(self, dst):
+        self.dst = os.fspath(dst)
+
+    def __enter__(self):
+        d = os.path.dirname(os.path.abspath(self.dst))
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.dst)}.", suffix=".sparsecore-tmp", dir=d)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.dst)
+            dfd = os.open(os.path.dirname(os.path.abspath(self.dst)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        else:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+        return False
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local", scores=None,
+               criterion: str | None = None, min_sparsity=0.0, max_sparsity=1.0, normalize: str = "none",
+               include: Iterable[str] = (), exclude: Iterable[str] = (), sparse: bool | None = None,
+               force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> FileResult:
+    """Prune the weight file ``src`` into ``dst``.
+
+    Parameters
+    ----------
+    src, dst : path
+        Input in any format that :func:`open_weights` reads; the output is in
+        the same format (dense, zeros where pruned), or sparsecore's sparse
+        HDF5 when ``sparse`` is True (default: when ``dst`` ends in
+        ``.sparse.h5``).
+    sparsity, threshold, scope, min_sparsity, max_sparsity, normalize
+        As for :func:`sparsecore.prune`.
+    scores : path, optional
+        A file of importance scores with the weights' names and shapes (any
+        readable format, or ``.npz``); magnitude ``|w|`` without one.
+    criterion : str, optional
+        Names the scores' criterion in the output's provenance.
+    include, exclude : iterable of str
+        Name patterns (fnmatch or substring). By default every float tensor
+        with two or more dimensions is pruned (optimizer state excepted).
+    force : bool
+        Replace an existing ``dst``.
+    progress : callable (done, total, name), optional
+
+    Returns
+    -------
+    FileResult
+    """
+    if scope not in ("local", "global"):
+        raise UserError(f"scope must be 'local' or 'global', got {scope!r}")
+    if normalize not in _NORMS:
+        raise UserError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
+    if (sparsity is None) == (threshold is None):
+        raise UserError("give exactly one of sparsity and threshold")
+    _check_paths(src, dst, force)
+    if sparse is None:
+        sparse = os.fspath(dst).endswith(".sparse.h5")
+    include = [include] if isinstance(include, str) else list(include)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    with open_weights(src) as reader:
+        if isinstance(reader, SparseFile):
+            raise UserError(f"{src}: already a sparsecore sparse file; densify it first "
+                            f"('sparsecore densify {src} -o FILE'), then prune that")
+        names = reader.select(include, exclude)
+        if not names:
+            raise UserError(f"{src}: no tensor to prune (float tensors with 2+ dimensions by default; "
+                            f"the file has {len(reader.entries)} tensors; see --include)")
+        score_file = open_weights(scores) if scores is not None else None
+        try:
+            plan = _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity,
+                         normalize)
+            attrs = None
+            if sparse:
+                attrs = {"tool_version": __version__, "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                         "source_file": os.path.abspath(src), "source_format": reader.format,
+                         "source_sha256": sha256_of(src), "source_bytes": os.path.getsize(src),
+                         "criterion": criterion or ("magnitude" if scores is None else "scores file"),
+                         "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
+                         "normalize": normalize}
+            result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
+            with _Atomic(dst) as tmp:
+                _write(reader, tmp, plan, result, sparse, attrs, progress)
+        finally:
+            if score_file is not None:
+                score_file.close()
+    result.input_bytes = os.path.getsize(src)
+    result.output_bytes = os.path.getsize(dst)
+    return result
+
+
+@dataclass
+class _Plan:
+    names: list
+    sources: dict
+    rules: dict  # name -> Rule, or None (local sparsity: found when written)
+    counts: dict
+    lo: dict
+    hi: dict
+    threshold: bool
+
+
+def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize):
+    entries = reader.entries
+    sources = {}
+    for n in names:
+        e = entries[n]
+        if score_file is None:
+            sources[n] = LazySource(n, e.shape, _float_dtype(e), lambda n=n: reader.floats(n), MODE_ABS)
+            continue
+        if n not in score_file.entries:
+            raise UserError(f"scores file {score_file.path} has no tensor {n!r}; it needs one per pruned tensor "
+                            f"(same names as the weights)")
+        se = score_file.entries[n]
+        if se.shape != e.shape:
+            raise UserError(f"scores {n!r} have shape {se.shape} but weights {n!r} have shape {e.shape}")
+        if not se.is_float:
+            raise UserError(f"scores {n!r} have dtype {se.dtype}; scores must be floats")
+        sources[n] = LazySource(n, e.shape, _float_dtype(se), lambda n=n: score_file.floats(n), MODE_IDENTITY)
+    if _NORMS[normalize]:
+        for src in sources.values():
+            src.inv, src.scaled = norm_inverse(src, normalize), True
+    try:
+        lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
+        hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
+        lo_c = {n: round(lo[n] * sources[n].size) for n in names}
+        hi_c = {n: round(hi[n] * sources[n].size) for n in names}
+        rules, counts = {}, {}
+        if threshold is not None:
+            th = per_name(threshold, names, "threshold", check_threshold)
+            rules = {n: threshold_rule(sources[n], th[n]) for n in names}
+        elif scope == "global":
+            s = check_fraction(sparsity, "all tensors")
+            total = sum(src.size for src in sources.values())
+            target = round(s * total)
+            if not (sum(lo_c.values()) <= target <= sum(hi_c.values())):
+                raise UserError(f"global sparsity {s} prunes {target} of {total} entries, but the caps allow "
+                                f"{sum(lo_c.values())} to {sum(hi_c.values())}")
+            srcs = [sources[n] for n in names]
+            got = select_rules(srcs, target=target, lo=np.array([lo_c[n] for n in names], np.int64),
+                               hi=np.array([hi_c[n] for n in names], np.int64))
+            rules = dict(zip(names, got))
+        else:
+            sp_t = per_name(sparsity, names, "sparsity", check_fraction)
+            counts = {n: round(sp_t[n] * sources[n].size) for n in names}
+    except UserError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return _Plan(names, sources, rules, counts, lo_c, hi_c, threshold is not None)
+
+
+def _prune_one(reader, plan, name, want_csr):
+    """``(masked raw array, csr or None, flat mask, summary)`` of one tensor."""
+    e = reader.entries[name]
+    raw = reader.raw(name)
+    w = to_float(raw, e)
+    lazy = plan.sources[name]
+    if lazy.mode == MODE_ABS:  # magnitude: the weights just read are the scores
+        src = Source(name, flat(w), e.shape, MODE_ABS, lazy.inv, lazy.scaled, role="weights", original=w)
+    else:
+        s = lazy._load()
+        src = Source(name, flat(s), e.shape, MODE_IDENTITY, lazy.inv, lazy.scaled, original=s)
+    rule = plan.rules.get(name)
+    if rule is None:
+        (rule,) = select_rules([src], counts=[plan.counts[name]])
+    mshape = matrix_shape(e.shape)
+    wf = flat(w)
+    try:
+        a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=name, weights_original=w)
+        pruned = int(mask.size - np.count_nonzero(mask))
+        if plan.threshold and not (plan.lo[name] <= pruned <= plan.hi[name]):
+            (rule,) = select_rules([src], counts=[min(max(pruned, plan.lo[name]), plan.hi[name])])
+            a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=name, weights_original=w)
+            pruned = int(mask.size - np.count_nonzero(mask))
+    except ValueError as exc:
+        raise UserError(f"{reader.path}: {exc}") from None
+    out = raw.reshape(-1)
+    out[~mask] = 0  # ``raw`` is our own copy; zero bits are +0.0 in every float format
+    summary = TensorSummary(name, tuple(e.shape), e.size, pruned, int(a.nnz), e.nbytes,
+                            int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes))
+    return raw, (a if want_csr else None), mask, summary
+
+
+def _write(reader, tmp, plan, result, sparse, attrs, progress):
+    pruned = set(plan.names)
+    total = len(plan.names)
+
+    def step(name, want_csr):
+        raw, a, mask, summary = _prune_one(reader, plan, name, want_csr)
+        result.summary.append(summary)
+        if progress is not None:
+            progress(len(result.summary), total, name)
+        return raw, a, mask
+
+    result.copied = [n for n in reader.entries if n not in pruned]
+    if sparse:
+        _write_sparse(reader, tmp, step, pruned, attrs)
+        return
+    if isinstance(reader, H5File) and not isinstance(reader, KerasZip):
+        by_path = {reader.dataset_path(n): n for n in pruned}
+        rebuild_h5(reader.h5, tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
+    elif isinstance(reader, KerasZip):
+        h5tmp = os.path.join(reader.tmpdir, "out.h5")
+        by_path = {reader.dataset_path(n): n for n in pruned}
+        rebuild_h5(reader.h5, h5tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
+        write_keras_zip(reader.members, reader.zip_path, h5tmp, tmp)
+    elif isinstance(reader, SafeTensorsFile):
+        items = [(n, dt, shape, (lambda n=n: step(n, False)[0]) if n in pruned else (lambda n=n: reader.raw(n)))
+                 for n, (dt, shape, _, _) in reader.header.items()]
+        with open(tmp, "wb") as f:
+            st.write(f, items, reader.metadata)
+    elif isinstance(reader, TorchFile):
+        write_torch(((n, step(n, False)[0] if n in pruned else reader.sd[n], reader.entries.get(n))
+                     for n in reader.sd), tmp)
+    else:
+        raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; "
+                        f"write sparse HDF5 (an output name ending in .sparse.h5)")
+
+
+def _write_sparse(reader, tmp, step, pruned, attrs):
+    w = SparseWriter(tmp, attrs)
+    try:
+        c = w.container
+        if isinstance(reader, H5File) and reader.format != "sparse":
+            c.attrs["kind"] = "keras" if isinstance(reader, KerasZip) else "hdf5"
+            by_path = {reader.dataset_path(n): n for n in pruned}
+
+            def replace(path):
+                if path not in by_path:
+                    return None
+                name = by_path[path]
+                _, a, mask = step(name, True)
+                w.add(reader.entries[name], _csr_for_file(a, reader.entries[name]), mask, source_path=path)
+                return PLACEHOLDER
+
+            rebuild_into(reader.h5, c.create_group("h5"), replace)
+            if isinstance(reader, KerasZip):
+                c.attrs["members"] = json.dumps(reader.members)
+                z = c.create_group("zip")
+                with zipfile.ZipFile(reader.zip_path) as zf:
+                    for i, (name, _) in enumerate(reader.members):
+                        if name != "model.weights.h5":
+                            z.create_dataset(str(i), data=np.frombuffer(zf.read(name), np.uint8))
+            return
+        kind = "safetensors" if isinstance(reader, SafeTensorsFile) else "torch"
+        c.attrs["kind"] = kind
+        c.attrs["order"] = json.dumps(list(reader.entries))
+        if kind == "safetensors":
+            hdr = reader.header_bytes if isinstance(reader, SafeTensorsFile) else None
+            if hdr is not None:
+                c.create_dataset("header", data=np.frombuffer(hdr, np.uint8))
+        raw_g = c.create_group("raw")
+        for i, (name, e) in enumerate(reader.entries.items()):
+            if name in pruned:
+                _, a, mask = step(name, True)
+                w.add(e, _csr_for_file(a, e), mask)
+            else:
+                ds = raw_g.create_dataset(str(i), data=reader.raw(name))
+                ds.attrs["name"] = name
+                ds.attrs["dtype"] = e.dtype
+    finally:
+        w.close()
+
+
+def _csr_for_file(a, entry):
+    """CSR to store: float16 data goes back to float16 (exactly); bfloat16 stays float32."""
+    if entry.dtype == "float16":
+        a.data = a.data.astype(np.float16)
+    return a
+
+
+def densify_file(src, dst, *, force: bool = False) -> FileResult:
+    """Write a sparse HDF5 file back in the format it was pruned from
+    (dense, zeros where pruned): bit for bit the masked weights."""
+    _check_paths(src, dst, force)
+    with open_weights(src) as reader:
+        if not isinstance(reader, SparseFile):
+            raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
+                            f"output of 'sparsecore prune ... -o X.sparse.h5'")
+        result = FileResult(os.fspath(src), os.fspath(dst), reader.kind)
+        h = reader.h5
+        c = h["container"]
+        with _Atomic(dst) as tmp:
+            if reader.kind in ("hdf5", "keras"):
+                paths = {_s(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
+
+                def replace(path):
+                    return reader.raw(paths[path]) if path in paths else None
+
+                if reader.kind == "hdf5":
+                    rebuild_h5(c["h5"], tmp, replace)
+                else:
+                    members = [tuple(m) for m in json.loads(_s(c.attrs["members"]))]
+                    with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
+                        h5tmp = os.path.join(d, "model.weights.h5")
+                        rebuild_h5(c["h5"], h5tmp, replace)
+                        data = {name: c["zip"][str(i)][()].tobytes() for i, (name, _) in enumerate(members)
+                                if name != "model.weights.h5"}
+                        write_keras_zip(members, None, h5tmp, tmp, member_bytes=data)
+            elif reader.kind == "safetensors":
+                hdr = json.loads(c["header"][()].tobytes().decode()) if "header" in c else {}
+                meta = hdr.pop("__metadata__", None)
+                items = []
+                for n, e in reader.entries.items():
+                    dt = hdr[n]["dtype"] if n in hdr else ("BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype))
+                    items.append((n, dt, e.shape, lambda n=n: reader.raw(n)))
+                with open(tmp, "wb") as f:
+                    st.write(f, items, meta)
+            else:
+                write_torch(((n, reader.raw(n), e) for n, e in reader.entries.items()), tmp)
+        result.summary = [TensorSummary(n, e.shape, e.size, e.size - int(reader.mask(n).sum()), reader.nnz(n),
+                                        e.nbytes, 0) for n, e in reader.entries.items() if n in reader.pruned]
+    result.input_bytes = os.path.getsize(src)
+    result.output_bytes = os.path.getsize(dst)
+    return result
+
+
+def _s(v):
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def tensor_stats(reader: WeightFile, name: str) -> tuple[int, int]:
+    """``(zeros, size)`` of one tensor (stored entries for a sparse file)."""
+    e = reader.entries[name]
+    if isinstance(reader, SparseFile) and name in reader.pruned:
+        g = reader.pruned[name]
+        return e.size - int(g.attrs["kept"]), e.size
+    vals = reader.floats(name)
+    return int(vals.size - np.count_nonzero(vals)), int(vals.size)

@@ -1,0 +1,169 @@
+"""sparsecore's sparse HDF5 format (``format = "sparsecore-sparse-hdf5"``, version 1).
+
+Layout::
+
+    /                       attrs: format, format_version, tool_version, created (UTC ISO 8601),
+                                   source_file, source_format, source_sha256, source_bytes,
+                                   criterion, scope, sparsity, threshold, normalize (JSON text, null if unset)
+    /tensors/<k>            one group per pruned tensor, k = 0, 1, ... in processing order
+        attrs: name, shape, dtype (NumPy name or "bfloat16"), csr_shape = (shape[0], prod(shape[1:])),
+               nnz, kept (entries the mask keeps; kept entries that are exactly zero are not stored),
+               source_path (the dataset's path in the source HDF5, if any)
+        data                the stored values, the tensor's dtype (bfloat16 as float32, exactly)
+        indices, indptr     CSR of the 2-D view, canonical (sorted, no duplicates), int32 or int64
+        mask                only when kept != nnz: the keep-mask, np.packbits of the flat C-order mask
+    /container              what rebuilds the source format; attrs: kind = "hdf5" | "keras" |
+                            "safetensors" | "torch"
+        h5/                 (hdf5, keras) the source HDF5's groups, attributes and unpruned datasets,
+                            bit for bit; each pruned dataset is an empty placeholder with its shape,
+                            dtype, chunking and filters (no storage allocated)
+        members             (keras) JSON list of [name, compress_type] of the archive, in order
+        zip/<i>             (keras) bytes (uint8) of every archive member but model.weights.h5
+        header              (safetensors) the source header's JSON bytes (uint8), metadata included
+        order               (safetensors, torch) JSON list of tensor names, in file order
+        raw/<i>             (safetensors, torch) each unpruned tensor as stored (attrs: name, dtype)
+
+Reading one back: a pruned tensor is ``csr_array((data, indices, indptr),
+csr_shape).toarray().reshape(shape)``; its mask is ``mask`` unpacked when
+present, else the CSR's sparsity pattern.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+
+from .errors import FormatError
+from .formats import SPARSE_TAG, Entry, H5File, WeightFile, _entry
+
+FORMAT_VERSION = 1
+
+
+def f32_to_bf16(x):
+    """float32 values that came from bfloat16 back to their bit patterns."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+class SparseWriter:
+    """Writes a sparse HDF5 file tensor by tensor."""
+
+    def __init__(self, path, attrs):
+        self.h5 = h5py.File(path, "w")
+        self.h5.attrs["format"] = SPARSE_TAG
+        self.h5.attrs["format_version"] = FORMAT_VERSION
+        for k, v in attrs.items():
+            self.h5.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+        self.tensors = self.h5.create_group("tensors")
+        self.container = self.h5.create_group("container")
+        self.count = 0
+
+    def add(self, entry, csr, mask, source_path=None):
+        """One pruned tensor: ``csr`` a scipy CSR of the 2-D view, ``mask`` flat bool."""
+        g = self.tensors.create_group(str(self.count))
+        self.count += 1
+        kept = int(np.count_nonzero(mask))
+        g.attrs["name"] = entry.name
+        g.attrs["shape"] = np.asarray(entry.shape, np.int64)
+        g.attrs["dtype"] = entry.dtype
+        g.attrs["csr_shape"] = np.asarray(csr.shape, np.int64)
+        g.attrs["nnz"] = int(csr.nnz)
+        g.attrs["kept"] = kept
+        if source_path is not None:
+            g.attrs["source_path"] = source_path
+        g.create_dataset("data", data=csr.data)
+        g.create_dataset("indices", data=csr.indices)
+        g.create_dataset("indptr", data=csr.indptr)
+        if kept != csr.nnz:
+            g.create_dataset("mask", data=np.packbits(mask))
+
+    def close(self):
+        self.h5.close()
+
+
+class SparseFile(WeightFile):
+    """A sparse HDF5 file read like any weight file: pruned tensors come back dense."""
+
+    format = "sparse"
+
+    def __init__(self, path):
+        super().__init__(path)
+        try:
+            self.h5 = h5py.File(self.path, "r")
+            self._list()
+        except (OSError, KeyError) as exc:
+            raise FormatError(f"{path}: a damaged sparsecore sparse file ({exc})") from None
+
+    def _list(self):
+        h = self.h5
+        version = int(h.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise FormatError(f"{self.path}: sparse format version {version}; this sparsecore reads version "
+                              f"{FORMAT_VERSION}")
+        self.kind = _str(h["container"].attrs["kind"])
+        self.pruned = {}
+        for key in sorted(h["tensors"], key=int):
+            g = h["tensors"][key]
+            name = _str(g.attrs["name"])
+            self.pruned[name] = g
+        c = h["container"]
+        self.raw_groups = {}
+        if self.kind in ("hdf5", "keras"):
+            self.inner = H5File(self.path, group=c["h5"])
+            self.entries = dict(self.inner.entries)
+        else:
+            order = json.loads(_str(c.attrs["order"]))
+            for key in c.get("raw", {}):
+                g = c["raw"][key]
+                self.raw_groups[_str(g.attrs["name"])] = g
+            for n in order:
+                if n in self.pruned:
+                    g = self.pruned[n]
+                    self.entries[n] = _entry(n, tuple(g.attrs["shape"]), _str(g.attrs["dtype"]))
+                else:
+                    ds = self.raw_groups[n]
+                    dt = _str(ds.attrs["dtype"])
+                    self.entries[n] = _entry(n, ds.shape, "bfloat16" if dt == "bfloat16" else ds.dtype)
+        for n, g in self.pruned.items():  # pruned tensors report their own dtype
+            e = self.entries[n]
+            self.entries[n] = Entry(n, e.shape, _str(g.attrs["dtype"]), e.is_float, e.default)
+
+    def nnz(self, name):
+        """Stored entries of a pruned tensor (None for one stored dense)."""
+        g = self.pruned.get(name)
+        return None if g is None else int(g.attrs["nnz"])
+
+    def csr(self, name):
+        import scipy.sparse as sp
+
+        g = self.pruned[name]
+        a = sp.csr_array((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"]))
+        return a
+
+    def mask(self, name):
+        g = self.pruned[name]
+        shape = tuple(int(s) for s in g.attrs["shape"])
+        if "mask" in g:
+            n = int(np.prod(shape, dtype=np.int64))
+            return np.unpackbits(g["mask"][()], count=n).astype(bool).reshape(shape)
+        return self.csr(name).toarray().reshape(shape) != 0
+
+    def raw(self, name):
+        if name in self.pruned:
+            g = self.pruned[name]
+            shape = tuple(int(s) for s in g.attrs["shape"])
+            dense = self.csr(name).toarray().reshape(shape)
+            if _str(g.attrs["dtype"]) == "bfloat16":
+                return f32_to_bf16(dense)
+            return dense.astype(_str(g.attrs["dtype"]), copy=False)
+        if self.kind in ("hdf5", "keras"):
+            return self.inner.raw(name)
+        return self.raw_groups[name][()]
+
+    def close(self):
+        self.h5.close()
+
+
+def _str(v):
+    return v.decode() if isinstance(v, bytes) else str(v)
