@@ -99,7 +99,7 @@ def write(f, tensors, metadata=None):
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name, dt, shape, produce in tensors:
-        arr = np.ascontiguousarray(produce())
+        arr = np.asarray(produce(), order="C")
         if arr.shape != tuple(shape) or arr.dtype.itemsize != DTYPES[dt].itemsize:
             raise ValueError(f"tensor {name!r}: got {arr.dtype} {arr.shape}, header says {dt} {tuple(shape)}")
         f.write(memoryview(arr.reshape(-1).view(np.uint8)))

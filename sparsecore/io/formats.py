@@ -70,6 +70,8 @@ def to_float(raw, entry):
     """The values of a raw tensor as float32/float64 (bfloat16 widened exactly)."""
     if entry.dtype == "bfloat16":
         return st.bf16_to_f32(raw)
+    if raw.dtype == np.float16:
+        return raw.astype(np.float32)
     return raw
 
 
@@ -334,7 +336,9 @@ class NpzFile(WeightFile):
         for k in self.z.files:
             with self.z.zip.open(k + ".npy") as f:
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = np.lib.format._read_array_header(f, version)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
             self.entries[k] = _entry(k, shape, dtype)
 
     def raw(self, name):
@@ -392,11 +396,13 @@ def write_torch(items, dst_path):
     torch = _torch()
     out = {}
     for name, value, entry in items:
+        if isinstance(value, np.generic):
+            value = np.asarray(value)
         if isinstance(value, np.ndarray):
             if entry is not None and entry.dtype == "bfloat16":
-                value = torch.from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
+                value = torch.from_numpy(np.array(value, order="C").view(np.int16)).view(torch.bfloat16)
             else:
-                value = torch.from_numpy(np.ascontiguousarray(value))
+                value = torch.from_numpy(np.array(value, order="C"))
         out[name] = value
     torch.save(out, dst_path)
 

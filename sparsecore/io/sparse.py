@@ -138,8 +138,20 @@ class SparseFile(WeightFile):
         import scipy.sparse as sp
 
         g = self.pruned[name]
-        a = sp.csr_array((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"]))
-        return a
+        data = g["data"][()]
+        if data.dtype == np.float16:  # scipy does not take float16
+            data = data.astype(np.float32)
+        return sp.csr_array((data, g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"]))
+
+    def _dense(self, g):
+        """The stored tensor, dense, in its stored dtype (exactly the stored bits)."""
+        shape = tuple(int(s) for s in g.attrs["shape"])
+        rows, cols = (int(v) for v in g.attrs["csr_shape"])
+        data = g["data"][()]
+        indptr = g["indptr"][()]
+        out = np.zeros((rows, cols), data.dtype)
+        out[np.repeat(np.arange(rows), np.diff(indptr)), g["indices"][()]] = data
+        return out.reshape(shape)
 
     def mask(self, name):
         g = self.pruned[name]
@@ -147,19 +159,18 @@ class SparseFile(WeightFile):
         if "mask" in g:
             n = int(np.prod(shape, dtype=np.int64))
             return np.unpackbits(g["mask"][()], count=n).astype(bool).reshape(shape)
-        return self.csr(name).toarray().reshape(shape) != 0
+        return self._dense(g) != 0
 
     def raw(self, name):
         if name in self.pruned:
             g = self.pruned[name]
-            shape = tuple(int(s) for s in g.attrs["shape"])
-            dense = self.csr(name).toarray().reshape(shape)
+            dense = self._dense(g)
             if _str(g.attrs["dtype"]) == "bfloat16":
                 return f32_to_bf16(dense)
             return dense.astype(_str(g.attrs["dtype"]), copy=False)
         if self.kind in ("hdf5", "keras"):
             return self.inner.raw(name)
-        return self.raw_groups[name][()]
+        return np.asarray(self.raw_groups[name][()])
 
     def close(self):
         self.h5.close()

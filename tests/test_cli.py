@@ -1,0 +1,135 @@
+"""The command line: commands, one-line errors, and runs killed at random moments."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sparsecore.io import _safetensors as st
+from sparsecore.io import open_weights
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sparsecore", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def write_st(path, tensors):
+    with open(path, "wb") as f:
+        st.write(f, [(k, st.dtype_name(v.dtype), v.shape, lambda v=v: v) for k, v in tensors.items()])
+
+
+def test_help_and_version():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("info", "prune", "densify", "report", "demo"):
+        assert cmd in r.stdout
+    assert run("prune", "--help").returncode == 0
+    assert "sparsecore" in run("--version").stdout
+
+
+def test_prune_embedded_default(tmp_path):
+    r = run("prune", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "embedded default model" in r.stdout and "90.00%" in r.stdout
+    assert "test accuracy: dense 0.802" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written without -o
+    r = run("prune", "-o", tmp_path / "d.sparse.h5", "--quiet")
+    assert r.returncode == 0 and r.stdout == ""
+    with open_weights(tmp_path / "d.sparse.h5") as f:
+        assert f.format == "sparse" and set(f.pruned) == {"fc1.weight", "fc2.weight"}
+
+
+def test_info_prune_densify_report(tmp_path, rng):
+    src = tmp_path / "m.safetensors"
+    write_st(src, {"a.weight": rng.standard_normal((32, 16)).astype(np.float32),
+                   "a.bias": np.zeros(32, np.float32), "ids": np.arange(5, dtype=np.int64)})
+    r = run("info", src)
+    assert r.returncode == 0 and "a.weight" in r.stdout and "(32, 16)" in r.stdout and "int64" in r.stdout
+    r = run("prune", src, "-o", tmp_path / "m.sparse.h5", "--sparsity", "0.75")
+    assert r.returncode == 0, r.stderr
+    assert "75.00%" in r.stdout and "written" in r.stdout
+    r = run("report", tmp_path / "m.sparse.h5")
+    assert r.returncode == 0 and "75.00%" in r.stdout
+    r = run("densify", tmp_path / "m.sparse.h5", "-o", tmp_path / "back.safetensors")
+    assert r.returncode == 0, r.stderr
+    with open_weights(tmp_path / "back.safetensors") as f:
+        assert (f.raw("a.weight") == 0).sum() == 384 and f.raw("ids").tolist() == list(range(5))
+
+
+def test_report_plot(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "m.safetensors"
+    write_st(src, {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    r = run("report", src, "--plot", tmp_path / "p.png")
+    assert r.returncode == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("prune", "missing.h5", "-o", "x.h5", "--sparsity", "0.5"), "missing.h5: no such file"),
+    (("prune", "bad.h5", "-o", "x.h5", "--sparsity", "0.5"), "unknown weight-file format"),
+    (("prune", "m.safetensors", "-o", "m.safetensors", "--sparsity", "0.5", "--force"), "overwrite the input"),
+    (("prune", "m.safetensors", "-o", "o.safetensors", "--sparsity", "1.5"), r"must lie in \[0, 1\]"),
+    (("info", "bad.h5"), "unknown weight-file format"),
+    (("densify", "m.safetensors", "-o", "o.safetensors"), "not a sparsecore sparse file"),
+])
+def test_user_errors_are_one_line(tmp_path, rng, args, message):
+    write_st(tmp_path / "m.safetensors", {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    (tmp_path / "bad.h5").write_text("not hdf5\n")
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparsecore: error:")
+    import re
+
+    assert re.search(message, lines[0])
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run("prune", "m.safetensors", cwd=tmp_path).returncode == 2  # no -o
+    assert run("nonsense").returncode == 2
+
+
+def test_killed_runs_never_leave_partial_output(tmp_path):
+    """Kill `sparsecore prune` at random moments (SIGKILL and Ctrl-C): the output is
+    either absent or complete, the input never changes."""
+    rng = np.random.default_rng(7)
+    src = tmp_path / "big.safetensors"
+    write_st(src, {f"layer{i}.weight": rng.standard_normal((512, 512)).astype(np.float32) for i in range(48)})
+    before = sha(src)
+    ref = tmp_path / "ref.safetensors"
+    assert run("prune", src, "-o", ref, "--sparsity", "0.9", "--scope", "global", "--quiet").returncode == 0
+    t0 = time.perf_counter()
+    assert run("prune", src, "-o", tmp_path / "t.safetensors", "--sparsity", "0.9", "--scope", "global",
+               "--quiet").returncode == 0
+    full = time.perf_counter() - t0
+    outcomes = set()
+    for i, sig in enumerate([signal.SIGKILL, signal.SIGINT] * 4):
+        out = tmp_path / f"out{i}.safetensors"
+        p = subprocess.Popen([sys.executable, "-m", "sparsecore", "prune", str(src), "-o", str(out), "--sparsity",
+                              "0.9", "--scope", "global", "--quiet"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(float(rng.uniform(0.1, 1.1)) * full)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=300)
+        assert "Traceback" not in err
+        if out.exists():
+            outcomes.add("complete")
+            assert sha(out) == sha(ref)  # a finished file, identical to an undisturbed run
+        else:
+            outcomes.add("absent")
+        if sig == signal.SIGINT:  # Ctrl-C cleans its temporary file up
+            assert not [q for q in tmp_path.iterdir() if q.name.startswith(f".out{i}.")]
+        assert sha(src) == before
+    assert "absent" in outcomes

@@ -1,0 +1,364 @@
+"""Offline weight files: formats, round trips, selection equal to in-memory prune, safety."""
+
+import hashlib
+import json
+import os
+import struct
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+import sparsecore as sc
+from sparsecore.io import FormatError, UserError, densify_file, open_weights, prune_file
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def all_datasets(path):
+    """Every dataset of an HDF5 file with its value and attributes."""
+    out = {}
+    with h5py.File(path, "r") as h:
+        def visit(name, obj):
+            attrs = {k: np.asarray(obj.attrs[k]).tolist() for k in obj.attrs}
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj[()], attrs)
+            else:
+                out[name] = (None, attrs)
+        h.visititems(visit)
+        out["/"] = (None, {k: np.asarray(h.attrs[k]).tolist() for k in h.attrs})
+    return out
+
+
+def assert_same_h5(a, b):
+    da, db = all_datasets(a), all_datasets(b)
+    assert da.keys() == db.keys()
+    for k in da:
+        va, vb = da[k][0], db[k][0]
+        assert da[k][1] == db[k][1], k
+        if va is not None:
+            assert va.dtype == vb.dtype and va.shape == vb.shape
+            assert va.tobytes() == vb.tobytes(), k  # bit for bit
+
+
+# --- a Keras model in three formats -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory):
+    keras = pytest.importorskip("keras")
+    d = tmp_path_factory.mktemp("keras")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    sub = keras.Sequential([keras.layers.Dense(32, activation="relu"), keras.layers.Dense(24)], name="sub")
+    x = keras.layers.BatchNormalization()(sub(inp))
+    x = keras.layers.Reshape((4, 6, 1))(x)
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    m = keras.Model(inp, out)
+    m.compile("adam", "mse")
+    rng = np.random.default_rng(0)
+    m.fit(rng.standard_normal((64, 16)), rng.standard_normal((64, 3)), verbose=0, epochs=2)
+    paths = {"keras": d / "m.keras", "keras-weights": d / "m.weights.h5", "keras-legacy": d / "m.h5"}
+    m.save(paths["keras"])
+    m.save_weights(paths["keras-weights"])
+    m.save(paths["keras-legacy"])
+    x_test = rng.standard_normal((8, 16)).astype(np.float32)
+    return paths, x_test
+
+
+def _keras_weights(model):
+    import keras
+
+    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("fmt", ["keras", "keras-weights", "keras-legacy"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_keras_files_prune_load_and_round_trip(keras_files, tmp_path, fmt, scope):
+    keras = pytest.importorskip("keras")
+    paths, x = keras_files
+    src = paths[fmt]
+    before = sha(src)
+    with open_weights(src) as r:
+        assert r.format == fmt
+        names = r.select()
+        weights = {n: r.floats(n) for n in names}
+    kernels = [n for n in names if n.endswith(("vars/0", "kernel"))]
+    assert len(names) == 4 and names == kernels  # 3 dense kernels and one conv kernel; no biases, no BN
+    dst = tmp_path / ("out" + src.name[1:])
+    res = prune_file(src, dst, sparsity=0.7, scope=scope, max_sparsity=0.9)
+    assert sha(src) == before  # the input is untouched
+    want = sc.prune(weights, sparsity=0.7, scope=scope, max_sparsity=0.9)  # the same masks in memory
+    assert sum(s.pruned for s in res.summary) == sum(s.pruned for s in want.summary)
+    with open_weights(dst) as r:
+        assert r.format == fmt
+        for n in names:
+            np.testing.assert_array_equal(r.floats(n), np.where(want.masks[n], weights[n], 0))
+    # the framework loads it unchanged, and computes with the pruned weights
+    if fmt == "keras-weights":
+        model = keras.saving.load_model(paths["keras"], compile=False)
+        model.load_weights(dst)
+    else:
+        model = keras.saving.load_model(dst, compile=False)
+    flat = [w for w in _keras_weights(model) if w.ndim >= 2]
+    assert sum(int((w == 0).sum()) for w in flat) == sum(s.pruned for s in want.summary)
+    assert np.isfinite(model.predict(x, verbose=0)).all()
+    # framework -> sparse HDF5 -> framework: the masked weights bit for bit, everything else too
+    sp_path = tmp_path / "m.sparse.h5"
+    prune_file(src, sp_path, sparsity=0.7, scope=scope, max_sparsity=0.9)
+    back = tmp_path / ("back" + src.name[1:])
+    densify_file(sp_path, back)
+    if fmt == "keras":
+        with zipfile.ZipFile(dst) as a, zipfile.ZipFile(back) as b:
+            assert a.namelist() == b.namelist()
+            for n in a.namelist():
+                if n != "model.weights.h5":
+                    assert a.read(n) == b.read(n)
+            a.extract("model.weights.h5", tmp_path / "a")
+            b.extract("model.weights.h5", tmp_path / "b")
+        assert_same_h5(tmp_path / "a" / "model.weights.h5", tmp_path / "b" / "model.weights.h5")
+    else:
+        assert_same_h5(dst, back)
+    with h5py.File(sp_path) as h:
+        assert h.attrs["format"] == "sparsecore-sparse-hdf5" and h.attrs["source_sha256"] == before
+        assert h.attrs["criterion"] == "magnitude" and h.attrs["scope"] == scope
+        assert h.attrs["tool_version"] == sc.__version__
+        g = h["tensors/0"]
+        a = sc.check_csr  # the stored CSR is canonical
+        import scipy.sparse as sp
+
+        a(sp.csr_array((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"])),
+          full=True)
+
+
+def test_legacy_split_attributes_bytes_and_empty_layers(tmp_path, rng):
+    """Keras 2 HDF5 written by hand: split layer_names, bytes attributes, a layer without weights."""
+    path = tmp_path / "legacy.h5"
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+    w2 = rng.standard_normal((4, 2)).astype(np.float32)
+    with h5py.File(path, "w") as h:
+        mw = h.create_group("model_weights")
+        mw.attrs["layer_names0"] = np.array([b"input", b"dense_a"])
+        mw.attrs["layer_names1"] = np.array([b"dense_b"])
+        mw.attrs["backend"] = b"tensorflow"
+        mw.create_group("input").attrs["weight_names"] = np.array([], dtype="S1")
+        ga = mw.create_group("dense_a")
+        ga.attrs["weight_names"] = np.array([b"dense_a/kernel:0", b"dense_a/bias:0"])
+        ga.create_dataset("dense_a/kernel:0", data=w1)
+        ga.create_dataset("dense_a/bias:0", data=np.zeros(4, np.float32))
+        gb = mw.create_group("dense_b")
+        gb.attrs["weight_names"] = ["dense_b/kernel:0"]  # str attributes
+        gb.create_dataset("dense_b/kernel:0", data=w2)
+        h.create_dataset("optimizer_weights/adam/m", data=rng.standard_normal((6, 4)).astype(np.float32))
+    with open_weights(path) as r:
+        assert r.format == "keras-legacy"
+        assert list(r.entries) == ["dense_a/dense_a/kernel:0", "dense_a/dense_a/bias:0", "dense_b/dense_b/kernel:0"]
+        assert r.select() == ["dense_a/dense_a/kernel:0", "dense_b/dense_b/kernel:0"]
+    out = tmp_path / "out.h5"
+    prune_file(path, out, sparsity=0.5)
+    with h5py.File(out) as h:
+        k = h["model_weights/dense_a/dense_a/kernel:0"][()]
+        assert (k == 0).sum() == 12
+        np.testing.assert_array_equal(k, np.where(sc.sparsity_mask(w1, 0.5, absolute=True), w1, 0))
+        assert list(h["model_weights"].attrs["layer_names0"]) == [b"input", b"dense_a"]
+        np.testing.assert_array_equal(h["optimizer_weights/adam/m"][()],
+                                      h5py.File(path)["optimizer_weights/adam/m"][()])
+
+
+# --- safetensors and PyTorch ----------------------------------------------------------
+
+def test_safetensors_round_trips_and_passes_non_floats(tmp_path, rng):
+    stn = pytest.importorskip("safetensors.numpy")
+    tensors = {"emb.weight": rng.standard_normal((50, 16)).astype(np.float32),
+               "fc.weight": rng.standard_normal((16, 16)).astype(np.float16),
+               "fc.bias": rng.standard_normal(16).astype(np.float32),
+               "pos_ids": np.arange(50, dtype=np.int64)[None],
+               "head.weight": rng.standard_normal((4, 16))}
+    src = tmp_path / "m.safetensors"
+    stn.save_file(tensors, str(src), metadata={"format": "np", "note": "kept"})
+    dst = tmp_path / "out.safetensors"
+    res = prune_file(src, dst, sparsity=0.6, scope="global")
+    got = stn.load_file(str(dst))  # the reference implementation reads our output
+    want = sc.prune({k: tensors[k] for k in ("emb.weight", "fc.weight", "head.weight")}, sparsity=0.6, scope="global")
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        if k in want.masks:
+            np.testing.assert_array_equal(got[k], np.where(want.masks[k], v, 0))
+        else:
+            assert got[k].tobytes() == v.tobytes()
+    assert res.copied == ["fc.bias", "pos_ids"] or set(res.copied) == {"fc.bias", "pos_ids"}
+    with open_weights(dst) as r:
+        assert r.metadata == {"format": "np", "note": "kept"}
+    sp_path = tmp_path / "m.sparse.h5"
+    prune_file(src, sp_path, sparsity=0.6, scope="global")
+    back = tmp_path / "back.safetensors"
+    densify_file(sp_path, back)
+    again = stn.load_file(str(back))
+    for k in tensors:
+        assert again[k].tobytes() == got[k].tobytes()
+
+
+def test_bfloat16_safetensors(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    stt = pytest.importorskip("safetensors.torch")
+    w = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32)).to(torch.bfloat16)
+    src = tmp_path / "bf.safetensors"
+    stt.save_file({"w": w}, str(src))
+    dst = tmp_path / "out.safetensors"
+    prune_file(src, dst, sparsity=0.5)
+    got = stt.load_file(str(dst))["w"]
+    mask = sc.sparsity_mask(w.float().numpy(), 0.5, absolute=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.where(torch.from_numpy(mask), w, torch.zeros_like(w)))
+    sp_path = tmp_path / "bf.sparse.h5"
+    prune_file(src, sp_path, sparsity=0.5)
+    densify_file(sp_path, tmp_path / "back.safetensors")
+    assert torch.equal(stt.load_file(str(tmp_path / "back.safetensors"))["w"], got)
+
+
+def test_torch_state_dict(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4),
+                                torch.nn.BatchNorm1d(4))
+    src = tmp_path / "m.pt"
+    torch.save(model.state_dict(), src)
+    dst = tmp_path / "out.pt"
+    prune_file(src, dst, sparsity=0.75)
+    sd = torch.load(dst, weights_only=True)
+    fresh = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4),
+                                torch.nn.BatchNorm1d(4))
+    fresh.load_state_dict(sd, strict=True)  # loads into the original architecture
+    for k in ("0.weight", "2.weight"):
+        w = model.state_dict()[k].numpy()
+        np.testing.assert_array_equal(sd[k].numpy(), np.where(sc.sparsity_mask(w, 0.75, absolute=True), w, 0))
+    assert sd["3.num_batches_tracked"].dtype == torch.int64
+    sp_path = tmp_path / "m.sparse.h5"
+    prune_file(src, sp_path, sparsity=0.75)
+    densify_file(sp_path, tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# --- scores files, selection options -------------------------------------------------
+
+def test_scores_file_and_options_match_in_memory_prune(tmp_path, rng):
+    weights = {f"l{i}.weight": rng.standard_normal((32, 24)).astype(np.float32) for i in range(4)}
+    weights["l0.weight"] *= 10
+    src = tmp_path / "w.safetensors"
+    with open(src, "wb") as f:
+        from sparsecore.io import _safetensors as st
+
+        st.write(f, [(k, "F32", v.shape, lambda v=v: v) for k, v in weights.items()])
+    scores = {k: rng.random(v.shape) for k, v in weights.items()}
+    np.savez(tmp_path / "scores.npz", **scores)
+    for kw in [dict(sparsity=0.8, scope="global", normalize="l2", min_sparsity=0.1, max_sparsity=0.95),
+               dict(threshold=0.5), dict(sparsity=0.3, scope="global")]:
+        dst = tmp_path / "o.sparse.h5"
+        prune_file(src, dst, scores=tmp_path / "scores.npz", criterion="fisher", force=True, **kw)
+        want = sc.prune(weights, scores, **kw)
+        with open_weights(dst) as r:
+            for k in weights:
+                np.testing.assert_array_equal(r.mask(k), want.masks[k])
+        with h5py.File(dst) as h:
+            assert h.attrs["criterion"] == "fisher"
+    with pytest.raises(UserError, match="scores file .* has no tensor 'l3.weight'"):
+        np.savez(tmp_path / "bad.npz", **{k: v for k, v in scores.items() if k != "l3.weight"})
+        prune_file(src, tmp_path / "x.safetensors", sparsity=0.5, scores=tmp_path / "bad.npz")
+    r = prune_file(src, tmp_path / "inc.safetensors", sparsity=0.5, include=["l1*", "l2"], exclude=["l2.weight"])
+    assert [s.name for s in r.summary] == ["l1.weight"]
+
+
+# --- safety ----------------------------------------------------------------------------
+
+def _small_safetensors(path, rng):
+    from sparsecore.io import _safetensors as st
+
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    with open(path, "wb") as f:
+        st.write(f, [("w", "F32", w.shape, lambda: w)])
+
+
+def test_output_rules(tmp_path, rng):
+    src = tmp_path / "w.safetensors"
+    _small_safetensors(src, rng)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        prune_file(src, src, sparsity=0.5, force=True)
+    dst = tmp_path / "o.safetensors"
+    dst.write_bytes(b"old")
+    with pytest.raises(UserError, match="exists; pass --force"):
+        prune_file(src, dst, sparsity=0.5)
+    assert dst.read_bytes() == b"old"
+    prune_file(src, dst, sparsity=0.5, force=True)
+    assert dst.read_bytes() != b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors", "w.safetensors"]  # no temporaries
+
+
+def _corrupt_inputs(tmp_path, rng, keras_ok):
+    cases = {}
+    src = tmp_path / "w.safetensors"
+    _small_safetensors(src, rng)
+    data = src.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    cases["trunc.safetensors"] = "truncated"
+    (tmp_path / "text.h5").write_bytes(b"this is not HDF5 at all, only text\n" * 10)
+    cases["text.h5"] = "unknown weight-file format .*no HDF5 signature"
+    with h5py.File(tmp_path / "good.h5", "w") as h:
+        h["w"] = rng.standard_normal((64, 64)).astype(np.float32)
+    good = (tmp_path / "good.h5").read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(good[: len(good) // 2])
+    cases["trunc.h5"] = "truncated or corrupt|unreadable"
+    with zipfile.ZipFile(tmp_path / "nokeras.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    cases["nokeras.keras"] = "without model.weights.h5"
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    cases["blob.bin"] = "unknown weight-file format"
+    bad_header = struct.pack("<Q", 10) + b"{not json}"
+    (tmp_path / "badjson.safetensors").write_bytes(bad_header)
+    cases["badjson.safetensors"] = "not valid JSON"
+    return cases
+
+
+def test_corrupt_and_unknown_inputs_give_clear_errors_and_no_output(tmp_path, rng):
+    cases = _corrupt_inputs(tmp_path, rng, False)
+    for name, pattern in cases.items():
+        before = sha(tmp_path / name)
+        out = tmp_path / f"out-{name}.sparse.h5"
+        with pytest.raises((FormatError, UserError), match=pattern):
+            prune_file(tmp_path / name, out, sparsity=0.5)
+        assert not out.exists()
+        assert sha(tmp_path / name) == before
+    leftovers = [p.name for p in tmp_path.iterdir() if "sparsecore-tmp" in p.name]
+    assert leftovers == []
+
+
+def test_densify_refuses_dense_files(tmp_path, rng):
+    src = tmp_path / "w.safetensors"
+    _small_safetensors(src, rng)
+    with pytest.raises(UserError, match="not a sparsecore sparse file"):
+        densify_file(src, tmp_path / "o.safetensors")
+
+
+def test_sparse_file_reports_bytes_and_masks_with_kept_zeros(tmp_path, rng):
+    from sparsecore.io import _safetensors as st
+
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    w[0, :10] = 0  # kept zeros: the mask cannot be derived from the CSR
+    src = tmp_path / "w.safetensors"
+    with open(src, "wb") as f:
+        st.write(f, [("w", "F32", w.shape, lambda: w)])
+    scores = {"w": np.ones_like(w)}
+    scores["w"][5:] = 0
+    np.savez(tmp_path / "s.npz", **scores)
+    dst = tmp_path / "w.sparse.h5"
+    res = prune_file(src, dst, threshold=0.5, scores=tmp_path / "s.npz")
+    with open_weights(dst) as r:
+        np.testing.assert_array_equal(r.mask("w"), scores["w"] > 0.5)
+        assert r.nnz("w") == 5 * 64 - 10
+    assert res.output_bytes < res.input_bytes
+    assert json.loads(h5py.File(dst).attrs["threshold"]) == 0.5
