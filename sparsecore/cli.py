@@ -74,8 +74,12 @@ def _parser():
                    help="prune only tensors matching (fnmatch or substring; repeatable)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune these")
     q.add_argument("--sparse", action="store_true", help="write sparse HDF5 whatever the output's name")
+    q.add_argument("--compress", choices=["gzip", "lzf"],
+                   help="HDF5 filters on the sparse output's CSR arrays (smaller, slower)")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    q.add_argument("--no-sync", action="store_true",
+                   help="skip the fsync before the rename (faster; still atomic, not durable on power loss)")
 
     q = sub.add_parser("densify", help="turn a sparse HDF5 file back into its source format")
     q.add_argument("input")
@@ -184,7 +188,8 @@ def _prune(args, parser):
                          scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
                          min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, normalize=args.normalize,
                          include=args.include, exclude=args.exclude, sparse=True if args.sparse else None,
-                         force=args.force, progress=_Progress(not args.quiet))
+                         force=args.force, progress=_Progress(not args.quiet), sync=not args.no_sync,
+                         compression=args.compress)
         if not args.quiet:
             where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
             print(f"pruned {where}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")

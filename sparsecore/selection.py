@@ -185,8 +185,10 @@ def _search_sampled(sources, k, wide):
     for src, size in zip(sources, sizes):
         mt = min(size, -(-m_all * size // n))  # proportional, at least one of a non-empty tensor
         part = np.empty(mt, np.uint64)
-        cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, wide, part)
-        parts.append(part)
+        # A source read from a file offers a cheap subset (every k-th row) to sample.
+        data = src.sample_data(mt) if hasattr(src, "sample_data") else src.data
+        cpu_select.sample_keys(data, src.mode, src.inv, src.scaled, wide, part[:min(mt, data.size)])
+        parts.append(part[:min(mt, data.size)])
     sample = np.concatenate(parts)
     m = sample.size
     q = k / n
@@ -203,7 +205,10 @@ def _search_sampled(sources, k, wide):
     cands = []
     for t, src in enumerate(sources):
         nchunks = _nchunks(src.size)
-        cap = int(2 * frac * src.size / nchunks) + 1024
+        # room for twice the share of this tensor's own sample inside the bracket
+        part = parts[t]
+        inside = int(np.count_nonzero((part >= lo_key) & (part <= hi_key))) / max(part.size, 1)
+        cap = int(2 * max(inside, frac) * src.size / nchunks) + 1024
         if cap * nchunks > max(src.size // 8, 1 << 16):  # the bracket is too wide to pay off
             return None
         buf = np.empty(cap * nchunks, np.uint64)

@@ -200,3 +200,9 @@ def conv2d_nchw(x, w_oihw, bias):
             patch = x[:, :, p:p + H - kh + 1, q:q + W - kw + 1]
             out += np.einsum("nchw,oc->nohw", patch, w[:, :, p, q])
     return out + np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
+
+
+def keep_raw(raw, mask):
+    """Bit patterns with the dropped entries zeroed, and the kept non-zero count."""
+    out = np.where(mask, raw, 0).astype(raw.dtype)
+    return out, int(np.count_nonzero(np.asarray(raw)[mask]))

@@ -362,3 +362,37 @@ def test_sparse_file_reports_bytes_and_masks_with_kept_zeros(tmp_path, rng):
         assert r.nnz("w") == 5 * 64 - 10
     assert res.output_bytes < res.input_bytes
     assert json.loads(h5py.File(dst).attrs["threshold"]) == 0.5
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype, bits", [(np.float32, np.uint32), (np.float64, np.uint64), (np.float16, np.uint16)])
+@pytest.mark.parametrize("n", [0, 1, 7, 70_000])
+def test_keep_raw_kernel(rng, dtype, bits, n):
+    from sparsecore._kernels.cpu_pattern import keep_raw
+
+    from . import reference as ref
+
+    vals = rng.standard_normal(n).astype(dtype)
+    vals[::5] = 0
+    mask = rng.random(n) < 0.5
+    raw = vals.copy().view(bits)
+    want, want_nz = ref.keep_raw(vals.view(bits), mask)
+    got_nz = keep_raw(raw, mask, vals.astype(np.float32) if dtype == np.float16 else vals.copy())
+    assert raw.tobytes() == want.tobytes() and got_nz == want_nz
+
+
+def test_compressed_sparse_output_round_trips(tmp_path, rng):
+    stn = pytest.importorskip("safetensors.numpy")
+    w = {"a": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal((16, 16))}
+    src = tmp_path / "m.safetensors"
+    stn.save_file(w, str(src))
+    plain, packed = tmp_path / "p.sparse.h5", tmp_path / "c.sparse.h5"
+    prune_file(src, plain, sparsity=0.8)
+    prune_file(src, packed, sparsity=0.8, compression="gzip")
+    with h5py.File(packed) as h:
+        assert h["tensors/0/indices"].compression == "gzip"
+    densify_file(plain, tmp_path / "p.safetensors")
+    densify_file(packed, tmp_path / "c.safetensors")
+    assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    with pytest.raises(UserError, match="compression applies to sparse HDF5"):
+        prune_file(src, tmp_path / "x.safetensors", sparsity=0.5, compression="gzip")

@@ -261,3 +261,24 @@ def unit_reduce(mode, wide, scaled):
             first_bad[u] = fb
 
     return kernel
+
+
+@njit(parallel=True, cache=True)
+def keep_raw(raw, mask, values):
+    """Zero the entries of ``raw`` (unsigned integers of the elements' width:
+    their bit patterns) that ``mask`` drops, and count the kept non-zero
+    ``values``. Zero bits are +0.0 in every float format."""
+    n = raw.size
+    nchunks = max(1, min(64, n >> 16))
+    counts = np.zeros(nchunks, np.int64)
+    for c in prange(nchunks):
+        lo = c * n // nchunks
+        hi = (c + 1) * n // nchunks
+        nz = 0
+        for i in range(lo, hi):
+            k = mask[np.uint64(i)]
+            nz += k & (values[np.uint64(i)] != 0)
+            if not k:  # a plain store: ``x if k else 0`` would unify uint64 with int64 as float64
+                raw[np.uint64(i)] = 0
+        counts[c] = nz
+    return counts.sum()

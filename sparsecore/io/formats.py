@@ -91,6 +91,11 @@ class WeightFile:
     def floats(self, name):
         return to_float(self.raw(name), self.entries[name])
 
+    def row_subset(self, name, step):
+        """Every ``step``-th row (first-axis entry) of a tensor, as floats; a
+        reader that can read a strided selection reads only those."""
+        return to_float(np.ascontiguousarray(self.raw(name)[::step]), self.entries[name])
+
     def close(self):
         pass
 
@@ -187,6 +192,10 @@ class H5File(WeightFile):
         if out.size:
             ds.read_direct(out)
         return out
+
+    def row_subset(self, name, step):
+        ds = self.h5[self.prefix + name]
+        return to_float(ds[::step] if ds.ndim else ds[()], self.entries[name])
 
     def close(self):
         if isinstance(self.h5, h5py.File):

@@ -11,6 +11,7 @@ Layout::
                source_path (the dataset's path in the source HDF5, if any)
         data                the stored values, the tensor's dtype (bfloat16 as float32, exactly)
         indices, indptr     CSR of the 2-D view, canonical (sorted, no duplicates), int32 or int64
+                            (data, indices, indptr optionally with HDF5's shuffle + gzip or lzf filters)
         mask                only when kept != nnz: the keep-mask, np.packbits of the flat C-order mask
     /container              what rebuilds the source format; attrs: kind = "hdf5" | "keras" |
                             "safetensors" | "torch"
@@ -49,12 +50,20 @@ def f32_to_bf16(x):
 class SparseWriter:
     """Writes a sparse HDF5 file tensor by tensor."""
 
-    def __init__(self, path, attrs):
+    def __init__(self, path, attrs, compression=None):
+        if compression not in (None, "gzip", "lzf"):
+            raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+        self.filters = {} if compression is None else dict(
+            compression=compression, compression_opts=1 if compression == "gzip" else None, shuffle=True)
         self.h5 = h5py.File(path, "w")
         self.h5.attrs["format"] = SPARSE_TAG
         self.h5.attrs["format_version"] = FORMAT_VERSION
+        self.deferred = {}
         for k, v in attrs.items():
-            self.h5.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+            if callable(v):  # computed while the tensors are written (a checksum)
+                self.deferred[k] = v
+            else:
+                self.h5.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
         self.tensors = self.h5.create_group("tensors")
         self.container = self.h5.create_group("container")
         self.count = 0
@@ -72,14 +81,17 @@ class SparseWriter:
         g.attrs["kept"] = kept
         if source_path is not None:
             g.attrs["source_path"] = source_path
-        g.create_dataset("data", data=csr.data)
-        g.create_dataset("indices", data=csr.indices)
-        g.create_dataset("indptr", data=csr.indptr)
+        for key, arr in (("data", csr.data), ("indices", csr.indices), ("indptr", csr.indptr)):
+            g.create_dataset(key, data=arr, **(self.filters if arr.size else {}))
         if kept != csr.nnz:
             g.create_dataset("mask", data=np.packbits(mask))
 
     def close(self):
-        self.h5.close()
+        try:
+            for k, v in self.deferred.items():
+                self.h5.attrs[k] = v()
+        finally:
+            self.h5.close()
 
 
 class SparseFile(WeightFile):
