@@ -133,3 +133,19 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
             assert not [q for q in tmp_path.iterdir() if q.name.startswith(f".out{i}.")]
         assert sha(src) == before
     assert "absent" in outcomes
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    from sparsecore.cli import _Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    _Progress(True)(1, 2, "a")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = _Progress(True)
+    bar(1, 2, "layer.a")
+    bar(2, 2, "layer.b")
+    err = capsys.readouterr().err
+    assert "1/2 layer.a" in err and "2/2 layer.b" in err and err.endswith("\n") and "#" * 30 in err
+    _Progress(False)(1, 2, "a")  # --quiet
+    assert capsys.readouterr().err == ""
