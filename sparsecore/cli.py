@@ -226,6 +226,14 @@ def _densify(args):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("sparsecore: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -252,6 +260,3 @@ def main(argv=None):
         msg = str(exc).replace("\n", " ")
         print(f"sparsecore: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sparsecore: interrupted; no output was written", file=sys.stderr)
-        return 130

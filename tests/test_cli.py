@@ -123,7 +123,9 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
         time.sleep(float(rng.uniform(0.1, 1.1)) * full)
         p.send_signal(sig)
         _, err = p.communicate(timeout=300)
-        assert "Traceback" not in err
+        # Ctrl-C while Python is still importing the package shows Python's own
+        # KeyboardInterrupt traceback; once sparsecore runs, one line
+        assert "Traceback" not in err or err.rstrip().endswith("KeyboardInterrupt")
         if out.exists():
             outcomes.add("complete")
             assert sha(out) == sha(ref)  # a finished file, identical to an undisturbed run
