@@ -159,6 +159,21 @@ def _obd(w, state):
     return 0.5 * np.square(np.asarray(w, np.float64)) * _need(state, "g2", "obd")
 
 
+def _wanda(w, state):
+    """|w| times the L2 norm of the input feature each weight reads."""
+    if "x_norm" not in state:
+        raise ValueError("criterion 'wanda' needs state['x_norm'], the L2 norm over samples of each input "
+                         "feature of the layer (the PyTorch adapter's collect_activations(feature_norms=True))")
+    w = np.abs(np.asarray(w, np.float64))
+    nrm = np.asarray(state["x_norm"], np.float64)
+    if w.ndim >= 2 and nrm.shape == (w.shape[1],):  # (out, in, ...): the input axis is 1
+        return w * nrm.reshape((1, -1) + (1,) * (w.ndim - 2))
+    if w.ndim == 2 and nrm.shape == (w.shape[0],):  # a Keras (in, out) kernel
+        return w * nrm[:, None]
+    raise ValueError(f"state['x_norm'] of shape {nrm.shape} fits neither axis 1 nor (for a 2-D (in, out) "
+                     f"kernel) axis 0 of weights of shape {w.shape}")
+
+
 for _c in (
     Criterion("magnitude", lambda w, s: magnitude(w, 1), (), "|w|", _mode=MODE_ABS),
     Criterion("magnitude_squared", lambda w, s: magnitude(w, 2), (), "w**2", _mode=MODE_SQUARE),
@@ -166,6 +181,7 @@ for _c in (
     Criterion("taylor", _taylor, ("wg",), "|sum of w*g| (Molchanov et al. 2017/2019)"),
     Criterion("taylor_squared", _taylor_squared, ("wg2",), "sum of (w*g)**2"),
     Criterion("obd", _obd, ("g2",), "0.5 * w**2 * sum of g**2 (LeCun et al. 1990, Optimal Brain Damage)"),
+    Criterion("wanda", _wanda, (), "|w| * ||x_j||_2 of the input feature (Sun et al. 2023, Wanda)"),
 ):
     register_criterion(_c)
 del _c

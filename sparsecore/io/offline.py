@@ -190,7 +190,8 @@ def sha256_of(path):
 
 def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local", scores=None,
                criterion: str | None = None, min_sparsity=0.0, max_sparsity=1.0, normalize: str = "none",
-               include: Iterable[str] = (), exclude: Iterable[str] = (), sparse: bool | None = None,
+               include: Iterable[str] = (), exclude: Iterable[str] = (), tensors: Iterable[str] | None = None,
+               sparse: bool | None = None,
                force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                sync: bool = True, compression: str | None = None) -> FileResult:
     """Prune the weight file ``src`` into ``dst``.
@@ -212,6 +213,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     include, exclude : iterable of str
         Name patterns (fnmatch or substring). By default every float tensor
         with two or more dimensions is pruned (optimizer state excepted).
+    tensors : iterable of str, optional
+        Exact names to prune, instead of ``include``/``exclude``.
     force : bool
         Replace an existing ``dst``.
     progress : callable (done, total, name), optional
@@ -245,7 +248,13 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         if isinstance(reader, SparseFile):
             raise UserError(f"{src}: already a sparsecore sparse file; densify it first "
                             f"('sparsecore densify {src} -o FILE'), then prune that")
-        names = reader.select(include, exclude)
+        if tensors is not None:
+            names = list(tensors)
+            bad = [n for n in names if n not in reader.entries or not reader.entries[n].is_float]
+            if bad:
+                raise UserError(f"{src}: no float tensor named {bad[0]!r}")
+        else:
+            names = reader.select(include, exclude)
         if not names:
             raise UserError(f"{src}: no tensor to prune (float tensors with 2+ dimensions by default; "
                             f"the file has {len(reader.entries)} tensors; see --include)")

@@ -1,0 +1,643 @@
+"""PyTorch adapter: weights, gradients and activations out; masks, CSR and smaller layers back.
+
+The adapter converts and collects; the engine decides. Importing it imports
+PyTorch (``pip install torch==2.13.0``); ``import sparsecore`` never does.
+
+Out of PyTorch
+    :func:`prunable`, :func:`weights` (NumPy views of CPU parameters, no
+    copy), :func:`collect_gradients` (batch or per-sample gradients into a
+    :class:`sparsecore.GradientAccumulator`), :func:`collect_activations`
+    (per-unit MI against labels, pairwise MI between the two ends of each
+    weight, input-feature norms for Wanda), :func:`masks_from_torch_prune`.
+Into PyTorch
+    :func:`apply_masks`, :class:`MaskHold` (pruned weights stay exactly zero
+    through optimizer steps), :func:`to_torch_csr` / :func:`from_torch_csr`,
+    :class:`SparseLinear` and :func:`swap_sparse_linear`, :func:`shrink_model`,
+    :func:`masked_state_dict`, :func:`save_sparse`.
+
+Batch gradients versus per-sample gradients: ``per_sample=False`` adds, per
+batch, the gradient of the batch's mean loss, so ``Σ g²`` sums squared
+batch means (its size depends on the batch size, and per-sample
+disagreement cancels inside a batch). ``per_sample=True`` computes each
+sample's own gradient with ``torch.func`` (``grad`` under ``vmap``) and sums
+their squares: the empirical Fisher ``Σ_samples (∂L/∂w)²`` of the reference
+article. Both leave the model as they found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+import sparsecore as sc
+
+__all__ = [
+    "ActivationStats", "MaskHold", "SparseLinear", "apply_masks", "collect_activations", "collect_gradients",
+    "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable", "save_sparse", "shrink_model",
+    "swap_sparse_linear", "to_torch_csr", "weights",
+]
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _param_of(module, pname):
+    """A module's parameter, or its ``_orig`` under ``torch.nn.utils.prune``."""
+    p = module._parameters.get(pname)
+    return p if p is not None else module._parameters.get(pname + "_orig")
+
+
+def prunable(model: nn.Module, include: Iterable[str] | None = None,
+             exclude: Iterable[str] = ()) -> dict[str, nn.Parameter]:
+    """Parameters to prune, by name (``"fc1.weight"``).
+
+    By default the ``weight`` of every ``Linear`` and ``Conv1d/2d/3d``; with
+    ``include`` (fnmatch patterns on the names of ``named_parameters``) those
+    instead, e.g. ``["*.weight"]`` or ``["embed.weight", "fc*.weight"]``.
+    ``exclude`` removes names. A module pruned with ``torch.nn.utils.prune``
+    is listed under its plain name; its ``weight_orig`` is the parameter.
+    """
+    out = {}
+    if include is None:
+        for mname, m in model.named_modules():
+            if isinstance(m, PRUNABLE_TYPES):
+                p = _param_of(m, "weight")
+                if p is not None:
+                    out[f"{mname}.weight" if mname else "weight"] = p
+    else:
+        pats = [include] if isinstance(include, str) else list(include)
+        for name, p in model.named_parameters():
+            plain = name[:-5] if name.endswith("_orig") else name
+            if any(fnmatch.fnmatchcase(plain, pat) for pat in pats):
+                out[plain] = p
+        if not out:
+            raise ValueError(f"include={pats} matches no parameter; the model has "
+                             f"{[n for n, _ in model.named_parameters()][:8]}...")
+    ex = [exclude] if isinstance(exclude, str) else list(exclude)
+    return {k: v for k, v in out.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in ex)}
+
+
+def _host(t):
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def weights(model: nn.Module, include=None, exclude=(), *, device: str = "host") -> dict:
+    """The prunable weights as arrays, by name.
+
+    ``device="host"``: NumPy arrays; for CPU float32/float64 parameters they
+    are views of the parameters (no copy: do not write into them), others
+    are copied to the host (bfloat16 widened to float32). ``device="device"``:
+    the detached tensors themselves, which expose ``__cuda_array_interface__``
+    when on a GPU (for the CUDA backend; the CPU engine takes NumPy arrays).
+    """
+    params = prunable(model, include, exclude)
+    if device == "device":
+        return {k: p.detach() for k, p in params.items()}
+    if device != "host":
+        raise ValueError(f"device must be 'host' or 'device', got {device!r}")
+    return {k: _host(_effective(model, k, p)) for k, p in params.items()}
+
+
+def _effective(model, name, p):
+    """The weight the forward pass uses: ``weight_orig * weight_mask`` under torch prune."""
+    mname, _, pname = name.rpartition(".")
+    m = model.get_submodule(mname) if mname else model
+    if hasattr(m, pname + "_mask"):
+        return getattr(m, pname)
+    return p
+
+
+def masks_from_torch_prune(model: nn.Module) -> dict:
+    """Keep-masks of a model pruned with ``torch.nn.utils.prune`` (its
+    ``<name>_mask`` buffers), by parameter name, as bool arrays."""
+    out = {}
+    for mname, m in model.named_modules():
+        for bname, buf in m.named_buffers(recurse=False):
+            if bname.endswith("_mask") and (bname[:-5] + "_orig") in m._parameters:
+                key = f"{mname}.{bname[:-5]}" if mname else bname[:-5]
+                out[key] = _host(buf) != 0
+    return out
+
+
+@contextlib.contextmanager
+def _preserved(model, mode):
+    """Restore train/eval mode, requires_grad and .grad of every parameter,
+    and remove hooks registered inside, also when an exception is raised."""
+    training = {m: m.training for m in model.modules()}
+    req = {p: p.requires_grad for p in model.parameters()}
+    grads = {p: p.grad for p in model.parameters()}
+    hooks = []
+    try:
+        if mode == "eval":
+            model.eval()
+        elif mode == "train":
+            model.train()
+        elif mode != "keep":
+            raise ValueError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
+        yield hooks
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in training.items():
+            m.training = t
+        for p, r in req.items():
+            p.requires_grad_(r)
+            p.grad = grads[p]
+
+
+def _batches(data, max_batches):
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("data must yield (inputs, targets) batches")
+        yield batch[0], batch[1]
+
+
+def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None, exclude=(),
+                      accumulator: sc.GradientAccumulator | None = None, stats=("g2",),
+                      per_sample: bool = False, max_batches: int | None = None,
+                      mode: str = "eval") -> sc.GradientAccumulator:
+    """Feed gradients of ``loss_fn(model(x), y)`` over ``data`` to an accumulator.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : iterable of (inputs, targets)
+        A ``DataLoader`` or any iterable of batches (tensors on the model's device).
+    loss_fn : callable (outputs, targets) -> scalar
+        With ``per_sample``, it is called on batches of one sample.
+    include, exclude
+        Which parameters (see :func:`prunable`).
+    accumulator : GradientAccumulator, optional
+        Continue one; else a new one with ``stats`` (add ``"wg"`` for Taylor).
+    per_sample : bool
+        True per-sample gradients via ``torch.func`` (the empirical Fisher);
+        else one gradient of the mean loss per batch. See the module notes.
+    max_batches : int, optional
+    mode : {"eval", "train", "keep"}
+        The mode to run the model in (``eval``: batch norm uses its running
+        statistics, which per-sample gradients need). Restored afterwards.
+
+    Returns
+    -------
+    GradientAccumulator
+    """
+    params = prunable(model, include, exclude)
+    acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
+    need_w = "wg" in acc.stats or "wg2" in acc.stats
+    with _preserved(model, mode):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        if per_sample:
+            from torch.func import functional_call, grad, vmap
+
+            names = list(params)
+            full = dict(model.named_parameters())
+            bufs = dict(model.named_buffers())
+            keys = {k: (k + "_orig" if k + "_orig" in full else k) for k in names}
+
+            def loss_one(sel, x1, y1):
+                p_all = {k: v.detach() for k, v in full.items()}
+                p_all.update({keys[k]: v for k, v in sel.items()})
+                out = functional_call(model, (p_all, bufs), (x1.unsqueeze(0),))
+                return loss_fn(out, y1.unsqueeze(0))
+
+            per = vmap(grad(loss_one), in_dims=(None, 0, 0))
+            for x, y in _batches(data, max_batches):
+                g = per({k: params[k].detach() for k in names}, x, y)
+                w = {k: _host(_effective(model, k, params[k])) for k in names} if need_w else None
+                acc.update({k: _host(g[k]) for k in names}, weights=w, per_sample=True)
+        else:
+            for x, y in _batches(data, max_batches):
+                for p in params.values():
+                    p.grad = None
+                loss_fn(model(x), y).backward()
+                w = {k: _host(_effective(model, k, p)) for k, p in params.items()} if need_w else None
+                acc.update({k: _host(p.grad) for k, p in params.items()}, weights=w)
+    return acc
+
+
+class ActivationStats:
+    """What :func:`collect_activations` gathered, by module and parameter name."""
+
+    def __init__(self):
+        self.unit = {}  # module name -> UnitMIAccumulator
+        self.pairwise = {}  # weight name -> PairwiseMIAccumulator
+        self.sq = {}  # weight name -> sum over samples of x_j**2
+        self.weight_of = {}  # module name -> weight name
+
+    def unit_mi(self, **options) -> dict:
+        """Per-unit MI against the labels, by module name (options as ``UnitMIAccumulator.mi``)."""
+        return {k: a.mi(**options) for k, a in self.unit.items()}
+
+    def unit_scores(self, **options) -> dict:
+        """Per-unit MI keyed by the module's weight name, for ``prune(..., pattern=Units())``."""
+        return {self.weight_of[k]: v for k, v in self.unit_mi(**options).items() if k in self.weight_of}
+
+    def state(self) -> dict:
+        """Per weight name, the state the ``mutual_info`` and ``wanda`` criteria read."""
+        out = {}
+        for k, a in self.pairwise.items():
+            out.setdefault(k, {})["mi"] = a.mi()
+        for k, s in self.sq.items():
+            out.setdefault(k, {})["x_norm"] = np.sqrt(s)
+        return out
+
+
+def _unit_view(t, name):
+    """(samples, units) float array of a module's output or input."""
+    a = _host(t)
+    if a.ndim > 2:  # conv maps (N, C, ...): one value per channel, the spatial mean
+        a = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2)
+    elif a.ndim == 1:
+        a = a[:, None]
+    return np.ascontiguousarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+
+
+def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str] | None = None, *,
+                        n_classes: int | None = None, bins: int = 16, unit: bool = True,
+                        pairwise: bool = False, feature_norms: bool = False,
+                        max_batches: int | None = None, mode: str = "eval") -> ActivationStats:
+    """Activations by module name through forward hooks, fed to the engine.
+
+    Two passes over ``data`` (so a re-iterable: a ``DataLoader`` or a list):
+    the first finds each unit's range (equal-width ``bins`` over it), the
+    second counts. Convolution maps are reduced to one
+    value per channel (the spatial mean).
+
+    Parameters
+    ----------
+    modules : names, optional
+        Modules whose outputs are the units (default: every Linear and Conv).
+    n_classes : int
+        Labels are 0 .. n_classes - 1 (the targets of ``data``); needed for ``unit``.
+    unit : bool
+        Per-unit MI of each module's output against the labels.
+    pairwise : bool
+        For each Linear/Conv module, MI between every input feature (channel)
+        and every output unit: an ``(out, in)`` matrix, the ``mutual_info``
+        criterion's state for its weight.
+    feature_norms : bool
+        The L2 norm over samples of each input feature of each Linear/Conv
+        module (per input channel, over positions too, for a convolution):
+        the ``wanda`` criterion's state.
+    """
+    if iter(data) is data:
+        raise TypeError("collect_activations reads data twice (ranges, then counts): pass a DataLoader or a "
+                        "list of batches, not a generator or an iterator")
+    names = list(modules) if modules is not None else [n for n, m in model.named_modules()
+                                                         if isinstance(m, PRUNABLE_TYPES)]
+    mods = {n: model.get_submodule(n) for n in names}
+    if unit and n_classes is None:
+        raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
+    stats = ActivationStats()
+    for n, m in mods.items():
+        if isinstance(m, PRUNABLE_TYPES):
+            stats.weight_of[n] = f"{n}.weight" if n else "weight"
+    lo, hi = {}, {}
+
+    def ranges(name, a):
+        mn, mx = a.min(axis=0), a.max(axis=0)
+        if name in lo:
+            np.minimum(lo[name], mn, out=lo[name])
+            np.maximum(hi[name], mx, out=hi[name])
+        else:
+            lo[name], hi[name] = mn.astype(np.float64), mx.astype(np.float64)
+
+    captured = {}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            captured[name] = (inputs[0], output)
+        return hook
+
+    def run(pass_fn):
+        with _preserved(model, mode) as hooks, torch.no_grad():
+            for n, m in mods.items():
+                hooks.append(m.register_forward_hook(hook_for(n)))
+            for x, y in _batches(data, max_batches):
+                captured.clear()
+                model(x)
+                pass_fn(captured, _host(y).astype(np.int64, copy=False).reshape(-1))
+
+    def first(cap, y):
+        for n, (inp, out) in cap.items():
+            ranges(("out", n), _unit_view(out, n))
+            if pairwise and n in stats.weight_of:
+                ranges(("in", n), _unit_view(inp, n))
+
+    run(first)
+    fitted = {k: sc.fit_bins(np.stack([lo[k], hi[k]]), bins) for k in lo}
+
+    def second(cap, y):
+        for n, (inp, out) in cap.items():
+            a_out = _unit_view(out, n)
+            if unit:
+                stats.unit.setdefault(n, sc.UnitMIAccumulator(fitted[("out", n)], n_classes)).update(a_out, y)
+            wname = stats.weight_of.get(n)
+            if wname is None:
+                continue
+            a_in = _unit_view(inp, n)
+            if pairwise:
+                stats.pairwise.setdefault(wname, sc.PairwiseMIAccumulator(fitted[("in", n)], fitted[("out", n)])) \
+                    .update(a_in, a_out)
+            if feature_norms:
+                x = _host(inp)
+                sq = (x.astype(np.float64) ** 2)
+                sq = sq.reshape(-1, sq.shape[-1]).sum(axis=0) if isinstance(mods[n], nn.Linear) else \
+                    sq.reshape(sq.shape[0], sq.shape[1], -1).sum(axis=(0, 2))
+                stats.sq[wname] = stats.sq.get(wname, 0.0) + sq
+
+    run(second)
+    return stats
+
+
+# --- into PyTorch -----------------------------------------------------------------
+
+def _target(model, name):
+    mname, _, pname = name.rpartition(".")
+    m = model.get_submodule(mname) if mname else model
+    p = _param_of(m, pname)
+    if p is None:
+        raise ValueError(f"the model has no parameter {name!r}")
+    return m, pname, p
+
+
+def _mask_tensor(mask, p, name):
+    m = torch.as_tensor(np.asarray(mask))
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask {name!r} has dtype {m.dtype}; pass a bool array (True = kept)")
+    if tuple(m.shape) != tuple(p.shape):
+        raise ValueError(f"mask {name!r} has shape {tuple(m.shape)} but the parameter has {tuple(p.shape)}")
+    return m.to(p.device)
+
+
+def apply_masks(model: nn.Module, masks: Mapping) -> nn.Module:
+    """Zero the pruned weights in place (``masks``: name -> bool array, True = kept)."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            _, _, p = _target(model, name)
+            p.mul_(_mask_tensor(mask, p, name).to(p.dtype))
+    return model
+
+
+class MaskHold:
+    """Keep pruned weights exactly zero while fine-tuning, until :meth:`remove`.
+
+    The masks are applied at once; gradient hooks zero the gradients of
+    pruned weights (so momentum and Adam moments stay zero there), and a
+    post-step hook on each optimizer zeroes the pruned weights again after
+    every step (weight decay, or optimizer state from before the pruning,
+    cannot move them). Use as a context manager or call :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping, optimizers):
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        self.model = model
+        self.params = []
+        for name, mask in masks.items():
+            _, _, p = _target(model, name)
+            self.params.append((p, _mask_tensor(mask, p, name)))
+        apply_masks(model, masks)
+        self.handles = []
+        for p, m in self.params:
+            keep = m.to(p.dtype)
+            self.handles.append(p.register_hook(lambda g, keep=keep: g * keep))
+        for opt in optimizers:
+            self.handles.append(opt.register_step_post_hook(lambda *_: self._zero()))
+
+    def _zero(self):
+        with torch.no_grad():
+            for p, m in self.params:
+                p.masked_fill_(~m, 0)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def to_torch_csr(a) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` sharing ``a``'s arrays (scipy CSR, int32 or int64 indices)."""
+    if a.indices.dtype != a.indptr.dtype:
+        raise ValueError(f"CSR indices ({a.indices.dtype}) and indptr ({a.indptr.dtype}) must share a dtype")
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # our CSR is canonical (check_csr's rules); torch's own check would rescan it
+        return torch.sparse_csr_tensor(torch.from_numpy(a.indptr), torch.from_numpy(a.indices),
+                                       torch.from_numpy(a.data), size=a.shape, check_invariants=False)
+
+
+def from_torch_csr(t: torch.Tensor):
+    """``scipy.sparse.csr_array`` viewing a CPU sparse CSR tensor's arrays (no copy)."""
+    import scipy.sparse as sp
+
+    if t.layout != torch.sparse_csr:
+        raise TypeError(f"expected a sparse CSR tensor, got layout {t.layout}")
+    t = t.detach().cpu()
+    a = sp.csr_array((t.values().numpy(), t.col_indices().numpy(), t.crow_indices().numpy()),
+                     shape=tuple(t.shape), copy=False)
+    return a
+
+
+class SparseLinear(nn.Module):
+    """A drop-in ``nn.Linear`` whose weight is a sparse CSR tensor.
+
+    ``y = x @ W.T + b`` computed as ``W @ x.T`` with ``torch.sparse.mm``; it
+    gives the masked dense layer's outputs (to float rounding). Inference
+    only: the weight is a buffer, not a parameter.
+    """
+
+    def __init__(self, weight_csr: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight_csr.layout != torch.sparse_csr:
+            raise TypeError("weight_csr must be a sparse CSR tensor (to_torch_csr)")
+        self.out_features, self.in_features = weight_csr.shape
+        self.register_buffer("weight", weight_csr)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask=None) -> SparseLinear:
+        w = _host(linear.weight)
+        a = sc.to_csr(w, None if mask is None else np.asarray(mask))
+        t = to_torch_csr(a).to(linear.weight.device)
+        return cls(t, linear.bias)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = torch.sparse.mm(self.weight, x.reshape(-1, self.in_features).T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight._nnz()}"
+
+
+def _set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def swap_sparse_linear(model: nn.Module, masks: Mapping | None = None) -> nn.Module:
+    """Replace ``nn.Linear`` modules by :class:`SparseLinear`, in place.
+
+    With ``masks`` (name ``"fc.weight"`` -> keep-mask, or a ``PruneResult``),
+    only those layers, pruned by their masks; without, every Linear, storing
+    its non-zeros.
+    """
+    if isinstance(masks, sc.PruneResult):
+        masks = masks.masks
+    targets = {}
+    for mname, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear):
+            key = f"{mname}.weight" if mname else "weight"
+            if masks is None or key in masks:
+                targets[mname] = (m, None if masks is None else masks[key])
+    for mname, (m, mask) in targets.items():
+        _set_module(model, mname, SparseLinear.from_linear(m, mask))
+    return model
+
+
+def _bn_dict(bn):
+    return {"weight": _host(bn.weight) if bn.weight is not None else None,
+            "bias": _host(bn.bias) if bn.bias is not None else None,
+            "running_mean": _host(bn.running_mean), "running_var": _host(bn.running_var)}
+
+
+def shrink_model(model: nn.Module, chain: Iterable[str], keep: Mapping) -> nn.Module:
+    """A smaller copy of ``model`` with units removed from a chain of modules.
+
+    Parameters
+    ----------
+    chain : module names in order
+        ``Linear``, ``Conv1d/2d/3d`` (groups 1) and ``BatchNorm1d/2d/3d``
+        modules, each conv/linear feeding the next (a batch norm follows the
+        layer it normalises; activations and pooling in between are fine,
+        a flatten over positions is not).
+    keep : mapping layer name -> bool vector
+        Units (output features, filters) to keep, e.g. ``PruneResult.groups``
+        of ``prune(..., pattern=Units())`` keyed by ``"<module>.weight"`` or
+        by module name.
+
+    Returns
+    -------
+    nn.Module
+        A deep copy with new, smaller modules; it computes what the masked
+        model computes (removed units output zero).
+    """
+    chain = list(chain)
+    model = copy.deepcopy(model)
+    layers, bns, order = {}, {}, []
+    for name in chain:
+        m = model.get_submodule(name)
+        if isinstance(m, PRUNABLE_TYPES):
+            if getattr(m, "groups", 1) != 1:
+                raise ValueError(f"module {name!r} is a grouped convolution (groups={m.groups}); "
+                                 f"shrink handles groups=1")
+            layout = "oi" if isinstance(m, nn.Linear) else "oi" + "hwd"[: m.weight.ndim - 2]
+            layers[name] = sc.Layer(_host(m.weight), None if m.bias is None else _host(m.bias), layout)
+            order.append(name)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if not order:
+                raise ValueError(f"batch norm {name!r} comes before any layer of the chain")
+            layers[order[-1]].bn = {k: v for k, v in _bn_dict(m).items() if v is not None}
+            bns[order[-1]] = name
+        else:
+            raise TypeError(f"module {name!r} is a {type(m).__name__}; a chain holds Linear, Conv and BatchNorm")
+    k = {}
+    for key, v in keep.items():
+        lname = key[:-7] if key.endswith(".weight") else key
+        if lname not in layers:
+            raise ValueError(f"keep names {key!r}, which is not a Linear/Conv of the chain {order}")
+        k[lname] = np.asarray(v)
+    small = sc.shrink({n: layers[n] for n in order}, k)
+    for name in order:
+        old = model.get_submodule(name)
+        lay = small[name]
+        w = torch.from_numpy(np.ascontiguousarray(lay.weight)).to(old.weight.dtype)
+        out_f, in_f = w.shape[0], w.shape[1]
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(in_f, out_f, bias=old.bias is not None)
+        else:
+            new = type(old)(in_f, out_f, old.kernel_size, stride=old.stride, padding=old.padding,
+                            dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if old.bias is not None:
+                new.bias.copy_(torch.from_numpy(np.ascontiguousarray(lay.bias)))
+        new.train(old.training)
+        _set_module(model, name, new)
+        if name in bns:
+            ob = model.get_submodule(bns[name])
+            nb = type(ob)(out_f, eps=ob.eps, momentum=ob.momentum, affine=ob.affine,
+                          track_running_stats=ob.track_running_stats).to(device=old.weight.device)
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    if key in lay.bn and getattr(nb, key) is not None:
+                        getattr(nb, key).copy_(torch.from_numpy(np.ascontiguousarray(lay.bn[key])))
+                if ob.num_batches_tracked is not None:
+                    nb.num_batches_tracked.copy_(ob.num_batches_tracked)
+            nb.train(ob.training)
+            _set_module(model, bns[name], nb)
+    return model
+
+
+def masked_state_dict(model: nn.Module, masks: Mapping | None = None) -> dict:
+    """A state dict for the original architecture (loads with ``strict=True``):
+    dense weights with zeros where pruned. ``torch.nn.utils.prune``'s
+    ``weight_orig``/``weight_mask`` are folded into ``weight``."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("_orig"):
+            base = k[:-5]
+            sd[base] = (v * model.state_dict()[base + "_mask"]).detach().clone()
+        elif k.endswith("_mask") and k[:-5] + "_orig" in model.state_dict():
+            continue
+        else:
+            sd[k] = v.detach().clone()
+    for name, mask in (masks or {}).items():
+        if name not in sd:
+            raise ValueError(f"masks name {name!r}, which is not in the model's state dict")
+        sd[name] = sd[name] * _mask_tensor(mask, sd[name], name).to(sd[name].dtype)
+    return sd
+
+
+def save_sparse(model: nn.Module, path, masks: Mapping, *, criterion: str = "given masks",
+                force: bool = False) -> sc.io.FileResult:
+    """Write the model's state dict as sparsecore sparse HDF5: the masked
+    tensors as CSR, everything else as stored. ``sparsecore densify`` turns
+    it back into a ``.pt`` that loads with ``strict=True``."""
+    from sparsecore.io import prune_file
+
+    sd = masked_state_dict(model)
+    with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
+        src = os.path.join(d, "model.pt")
+        torch.save(sd, src)
+        np.savez(os.path.join(d, "masks.npz"), **{k: np.asarray(v, np.float32) for k, v in masks.items()})
+        return prune_file(src, path, threshold=0.5, scores=os.path.join(d, "masks.npz"), criterion=criterion,
+                          tensors=list(masks), sparse=True, force=force)
