@@ -32,3 +32,19 @@ def test_readme_structured_example_runs(tmp_path, monkeypatch):
 
     back = sc.PruningHistory.load(tmp_path / "history.npz").masks()
     assert all(np.array_equal(back[k], masks[k]) for k in masks)
+
+
+def test_readme_torch_example_runs():
+    import pytest
+
+    pytest.importorskip("torch")
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "sparsecore.adapters" in b][0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    from sparsecore.adapters import torch as sct
+
+    model, masks = scope["model"], scope["result"].masks
+    assert isinstance(model[0], sct.SparseLinear)
+    assert model[0].weight._nnz() <= int(masks["0.weight"].sum())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.8 * (64 * 128 + 128 * 10))
