@@ -40,6 +40,8 @@ from torch import nn
 
 import sparsecore as sc
 
+from ._common import ActivationStats, collect
+
 __all__ = [
     "ActivationStats", "MaskHold", "SparseLinear", "apply_masks", "collect_activations", "collect_gradients",
     "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable", "save_sparse", "shrink_model",
@@ -233,43 +235,6 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
     return acc
 
 
-class ActivationStats:
-    """What :func:`collect_activations` gathered, by module and parameter name."""
-
-    def __init__(self):
-        self.unit = {}  # module name -> UnitMIAccumulator
-        self.pairwise = {}  # weight name -> PairwiseMIAccumulator
-        self.sq = {}  # weight name -> sum over samples of x_j**2
-        self.weight_of = {}  # module name -> weight name
-
-    def unit_mi(self, **options) -> dict:
-        """Per-unit MI against the labels, by module name (options as ``UnitMIAccumulator.mi``)."""
-        return {k: a.mi(**options) for k, a in self.unit.items()}
-
-    def unit_scores(self, **options) -> dict:
-        """Per-unit MI keyed by the module's weight name, for ``prune(..., pattern=Units())``."""
-        return {self.weight_of[k]: v for k, v in self.unit_mi(**options).items() if k in self.weight_of}
-
-    def state(self) -> dict:
-        """Per weight name, the state the ``mutual_info`` and ``wanda`` criteria read."""
-        out = {}
-        for k, a in self.pairwise.items():
-            out.setdefault(k, {})["mi"] = a.mi()
-        for k, s in self.sq.items():
-            out.setdefault(k, {})["x_norm"] = np.sqrt(s)
-        return out
-
-
-def _unit_view(t, name):
-    """(samples, units) float array of a module's output or input."""
-    a = _host(t)
-    if a.ndim > 2:  # conv maps (N, C, ...): one value per channel, the spatial mean
-        a = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2)
-    elif a.ndim == 1:
-        a = a[:, None]
-    return np.ascontiguousarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
-
-
 def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str] | None = None, *,
                         n_classes: int | None = None, bins: int = 16, unit: bool = True,
                         pairwise: bool = False, feature_norms: bool = False,
@@ -304,27 +269,12 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
     names = list(modules) if modules is not None else [n for n, m in model.named_modules()
                                                          if isinstance(m, PRUNABLE_TYPES)]
     mods = {n: model.get_submodule(n) for n in names}
-    if unit and n_classes is None:
-        raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
-    stats = ActivationStats()
-    for n, m in mods.items():
-        if isinstance(m, PRUNABLE_TYPES):
-            stats.weight_of[n] = f"{n}.weight" if n else "weight"
-    lo, hi = {}, {}
-
-    def ranges(name, a):
-        mn, mx = a.min(axis=0), a.max(axis=0)
-        if name in lo:
-            np.minimum(lo[name], mn, out=lo[name])
-            np.maximum(hi[name], mx, out=hi[name])
-        else:
-            lo[name], hi[name] = mn.astype(np.float64), mx.astype(np.float64)
-
+    weight_of = {n: (f"{n}.weight" if n else "weight") for n, m in mods.items() if isinstance(m, PRUNABLE_TYPES)}
     captured = {}
 
     def hook_for(name):
         def hook(module, inputs, output):
-            captured[name] = (inputs[0], output)
+            captured[name] = (_host(inputs[0]), _host(output), isinstance(module, nn.Linear))
         return hook
 
     def run(pass_fn):
@@ -336,36 +286,8 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
                 model(x)
                 pass_fn(captured, _host(y).astype(np.int64, copy=False).reshape(-1))
 
-    def first(cap, y):
-        for n, (inp, out) in cap.items():
-            ranges(("out", n), _unit_view(out, n))
-            if pairwise and n in stats.weight_of:
-                ranges(("in", n), _unit_view(inp, n))
-
-    run(first)
-    fitted = {k: sc.fit_bins(np.stack([lo[k], hi[k]]), bins) for k in lo}
-
-    def second(cap, y):
-        for n, (inp, out) in cap.items():
-            a_out = _unit_view(out, n)
-            if unit:
-                stats.unit.setdefault(n, sc.UnitMIAccumulator(fitted[("out", n)], n_classes)).update(a_out, y)
-            wname = stats.weight_of.get(n)
-            if wname is None:
-                continue
-            a_in = _unit_view(inp, n)
-            if pairwise:
-                stats.pairwise.setdefault(wname, sc.PairwiseMIAccumulator(fitted[("in", n)], fitted[("out", n)])) \
-                    .update(a_in, a_out)
-            if feature_norms:
-                x = _host(inp)
-                sq = (x.astype(np.float64) ** 2)
-                sq = sq.reshape(-1, sq.shape[-1]).sum(axis=0) if isinstance(mods[n], nn.Linear) else \
-                    sq.reshape(sq.shape[0], sq.shape[1], -1).sum(axis=(0, 2))
-                stats.sq[wname] = stats.sq.get(wname, 0.0) + sq
-
-    run(second)
-    return stats
+    return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
+                   feature_norms=feature_norms)
 
 
 # --- into PyTorch -----------------------------------------------------------------

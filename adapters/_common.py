@@ -1,0 +1,110 @@
+"""What the framework adapters share: activation statistics for the engine.
+
+An adapter runs its model over the data twice and hands over, per batch,
+``{name: (inputs, outputs, is_dense)}`` as NumPy arrays with the labels; this
+module turns that into the engine's accumulators. Framework-free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import sparsecore as sc
+
+
+def units(a, channels_last=False):
+    """(samples, units) of an activation array; maps (N, C, ...) or, with
+    ``channels_last``, (N, ..., C) reduce to one value per channel (the mean
+    over positions)."""
+    a = np.asarray(a)
+    if a.ndim > 2:
+        if channels_last:
+            a = a.reshape(a.shape[0], -1, a.shape[-1]).mean(axis=1)
+        else:
+            a = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2)
+    elif a.ndim == 1:
+        a = a[:, None]
+    return np.ascontiguousarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+
+
+class ActivationStats:
+    """What ``collect_activations`` gathered, by layer (module) and weight name."""
+
+    def __init__(self):
+        self.unit = {}  # layer name -> UnitMIAccumulator
+        self.pairwise = {}  # weight name -> PairwiseMIAccumulator
+        self.sq = {}  # weight name -> sum over samples (and positions) of x_j**2
+        self.weight_of = {}  # layer name -> weight name
+
+    def unit_mi(self, **options) -> dict:
+        """Per-unit MI against the labels, by layer name (options as ``UnitMIAccumulator.mi``)."""
+        return {k: a.mi(**options) for k, a in self.unit.items()}
+
+    def unit_scores(self, **options) -> dict:
+        """Per-unit MI keyed by the layer's weight name, for ``prune(..., pattern=Units())``."""
+        return {self.weight_of[k]: v for k, v in self.unit_mi(**options).items() if k in self.weight_of}
+
+    def state(self) -> dict:
+        """Per weight name, the state the ``mutual_info`` and ``wanda`` criteria read."""
+        out = {}
+        for k, a in self.pairwise.items():
+            out.setdefault(k, {})["mi"] = a.mi()
+        for k, s in self.sq.items():
+            out.setdefault(k, {})["x_norm"] = np.sqrt(s)
+        return out
+
+
+def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, channels_last=False):
+    """Two passes of ``run(pass_fn)``: ranges, then counts.
+
+    ``run`` calls ``pass_fn(captured, labels)`` once per batch with
+    ``captured = {layer: (inputs or None, outputs, is_dense)}``.
+    """
+    if unit and n_classes is None:
+        raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
+    stats = ActivationStats()
+    stats.weight_of = dict(weight_of)
+    lo, hi = {}, {}
+
+    def ranges(key, a):
+        mn, mx = a.min(axis=0), a.max(axis=0)
+        if key in lo:
+            np.minimum(lo[key], mn, out=lo[key])
+            np.maximum(hi[key], mx, out=hi[key])
+        else:
+            lo[key], hi[key] = mn.astype(np.float64), mx.astype(np.float64)
+
+    def first(cap, y):
+        for n, (inp, out, _) in cap.items():
+            ranges(("out", n), units(out, channels_last))
+            if pairwise and n in weight_of:
+                ranges(("in", n), units(inp, channels_last))
+
+    run(first)
+    fitted = {k: sc.fit_bins(np.stack([lo[k], hi[k]]), bins) for k in lo}
+
+    def second(cap, y):
+        for n, (inp, out, dense) in cap.items():
+            a_out = units(out, channels_last)
+            if unit:
+                stats.unit.setdefault(n, sc.UnitMIAccumulator(fitted[("out", n)], n_classes)).update(a_out, y)
+            wname = weight_of.get(n)
+            if wname is None:
+                continue
+            if pairwise:
+                acc = stats.pairwise.get(wname)
+                if acc is None:
+                    acc = stats.pairwise[wname] = sc.PairwiseMIAccumulator(fitted[("in", n)], fitted[("out", n)])
+                acc.update(units(inp, channels_last), a_out)
+            if feature_norms:
+                x = np.asarray(inp, np.float64) ** 2
+                if dense:  # features on the last axis
+                    sq = x.reshape(-1, x.shape[-1]).sum(axis=0)
+                elif channels_last:
+                    sq = x.reshape(-1, x.shape[-1]).sum(axis=0)
+                else:
+                    sq = x.reshape(x.shape[0], x.shape[1], -1).sum(axis=(0, 2))
+                stats.sq[wname] = stats.sq.get(wname, 0.0) + sq
+
+    run(second)
+    return stats
