@@ -1,0 +1,404 @@
+"""Keras 3 adapter: weights, gradients and activations out; masks, schedules and smaller models back.
+
+Works on any Keras 3 backend for weights, masks, callbacks, shrinking and
+saving; gradients on the torch and TensorFlow backends. Importing it imports
+Keras; ``import sparsecore`` never does.
+
+Names and layouts. A weight is named by the path of layer names below the
+model plus the variable name (``"dense/kernel"``, nested ``"block/conv/
+kernel"``), stable across saving and loading (:func:`variables`). Keras stores a ``Dense`` kernel as
+``(in, out)`` and a ``Conv2D`` kernel as ``(kh, kw, in, out)`` (``HWIO``):
+:func:`layouts` says which; pass it to the engine where it needs one
+(``Units(axis=-1)``, ``NM(axis=-2)`` for the input axis, ``Layer(layout=...)``);
+the ``wanda`` and ``mutual_info`` criteria recognise ``(in, out)`` kernels.
+
+Batch gradients versus per-sample gradients: ``per_sample=False`` adds one
+gradient of the mean loss per batch; ``per_sample=True`` runs the model on
+one sample at a time and sums each sample's squared gradient, the empirical
+Fisher ``Σ_samples (∂L/∂w)²`` of the reference article (slower: one backward
+pass per sample).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+
+import keras
+import numpy as np
+
+import sparsecore as sc
+
+from ._common import ActivationStats, collect
+
+__all__ = [
+    "ActivationStats", "MaskCallback", "PruningCallback", "apply_masks", "collect_activations",
+    "collect_gradients", "kernel_name", "layouts", "prunable", "save_sparse", "shrink_model", "variables", "weights",
+]
+
+KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_LAYOUT = {2: "io", 3: "wio", 4: "hwio", 5: "dhwio"}
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"model {model.name!r} is not built: its weights do not exist yet; call it on a batch "
+                         f"or model.build(input_shape) first")
+
+
+def _layers(model, prefix=""):
+    """``(path, layer)`` of every layer inside ``model``, nested models
+    included, in order; a path joins the layer names below the model."""
+    out = []
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        out.append((path, layer))
+        if hasattr(layer, "layers"):
+            out.extend(_layers(layer, path + "/"))
+    return out
+
+
+def variables(model: keras.Model) -> dict:
+    """Every variable by its stable name: the path of layer names below the
+    model plus the variable's name (``"dense_1/kernel"``, nested
+    ``"block/conv/kernel"``). Unlike ``Variable.path``, which holds the name
+    of the model object that built it, this survives saving and loading."""
+    _check_model(model)
+    out = {}
+    for path, layer in _layers(model):
+        if hasattr(layer, "layers"):
+            continue  # its variables belong to its layers
+        for v in layer.weights:
+            out[f"{path}/{v.name}"] = v
+    return out
+
+
+def kernel_name(model: keras.Model, layer) -> str:
+    """The stable name of ``layer``'s kernel in ``model``."""
+    for name, v in variables(model).items():
+        if v is layer.kernel:
+            return name
+    raise ValueError(f"layer {layer.name!r} is not in model {model.name!r}")
+
+
+def prunable(model: keras.Model, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict:
+    """Variables to prune, by stable name (see :func:`variables`). By default
+    the ``kernel`` of every Dense and Conv1D/2D/3D layer (nested models too);
+    with ``include`` (fnmatch patterns on the names) those instead;
+    ``exclude`` removes."""
+    _check_model(model)
+    allv = variables(model)
+    if include is None:
+        kernels = {id(layer.kernel) for _, layer in _layers(model) if isinstance(layer, KERNEL_LAYERS)}
+        out = {k: v for k, v in allv.items() if id(v) in kernels}
+    else:
+        pats = [include] if isinstance(include, str) else list(include)
+        out = {k: v for k, v in allv.items() if any(fnmatch.fnmatchcase(k, p) for p in pats)}
+        if not out:
+            raise ValueError(f"include={pats} matches no variable; the model has {list(allv)[:8]}")
+    ex = [exclude] if isinstance(exclude, str) else list(exclude)
+    return {k: v for k, v in out.items() if not any(fnmatch.fnmatchcase(k, p) for p in ex)}
+
+
+def layouts(model: keras.Model, include=None, exclude=()) -> dict:
+    """The layout of each prunable weight: ``"io"`` for Dense, ``"hwio"`` for Conv2D, ..."""
+    return {k: _LAYOUT.get(len(v.shape), "?") for k, v in prunable(model, include, exclude).items()}
+
+
+def weights(model: keras.Model, include=None, exclude=()) -> dict:
+    """The prunable weights as NumPy arrays, by path, in Keras' own layouts."""
+    return {k: keras.ops.convert_to_numpy(v) for k, v in prunable(model, include, exclude).items()}
+
+
+# --- gradients ------------------------------------------------------------------
+
+def _loss_fn(model, loss):
+    if loss is not None:
+        return lambda x, y, y_pred: loss(y, y_pred)
+    if not getattr(model, "compiled", False) or getattr(model, "_compile_loss", None) is None:
+        raise ValueError("the model is not compiled with a loss; compile it or pass loss=(y_true, y_pred) -> scalar")
+    return lambda x, y, y_pred: model.compute_loss(x=x, y=y, y_pred=y_pred)
+
+
+def _grads_fn(model, variables, lossf):
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        def grads(x, y):
+            params = [v.value for v in variables]
+            saved = [p.requires_grad for p in params]
+            try:
+                for p in params:
+                    p.requires_grad_(True)
+                loss = lossf(x, y, model(x, training=False))
+                g = torch.autograd.grad(loss, params)
+            finally:
+                for p, r in zip(params, saved):
+                    p.requires_grad_(r)
+            return [t.detach().cpu().numpy() for t in g]
+
+        return grads
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def grads(x, y):
+            with tf.GradientTape() as tape:
+                tape.watch([v.value for v in variables])
+                loss = lossf(x, y, model(x, training=False))
+            return [np.asarray(g) for g in tape.gradient(loss, [v.value for v in variables])]
+
+        return grads
+    raise ValueError(f"gradients on the {backend!r} backend are not supported; use KERAS_BACKEND=torch or "
+                     f"tensorflow (weights, masks, callbacks and shrinking work on every backend)")
+
+
+def _batches(data, max_batches):
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("data must yield (inputs, targets) batches")
+        yield batch[0], batch[1]
+
+
+def collect_gradients(model: keras.Model, data: Iterable, loss=None, *, include=None, exclude=(),
+                      accumulator: sc.GradientAccumulator | None = None, stats=("g2",),
+                      per_sample: bool = False, max_batches: int | None = None) -> sc.GradientAccumulator:
+    """Feed gradients over ``data`` to an accumulator (names: variable paths).
+
+    ``loss``: ``(y_true, y_pred) -> scalar`` (a Keras loss); default the
+    compiled model's loss. The model runs with ``training=False`` (batch norm
+    on its moving statistics, no dropout); nothing in the model changes.
+    """
+    variables = prunable(model, include, exclude)
+    names = list(variables)
+    grads = _grads_fn(model, list(variables.values()), _loss_fn(model, loss))
+    acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
+    need_w = "wg" in acc.stats or "wg2" in acc.stats
+    for x, y in _batches(data, max_batches):
+        x, y = np.asarray(x), np.asarray(y)
+        w = {k: keras.ops.convert_to_numpy(v) for k, v in variables.items()} if need_w else None
+        if per_sample:
+            rows = [grads(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
+            acc.update({k: np.stack([r[j] for r in rows]) for j, k in enumerate(names)}, weights=w, per_sample=True)
+        else:
+            g = grads(x, y)
+            acc.update(dict(zip(names, g)), weights=w)
+    return acc
+
+
+# --- activations ------------------------------------------------------------------
+
+def collect_activations(model: keras.Model, data: Iterable, layers: Iterable[str] | None = None, *,
+                        n_classes: int | None = None, bins: int = 16, unit: bool = True,
+                        pairwise: bool = False, feature_norms: bool = False,
+                        max_batches: int | None = None) -> ActivationStats:
+    """Layer outputs (and inputs) through a functional sub-model, fed to the engine.
+
+    Needs a Sequential or functional model (symbolic inputs); ``layers`` are
+    names of its top-level layers (default: its Dense and Conv layers).
+    Two passes over ``data`` (a list of batches or a re-iterable dataset):
+    ranges, then counts. See the PyTorch adapter for the statistics.
+    """
+    _check_model(model)
+    if iter(data) is data:
+        raise TypeError("collect_activations reads data twice (ranges, then counts): pass a list of batches "
+                        "or a re-iterable dataset, not a generator or an iterator")
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(f"model {model.name!r} is subclassed (no symbolic inputs): activations need a "
+                         f"Sequential or functional model; weights, gradients and masks work for it")
+    if layers is None:
+        chosen = [layer for layer in model.layers if isinstance(layer, KERNEL_LAYERS)]
+    else:
+        chosen = [model.get_layer(n) for n in layers]
+    outs = []
+    for layer in chosen:
+        outs.extend([layer.input, layer.output])
+    sub = keras.Model(inputs, outs)
+    weight_of = {layer.name: kernel_name(model, layer) for layer in chosen if isinstance(layer, KERNEL_LAYERS)}
+
+    def run(pass_fn):
+        for x, y in _batches(data, max_batches):
+            got = sub(np.asarray(x), training=False)
+            cap = {}
+            for i, layer in enumerate(chosen):
+                cap[layer.name] = (keras.ops.convert_to_numpy(got[2 * i]), keras.ops.convert_to_numpy(got[2 * i + 1]),
+                                   isinstance(layer, keras.layers.Dense))
+            pass_fn(cap, np.asarray(y).astype(np.int64).reshape(-1))
+
+    return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
+                   feature_norms=feature_norms, channels_last=True)
+
+
+# --- into Keras -----------------------------------------------------------------------
+
+def _variable(model, name):
+    allv = variables(model)
+    if name not in allv:
+        raise ValueError(f"the model has no variable {name!r}; variables: {list(allv)[:8]}...")
+    return allv[name]
+
+
+def apply_masks(model: keras.Model, masks: Mapping) -> keras.Model:
+    """Zero the pruned weights (``masks``: variable path -> bool array, True = kept)."""
+    _check_model(model)
+    for name, mask in masks.items():
+        v = _variable(model, name)
+        m = np.asarray(mask)
+        if m.dtype != np.bool_:
+            raise TypeError(f"mask {name!r} has dtype {m.dtype}; pass a bool array (True = kept)")
+        if tuple(m.shape) != tuple(v.shape):
+            raise ValueError(f"mask {name!r} has shape {m.shape} but the variable has {tuple(v.shape)}")
+        w = keras.ops.convert_to_numpy(v)
+        v.assign(np.where(m, w, np.zeros((), w.dtype)))
+    return model
+
+
+class MaskCallback(keras.callbacks.Callback):
+    """Hold masks during ``model.fit``: the pruned weights are set to exactly
+    zero when training starts and after every training batch."""
+
+    def __init__(self, masks: Mapping):
+        super().__init__()
+        self.masks = {k: np.asarray(v) for k, v in masks.items()}
+
+    def on_train_begin(self, logs=None):
+        apply_masks(self.model, self.masks)
+
+    def on_train_batch_end(self, batch, logs=None):
+        apply_masks(self.model, self.masks)
+
+
+class PruningCallback(keras.callbacks.Callback):
+    """Gradual pruning during ``model.fit`` along an engine schedule
+    (``sc.PolynomialDecay``, ``sc.ConstantSparsity`` or a function): at the
+    schedule's steps the weights are pruned further among those still kept
+    (a :class:`sparsecore.GradualPruner`), and after every batch the masks
+    are applied, so pruned weights stay exactly zero. The role of TensorFlow
+    Model Optimization's ``prune_low_magnitude`` with ``PolynomialDecay``.
+
+    ``criterion``: one that works from the weights alone (default magnitude);
+    or ``scores_fn``: ``model -> mapping name -> scores``, evaluated at each
+    pruning step. Other options as for :func:`sparsecore.prune`.
+    """
+
+    def __init__(self, schedule, criterion=None, *, scores_fn=None, include=None, exclude=(), scope="local",
+                 pattern=None, min_sparsity=0.0, max_sparsity=1.0, normalize="none"):
+        super().__init__()
+        self.pruner = sc.GradualPruner(schedule, criterion, scope=scope, pattern=pattern, min_sparsity=min_sparsity,
+                                       max_sparsity=max_sparsity, normalize=normalize)
+        self.score_fn = scores_fn
+        self.include, self.exclude = include, exclude
+        self.step = 0
+
+    @property
+    def masks(self):
+        return self.pruner.masks
+
+    @property
+    def history(self):
+        return self.pruner.history
+
+    def on_train_batch_begin(self, batch, logs=None):
+        w = weights(self.model, self.include, self.exclude)
+        scores = self.score_fn(self.model) if self.score_fn is not None else None
+        if self.pruner.step(self.step, w, scores=scores) is not None:
+            apply_masks(self.model, self.pruner.masks)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.pruner.masks is not None:
+            apply_masks(self.model, self.pruner.masks)
+        self.step += 1
+
+
+# --- structure ---------------------------------------------------------------------------
+
+def shrink_model(model: keras.Model, keep: Mapping) -> keras.Model:
+    """A smaller copy of a Sequential or functional chain of Dense / Conv /
+    BatchNormalization layers (activations, pooling, dropout, flatten over
+    a 1x1 map between them are fine).
+
+    ``keep``: per layer (its kernel path, e.g. ``PruneResult.groups`` of
+    ``prune(..., pattern=Units(axis=-1))``, or the layer name) the units or
+    filters to keep. The copy computes what the masked model computes
+    (removed units output zero), via the engine's :func:`sparsecore.shrink`.
+    """
+    _check_model(model)
+    if not model.inputs:
+        raise ValueError("shrink_model needs a Sequential or functional model (clone_model rebuilds it)")
+    chain = [layer for layer in model.layers
+             if isinstance(layer, (*KERNEL_LAYERS, keras.layers.BatchNormalization))]
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            raise ValueError(f"nested model {layer.name!r}: shrink_model works on one level of layers")
+    eng, bn_of, order = {}, {}, []
+    for layer in chain:
+        if isinstance(layer, KERNEL_LAYERS):
+            if getattr(layer, "groups", 1) != 1:
+                raise ValueError(f"layer {layer.name!r} is a grouped convolution; shrink handles groups=1")
+            k = keras.ops.convert_to_numpy(layer.kernel)
+            b = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+            eng[layer.name] = sc.Layer(k, b, _LAYOUT[k.ndim])
+            order.append(layer.name)
+        else:
+            if not order:
+                raise ValueError(f"batch normalization {layer.name!r} comes before any Dense/Conv layer")
+            if layer.axis not in (-1, len(layer.input.shape) - 1) and layer.axis != [-1]:
+                raise ValueError(f"batch normalization {layer.name!r} normalises axis {layer.axis}, not the "
+                                 f"channels-last axis")
+            vals = {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
+            eng[order[-1]].bn = vals
+            bn_of[order[-1]] = layer.name
+    by_path = {kernel_name(model, layer): layer.name for layer in chain if isinstance(layer, KERNEL_LAYERS)}
+    k = {}
+    for key, v in keep.items():
+        name = by_path.get(key, key)
+        if name not in eng:
+            raise ValueError(f"keep names {key!r}, which is not a Dense/Conv layer of the model ({order})")
+        k[name] = np.asarray(v)
+    small = sc.shrink({n: eng[n] for n in order}, k)
+    sizes = {n: small[n].weight.shape[-1] for n in order}
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if layer.name in sizes:
+            cfg["units" if isinstance(layer, keras.layers.Dense) else "filters"] = int(sizes[layer.name])
+        return layer.__class__.from_config(cfg)
+
+    new = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        nl = new.get_layer(layer.name)
+        if layer.name in small:
+            s = small[layer.name]
+            nl.set_weights([s.weight] + ([s.bias] if s.bias is not None else []))
+        elif layer.weights:
+            bn_owner = [o for o, b in bn_of.items() if b == layer.name]
+            if bn_owner:
+                bn = small[bn_owner[0]].bn
+                nl.set_weights([bn[v.name] for v in layer.weights])
+            else:
+                nl.set_weights(layer.get_weights())
+    return new
+
+
+def save_sparse(model: keras.Model, path, *, force: bool = False) -> sc.io.FileResult:
+    """Write the model's weights as sparsecore sparse HDF5 (the ``.weights.h5``
+    layout, its zeros as the pruned entries): ``sparsecore densify`` gives a
+    ``.weights.h5`` that ``model.load_weights`` reads. Apply the masks first."""
+    from sparsecore.io import prune_file
+
+    with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
+        src = os.path.join(d, "model.weights.h5")
+        model.save_weights(src)
+        # prune exactly the zeros: |w| below the smallest positive float
+        return prune_file(src, path, threshold=float(np.finfo(np.float64).smallest_subnormal), sparse=True,
+                          force=force, criterion="masks applied in Keras")

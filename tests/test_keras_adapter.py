@@ -1,0 +1,272 @@
+"""Keras 3 adapter, on the backend KERAS_BACKEND names (torch by default; CI also runs tensorflow)."""
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+
+import sparsecore as sc  # noqa: E402
+from sparsecore.adapters import keras as sck  # noqa: E402
+
+GRAD_BACKENDS = ("torch", "tensorflow")
+
+
+def dense_model(seed=0, bn=False):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((12,)), keras.layers.Dense(16, name="d1")]
+    if bn:
+        layers.append(keras.layers.BatchNormalization(name="bn1"))
+    layers += [keras.layers.Activation("relu"), keras.layers.Dense(8, activation="relu", name="d2"),
+               keras.layers.Dense(3, name="out")]
+    return keras.Sequential(layers, name="seq")
+
+
+def test_names_layouts_and_nested_models():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.layers.Dense(6, name="a"), keras.layers.Dense(4, name="b")], name="inner")
+    inp = keras.Input((5, 5, 2))
+    x = keras.layers.Conv2D(3, 3, name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    out = inner(x)
+    model = keras.Model(inp, out, name="m")
+    names = list(sck.prunable(model))
+    assert names == ["conv/kernel", "inner/a/kernel", "inner/b/kernel"]
+    assert sck.layouts(model) == {"conv/kernel": "hwio", "inner/a/kernel": "io", "inner/b/kernel": "io"}
+    w = sck.weights(model)
+    assert w["conv/kernel"].shape == (3, 3, 2, 3) and w["inner/a/kernel"].shape == (27, 6)
+    assert list(sck.prunable(model, include=["*/bias"])) == ["conv/bias", "inner/a/bias", "inner/b/bias"]
+    with pytest.raises(ValueError, match="matches no variable"):
+        sck.prunable(model, include=["nothing"])
+
+
+def test_bad_input():
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="is not built"):
+        sck.prunable(unbuilt)
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.d(x)
+
+    sub = Sub()
+    sub(np.ones((2, 4), np.float32))
+    assert list(sck.weights(sub)) == [f"{sub.d.name}/kernel"]  # weights work for subclassed models
+    with pytest.raises(ValueError, match="subclassed"):
+        sck.collect_activations(sub, [(np.ones((2, 4), np.float32), np.zeros(2))], n_classes=2)
+    model = dense_model()
+    with pytest.raises(ValueError, match="has shape"):
+        sck.apply_masks(model, {"d1/kernel": np.ones((3, 3), bool)})
+    with pytest.raises(TypeError, match="bool"):
+        sck.apply_masks(model, {"d1/kernel": np.ones((12, 16))})
+    with pytest.raises(ValueError, match="no variable"):
+        sck.apply_masks(model, {"nope": np.ones(3, bool)})
+    with pytest.raises(ValueError, match="not compiled"):
+        if keras.backend.backend() in GRAD_BACKENDS:
+            sck.collect_gradients(model, [(np.ones((2, 12), np.float32), np.zeros(2))])
+        else:
+            raise ValueError("not compiled")
+
+
+def test_mixed_precision_policy():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = dense_model()
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    w = sck.weights(model)
+    assert w["d1/kernel"].dtype == np.float32  # variables stay float32 under mixed precision
+    r = sc.prune(w, sparsity=0.5)
+    sck.apply_masks(model, r.masks)
+    assert (sck.weights(model)["d1/kernel"] == 0).sum() == 12 * 16 // 2
+
+
+@pytest.mark.skipif(keras.backend.backend() not in GRAD_BACKENDS, reason="gradients: torch and tensorflow")
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_gradients_match_the_analytic_ones(per_sample, rng):
+    """A linear model under mean squared error: dL/dK = 2 x^T (x K + b - y) / (n * outputs)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="lin")], name="lin_model")
+    model.compile("sgd", keras.losses.MeanSquaredError())
+    k, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in model.layers[0].weights)
+    data = [(rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32))
+            for _ in range(3)]
+    acc = sck.collect_gradients(model, data, per_sample=per_sample,
+                                accumulator=sc.GradientAccumulator(stats=("g2", "wg"), precision="float64"))
+    g2 = np.zeros_like(k)
+    wg = np.zeros_like(k)
+    for x, y in data:
+        groups = [(x[i:i + 1], y[i:i + 1]) for i in range(4)] if per_sample else [(x, y)]
+        for xs, ys in groups:
+            xs64 = xs.astype(np.float64)
+            g = 2 * xs64.T @ (xs64 @ k + b - ys) / (len(xs) * 3)
+            g2 += g * g
+            wg += k * g
+    assert acc.count == (12 if per_sample else 3)
+    np.testing.assert_allclose(acc.state("lin/kernel")["g2"], g2, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(acc.state("lin/kernel")["wg"], wg, rtol=1e-4, atol=1e-7)
+
+
+def test_activations_match_engine(rng):
+    model = dense_model()
+    x = rng.standard_normal((120, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 120)
+    data = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 120, 40)]
+    st = sck.collect_activations(model, data, n_classes=3, bins=8, pairwise=True, feature_norms=True)
+    d1 = keras.ops.convert_to_numpy(model.get_layer("d1")(x))
+    h1 = np.maximum(d1, 0)
+    d2 = keras.ops.convert_to_numpy(model.get_layer("d2")(h1))
+    np.testing.assert_allclose(st.unit_mi()["d1"], sc.unit_mi(d1, y, bins=8), rtol=1e-12)
+    np.testing.assert_allclose(st.state()["d2/kernel"]["mi"], sc.pairwise_mi(h1, d2, bins=8),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(st.state()["d1/kernel"]["x_norm"], np.linalg.norm(x.astype(np.float64), axis=0),
+                               rtol=1e-6)
+    r = sc.prune(sck.weights(model), "mutual_info", state=st.state(), sparsity=0.5)  # (in, out) kernels
+    assert r.masks["d2/kernel"].shape == (16, 8)
+    r = sc.prune(sck.weights(model), "wanda", state=st.state(), sparsity=0.5)
+    want = np.abs(sck.weights(model)["d1/kernel"]) * st.state()["d1/kernel"]["x_norm"][:, None]
+    np.testing.assert_array_equal(r.masks["d1/kernel"], sc.sparsity_mask(want, 0.5))
+
+
+class _Check(keras.callbacks.Callback):
+    def __init__(self, masks_fn):
+        super().__init__()
+        self.masks_fn, self.checked = masks_fn, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        masks = self.masks_fn()
+        if masks is None:
+            return
+        w = sck.weights(self.model)
+        for k, m in masks.items():
+            assert (w[k][~m] == 0).all()
+        self.checked += 1
+
+
+def test_mask_callback_holds_zeros_at_every_step(rng):
+    model = dense_model()
+    model.compile(keras.optimizers.AdamW(0.01, weight_decay=0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # optimizer state from before the pruning
+    r = sc.prune(sck.weights(model), sparsity=0.7, scope="global")
+    check = _Check(lambda: r.masks)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[sck.MaskCallback(r.masks), check])
+    assert check.checked == 8
+    w = sck.weights(model)
+    assert any((w[k][m] != 0).any() for k, m in r.masks.items())
+
+
+def test_pruning_callback_follows_a_schedule(rng):
+    model = dense_model()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    sched = sc.PolynomialDecay(0.0, 0.8, begin=0, end=12, frequency=4)
+    cb = sck.PruningCallback(sched, scope="global")
+    check = _Check(lambda: cb.masks)
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[cb, check])
+    assert [s.step for s in cb.history.steps] == [0, 4, 8, 12]
+    total = sum(m.size for m in cb.masks.values())
+    assert sum(int((~m).sum()) for m in cb.masks.values()) == round(0.8 * total)
+    prev = None
+    for st in cb.history.steps:
+        masks = cb.history.masks(upto=st.step)
+        if prev is not None:
+            assert all(not (masks[k] & ~prev[k]).any() for k in masks)
+        prev = masks
+    assert check.checked == 16
+
+
+def _masked_copy(model, keep):
+    """The masked network: removed units' kernel columns, biases and batch-norm gamma/beta zeroed."""
+    m = keras.models.clone_model(model)
+    m.set_weights(model.get_weights())
+    for layer in m.layers:
+        key = sck.kernel_name(m, layer) if hasattr(layer, "kernel") else None
+        if key in keep:
+            drop = ~keep[key]
+            k = keras.ops.convert_to_numpy(layer.kernel).copy()
+            k[..., drop] = 0
+            ws = [k] + ([np.where(drop, 0, keras.ops.convert_to_numpy(layer.bias))] if layer.use_bias else [])
+            layer.set_weights(ws)
+            nxt = m.layers[m.layers.index(layer) + 1]
+            if isinstance(nxt, keras.layers.BatchNormalization):
+                g, b, mu, var = nxt.get_weights()
+                nxt.set_weights([np.where(drop, 0, g), np.where(drop, 0, b), mu, var])
+    return m
+
+
+def test_shrink_dense_and_conv_chains(rng):
+    model = dense_model(bn=True)
+    bn = model.get_layer("bn1")
+    bn.set_weights([rng.uniform(0.5, 1.5, 16), rng.standard_normal(16), rng.standard_normal(16),
+                    rng.uniform(0.5, 2, 16)])
+    w = sck.weights(model)
+    r = sc.prune({k: v for k, v in w.items() if k != "out/kernel"}, sparsity=0.5,
+                 pattern=sc.Units(axis=-1, reduce="l2"))
+    small = sck.shrink_model(model, r.groups)
+    assert small.get_layer("d1").units == 8 and small.get_layer("d2").units == 4
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    want = _masked_copy(model, r.groups).predict(x, verbose=0)
+    np.testing.assert_allclose(small.predict(x, verbose=0), want, rtol=1e-5, atol=1e-5)
+
+    keras.utils.set_random_seed(1)
+    cnn = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(6, 3, name="c1"),
+                            keras.layers.BatchNormalization(name="b1"), keras.layers.ReLU(),
+                            keras.layers.Conv2D(5, 3, padding="same", name="c2"), keras.layers.ReLU(),
+                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, name="fc")], name="cnn")
+    cnn.get_layer("b1").set_weights([rng.uniform(0.5, 1.5, 6), rng.standard_normal(6), rng.standard_normal(6),
+                                     rng.uniform(0.5, 2, 6)])
+    w = sck.weights(cnn)
+    r = sc.prune({k: w[k] for k in ("c1/kernel", "c2/kernel")}, sparsity=0.4,
+                 pattern=sc.Units(axis=-1, reduce="l1"))
+    small = sck.shrink_model(cnn, r.groups)
+    assert small.get_layer("c1").filters == 4 and small.get_layer("c2").filters == 3
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    want = _masked_copy(cnn, r.groups).predict(x, verbose=0)
+    np.testing.assert_allclose(small.predict(x, verbose=0), want, rtol=1e-4, atol=1e-5)
+
+
+def test_saving(tmp_path, rng):
+    model = dense_model()
+    r = sc.prune(sck.weights(model), sparsity=0.6)
+    sck.apply_masks(model, r.masks)
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert list(sck.variables(loaded)) == list(sck.variables(model))  # names survive saving
+    for k, m in r.masks.items():
+        assert (sck.weights(loaded)[k][~m] == 0).all()
+    res = sck.save_sparse(model, tmp_path / "m.sparse.h5")
+    assert res.output_bytes > 0
+    sc.io.densify_file(tmp_path / "m.sparse.h5", tmp_path / "back.weights.h5")
+    fresh = dense_model(seed=3)
+    fresh.load_weights(tmp_path / "back.weights.h5")
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.skipif(keras.backend.backend() not in GRAD_BACKENDS, reason="gradients: torch and tensorflow")
+def test_article_workflow_on_digits():
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
+    try:
+        import keras_digits
+    finally:
+        sys.path.pop(0)
+    lines = []
+    out = keras_digits.run("fisher", threshold=1e-6, scope="local", epochs=10, tune_epochs=2, out=lines.append)
+    assert out["dense"] > 0.85 and out["held"] and out["csr"] == out["tuned"] and 0 < out["sparsity"] < 1
+    out = keras_digits.run("mutual_info", sparsity=0.5, scope="global", epochs=10, tune_epochs=2, out=lines.append)
+    assert out["held"] and out["csr"] == out["tuned"] and abs(out["sparsity"] - 0.5) < 1e-3
+    assert out["tuned"] >= out["pruned"] - 0.05
