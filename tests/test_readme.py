@@ -48,3 +48,20 @@ def test_readme_torch_example_runs():
     assert isinstance(model[0], sct.SparseLinear)
     assert model[0].weight._nnz() <= int(masks["0.weight"].sum())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.8 * (64 * 128 + 128 * 10))
+
+
+def test_readme_keras_example_runs():
+    import os
+
+    import pytest
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() not in ("torch", "tensorflow"):
+        pytest.skip("gradients: torch and tensorflow backends")
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "adapters import keras" in b][0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    masks = scope["gradual"].masks
+    assert abs(sum(int((~m).sum()) for m in masks.values()) / sum(m.size for m in masks.values()) - 0.9) < 1e-3
