@@ -9,18 +9,25 @@ as ``(shape[0], prod(shape[1:]))`` (a 1-D weight as one row, a scalar as 1x1);
 
 from __future__ import annotations
 
-
 import math
 
 import numba
 import numpy as np
-from numpy.typing import ArrayLike
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 
+from ._device import resolve
 from ._kernels import cpu_csr
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat
-from .selection import Rule, Source, _select_one, apply_rule, scores_source, threshold_rule
+from .selection import (
+    Rule,
+    Source,
+    _select_one,
+    apply_rule,
+    scores_source,
+    threshold_rule,
+)
 
 __all__ = ["check_csr", "csr_matmul", "index_dtype", "matrix_shape", "to_csr", "to_dense"]
 
@@ -72,7 +79,7 @@ def build_csr(w_flat, mshape, src, rule, *, want_mask=False, weights_name="weigh
 
 def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLike | None = None,
            threshold: float | None = None, sparsity: float | None = None,
-           name: str = "weights") -> sp.csr_array:
+           name: str = "weights", device: str = "auto") -> sp.csr_array:
     """Canonical CSR of a weight, pruned on the fly.
 
     With only ``weights``, the non-zeros are stored. With ``mask``, entries
@@ -94,6 +101,11 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
         At most one of them, and not with ``mask``.
     name : str
         Names the tensor in error messages.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with a GPU array, anything with
+        ``__cuda_array_interface__``) builds the CSR on the GPU and returns a
+        :class:`sparsecore.cuda.DeviceCSR` (2-D weights, threshold or
+        sparsity; see :mod:`sparsecore.cuda`).
 
     Returns
     -------
@@ -117,6 +129,12 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
     >>> a.indices.dtype
     dtype('int32')
     """
+    if resolve(device, weights, scores) == "cuda":
+        if mask is not None:
+            raise ValueError(f"to_csr for {name!r}: device='cuda' takes threshold= or sparsity=, not a mask")
+        from . import cuda as _cuda
+
+        return _cuda.to_csr(weights, scores=scores, threshold=threshold, sparsity=sparsity)
     w = as_float_array(weights, name, "weights")
     given = [x for x in (mask, threshold, sparsity) if x is not None]
     if len(given) > 1:
@@ -242,7 +260,7 @@ def check_csr(a: sp.csr_array, full: bool = False) -> None:
             _fail("no explicit zeros may be stored", f"row {row_of[p]}, column {indices[p]}")
 
 
-def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
+def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None, *, device: str = "auto") -> np.ndarray:
     """``a @ x`` for a CSR ``a`` and a dense vector or matrix ``x``.
 
     Parallel over rows, the rows split into ranges of equal nnz. Vector
@@ -255,6 +273,9 @@ def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None) -> 
     x : array_like, shape (a.shape[1],) or (a.shape[1], k)
     out : numpy.ndarray, optional
         Preallocated C-contiguous result of the right shape and dtype.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with a GPU operand or a ``DeviceCSR``)
+        multiplies on the GPU and returns a device array.
 
     Examples
     --------
@@ -263,6 +284,12 @@ def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None) -> 
     >>> sc.csr_matmul(a, np.array([3.0, 4.0]))
     array([3., 8.])
     """
+    from .cuda import DeviceCSR
+
+    if isinstance(a, DeviceCSR) or resolve(device, x) == "cuda":
+        from . import cuda as _cuda
+
+        return _cuda.csr_matmul(a, x, out)
     check_csr(a)
     xa = np.asarray(x)
     rows, cols = a.shape

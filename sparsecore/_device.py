@@ -1,0 +1,55 @@
+"""Device selection for the CUDA backend: ``device="cpu" | "cuda" | "auto"``.
+
+numba's CUDA target is imported only when a CUDA path is asked for, so
+``import sparsecore`` works without it or without a GPU. Threads per block
+come from here (tests shrink them so that tiny inputs span several blocks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THREADS = 256  # threads per block of the 1-D kernels
+THREADS_2D = (16, 16)
+
+
+def cuda():
+    """numba's CUDA module, or a clear error naming what is missing."""
+    try:
+        from numba import cuda as nb_cuda
+    except ImportError as exc:  # numba without its CUDA target
+        raise RuntimeError(f"device='cuda' needs numba's CUDA target (pip install numba-cuda): {exc}") from None
+    if not nb_cuda.is_available():
+        raise RuntimeError("device='cuda': no usable CUDA GPU and driver (numba.cuda.is_available() is False); "
+                           "use device='cpu', or NUMBA_ENABLE_CUDASIM=1 for the simulator")
+    return nb_cuda
+
+
+def is_device_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def resolve(device: str, *arrays) -> str:
+    """``"cpu"`` or ``"cuda"``; ``"auto"`` is ``"cuda"`` when any array lives on a GPU."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "auto":
+        return "cuda" if any(is_device_array(a) for a in arrays) else "cpu"
+    return device
+
+
+def to_device(a, dtype=None):
+    """A numba device array viewing a ``__cuda_array_interface__`` array
+    (CuPy, PyTorch CUDA, numba) without a copy, or a host array copied over."""
+    c = cuda()
+    if is_device_array(a):
+        d = c.as_cuda_array(a)
+        if dtype is not None and d.dtype != np.dtype(dtype):
+            raise TypeError(f"device array has dtype {d.dtype}, {np.dtype(dtype)} needed")
+        return d
+    return c.to_device(np.ascontiguousarray(a, dtype=dtype))
+
+
+def blocks(n, threads=None):
+    t = threads or THREADS
+    return max(1, min((n + t - 1) // t, 65535)), t

@@ -1,0 +1,192 @@
+"""CUDA twins of ``cpu_csr``: CSR construction under a selection rule, and CSR products.
+
+Scores are read as their IEEE bit patterns (the array viewed as uint32 or
+uint64) and compared as the order-preserving keys of ``keys.py``: an entry is
+pruned when its key is below ``T``, or equal to ``T`` and among the first
+``quota`` such ties in flat (row-major) order, as on the CPU. ``absolute``
+drops the sign bit first (magnitude).
+
+Construction runs one block per row: each thread takes a contiguous chunk of
+the row, counts, and a block-wide scan in shared memory orders the chunks, so
+row order is kept without atomics. Three passes: ties per row (only with a
+quota), kept non-zeros per row, then the fill; the host turns the per-row
+counts into offsets (one small array each way).
+"""
+
+import numpy as np
+from numba import cuda, float64, int64, uint64
+
+SIGN32 = np.uint64(0x80000000)
+MASK32 = np.uint64(0xFFFFFFFF)
+SIGN64 = np.uint64(0x8000000000000000)
+MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+MAX_THREADS = 256
+
+
+@cuda.jit(device=True, inline=True)
+def key_of_bits(b, absolute, wide):
+    """Order-preserving key of float bits (uint32 or uint64 value as uint64)."""
+    b = uint64(b)
+    if wide:
+        if absolute:
+            b = b & ~SIGN64
+        if b == SIGN64:
+            b = uint64(0)
+        return (b ^ SIGN64) if (b & SIGN64) == 0 else (~b & MASK64)
+    if absolute:
+        b = b & ~SIGN32
+    if b == SIGN32:
+        b = uint64(0)
+    return (b ^ SIGN32) if (b & SIGN32) == 0 else (~b & MASK32)
+
+
+@cuda.jit(device=True, inline=True)
+def _block_scan(vals, tid, nthreads):
+    """Exclusive scan of ``vals[:nthreads]`` in shared memory; returns the total."""
+    cuda.syncthreads()
+    if tid == 0:
+        run = int64(0)
+        for t in range(nthreads):
+            v = vals[t]
+            vals[t] = run
+            run += v
+        vals[nthreads] = run
+    cuda.syncthreads()
+    return vals[nthreads]
+
+
+@cuda.jit
+def row_ties(sbits, cols, T, absolute, wide, ties):
+    """Per row: entries whose key equals ``T``."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    shared = cuda.shared.array(MAX_THREADS + 1, int64)
+    lo = r * cols + tid * cols // nt
+    hi = r * cols + (tid + 1) * cols // nt
+    c = int64(0)
+    for i in range(lo, hi):
+        if key_of_bits(sbits[i], absolute, wide) == T:
+            c += 1
+    shared[tid] = c
+    total = _block_scan(shared, tid, nt)
+    if tid == 0:
+        ties[r] = total
+
+
+@cuda.jit(device=True, inline=True)
+def _keep(k, T, tie_index, pruned_ties):
+    return k > T or (k == T and tie_index >= pruned_ties)
+
+
+@cuda.jit
+def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
+    """Per row: kept entries whose weight is non-zero (NaN/Inf scores counted in ``bad``)."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    shared = cuda.shared.array(MAX_THREADS + 1, int64)
+    lo = r * cols + tid * cols // nt
+    hi = r * cols + (tid + 1) * cols // nt
+    t = int64(0)
+    for i in range(lo, hi):
+        if key_of_bits(sbits[i], absolute, wide) == T:
+            t += 1
+    shared[tid] = t
+    _block_scan(shared, tid, nt)
+    tie = shared[tid]
+    pr = pruned_ties[r]
+    c = int64(0)
+    nb = int64(0)
+    for i in range(lo, hi):
+        k = key_of_bits(sbits[i], absolute, wide)
+        x = float64(w[i])
+        if x != x or x - x != 0:  # NaN or Inf weight
+            nb += 1
+        if _keep(k, T, tie, pr) and w[i] != 0:
+            c += 1
+        if k == T:
+            tie += 1
+    cuda.syncthreads()
+    shared[tid] = c
+    total = _block_scan(shared, tid, nt)
+    if tid == 0:
+        counts[r] = total
+    if nb:
+        cuda.atomic.add(bad, 0, nb)
+
+
+@cuda.jit
+def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indices):
+    """Write the kept non-zeros of each row at ``indptr[r]``, in column order."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    shared = cuda.shared.array(MAX_THREADS + 1, int64)
+    lo = r * cols + tid * cols // nt
+    hi = r * cols + (tid + 1) * cols // nt
+    t = int64(0)
+    for i in range(lo, hi):
+        if key_of_bits(sbits[i], absolute, wide) == T:
+            t += 1
+    shared[tid] = t
+    _block_scan(shared, tid, nt)
+    tie = shared[tid]
+    pr = pruned_ties[r]
+    c = int64(0)
+    tie0 = tie
+    for i in range(lo, hi):
+        k = key_of_bits(sbits[i], absolute, wide)
+        if _keep(k, T, tie, pr) and w[i] != 0:
+            c += 1
+        if k == T:
+            tie += 1
+    cuda.syncthreads()
+    shared[tid] = c
+    _block_scan(shared, tid, nt)
+    p = indptr[r] + shared[tid]
+    tie = tie0
+    for i in range(lo, hi):
+        k = key_of_bits(sbits[i], absolute, wide)
+        if _keep(k, T, tie, pr) and w[i] != 0:
+            data[p] = w[i]
+            indices[p] = i - r * cols
+            p += 1
+        if k == T:
+            tie += 1
+
+
+@cuda.jit
+def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist):
+    """Histogram of one radix digit of the keys that share ``prefix`` above ``pshift``."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    mask = (uint64(1) << uint64(bits)) - uint64(1)
+    for i in range(start, sbits.size, stride):
+        k = key_of_bits(sbits[i], absolute, wide)
+        if pshift >= 64 or (k >> uint64(pshift)) == prefix:
+            cuda.atomic.add(hist, int64((k >> uint64(shift)) & mask), 1)
+
+
+@cuda.jit
+def csr_matvec(data, indices, indptr, x, out):
+    """``out = A @ x``: a thread per row (grid-stride), float64 sums."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for r in range(start, out.size, stride):
+        s = 0.0
+        for p in range(indptr[r], indptr[r + 1]):
+            s += float64(data[p]) * float64(x[indices[p]])
+        out[r] = s
+
+
+@cuda.jit
+def csr_matmat(data, indices, indptr, x, out):
+    """``out = A @ X``: a thread per output entry (row r, column j); the
+    threads of a warp share the row and read consecutive columns of X."""
+    j, r = cuda.grid(2)
+    if r < out.shape[0] and j < out.shape[1]:
+        s = 0.0
+        for p in range(indptr[r], indptr[r + 1]):
+            s += data[p] * x[indices[p], j]
+        out[r, j] = s

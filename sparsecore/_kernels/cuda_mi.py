@@ -1,0 +1,62 @@
+"""CUDA twins of ``cpu_mi``: equal-width binning, label counts, pairwise MI.
+
+Same argument order as the CPU kernels. ``pair_mi`` gives every (out, in)
+pair a thread that counts its joint histogram in local memory (at most
+``MAX_CELLS`` cells) and finishes the MI itself, so the counts of all pairs
+never exist at once.
+"""
+
+import math
+
+from numba import cuda, float64, int32, int64, uint8
+
+MAX_CELLS = 1024  # nb_out * nb_in per pair (32 x 32 bins)
+
+
+@cuda.jit
+def uniform_codes(x, lo, inv, topf, out):
+    """``out[u, s]`` = equal-width bin of ``x[s, u]`` (floor, clipped to the end bins)."""
+    u, s = cuda.grid(2)
+    if s < x.shape[0] and u < x.shape[1]:
+        v = (float64(x[s, u]) - lo[u]) * inv[u]
+        out[u, s] = uint8(min(max(v, 0.0), topf))
+
+
+@cuda.jit
+def unit_label_counts(codes, labels, counts):
+    """``counts[u, code, label] += 1`` over samples (atomics: units share no counter)."""
+    u, s = cuda.grid(2)
+    if u < codes.shape[0] and s < codes.shape[1]:
+        cuda.atomic.add(counts, (u, int64(codes[u, s]), int64(labels[s])), 1)
+
+
+@cuda.jit(device=True, inline=True)
+def _xlogx(v, table):
+    if v < table.size:
+        return table[v]
+    return float64(v) * math.log(float64(v))
+
+
+@cuda.jit
+def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy):
+    """MI in nats of every pair: log n + (Σ N_ab log N_ab - sx_out[o] - sx_in[i]) / n."""
+    i, o = cuda.grid(2)
+    if o >= codes_out.shape[0] or i >= codes_in.shape[0]:
+        return
+    h = cuda.local.array(MAX_CELLS, int32)
+    ncell = nb_out * nb_in
+    for c in range(ncell):
+        h[c] = 0
+    nsamp = codes_out.shape[1]
+    for s in range(nsamp):
+        h[int32(codes_out[o, s]) * nb_in + int32(codes_in[i, s])] += 1
+    acc = 0.0
+    m = 0
+    for c in range(ncell):
+        v = h[c]
+        if v:
+            acc += _xlogx(v, table)
+            m += 1
+    val = math.log(float64(n)) + (acc - sx_out[o] - sx_in[i]) / n
+    mi[o, i] = val if val > 0 else 0.0
+    mxy[o, i] = m

@@ -1,0 +1,104 @@
+"""CUDA kernels against the CPU kernels and references.
+
+On the Numba CUDA simulator in CI (``NUMBA_ENABLE_CUDASIM=1``, set before
+Numba is imported, in a process of its own; threads per block shrunk so that
+tiny inputs span several blocks), and on a real GPU when one is lent
+(``bench/gpu.sh``). Skipped where neither is available.
+"""
+
+import numpy as np
+import pytest
+
+from sparsecore import _device
+
+from . import reference as ref
+from .conftest import DTYPES, make
+
+try:
+    _device.cuda()
+except RuntimeError as exc:  # no GPU and no simulator
+    pytest.skip(f"CUDA unavailable: {exc}", allow_module_level=True)
+
+import sparsecore as sc
+from sparsecore import cuda as scu
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(_device, "THREADS", 32)
+    monkeypatch.setattr(_device, "THREADS_2D", (4, 4))
+
+
+def test_device_selection_errors():
+    with pytest.raises(ValueError, match="device must be"):
+        _device.resolve("gpu")
+    assert _device.resolve("auto", np.ones(2)) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kind", [((1, 1), "normal"), ((3, 40), "ties"), ((9, 7), "zero_rows")])
+def test_to_csr_matches_cpu(rng, dtype, shape, kind):
+    w = make(rng, shape, dtype, kind)
+    for kw in (dict(threshold=0.5), dict(sparsity=0.0), dict(sparsity=0.4), dict(sparsity=1.0)):
+        got = scu.to_csr(w, **kw).to_scipy()
+        want = sc.to_csr(w, **kw)
+        assert got.indices.dtype == want.indices.dtype
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.data, want.data)
+    s = make(rng, shape, dtype, "ties")
+    got = scu.to_csr(w, scores=s, sparsity=0.5).to_scipy()
+    want = sc.to_csr(w, scores=s, sparsity=0.5)
+    np.testing.assert_array_equal(got.toarray(), want.toarray())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_rule_matches_cpu(rng, dtype):
+    from sparsecore.selection import _select_one, scores_source
+
+    s = make(rng, (5, 7), dtype, "ties")
+    for k in (0, 1, 5, 20, 35):
+        assert scu.select_rule(s, k, absolute=True) == _select_one(scores_source(s, absolute=True), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (6, 20), (33, 7)])
+def test_csr_products_match_reference(rng, dtype, shape):
+    w = make(rng, shape, dtype, "zero_rows")
+    a = sc.to_csr(w, sparsity=0.6)
+    x = rng.standard_normal(shape[1]).astype(dtype)
+    X = rng.standard_normal((shape[1], 5)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(scu.csr_matmul(a, x).copy_to_host(), ref.matmul(a.toarray(), x), rtol=tol, atol=tol)
+    dev = scu.to_csr(w, sparsity=0.6)
+    np.testing.assert_allclose(scu.csr_matmul(dev, X).copy_to_host(), ref.matmul(a.toarray(), X), rtol=tol,
+                               atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_gradient_sums_match_reference(rng, dtype, per_sample):
+    shape = (5, 7)
+    batches = [make(rng, (3, *shape) if per_sample else shape, dtype) for _ in range(4)]
+    ws = [make(rng, shape, dtype) for _ in range(4)]
+    acc = scu.GradientSums(shape, stats=("g", "g2", "wg", "wg2"))
+    for g, w in zip(batches, ws):
+        acc.update(g, w, per_sample=per_sample)
+    want = ref.accumulate(batches, ws, per_sample=per_sample)
+    for k in ("g", "g2", "wg", "wg2"):
+        np.testing.assert_allclose(acc.state()[k].copy_to_host(), want[k], rtol=1e-12, atol=1e-12)
+    assert acc.count == (12 if per_sample else 4)
+
+
+def test_mutual_information_counts_match_cpu(rng):
+    acts = rng.standard_normal((40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    bins = sc.fit_bins(acts, 8)
+    cpu = sc.UnitMIAccumulator(bins, 3).update(acts, y)
+    np.testing.assert_array_equal(scu.unit_label_counts(acts, y, bins, 3).copy_to_host(), cpu.counts)
+    a_in = rng.standard_normal((40, 4))
+    a_out = np.tanh(a_in @ rng.standard_normal((4, 3)))
+    got = scu.pairwise_mi(a_in, a_out, sc.fit_bins(a_in, 6), sc.fit_bins(a_out, 6)).copy_to_host()
+    np.testing.assert_allclose(got, sc.pairwise_mi(a_in, a_out, bins=6), rtol=1e-12, atol=1e-12)
