@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
-import torch_digits as ex  # noqa: E402
+import torch_digits as ex
+from sparsecore.adapters import torch as sct
 
-import sparsecore as sc  # noqa: E402
-from sparsecore.adapters import torch as sct  # noqa: E402
+import sparsecore as sc
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 CRITERIA = ["magnitude", "fisher", "taylor", "obd", "mutual_info", "wanda"]

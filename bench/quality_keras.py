@@ -21,11 +21,11 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 
-import keras  # noqa: E402
-import keras_digits as ex  # noqa: E402
+import keras
+import keras_digits as ex
+from sparsecore.adapters import keras as sck
 
-import sparsecore as sc  # noqa: E402
-from sparsecore.adapters import keras as sck  # noqa: E402
+import sparsecore as sc
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 CRITERIA = ["magnitude", "fisher", "taylor", "obd", "mutual_info", "wanda"]

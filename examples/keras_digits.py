@@ -19,13 +19,13 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+import keras
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sparsecore.adapters import keras as sck
 
-import sparsecore as sc  # noqa: E402
-from sparsecore.adapters import keras as sck  # noqa: E402
+import sparsecore as sc
 
 
 def data(seed=0):

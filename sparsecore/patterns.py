@@ -38,7 +38,13 @@ from numpy.typing import ArrayLike
 
 from ._kernels import cpu_pattern
 from ._kernels.keys import MODE_IDENTITY, MODE_SQUARE
-from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
+from ._validate import (
+    as_float_array,
+    check_fraction,
+    check_threshold,
+    flat,
+    nonfinite_error,
+)
 from .csr import index_dtype, matrix_shape
 from .selection import Source, _mask_from, _select_one, scores_source, threshold_rule
 

@@ -10,8 +10,9 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
-import sparsecore as sc  # noqa: E402
-from sparsecore.adapters import keras as sck  # noqa: E402
+from sparsecore.adapters import keras as sck
+
+import sparsecore as sc
 
 GRAD_BACKENDS = ("torch", "tensorflow")
 

@@ -8,10 +8,10 @@ import numpy as np
 
 def test_readme_example_runs():
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert blocks, "README lost its Python example"
     scope = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(blocks[0], "README.md", "exec"), scope)
     res = scope["result"]
     assert sum(s.pruned for s in res.summary) == round(0.9 * (256 * 784 + 10 * 256))
     assert scope["y"].shape == (256,) and scope["mask"].dtype == np.bool_
@@ -19,10 +19,10 @@ def test_readme_example_runs():
 
 def test_readme_structured_example_runs(tmp_path, monkeypatch):
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(blocks[1], "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(blocks[1], "README.md", "exec"), scope)
     assert scope["small"]["fc1"].weight.shape == (48, 32) and scope["small"]["fc2"].weight.shape == (10, 48)
     assert scope["compact"].values.shape == (64, 16)
     assert scope["bsr"].blocksize == (4, 4)
@@ -39,9 +39,9 @@ def test_readme_torch_example_runs():
 
     pytest.importorskip("torch")
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "sparsecore.adapters" in b][0]
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "sparsecore.adapters" in b][0]
     scope = {}
-    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(block, "README.md", "exec"), scope)
     from sparsecore.adapters import torch as sct
 
     model, masks = scope["model"], scope["result"].masks
@@ -60,8 +60,8 @@ def test_readme_keras_example_runs():
     if keras.backend.backend() not in ("torch", "tensorflow"):
         pytest.skip("gradients: torch and tensorflow backends")
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "adapters import keras" in b][0]
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "adapters import keras" in b][0]
     scope = {}
-    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(block, "README.md", "exec"), scope)
     masks = scope["gradual"].masks
     assert abs(sum(int((~m).sum()) for m in masks.values()) / sum(m.size for m in masks.values()) - 0.9) < 1e-3

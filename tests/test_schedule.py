@@ -28,9 +28,9 @@ def test_polynomial_decay_tfmot_oracle():
 @pytest.mark.parametrize("power", [1, 2, 3, 0.5])
 def test_polynomial_decay_formula_and_monotone(power):
     s = sc.PolynomialDecay(0.1, 0.9, begin=7, end=57, power=power, frequency=5)
-    vals = [s(t) for t in range(0, 80)]
+    vals = [s(t) for t in range(80)]
     assert all(b >= a for a, b in zip(vals, vals[1:]))
-    for t in range(0, 80):
+    for t in range(80):
         assert s(t) == pytest.approx(zhu_gupta(t, 0.1, 0.9, 7, 50, power), abs=1e-12)
     assert [t for t in range(80) if s.prunes_at(t)] == list(range(7, 58, 5))
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from sparsecore.adapters import torch as sct
+from torch import nn
 
-import sparsecore as sc  # noqa: E402
-from sparsecore.adapters import torch as sct  # noqa: E402
+import sparsecore as sc
 
 
 def mlp(seed=0, bn=False):
@@ -291,3 +291,17 @@ def test_article_workflow_on_digits():
         assert o["csr"] == o["tuned"] and o["held"] and o["tuned"] > 0.5
     o = torch_digits.run("magnitude", threshold=0.05, scope="local", epochs=15, tune_epochs=1, out=lines.append)
     assert 0 < o["sparsity"] < 1
+
+
+def test_collect_gradients_from_a_dataloader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp()
+    g = torch.Generator().manual_seed(3)
+    ds = TensorDataset(torch.randn(30, 12, generator=g), torch.randint(0, 3, (30,), generator=g))
+    acc = sct.collect_gradients(model, DataLoader(ds, batch_size=8), nn.functional.cross_entropy, per_sample=True)
+    lst = sct.collect_gradients(model, [ds[i:i + 8] for i in range(0, 30, 8)], nn.functional.cross_entropy,
+                                per_sample=True)
+    assert acc.count == 30
+    for k in sct.prunable(model):
+        np.testing.assert_allclose(acc.state(k)["g2"], lst.state(k)["g2"], rtol=1e-6)

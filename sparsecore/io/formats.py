@@ -379,7 +379,7 @@ class TorchFile(WeightFile):
                 sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
                 sd = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds; the message names it
+        except Exception as exc:
             raise FormatError(f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

@@ -27,13 +27,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._kernels.cpu_pattern import keep_raw
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from .._validate import check_fraction, check_threshold, flat, per_name
 from .._version import __version__
 from ..csr import build_csr, matrix_shape
 from ..prune import TensorSummary, format_table
-from .._kernels.cpu_pattern import keep_raw
-from ..selection import _NORMS, Source, _mask_nseg, apply_rule, norm_inverse, select_rules, threshold_rule
+from ..selection import (
+    _NORMS,
+    Source,
+    _mask_nseg,
+    apply_rule,
+    norm_inverse,
+    select_rules,
+    threshold_rule,
+)
 from . import _safetensors as st
 from .formats import (
     PLACEHOLDER,
