@@ -96,6 +96,11 @@ def _host(t):
     return t.numpy()
 
 
+def _dev(t):
+    """A detached, contiguous tensor left on its device (for the CUDA backend)."""
+    return t.detach().contiguous()
+
+
 def weights(model: nn.Module, include=None, exclude=(), *, device: str = "host") -> dict:
     """The prunable weights as arrays, by name.
 
@@ -172,7 +177,7 @@ def _batches(data, max_batches):
 def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None, exclude=(),
                       accumulator: sc.GradientAccumulator | None = None, stats=("g2",),
                       per_sample: bool = False, max_batches: int | None = None,
-                      mode: str = "eval") -> sc.GradientAccumulator:
+                      mode: str = "eval", device: str = "auto"):
     """Feed gradients of ``loss_fn(model(x), y)`` over ``data`` to an accumulator.
 
     Parameters
@@ -193,13 +198,27 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
     mode : {"eval", "train", "keep"}
         The mode to run the model in (``eval``: batch norm uses its running
         statistics, which per-sample gradients need). Restored afterwards.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with the parameters on a GPU) keeps the
+        gradients and the sums on the GPU: a :class:`sparsecore.cuda.DeviceAccumulator`
+        fed the gradient tensors without host copies.
 
     Returns
     -------
-    GradientAccumulator
+    GradientAccumulator, or DeviceAccumulator on the GPU
     """
     params = prunable(model, include, exclude)
-    acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
+    on_gpu = device == "cuda" or (device == "auto" and any(p.is_cuda for p in params.values()))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if on_gpu:
+        from sparsecore.cuda import DeviceAccumulator
+
+        acc = accumulator if accumulator is not None else DeviceAccumulator(stats=stats)
+        conv = _dev  # tensors stay where they are
+    else:
+        acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
+        conv = _host
     need_w = "wg" in acc.stats or "wg2" in acc.stats
     with _preserved(model, mode):
         for p in model.parameters():
@@ -223,15 +242,15 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
             per = vmap(grad(loss_one), in_dims=(None, 0, 0))
             for x, y in _batches(data, max_batches):
                 g = per({k: params[k].detach() for k in names}, x, y)
-                w = {k: _host(_effective(model, k, params[k])) for k in names} if need_w else None
-                acc.update({k: _host(g[k]) for k in names}, weights=w, per_sample=True)
+                w = {k: conv(_effective(model, k, params[k])) for k in names} if need_w else None
+                acc.update({k: conv(g[k]) for k in names}, weights=w, per_sample=True)
         else:
             for x, y in _batches(data, max_batches):
                 for p in params.values():
                     p.grad = None
                 loss_fn(model(x), y).backward()
-                w = {k: _host(_effective(model, k, p)) for k, p in params.items()} if need_w else None
-                acc.update({k: _host(p.grad) for k, p in params.items()}, weights=w)
+                w = {k: conv(_effective(model, k, p)) for k, p in params.items()} if need_w else None
+                acc.update({k: conv(p.grad) for k, p in params.items()}, weights=w)
     return acc
 
 

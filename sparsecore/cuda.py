@@ -20,7 +20,8 @@ from ._kernels.keys import MODE_ABS, MODE_IDENTITY
 from ._validate import check_fraction, check_threshold
 from .selection import Rule, Source, _rule_for, threshold_rule
 
-__all__ = ["DeviceCSR", "GradientSums", "csr_matmul", "pairwise_mi", "select_rule", "to_csr", "unit_label_counts"]
+__all__ = ["DeviceAccumulator", "DeviceCSR", "GradientSums", "csr_matmul", "pairwise_mi", "prune", "select_rule", "select_rules_global",
+           "to_csr", "unit_label_counts"]
 
 
 class DeviceCSR:
@@ -71,36 +72,68 @@ def _float_device(a, name):
     return d
 
 
-def select_rule(scores, k: int, *, absolute: bool = False):
-    """The selection rule pruning the ``k`` lowest scores of a device array:
-    radix histograms of its keys on the device (two 16-bit levels for
-    float32, four for float64), the digits picked on the host."""
+def _radix(bits_list, absolute, wide, k):
+    """``(T, below, ties)``: the k-th smallest key of all the bit arrays
+    together, and per array the keys below it and equal to it. Radix
+    histograms on the device, one 16-bit digit per level, picked on the host."""
     c = _device.cuda()
-    d = _float_device(scores, "scores")
-    wide = d.dtype == np.float64
-    bits = _bits(d)
-    n = bits.size
-    if k <= 0:
-        return Rule(0, 0, wide)
+    from ._kernels import cuda_csr
+
     keybits = 64 if wide else 32
-    prefix, below, shift = 0, 0, keybits
+    prefix, shift = 0, keybits
+    below = np.zeros(len(bits_list), np.int64)
     hist_d = c.device_array(1 << 16, np.int64)
-    nb, nt = _device.blocks(n)
+    H = None
     while shift > 0:
         pshift = shift
         shift -= 16
-        hist_d[:] = 0
-        from ._kernels import cuda_csr
-
-        cuda_csr.key_hist[nb, nt](bits, absolute, wide, np.uint64(prefix), pshift if pshift < keybits else 64,
-                                  shift, 16, hist_d)
-        hist = hist_d.copy_to_host()
-        cum = np.cumsum(hist)
-        digit = int(np.searchsorted(cum, k - below, side="left"))
-        below += int(cum[digit - 1]) if digit else 0
+        hists = []
+        for bits in bits_list:
+            hist_d[:] = 0
+            nb, nt = _device.blocks(bits.size)
+            if bits.size:
+                cuda_csr.key_hist[nb, nt](bits, absolute, wide, np.uint64(prefix), pshift if pshift < keybits else 64,
+                                          shift, 16, hist_d)
+            hists.append(hist_d.copy_to_host())
+        H = np.stack(hists)
+        cum = np.cumsum(H.sum(axis=0))
+        digit = int(np.searchsorted(cum, k - int(below.sum()), side="left"))
+        below += H[:, :digit].sum(axis=1)
         prefix = (prefix << 16) | digit
-    ties = int(hist[prefix & 0xFFFF])
-    return _rule_for(prefix, ties, k - below, wide)
+    return prefix, below, H[:, prefix & 0xFFFF].astype(np.int64)
+
+
+def select_rule(scores, k: int, *, absolute: bool = False):
+    """The selection rule pruning the ``k`` lowest scores of a device array
+    (ties: lower flat index first), found by radix histograms of its keys on
+    the device (two 16-bit levels for float32, four for float64)."""
+    d = _float_device(scores, "scores")
+    wide = d.dtype == np.float64
+    if k <= 0:
+        return Rule(0, 0, wide)
+    T, below, ties = _radix([_bits(d)], absolute, wide, k)
+    return _rule_for(T, int(ties[0]), k - int(below[0]), wide)
+
+
+def select_rules_global(scores: list, k: int, *, absolute: bool = False) -> list:
+    """Rules pruning the ``k`` lowest scores of several device arrays together
+    (one exact threshold; ties: earlier array, then lower index, first), as
+    ``sparsecore.prune(scope="global")`` without caps. Same dtype for all."""
+    ds = [_float_device(x, "scores") for x in scores]
+    dtypes = {d.dtype for d in ds}
+    if len(dtypes) > 1:
+        raise TypeError(f"global selection on the device needs one dtype for all scores, got {sorted(map(str, dtypes))}")
+    wide = ds[0].dtype == np.float64 if ds else False
+    if k <= 0:
+        return [Rule(0, 0, wide) for _ in ds]
+    T, below, ties = _radix([_bits(d) for d in ds], absolute, wide, k)
+    rest = k - int(below.sum())
+    rules = []
+    for t in range(len(ds)):
+        extra = min(int(ties[t]), rest)
+        rest -= extra
+        rules.append(_rule_for(T, int(ties[t]), extra, wide))
+    return rules
 
 
 def _src(d, absolute):
@@ -113,25 +146,30 @@ def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: fl
     sparsity (scores default to ``|weights|``), built on the device: ties
     per row (with a quota), kept non-zeros per row, then the fill. The same
     structure as :func:`sparsecore.to_csr` on the CPU."""
-    c = _device.cuda()
     w = _float_device(weights, "weights")
     if w.ndim != 2:
         raise ValueError(f"device to_csr takes a 2-D weight, got shape {w.shape}")
-    rows, cols = w.shape
     s = w if scores is None else _float_device(scores, "scores")
     if s.shape != w.shape:
         raise ValueError(f"scores have shape {s.shape}, weights {w.shape}")
     if absolute is None:
         absolute = scores is None
-    wide = s.dtype == np.float64
     if (threshold is None) == (sparsity is None):
         raise ValueError("give exactly one of threshold and sparsity")
     if threshold is not None:
         rule = threshold_rule(_src(s, absolute), check_threshold(threshold, "weights"))
     else:
         rule = select_rule(s, round(check_fraction(sparsity, "weights") * s.size), absolute=absolute)
+    return _build(w, s, rule, absolute)[0]
+
+
+def _build(w, s, rule, absolute, want_mask=False):
+    """``(DeviceCSR, mask or None)`` of 2-D device ``w`` under ``rule`` on scores ``s``."""
+    c = _device.cuda()
     from ._kernels import cuda_csr
 
+    rows, cols = w.shape
+    wide = s.dtype == np.float64
     sbits = _bits(s)
     wflat = w.reshape(w.size)
     nt = min(cuda_csr.MAX_THREADS, max(32, _device.THREADS))
@@ -160,7 +198,58 @@ def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: fl
     indices_d = c.device_array(nnz, idt)
     if rows and nnz:
         cuda_csr.row_fill[rows, nt](sbits, wflat, cols, T, absolute, wide, pt_d, indptr_d, data_d, indices_d)
-    return DeviceCSR(data_d, indices_d, indptr_d, (rows, cols))
+    mask = None
+    if want_mask:
+        mask = c.device_array(rows * cols, np.bool_)
+        if rows:
+            cuda_csr.row_mask[rows, nt](sbits, cols, T, absolute, wide, pt_d, mask)
+        mask = mask.reshape(rows, cols)
+    return DeviceCSR(data_d, indices_d, indptr_d, (rows, cols)), mask
+
+
+def prune(weights, scores=None, *, sparsity: float | None = None, threshold: float | None = None,
+          scope: str = "local") -> tuple[dict, dict]:
+    """Prune device tensors on the device: ``(csr, masks)`` by name.
+
+    ``weights``: mapping name -> device (or host) array of any shape (CSR of
+    its 2-D view ``(shape[0], prod(shape[1:]))``); ``scores``: mapping of
+    scores shaped like them, or None for ``|w|``. Exact local or global
+    sparsity (no caps yet), or a threshold; the masks and CSR structure equal
+    :func:`sparsecore.prune`'s."""
+    from .csr import matrix_shape
+
+    if (sparsity is None) == (threshold is None):
+        raise ValueError("give exactly one of sparsity= and threshold=")
+    if scope not in ("local", "global"):
+        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
+    names = list(weights)
+    ws, ss = {}, {}
+    for n in names:
+        w = _float_device(weights[n], f"weights {n!r}")
+        ws[n] = w.reshape(matrix_shape(w.shape))
+        if scores is None:
+            ss[n] = ws[n]
+        else:
+            sd = _float_device(scores[n], f"scores {n!r}")
+            if sd.shape != w.shape:
+                raise ValueError(f"scores {n!r} have shape {sd.shape} but weights {n!r} have {w.shape}")
+            ss[n] = sd.reshape(matrix_shape(sd.shape))
+    absolute = scores is None
+    if threshold is not None:
+        rules = {n: threshold_rule(_src(ss[n], absolute), check_threshold(threshold, n)) for n in names}
+    elif scope == "global":
+        total = sum(ss[n].size for n in names)
+        got = select_rules_global([ss[n] for n in names], round(check_fraction(sparsity, "all tensors") * total),
+                                  absolute=absolute)
+        rules = dict(zip(names, got))
+    else:
+        rules = {n: select_rule(ss[n], round(check_fraction(sparsity, n) * ss[n].size), absolute=absolute)
+                 for n in names}
+    csr, masks = {}, {}
+    for n in names:
+        csr[n], m = _build(ws[n], ss[n], rules[n], absolute, want_mask=True)
+        masks[n] = m.reshape(_float_device(weights[n], n).shape)
+    return csr, masks
 
 
 def csr_matmul(a, x, out=None):
@@ -229,6 +318,36 @@ class GradientSums:
 
     def state(self):
         return {k: self.sums[k].reshape(self.shape) for k in self.stats}
+
+
+class DeviceAccumulator:
+    """Gradient statistics of named tensors kept on the device: the GPU
+    counterpart of :class:`sparsecore.GradientAccumulator` (``update``,
+    ``state``, ``count``); one :class:`GradientSums` per tensor, created at the
+    first update."""
+
+    def __init__(self, stats=("g2",)):
+        self.stats = tuple(stats)
+        self.sums = {}
+        self.count = 0
+
+    def update(self, grads, weights=None, *, per_sample=False):
+        rows = None
+        for name, g in grads.items():
+            gd = _float_device(g, f"gradients {name!r}")
+            shape = tuple(gd.shape[1:]) if per_sample else tuple(gd.shape)
+            acc = self.sums.get(name)
+            if acc is None:
+                acc = self.sums[name] = GradientSums(shape, self.stats)
+            elif acc.shape != shape:
+                raise ValueError(f"gradients {name!r} have shape {shape}, earlier {acc.shape}")
+            acc.update(gd, None if weights is None else weights[name], per_sample=per_sample)
+            rows = gd.shape[0] if per_sample else 1
+        self.count += rows or 0
+        return self
+
+    def state(self, name):
+        return self.sums[name].state()
 
 
 def _codes(acts, bins, c):

@@ -102,3 +102,41 @@ def test_mutual_information_counts_match_cpu(rng):
     a_out = np.tanh(a_in @ rng.standard_normal((4, 3)))
     got = scu.pairwise_mi(a_in, a_out, sc.fit_bins(a_in, 6), sc.fit_bins(a_out, 6)).copy_to_host()
     np.testing.assert_allclose(got, sc.pairwise_mi(a_in, a_out, bins=6), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_prune_on_device_matches_cpu(rng, scope):
+    w = {"a": make(rng, (4, 3, 2), np.float32, "ties"), "b": make(rng, (5, 6), np.float32, "normal")}
+    csr, masks = scu.prune(w, sparsity=0.6, scope=scope)
+    want = sc.prune(w, sparsity=0.6, scope=scope)
+    for k in w:
+        np.testing.assert_array_equal(masks[k].copy_to_host(), want.masks[k])
+        got = csr[k].to_scipy()
+        np.testing.assert_array_equal(got.indptr, want.csr[k].indptr)
+        np.testing.assert_array_equal(got.indices, want.csr[k].indices)
+    s = {k: make(rng, v.shape, np.float32, "ties") for k, v in w.items()}
+    _, masks = scu.prune(w, s, threshold=0.5)
+    want = sc.prune(w, s, threshold=0.5)
+    for k in w:
+        np.testing.assert_array_equal(masks[k].copy_to_host(), want.masks[k])
+
+
+def test_torch_adapter_feeds_the_device_accumulator():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from sparsecore.adapters import torch as sct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    for per_sample in (False, True):
+        dev = sct.collect_gradients(model, data, nn.functional.cross_entropy, per_sample=per_sample,
+                                    stats=("g2", "wg"), device="cuda")
+        cpu = sct.collect_gradients(model, data, nn.functional.cross_entropy, per_sample=per_sample,
+                                    accumulator=sc.GradientAccumulator(stats=("g2", "wg"), precision="float64"))
+        assert isinstance(dev, scu.DeviceAccumulator) and dev.count == cpu.count
+        for k in sct.prunable(model):
+            for s in ("g2", "wg"):
+                np.testing.assert_allclose(dev.state(k)[s].copy_to_host(), cpu.state(k)[s], rtol=1e-6, atol=1e-9)

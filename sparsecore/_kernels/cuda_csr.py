@@ -157,6 +157,30 @@ def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indic
 
 
 @cuda.jit
+def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
+    """The keep-mask of the rule (kept = key above ``T``, or a tie past the row's quota)."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    shared = cuda.shared.array(MAX_THREADS + 1, int64)
+    lo = r * cols + tid * cols // nt
+    hi = r * cols + (tid + 1) * cols // nt
+    t = int64(0)
+    for i in range(lo, hi):
+        if key_of_bits(sbits[i], absolute, wide) == T:
+            t += 1
+    shared[tid] = t
+    _block_scan(shared, tid, nt)
+    tie = shared[tid]
+    pr = pruned_ties[r]
+    for i in range(lo, hi):
+        k = key_of_bits(sbits[i], absolute, wide)
+        mask[i] = _keep(k, T, tie, pr)
+        if k == T:
+            tie += 1
+
+
+@cuda.jit
 def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist):
     """Histogram of one radix digit of the keys that share ``prefix`` above ``pshift``."""
     start = cuda.grid(1)
