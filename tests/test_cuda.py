@@ -123,9 +123,8 @@ def test_prune_on_device_matches_cpu(rng, scope):
 
 def test_torch_adapter_feeds_the_device_accumulator():
     torch = pytest.importorskip("torch")
-    from torch import nn
-
     from sparsecore.adapters import torch as sct
+    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
