@@ -20,7 +20,8 @@ from ._kernels.keys import MODE_ABS, MODE_IDENTITY
 from ._validate import check_fraction, check_threshold
 from .selection import Rule, Source, _rule_for, threshold_rule
 
-__all__ = ["DeviceAccumulator", "DeviceCSR", "GradientSums", "csr_matmul", "pairwise_mi", "prune", "select_rule", "select_rules_global",
+__all__ = ["DeviceAccumulator", "DeviceCSR", "GradientSums", "PairMICounts", "UnitMICounts", "csr_matmul",
+           "pairwise_mi", "prune", "select_rule", "select_rules_global",
            "to_csr", "unit_label_counts"]
 
 
@@ -388,20 +389,88 @@ def pairwise_mi(acts_in, acts_out, bins_in, bins_out):
 
     if bins_in.nbins * bins_out.nbins > cuda_mi.MAX_CELLS:
         raise ValueError(f"{bins_out.nbins} x {bins_in.nbins} bins exceed the {cuda_mi.MAX_CELLS} cells a thread holds")
+    if max(bins_in.nbins, bins_out.nbins) > cuda_mi.MAX_BINS:
+        raise ValueError(f"at most {cuda_mi.MAX_BINS} bins per unit on the device")
     ci = _codes(acts_in, bins_in, c)
     co = _codes(acts_out, bins_out, c)
     n = ci.shape[1]
-    table = xlogx_table(n)
+    table = c.to_device(xlogx_table(n))
     sx = []
-    for codes, nb in ((co, bins_out.nbins), (ci, bins_in.nbins)):
-        h = codes.copy_to_host()  # the marginals: units x samples codes, counted on the host
-        counts = np.stack([np.bincount(r, minlength=nb) for r in h]) if h.shape[0] else np.zeros((0, nb), np.int64)
-        sx.append(np.where(counts > 0, counts * np.log(np.maximum(counts, 1)), 0.0).sum(axis=1))
+    for codes, nb in ((co, bins_out.nbins), (ci, bins_in.nbins)):  # marginal terms, on the device
+        out = c.device_array(codes.shape[0], np.float64)
+        nblk, nt = _device.blocks(codes.shape[0])
+        if codes.shape[0]:
+            cuda_mi.unit_xlogx[nblk, nt](codes, nb, table, out)
+        sx.append(out)
     mi = c.device_array((co.shape[0], ci.shape[0]), np.float64)
     mxy = c.device_array((co.shape[0], ci.shape[0]), np.int64)
     tx, ty = _device.THREADS_2D
     grid = ((ci.shape[0] + tx - 1) // tx, (co.shape[0] + ty - 1) // ty)
-    cuda_mi.pair_mi[grid, (tx, ty)](co, ci, bins_out.nbins, bins_in.nbins, c.to_device(table), c.to_device(sx[0]),
-                                    c.to_device(sx[1]), n, mi, mxy)
+    cuda_mi.pair_mi[grid, (tx, ty)](co, ci, bins_out.nbins, bins_in.nbins, table, sx[0], sx[1], n, mi, mxy)
     return mi
+
+
+class UnitMICounts:
+    """Streaming per-unit joint counts against labels on the device, for
+    equal-width ``bins``; :meth:`mi` finishes on the host from the small
+    (units, bins, classes) table (same numbers as :class:`sparsecore.UnitMIAccumulator`)."""
+
+    def __init__(self, bins, n_classes):
+        if bins.strategy != "uniform":
+            raise ValueError("the device counts take equal-width bins (strategy='uniform')")
+        self.bins, self.n_classes = bins, int(n_classes)
+        self.counts = _device.cuda().to_device(np.zeros((bins.units, bins.nbins, self.n_classes), np.int64))
+
+    def update(self, acts, labels):
+        from ._kernels import cuda_mi
+
+        c = _device.cuda()
+        codes = _codes(acts, self.bins, c)
+        y = _device.to_device(labels)
+        tx, ty = _device.THREADS_2D
+        grid = ((codes.shape[0] + tx - 1) // tx, (codes.shape[1] + ty - 1) // ty)
+        cuda_mi.unit_label_counts[grid, (tx, ty)](codes, y, self.counts)
+        return self
+
+    def mi(self, **options):
+        from .mutual_info import UnitMIAccumulator
+
+        acc = UnitMIAccumulator(self.bins, self.n_classes)
+        acc.counts[...] = self.counts.copy_to_host()
+        return acc.mi(**options)
+
+
+class PairMICounts:
+    """Streaming joint counts of every (out, in) unit pair on the device
+    (int32, ``out * in * bins_out * bins_in`` of them), for the
+    ``mutual_info`` criterion; :meth:`mi` returns the host (out, in) matrix."""
+
+    def __init__(self, bins_in, bins_out, memory_limit=8 << 30):
+        need = bins_out.units * bins_in.units * bins_out.nbins * bins_in.nbins * 4
+        if need > memory_limit:
+            raise ValueError(f"pair counts need {need / 2**30:.1f} GiB, over memory_limit; use pairwise_mi")
+        self.bins_in, self.bins_out = bins_in, bins_out
+        self.counts = _device.cuda().to_device(
+            np.zeros((bins_out.units, bins_in.units, bins_out.nbins, bins_in.nbins), np.int32))
+        self.n = 0
+
+    def update(self, acts_in, acts_out):
+        from ._kernels import cuda_mi
+
+        c = _device.cuda()
+        ci = _codes(acts_in, self.bins_in, c)
+        co = _codes(acts_out, self.bins_out, c)
+        tx, ty = _device.THREADS_2D
+        grid = ((ci.shape[0] + tx - 1) // tx, (co.shape[0] + ty - 1) // ty)
+        cuda_mi.pair_counts[grid, (tx, ty)](co, ci, self.bins_in.nbins, self.counts)
+        self.n += ci.shape[1]
+        return self
+
+    def mi(self, **options):
+        from .mutual_info import PairwiseMIAccumulator
+
+        acc = PairwiseMIAccumulator(self.bins_in, self.bins_out, memory_limit=1 << 62)
+        acc.counts[...] = self.counts.copy_to_host()
+        acc.n = self.n
+        return acc.mi(**options)
 

@@ -139,3 +139,19 @@ def test_torch_adapter_feeds_the_device_accumulator():
         for k in sct.prunable(model):
             for s in ("g2", "wg"):
                 np.testing.assert_allclose(dev.state(k)[s].copy_to_host(), cpu.state(k)[s], rtol=1e-6, atol=1e-9)
+
+
+def test_streaming_mi_counts_match_cpu(rng):
+    a_in = rng.standard_normal((30, 4))
+    a_out = np.tanh(a_in @ rng.standard_normal((4, 3)))
+    y = rng.integers(0, 2, 30)
+    bi, bo = sc.fit_bins(a_in, 5), sc.fit_bins(a_out, 5)
+    dev_u, cpu_u = scu.UnitMICounts(bo, 2), sc.UnitMIAccumulator(bo, 2)
+    dev_p, cpu_p = scu.PairMICounts(bi, bo), sc.PairwiseMIAccumulator(bi, bo)
+    for s in (slice(0, 12), slice(12, 30)):
+        dev_u.update(a_out[s], y[s])
+        cpu_u.update(a_out[s], y[s])
+        dev_p.update(a_in[s], a_out[s])
+        cpu_p.update(a_in[s], a_out[s])
+    np.testing.assert_allclose(dev_u.mi(), cpu_u.mi(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dev_p.mi(), cpu_p.mi(), rtol=1e-12, atol=1e-15)

@@ -60,3 +60,34 @@ def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy
     val = math.log(float64(n)) + (acc - sx_out[o] - sx_in[i]) / n
     mi[o, i] = val if val > 0 else 0.0
     mxy[o, i] = m
+
+
+MAX_BINS = 64
+
+
+@cuda.jit
+def unit_xlogx(codes, nbins, table, sx):
+    """Per unit: Σ over its bins of N_a log N_a (the marginal term of MI)."""
+    u = cuda.grid(1)
+    if u >= codes.shape[0]:
+        return
+    h = cuda.local.array(MAX_BINS, int64)
+    for b in range(nbins):
+        h[b] = 0
+    for s in range(codes.shape[1]):
+        h[int32(codes[u, s])] += 1
+    acc = 0.0
+    for b in range(nbins):
+        if h[b]:
+            acc += _xlogx(h[b], table)
+    sx[u] = acc
+
+
+@cuda.jit
+def pair_counts(codes_out, codes_in, nb_in, counts):
+    """``counts[o, i, a, b] += 1`` for each sample of the batch (a thread per pair owns its table)."""
+    i, o = cuda.grid(2)
+    if o >= codes_out.shape[0] or i >= codes_in.shape[0]:
+        return
+    for s in range(codes_out.shape[1]):
+        counts[o, i, int32(codes_out[o, s]), int32(codes_in[i, s])] += 1
