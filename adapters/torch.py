@@ -257,7 +257,7 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
 def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str] | None = None, *,
                         n_classes: int | None = None, bins: int = 16, unit: bool = True,
                         pairwise: bool = False, feature_norms: bool = False,
-                        max_batches: int | None = None, mode: str = "eval") -> ActivationStats:
+                        max_batches: int | None = None, mode: str = "eval", device: str = "auto") -> ActivationStats:
     """Activations by module name through forward hooks, fed to the engine.
 
     Two passes over ``data`` (so a re-iterable: a ``DataLoader`` or a list):
@@ -281,6 +281,10 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
         The L2 norm over samples of each input feature of each Linear/Conv
         module (per input channel, over positions too, for a convolution):
         the ``wanda`` criterion's state.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with the model on a GPU) bins and counts on
+        the GPU (equal-width bins; per-unit ranges and norms come back as
+        small vectors); the MI tables are finished on the host.
     """
     if iter(data) is data:
         raise TypeError("collect_activations reads data twice (ranges, then counts): pass a DataLoader or a "
@@ -289,6 +293,11 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
                                                          if isinstance(m, PRUNABLE_TYPES)]
     mods = {n: model.get_submodule(n) for n in names}
     weight_of = {n: (f"{n}.weight" if n else "weight") for n, m in mods.items() if isinstance(m, PRUNABLE_TYPES)}
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" or (device == "auto" and any(p.is_cuda for p in model.parameters())):
+        return _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pairwise, feature_norms,
+                                  max_batches, mode)
     captured = {}
 
     def hook_for(name):
@@ -307,6 +316,85 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
 
     return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
                    feature_norms=feature_norms)
+
+
+def _units_t(t):
+    """(samples, units) tensor on its device; maps (N, C, ...) reduce to channel means."""
+    t = t.detach()
+    if t.ndim > 2:
+        t = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=2)
+    elif t.ndim == 1:
+        t = t[:, None]
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.contiguous()
+
+
+def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pairwise, feature_norms,
+                       max_batches, mode):
+    """collect_activations with the binning and counting on the GPU."""
+    from sparsecore import cuda as scu
+
+    if unit and n_classes is None:
+        raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
+    captured = {}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            captured[name] = (inputs[0], output, isinstance(module, nn.Linear))
+        return hook
+
+    def run(pass_fn):
+        with _preserved(model, mode) as hooks, torch.no_grad():
+            for n, m in mods.items():
+                hooks.append(m.register_forward_hook(hook_for(n)))
+            for x, y in _batches(data, max_batches):
+                captured.clear()
+                model(x)
+                pass_fn(captured, y.reshape(-1).to(torch.int64).contiguous())
+
+    lo, hi = {}, {}
+
+    def ranges(key, a):
+        mn, mx = a.amin(dim=0).double(), a.amax(dim=0).double()
+        if key in lo:
+            lo[key], hi[key] = torch.minimum(lo[key], mn), torch.maximum(hi[key], mx)
+        else:
+            lo[key], hi[key] = mn, mx
+
+    def first(cap, y):
+        for n, (inp, out, _) in cap.items():
+            ranges(("out", n), _units_t(out))
+            if pairwise and n in weight_of:
+                ranges(("in", n), _units_t(inp))
+
+    run(first)
+    fitted = {k: sc.fit_bins(np.stack([_host(lo[k]), _host(hi[k])]), bins) for k in lo}
+    stats = ActivationStats()
+    stats.weight_of = dict(weight_of)
+    sq = {}
+
+    def second(cap, y):
+        for n, (inp, out, dense) in cap.items():
+            a_out = _units_t(out)
+            if unit:
+                stats.unit.setdefault(n, scu.UnitMICounts(fitted[("out", n)], n_classes)).update(a_out, y)
+            wname = weight_of.get(n)
+            if wname is None:
+                continue
+            if pairwise:
+                if wname not in stats.pairwise:
+                    stats.pairwise[wname] = scu.PairMICounts(fitted[("in", n)], fitted[("out", n)])
+                stats.pairwise[wname].update(_units_t(inp), a_out)
+            if feature_norms:
+                x2 = inp.detach().double() ** 2
+                s2 = x2.reshape(-1, x2.shape[-1]).sum(dim=0) if dense else \
+                    x2.reshape(x2.shape[0], x2.shape[1], -1).sum(dim=(0, 2))
+                sq[wname] = sq[wname] + s2 if wname in sq else s2
+
+    run(second)
+    stats.sq = {k: _host(v) for k, v in sq.items()}
+    return stats
 
 
 # --- into PyTorch -----------------------------------------------------------------

@@ -155,3 +155,23 @@ def test_streaming_mi_counts_match_cpu(rng):
         cpu_p.update(a_in[s], a_out[s])
     np.testing.assert_allclose(dev_u.mi(), cpu_u.mi(), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dev_p.mi(), cpu_p.mi(), rtol=1e-12, atol=1e-15)
+
+
+def test_torch_adapter_activations_on_the_device():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from sparsecore.adapters import torch as sct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(2)]
+    kw = dict(n_classes=3, bins=4, pairwise=True, feature_norms=True)
+    dev = sct.collect_activations(model, data, device="cuda", **kw)
+    cpu = sct.collect_activations(model, data, device="cpu", **kw)
+    for k in cpu.unit_mi():
+        np.testing.assert_allclose(dev.unit_mi()[k], cpu.unit_mi()[k], rtol=1e-12, atol=1e-15)
+    for k, st in cpu.state().items():
+        np.testing.assert_allclose(dev.state()[k]["mi"], st["mi"], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(dev.state()[k]["x_norm"], st["x_norm"], rtol=1e-6)
