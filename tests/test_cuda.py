@@ -159,9 +159,8 @@ def test_streaming_mi_counts_match_cpu(rng):
 
 def test_torch_adapter_activations_on_the_device():
     torch = pytest.importorskip("torch")
-    from torch import nn
-
     from sparsecore.adapters import torch as sct
+    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
