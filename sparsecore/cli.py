@@ -155,9 +155,9 @@ def _report(args):
         ax.invert_yaxis()
         ax.set_title(f"{os.path.basename(args.file)} ({fmt})")
         fig.tight_layout()
-        from .io.offline import _Atomic
+        from ._atomic import AtomicPath
 
-        with _Atomic(args.plot) as tmp:
+        with AtomicPath(args.plot) as tmp:
             fig.savefig(tmp, format="png")
         print(f"plot written to {args.plot}")
     return 0

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._atomic import AtomicPath
 from ._validate import check_fraction
 from .patterns import NM, as_pattern
 from .prune import PruneResult, prune
@@ -209,17 +209,8 @@ class PruningHistory:
                 arrays[f"s{i}_t{j}"] = np.asarray(self.steps[i].pruned[n], np.int64)
             st["pruned"] = names
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with AtomicPath(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningHistory:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._atomic import AtomicPath
 from .._kernels.cpu_pattern import keep_raw
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from .._validate import check_fraction, check_threshold, flat, per_name
@@ -57,7 +58,7 @@ from .formats import (
     write_keras_zip,
     write_torch,
 )
-from .sparse import SparseFile, SparseWriter
+from .sparse import SparseFile, SparseWriter, _str
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -130,39 +131,6 @@ def _check_paths(src, dst, force):
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise UserError(f"{dst}: the folder {parent} does not exist")
-
-
-class _Atomic:
-    """A temporary path beside ``dst``, renamed onto it on success."""
-
-    def __init__(self, dst, sync=True):
-        self.dst = os.fspath(dst)
-        self.sync = sync
-
-    def __enter__(self):
-        d = os.path.dirname(os.path.abspath(self.dst))
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.dst)}.", suffix=".sparsecore-tmp", dir=d)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            if self.sync:  # the data is on disk before the name points at it
-                with open(self.tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(self.tmp, self.dst)
-            if self.sync:
-                dfd = os.open(os.path.dirname(os.path.abspath(self.dst)), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        else:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-        return False
 
 
 def _background(fn, *args):
@@ -279,7 +247,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                          "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
                          "normalize": normalize}
             result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
-            with _Atomic(dst, sync) as tmp:
+            with AtomicPath(dst, sync) as tmp:
                 _write(reader, tmp, plan, result, sparse, attrs, progress, compression)
         finally:
             if score_file is not None:
@@ -495,9 +463,9 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
         result = FileResult(os.fspath(src), os.fspath(dst), reader.kind)
         h = reader.h5
         c = h["container"]
-        with _Atomic(dst, sync) as tmp:
+        with AtomicPath(dst, sync) as tmp:
             if reader.kind in ("hdf5", "keras"):
-                paths = {_s(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
+                paths = {_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
 
                 def replace(path):
                     return reader.raw(paths[path]) if path in paths else None
@@ -505,7 +473,7 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
                 if reader.kind == "hdf5":
                     rebuild_h5(c["h5"], tmp, replace)
                 else:
-                    members = [tuple(m) for m in json.loads(_s(c.attrs["members"]))]
+                    members = [tuple(m) for m in json.loads(_str(c.attrs["members"]))]
                     with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
                         h5tmp = os.path.join(d, "model.weights.h5")
                         rebuild_h5(c["h5"], h5tmp, replace)
@@ -528,10 +496,6 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     result.input_bytes = os.path.getsize(src)
     result.output_bytes = os.path.getsize(dst)
     return result
-
-
-def _s(v):
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def tensor_stats(reader: WeightFile, name: str) -> tuple[int, int]:
