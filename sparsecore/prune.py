@@ -28,8 +28,7 @@ from .selection import (
     _NORMS,
     Rule,
     Source,
-    _mask_nseg,
-    apply_rule,
+    _mask_from,
     norm_inverse,
     scores_source,
     select_rules,
@@ -200,11 +199,6 @@ def _materialise(src, pruned):
     np.maximum(x, np.nextafter(_PRUNED, 0.0), out=x)
     x[pruned] = _PRUNED
     return Source(src.name, x, src.shape, MODE_IDENTITY, role=src.role, original=src.original)
-
-
-def _mask_of(src, rule):
-    mask, _ = apply_rule(src.data, src, rule, _mask_nseg(src.size), want_mask=True)
-    return mask
 
 
 def _group_all_kept(mask, shape, pattern, name):
@@ -394,11 +388,11 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
             if isinstance(pattern, NM):
                 mask = nm_source_mask(src, pattern.n, pattern.m, pattern.axis)
             else:
-                keep = _mask_of(src, rule)
+                keep = _mask_from(src, rule).reshape(-1)
                 pruned = int(keep.size - np.count_nonzero(keep))
                 if threshold is not None and not (lo_t <= pruned <= hi_t):
                     (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
-                    keep = _mask_of(src, rule)
+                    keep = _mask_from(src, rule).reshape(-1)
                 mask = flat(_expand(keep, w.shape, pattern))
                 if pattern is not None:
                     groups[n] = keep.reshape(src.shape)

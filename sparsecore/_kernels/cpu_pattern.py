@@ -243,13 +243,9 @@ def unit_reduce(mode, wide, scaled):
                         if nbad == 0:
                             fb = base + b
                         nbad += 1
-                    d = np.float64(v)
+                    d = _pool_term(v, pool)
                     if pool == 1:
                         t = max(t, d)
-                    elif pool == 2:
-                        t += d * d
-                    elif pool == 3:
-                        t += abs(d)
                     else:
                         t += d
             if pool == 0:
