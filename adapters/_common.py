@@ -12,6 +12,16 @@ import numpy as np
 import sparsecore as sc
 
 
+def batches(data, max_batches):
+    """``(inputs, targets)`` of each batch of ``data``, at most ``max_batches``."""
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("data must yield (inputs, targets) batches")
+        yield batch[0], batch[1]
+
+
 def units(a, channels_last=False):
     """(samples, units) of an activation array; maps (N, C, ...) or, with
     ``channels_last``, (N, ..., C) reduce to one value per channel (the mean

@@ -32,6 +32,7 @@ import numpy as np
 import sparsecore as sc
 
 from ._common import ActivationStats, collect
+from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskCallback", "PruningCallback", "apply_masks", "collect_activations",
@@ -155,15 +156,6 @@ def _grads_fn(model, variables, lossf):
         return grads
     raise ValueError(f"gradients on the {backend!r} backend are not supported; use KERAS_BACKEND=torch or "
                      f"tensorflow (weights, masks, callbacks and shrinking work on every backend)")
-
-
-def _batches(data, max_batches):
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("data must yield (inputs, targets) batches")
-        yield batch[0], batch[1]
 
 
 def collect_gradients(model: keras.Model, data: Iterable, loss=None, *, include=None, exclude=(),

@@ -41,6 +41,7 @@ from torch import nn
 import sparsecore as sc
 
 from ._common import ActivationStats, collect
+from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskHold", "SparseLinear", "apply_masks", "collect_activations", "collect_gradients",
@@ -163,15 +164,6 @@ def _preserved(model, mode):
         for p, r in req.items():
             p.requires_grad_(r)
             p.grad = grads[p]
-
-
-def _batches(data, max_batches):
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("data must yield (inputs, targets) batches")
-        yield batch[0], batch[1]
 
 
 def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None, exclude=(),
@@ -298,11 +290,22 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
     if device == "cuda" or (device == "auto" and any(p.is_cuda for p in model.parameters())):
         return _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pairwise, feature_norms,
                                   max_batches, mode)
+    run = _hooked_runner(model, mods, data, max_batches, mode,
+                         _host, lambda y: _host(y).astype(np.int64, copy=False).reshape(-1))
+    return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
+                   feature_norms=feature_norms)
+
+
+def _hooked_runner(model, mods, data, max_batches, mode, convert, labels):
+    """``run(pass_fn)``: one pass over ``data`` with forward hooks on ``mods``,
+    calling ``pass_fn({module: (input, output, is_linear)}, labels)`` per
+    batch, the tensors passed through ``convert`` and the targets through
+    ``labels``; the model's state is restored afterwards."""
     captured = {}
 
     def hook_for(name):
         def hook(module, inputs, output):
-            captured[name] = (_host(inputs[0]), _host(output), isinstance(module, nn.Linear))
+            captured[name] = (convert(inputs[0]), convert(output), isinstance(module, nn.Linear))
         return hook
 
     def run(pass_fn):
@@ -312,10 +315,9 @@ def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str]
             for x, y in _batches(data, max_batches):
                 captured.clear()
                 model(x)
-                pass_fn(captured, _host(y).astype(np.int64, copy=False).reshape(-1))
+                pass_fn(captured, labels(y))
 
-    return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
-                   feature_norms=feature_norms)
+    return run
 
 
 def _units_t(t):
@@ -337,22 +339,8 @@ def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pair
 
     if unit and n_classes is None:
         raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
-    captured = {}
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            captured[name] = (inputs[0], output, isinstance(module, nn.Linear))
-        return hook
-
-    def run(pass_fn):
-        with _preserved(model, mode) as hooks, torch.no_grad():
-            for n, m in mods.items():
-                hooks.append(m.register_forward_hook(hook_for(n)))
-            for x, y in _batches(data, max_batches):
-                captured.clear()
-                model(x)
-                pass_fn(captured, y.reshape(-1).to(torch.int64).contiguous())
-
+    run = _hooked_runner(model, mods, data, max_batches, mode, lambda t: t,
+                         lambda y: y.reshape(-1).to(torch.int64).contiguous())
     lo, hi = {}, {}
 
     def ranges(key, a):
