@@ -20,6 +20,7 @@ from ._device import resolve
 from ._kernels import cpu_csr
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat
+from .cuda import DeviceCSR
 from .selection import (
     Rule,
     Source,
@@ -284,8 +285,6 @@ def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None, *, 
     >>> sc.csr_matmul(a, np.array([3.0, 4.0]))
     array([3., 8.])
     """
-    from .cuda import DeviceCSR
-
     if isinstance(a, DeviceCSR) or resolve(device, x) == "cuda":
         from . import cuda as _cuda
 

@@ -55,6 +55,42 @@ def _block_scan(vals, tid, nthreads):
     return vals[nthreads]
 
 
+@cuda.jit(device=True, inline=True)
+def _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt):
+    """Count the keys equal to ``T`` in this thread's chunk ``[lo, hi)`` of
+    the row, scan across the block: returns the row's ties before the chunk
+    (``shared[nt]`` then holds the row's total)."""
+    t = int64(0)
+    for i in range(lo, hi):
+        if key_of_bits(sbits[i], absolute, wide) == T:
+            t += 1
+    shared[tid] = t
+    _block_scan(shared, tid, nt)
+    return shared[tid]
+
+
+@cuda.jit(device=True, inline=True)
+def _keep(k, T, tie_index, pruned_ties):
+    return k > T or (k == T and tie_index >= pruned_ties)
+
+
+@cuda.jit(device=True, inline=True)
+def _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties):
+    """``(kept non-zero entries, NaN/Inf weights)`` of the chunk, its first tie being number ``tie`` of the row."""
+    c = int64(0)
+    nb = int64(0)
+    for i in range(lo, hi):
+        k = key_of_bits(sbits[i], absolute, wide)
+        x = float64(w[i])
+        if x != x or x - x != 0:  # NaN or Inf weight
+            nb += 1
+        if _keep(k, T, tie, pruned_ties) and w[i] != 0:
+            c += 1
+        if k == T:
+            tie += 1
+    return c, nb
+
+
 @cuda.jit
 def row_ties(sbits, cols, T, absolute, wide, ties):
     """Per row: entries whose key equals ``T``."""
@@ -64,50 +100,23 @@ def row_ties(sbits, cols, T, absolute, wide, ties):
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
     lo = r * cols + tid * cols // nt
     hi = r * cols + (tid + 1) * cols // nt
-    c = int64(0)
-    for i in range(lo, hi):
-        if key_of_bits(sbits[i], absolute, wide) == T:
-            c += 1
-    shared[tid] = c
-    total = _block_scan(shared, tid, nt)
+    _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     if tid == 0:
-        ties[r] = total
-
-
-@cuda.jit(device=True, inline=True)
-def _keep(k, T, tie_index, pruned_ties):
-    return k > T or (k == T and tie_index >= pruned_ties)
+        ties[r] = shared[nt]
 
 
 @cuda.jit
 def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
-    """Per row: kept entries whose weight is non-zero (NaN/Inf scores counted in ``bad``)."""
+    """Per row: kept entries whose weight is non-zero (NaN/Inf weights counted in ``bad``)."""
     r = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
     lo = r * cols + tid * cols // nt
     hi = r * cols + (tid + 1) * cols // nt
-    t = int64(0)
-    for i in range(lo, hi):
-        if key_of_bits(sbits[i], absolute, wide) == T:
-            t += 1
-    shared[tid] = t
-    _block_scan(shared, tid, nt)
-    tie = shared[tid]
-    pr = pruned_ties[r]
-    c = int64(0)
-    nb = int64(0)
-    for i in range(lo, hi):
-        k = key_of_bits(sbits[i], absolute, wide)
-        x = float64(w[i])
-        if x != x or x - x != 0:  # NaN or Inf weight
-            nb += 1
-        if _keep(k, T, tie, pr) and w[i] != 0:
-            c += 1
-        if k == T:
-            tie += 1
-    cuda.syncthreads()
+    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
+    c, nb = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties[r])
+    cuda.syncthreads()  # every thread has read its tie offset before the counts overwrite them
     shared[tid] = c
     total = _block_scan(shared, tid, nt)
     if tid == 0:
@@ -125,27 +134,13 @@ def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indic
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
     lo = r * cols + tid * cols // nt
     hi = r * cols + (tid + 1) * cols // nt
-    t = int64(0)
-    for i in range(lo, hi):
-        if key_of_bits(sbits[i], absolute, wide) == T:
-            t += 1
-    shared[tid] = t
-    _block_scan(shared, tid, nt)
-    tie = shared[tid]
+    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     pr = pruned_ties[r]
-    c = int64(0)
-    tie0 = tie
-    for i in range(lo, hi):
-        k = key_of_bits(sbits[i], absolute, wide)
-        if _keep(k, T, tie, pr) and w[i] != 0:
-            c += 1
-        if k == T:
-            tie += 1
+    c, _ = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pr)
     cuda.syncthreads()
     shared[tid] = c
     _block_scan(shared, tid, nt)
     p = indptr[r] + shared[tid]
-    tie = tie0
     for i in range(lo, hi):
         k = key_of_bits(sbits[i], absolute, wide)
         if _keep(k, T, tie, pr) and w[i] != 0:
@@ -165,13 +160,7 @@ def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
     lo = r * cols + tid * cols // nt
     hi = r * cols + (tid + 1) * cols // nt
-    t = int64(0)
-    for i in range(lo, hi):
-        if key_of_bits(sbits[i], absolute, wide) == T:
-            t += 1
-    shared[tid] = t
-    _block_scan(shared, tid, nt)
-    tie = shared[tid]
+    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     pr = pruned_ties[r]
     for i in range(lo, hi):
         k = key_of_bits(sbits[i], absolute, wide)
