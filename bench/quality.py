@@ -20,13 +20,13 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 import torch_digits as ex
+from _tables import accuracy_table
 from sparsecore.adapters import torch as sct
 
 import sparsecore as sc
@@ -119,17 +119,7 @@ def main():
           f"{statistics.mean(dense):.3f} ± {statistics.pstdev(dense):.3f}\n")
     print("global pruning; test accuracy mean ± std over seeds, one-shot / after a "
           f"{TUNE_EPOCHS}-epoch fine-tune with masks held\n")
-    head = "| criterion | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |"
-    print(head)
-    print("|---|" + "---|" * len(SPARSITIES))
-    for c in CRITERIA + ["torch L1 global"]:
-        cells = []
-        for s in SPARSITIES:
-            one = [r["one_shot"] for r in rows if r["criterion"] == c and r["sparsity"] == s]
-            tun = [r["tuned"] for r in rows if r["criterion"] == c and r["sparsity"] == s]
-            cells.append(f"{statistics.mean(one):.3f}±{statistics.pstdev(one):.3f} / "
-                         f"{statistics.mean(tun):.3f}±{statistics.pstdev(tun):.3f}")
-        print(f"| {c} | " + " | ".join(cells) + " |")
+    print(accuracy_table(rows, CRITERIA + ["torch L1 global"], SPARSITIES))
     t = timing()
     base = t["training epoch (AdamW, batches of 64)"]
     print("\n| importance collection over the training split | median ms | vs one training epoch |")

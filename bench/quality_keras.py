@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 
 import keras
 import keras_digits as ex
+from _tables import accuracy_table
 from sparsecore.adapters import keras as sck
 
 import sparsecore as sc
@@ -68,16 +69,7 @@ def main():
     dense = [r["dense"] for r in rows if r["criterion"] == "magnitude" and r["sparsity"] == SPARSITIES[0]]
     print(f"Keras {keras.__version__} on {keras.backend.backend()}; digits, MLP 64-128-64-10, {args.seeds} seeds; "
           f"dense test accuracy {statistics.mean(dense):.3f} ± {statistics.pstdev(dense):.3f}\n")
-    print("| criterion | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |")
-    print("|---|" + "---|" * len(SPARSITIES))
-    for c in CRITERIA:
-        cells = []
-        for s in SPARSITIES:
-            one = [r["one_shot"] for r in rows if r["criterion"] == c and r["sparsity"] == s]
-            tun = [r["tuned"] for r in rows if r["criterion"] == c and r["sparsity"] == s]
-            cells.append(f"{statistics.mean(one):.3f}±{statistics.pstdev(one):.3f} / "
-                         f"{statistics.mean(tun):.3f}±{statistics.pstdev(tun):.3f}")
-        print(f"| {c} | " + " | ".join(cells) + " |")
+    print(accuracy_table(rows, CRITERIA, SPARSITIES))
     print("\n| step | median s |")
     print("|---|---|")
     for k, v in times.items():
