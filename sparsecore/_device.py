@@ -11,6 +11,7 @@ import numpy as np
 
 THREADS = 256  # threads per block of the 1-D kernels
 THREADS_2D = (16, 16)
+ROW_THREADS = 128  # threads of the block that builds one CSR row (at most cuda_csr.MAX_THREADS)
 
 
 def cuda():
@@ -26,7 +27,9 @@ def cuda():
 
 
 def is_device_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    """Anything with ``__cuda_array_interface__``, or a numba device array
+    (the CUDA simulator's arrays have ``copy_to_host`` but not the interface)."""
+    return hasattr(a, "__cuda_array_interface__") or hasattr(a, "copy_to_host")
 
 
 def resolve(device: str, *arrays) -> str:
@@ -43,7 +46,7 @@ def to_device(a, dtype=None):
     (CuPy, PyTorch CUDA, numba) without a copy, or a host array copied over."""
     c = cuda()
     if is_device_array(a):
-        d = c.as_cuda_array(a)
+        d = a if hasattr(a, "copy_to_host") else c.as_cuda_array(a)
         if dtype is not None and d.dtype != np.dtype(dtype):
             raise TypeError(f"device array has dtype {d.dtype}, {np.dtype(dtype)} needed")
         return d

@@ -13,16 +13,20 @@ to the host except per-row counts and radix histograms (small arrays).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from . import _device
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY
-from ._validate import check_fraction, check_threshold
-from .selection import Rule, Source, _rule_for, threshold_rule
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
+from ._validate import check_fraction, check_threshold, nonfinite_error
+from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
 
 __all__ = ["DeviceAccumulator", "DeviceCSR", "GradientSums", "PairMICounts", "UnitMICounts", "csr_matmul",
-           "pairwise_mi", "prune", "select_rule", "select_rules_global",
-           "to_csr", "unit_label_counts"]
+           "DeviceSource", "pairwise_mi", "prune", "select_rule", "select_rules_global", "to_csr",
+           "unit_label_counts"]
 
 
 class DeviceCSR:
@@ -61,84 +65,264 @@ class DeviceCSR:
 
 
 def _bits(d):
-    """The device array viewed as its bit patterns (uint32 / uint64), flat."""
+    """A flat device array viewed as the unsigned integers of its width (float bits, mask bytes)."""
     flat = d.reshape(d.size) if d.ndim != 1 else d
-    return flat.view(np.uint32 if flat.dtype == np.float32 else np.uint64)
+    if flat.dtype == np.float32:
+        return flat.view(np.uint32)
+    if flat.dtype == np.float64:
+        return flat.view(np.uint64)
+    return flat.view(np.uint8)
 
 
 def _float_device(a, name):
     d = _device.to_device(a)
     if d.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} on the device must be float32 or float64, got {d.dtype}")
+        raise TypeError(f"{name} on the device must be float32 or float64, got {d.dtype}; "
+                        f"e.g. tensor.float() first")
     return d
 
 
-def _radix(bits_list, absolute, wide, k):
-    """``(T, below, ties)``: the k-th smallest key of all the bit arrays
-    together, and per array the keys below it and equal to it. Radix
-    histograms on the device, one 16-bit digit per level, picked on the host."""
-    c = _device.cuda()
-    from ._kernels import cuda_csr
+def _flat(d):
+    return d.reshape(d.size) if d.ndim != 1 else d
 
-    keybits = 64 if wide else 32
-    prefix, shift = 0, keybits
-    below = np.zeros(len(bits_list), np.int64)
-    hist_d = c.device_array(1 << 16, np.int64)
-    H = None
-    while shift > 0:
-        pshift = shift
-        shift -= 16
-        hists = []
-        for bits in bits_list:
-            hist_d[:] = 0
-            nb, nt = _device.blocks(bits.size)
-            if bits.size:
-                cuda_csr.key_hist[nb, nt](bits, absolute, wide, np.uint64(prefix), pshift if pshift < keybits else 64,
-                                          shift, 16, hist_d)
-            hists.append(hist_d.copy_to_host())
-        H = np.stack(hists)
-        cum = np.cumsum(H.sum(axis=0))
-        digit = int(np.searchsorted(cum, k - int(below.sum()), side="left"))
-        below += H[:, :digit].sum(axis=1)
-        prefix = (prefix << 16) | digit
-    return prefix, below, H[:, prefix & 0xFFFF].astype(np.int64)
+
+def _launch(n):
+    return _device.blocks(max(int(n), 1))
+
+
+def _raise_bad(name, role, original, count, first):
+    host = original.copy_to_host() if hasattr(original, "copy_to_host") else np.asarray(original)
+    raise nonfinite_error(name, role, host, int(count), int(first))
+
+
+def _check_bad(bad_d, name, role, original):
+    bad = bad_d.copy_to_host()
+    if bad[0]:
+        _raise_bad(name, role, original, bad[0], bad[1])
+
+
+def _bad_counter(n):
+    return _device.cuda().to_device(np.array([0, max(int(n), 1)], np.int64))
+
+
+@dataclass
+class DeviceSource(Source):
+    """A :class:`~sparsecore.selection.Source` whose ``data`` is a flat
+    device array, with the CPU's transform fields (``mode``, ``inv``,
+    ``scaled``), so that ``select_rules``, ``threshold_rule`` and the
+    normalisation run unchanged on it (their kernels dispatch here).
+
+    ``keep``: a flat device keep-mask of current masks (entries it drops are
+    lowered below every score, as ``prune``'s ``_materialise``); ``wide``:
+    force wide keys (group scores are float64 on the CPU)."""
+
+    keep: object = None
+    wide: bool = False
+    cache: dict = field(default_factory=dict, repr=False)
+    on_device = True
+
+    def needs_wide(self):
+        return super().needs_wide() or self.keep is not None or self.wide
+
+    def keys(self, wide):
+        """``(bits, absolute)`` whose keys are this source's keys, wide or
+        narrow: the data itself where a sign-bit drop is the whole transform,
+        else the scores written out once with the CPU's arithmetic."""
+        wide = bool(wide)
+        if wide not in self.cache:
+            d = self.data
+            if (self.keep is None and not self.scaled and self.mode in (MODE_IDENTITY, MODE_ABS)
+                    and (d.dtype == np.float64) == wide):
+                self.cache[wide] = (_bits(d), self.mode == MODE_ABS)
+            else:
+                from ._kernels import cuda_select
+                from .prune import _PRUNED
+
+                c = _device.cuda()
+                out = c.device_array(d.size, np.float64 if wide else np.float32)
+                keep = self.keep if self.keep is not None else c.device_array(0, np.bool_)
+                bad = _bad_counter(d.size)
+                if d.size:
+                    cuda_select.materialise[_launch(d.size)](d, float(self.inv), bool(self.scaled), keep, _PRUNED,
+                                                             float(np.nextafter(_PRUNED, 0.0)), out, bad,
+                                                             int(self.mode), wide)
+                _check_bad(bad, self.name, self.role, self.original if self.original is not None else d)
+                self.cache[wide] = (_bits(out), False)
+        return self.cache[wide]
+
+
+def device_source(name, arr, mode=MODE_IDENTITY, role="scores", original=None, wide=False):
+    """A :class:`DeviceSource` over a device (or host, copied) float array."""
+    d = _float_device(arr, f"{role} {name!r}")
+    return DeviceSource(name, _flat(d), tuple(d.shape), mode, role=role,
+                        original=original if original is not None else d, wide=wide)
+
+
+def search(sources, lo, hi, target, wide):
+    """Device twin of ``selection._search``: the smallest key T whose capped
+    count reaches ``target``, by radix digit histograms on the device (the
+    small histograms come back and ``cpu_select.pick_digit`` picks the
+    digit, caps included). Returns ``(T, below, ties)``."""
+    from ._kernels import cuda_select
+    from ._kernels.cpu_select import pick_digit
+    from .selection import _levels
+
+    c = _device.cuda()
+    keys = [src.keys(wide) for src in sources]
+    below = np.zeros(len(sources), np.int64)
+    lo = np.asarray(lo, np.int64)
+    hi = np.asarray(hi, np.int64)
+    prefix, d, hist = 0, 0, None
+    levels = _levels(wide, len(sources))
+    hist_d = c.device_array(1 << max(b for _, b in levels), np.int64)
+    for li, (shift, bits) in enumerate(levels):
+        hist = np.zeros((len(sources), 1 << bits), np.int64)
+        h_d = hist_d[:1 << bits]
+        for t, (kb, absolute) in enumerate(keys):
+            if not kb.size:
+                continue
+            h_d[:] = 0
+            bad = _bad_counter(kb.size)
+            cuda_select.key_hist[_launch(kb.size)](kb, absolute, wide, np.uint64(prefix), 64 if li == 0 else shift + bits,
+                                                   shift, bits, h_d, bad)
+            if li == 0:
+                src = sources[t]
+                _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
+            hist[t] = h_d.copy_to_host()
+        d = int(pick_digit(hist, below, lo, hi, target))
+        prefix = (prefix << bits) | d
+    return prefix, below, hist[:, d].copy()
+
+
+def score_norm(src, kind):
+    """Device twin of ``cpu_select.score_norm``: per fixed block of
+    ``REDUCE_BLOCK`` elements in index order, then the blocks in order on the
+    host, so the norm (and the normalised scores) equal the CPU's."""
+    from ._kernels import cuda_select
+
+    n = src.data.size
+    nblocks = max(-(-n // cuda_select.REDUCE_BLOCK), 1)
+    parts_d = _device.cuda().to_device(np.zeros(nblocks))
+    if n:
+        cuda_select.norm_parts[_launch(nblocks)](src.data, kind, cuda_select.REDUCE_BLOCK, parts_d, int(src.mode))
+    total = 0.0
+    for p in parts_d.copy_to_host():
+        if kind == 3:
+            total = max(total, float(p))
+        else:
+            total += float(p)
+    return math.sqrt(total) if kind == 2 else total
 
 
 def select_rule(scores, k: int, *, absolute: bool = False):
     """The selection rule pruning the ``k`` lowest scores of a device array
     (ties: lower flat index first), found by radix histograms of its keys on
     the device (two 16-bit levels for float32, four for float64)."""
-    d = _float_device(scores, "scores")
-    wide = d.dtype == np.float64
-    if k <= 0:
-        return Rule(0, 0, wide)
-    T, below, ties = _radix([_bits(d)], absolute, wide, k)
-    return _rule_for(T, int(ties[0]), k - int(below[0]), wide)
+    src = device_source("scores", scores, MODE_ABS if absolute else MODE_IDENTITY)
+    return select_rules([src], counts=[k])[0]
 
 
 def select_rules_global(scores: list, k: int, *, absolute: bool = False) -> list:
     """Rules pruning the ``k`` lowest scores of several device arrays together
     (one exact threshold; ties: earlier array, then lower index, first), as
-    ``sparsecore.prune(scope="global")`` without caps. Same dtype for all."""
-    ds = [_float_device(x, "scores") for x in scores]
-    dtypes = {d.dtype for d in ds}
-    if len(dtypes) > 1:
-        raise TypeError(f"global selection on the device needs one dtype for all scores, got {sorted(map(str, dtypes))}")
-    wide = ds[0].dtype == np.float64 if ds else False
-    if k <= 0:
-        return [Rule(0, 0, wide) for _ in ds]
-    T, below, ties = _radix([_bits(d) for d in ds], absolute, wide, k)
-    rest = k - int(below.sum())
-    rules = []
-    for t in range(len(ds)):
-        extra = min(int(ties[t]), rest)
-        rest -= extra
-        rules.append(_rule_for(T, int(ties[t]), extra, wide))
-    return rules
+    ``sparsecore.prune(scope="global")`` without caps."""
+    srcs = [device_source(f"scores[{i}]", x, MODE_ABS if absolute else MODE_IDENTITY) for i, x in enumerate(scores)]
+    sizes = np.array([s.size for s in srcs], np.int64)
+    if not srcs:
+        return []
+    return select_rules(srcs, target=int(k), lo=np.zeros_like(sizes), hi=sizes)
 
 
-def _src(d, absolute):
-    return Source("scores", np.empty(0, d.dtype), (d.size,), MODE_ABS if absolute else MODE_IDENTITY)
+def _count_rule(src, rule):
+    """Entries of a source that ``rule`` prunes (keys below, and the quota of ties)."""
+    from ._kernels import cuda_select
+
+    kb, absolute = src.keys(rule.wide)
+    out = _device.cuda().to_device(np.array([0, 0, 0, max(kb.size, 1)], np.int64))
+    if kb.size:
+        cuda_select.count_rule[_launch(kb.size)](kb, absolute, rule.wide, np.uint64(rule.key), out)
+    got = out.copy_to_host()
+    if got[2]:
+        _raise_bad(src.name, src.role, src.original if src.original is not None else src.data, got[2], got[3])
+    return int(got[0]) + min(int(got[1]), int(rule.quota))
+
+
+def _pruned_ties(kb, rows, cols, T, absolute, wide, quota):
+    """Per row, how many of its ties at ``T`` the rule's quota prunes (rows in flat order)."""
+    from ._kernels import cuda_csr
+
+    c = _device.cuda()
+    pruned = np.zeros(rows, np.int64)
+    if quota and rows:
+        ties_d = c.device_array(rows, np.int64)
+        cuda_csr.row_ties[rows, _row_threads()](kb, cols, T, absolute, wide, ties_d)
+        ties = ties_d.copy_to_host()
+        start = np.concatenate([[0], np.cumsum(ties)[:-1]])
+        pruned = np.clip(quota - start, 0, ties)
+    return c.to_device(pruned)
+
+
+def _row_threads():
+    from ._kernels import cuda_csr
+
+    return min(cuda_csr.MAX_THREADS, _device.ROW_THREADS)
+
+
+def _rule_mask(kb, absolute, rule, rows, cols, pt=None):
+    """Flat device keep-mask of keys ``kb`` (``rows x cols`` in flat order)
+    under ``rule``; ``pt``: the per-row pruned ties, when known."""
+    from ._kernels import cuda_csr
+
+    c = _device.cuda()
+    T = np.uint64(rule.key)
+    if pt is None:
+        pt = _pruned_ties(kb, rows, cols, T, absolute, rule.wide, rule.quota)
+    mask = c.device_array(rows * cols, np.bool_)
+    if rows and cols:
+        cuda_csr.row_mask[rows, _row_threads()](kb, cols, T, absolute, rule.wide, pt, mask)
+    return mask
+
+
+def _build(w, kb, absolute, rule, rows, cols, name="weights", original=None, want_mask=False):
+    """:class:`DeviceCSR` of flat device weights ``w`` (``rows x cols``) kept
+    where keys ``kb`` pass ``rule``: per-row ties (with a quota), kept
+    non-zeros per row, offsets on the host, then the fill. ``want_mask``:
+    returns ``(csr, flat keep-mask)``."""
+    from ._kernels import cuda_csr
+    from .csr import index_dtype
+
+    c = _device.cuda()
+    T = np.uint64(rule.key)
+    nt = _row_threads()
+    pt = _pruned_ties(kb, rows, cols, T, absolute, rule.wide, rule.quota)
+    counts_d = c.device_array(rows, np.int64)
+    bad_d = c.to_device(np.zeros(1, np.int64))
+    if rows:
+        cuda_csr.row_kept[rows, nt](kb, w, cols, T, absolute, rule.wide, pt, counts_d, bad_d)
+    nbad = int(bad_d.copy_to_host()[0])
+    if nbad:
+        host = w.copy_to_host()
+        _raise_bad(name, "weights", original if original is not None else w, nbad,
+                   int(np.argmax(~np.isfinite(host))))
+    counts = counts_d.copy_to_host() if rows else np.zeros(0, np.int64)
+    indptr = np.zeros(rows + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    idt = index_dtype((rows, cols), nnz)
+    indptr_d = c.to_device(indptr.astype(idt))
+    data_d = c.device_array(nnz, w.dtype)
+    indices_d = c.device_array(nnz, idt)
+    if rows and nnz:
+        cuda_csr.row_fill[rows, nt](kb, w, cols, T, absolute, rule.wide, pt, indptr_d, data_d, indices_d)
+    a = DeviceCSR(data_d, indices_d, indptr_d, (rows, cols))
+    return (a, _rule_mask(kb, absolute, rule, rows, cols, pt)) if want_mask else a
+
+
+_KEEP_RULE = Rule(0x80000001, 0, False)  # keeps the entries of a uint8 keep-mask that are 1
+
+
+def _csr_of_mask(w, mask, rows, cols, name, original):
+    return _build(w, _bits(mask), False, _KEEP_RULE, rows, cols, name, original)
 
 
 def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: float | None = None,
@@ -150,107 +334,367 @@ def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: fl
     w = _float_device(weights, "weights")
     if w.ndim != 2:
         raise ValueError(f"device to_csr takes a 2-D weight, got shape {w.shape}")
-    s = w if scores is None else _float_device(scores, "scores")
-    if s.shape != w.shape:
-        raise ValueError(f"scores have shape {s.shape}, weights {w.shape}")
     if absolute is None:
         absolute = scores is None
+    src = device_source("weights" if scores is None else "scores", w if scores is None else scores,
+                        MODE_ABS if absolute else MODE_IDENTITY, "weights" if scores is None else "scores")
+    if src.shape != w.shape:
+        raise ValueError(f"scores have shape {src.shape}, weights {w.shape}")
     if (threshold is None) == (sparsity is None):
         raise ValueError("give exactly one of threshold and sparsity")
     if threshold is not None:
-        rule = threshold_rule(_src(s, absolute), check_threshold(threshold, "weights"))
+        rule = threshold_rule(src, check_threshold(threshold, "weights"))
+        _count_rule(src, rule)  # non-finite scores are an error, as on the CPU
     else:
-        rule = select_rule(s, round(check_fraction(sparsity, "weights") * s.size), absolute=absolute)
-    return _build(w, s, rule, absolute)[0]
+        (rule,) = select_rules([src], counts=[round(check_fraction(sparsity, "weights") * src.size)])
+    kb, ab = src.keys(rule.wide)
+    return _build(_flat(w), kb, ab, rule, *w.shape, original=w)
 
 
-def _build(w, s, rule, absolute, want_mask=False):
-    """``(DeviceCSR, mask or None)`` of 2-D device ``w`` under ``rule`` on scores ``s``."""
+# --- prune on the device ----------------------------------------------------
+
+def _state_arrays(state, name):
+    from .importance import GradientAccumulator
+
+    if state is None:
+        return {}
+    if isinstance(state, DeviceAccumulator):
+        if name not in state.sums:
+            raise ValueError(f"state has no gradients for tensor {name!r}; it has {sorted(state.sums)}")
+        return state.state(name)
+    if isinstance(state, GradientAccumulator):
+        return state.state(name)
+    if isinstance(state, Mapping):
+        if name not in state:
+            raise ValueError(f"state has no entry for tensor {name!r}; it has {sorted(state)}")
+        return state[name]
+    raise TypeError(f"state must be a DeviceAccumulator, GradientAccumulator or a mapping name -> dict, "
+                    f"got {type(state).__name__}")
+
+
+def _criterion_source(crit, name, w, st):
+    """The scores of a built-in criterion on the device, with the CPU's
+    float64 arithmetic (see ``_kernels/cuda_importance.py``)."""
+    from ._kernels import cuda_importance as ci
+    from .importance import _need
+
     c = _device.cuda()
-    from ._kernels import cuda_csr
-
-    rows, cols = w.shape
-    wide = s.dtype == np.float64
-    sbits = _bits(s)
-    wflat = w.reshape(w.size)
-    nt = min(cuda_csr.MAX_THREADS, max(32, _device.THREADS))
-    T = np.uint64(rule.key)
-    pruned_ties = np.zeros(rows, np.int64)
-    if rule.quota:
-        ties_d = c.device_array(rows, np.int64)
-        cuda_csr.row_ties[rows, nt](sbits, cols, T, absolute, wide, ties_d)
-        ties = ties_d.copy_to_host()
-        start = np.concatenate([[0], np.cumsum(ties)[:-1]])
-        pruned_ties = np.clip(rule.quota - start, 0, ties)
-    pt_d = c.to_device(pruned_ties)
-    counts_d = c.device_array(rows, np.int64)
-    bad_d = c.to_device(np.zeros(1, np.int64))
-    if rows:
-        cuda_csr.row_kept[rows, nt](sbits, wflat, cols, T, absolute, wide, pt_d, counts_d, bad_d)
-    if int(bad_d.copy_to_host()[0]):
-        raise ValueError(f"weights hold {int(bad_d.copy_to_host()[0])} NaN or Inf values")
-    counts = counts_d.copy_to_host()
-    indptr = np.zeros(rows + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    nnz = int(indptr[-1])
-    idt = np.int32 if max(rows, cols, nnz) <= np.iinfo(np.int32).max else np.int64
-    indptr_d = c.to_device(indptr.astype(idt))
-    data_d = c.device_array(nnz, w.dtype)
-    indices_d = c.device_array(nnz, idt)
-    if rows and nnz:
-        cuda_csr.row_fill[rows, nt](sbits, wflat, cols, T, absolute, wide, pt_d, indptr_d, data_d, indices_d)
-    mask = None
-    if want_mask:
-        mask = c.device_array(rows * cols, np.bool_)
-        if rows:
-            cuda_csr.row_mask[rows, nt](sbits, cols, T, absolute, wide, pt_d, mask)
-        mask = mask.reshape(rows, cols)
-    return DeviceCSR(data_d, indices_d, indptr_d, (rows, cols)), mask
-
-
-def prune(weights, scores=None, *, sparsity: float | None = None, threshold: float | None = None,
-          scope: str = "local") -> tuple[dict, dict]:
-    """Prune device tensors on the device: ``(csr, masks)`` by name.
-
-    ``weights``: mapping name -> device (or host) array of any shape (CSR of
-    its 2-D view ``(shape[0], prod(shape[1:]))``); ``scores``: mapping of
-    scores shaped like them, or None for ``|w|``. Exact local or global
-    sparsity (no caps yet), or a threshold; the masks and CSR structure equal
-    :func:`sparsecore.prune`'s."""
-    from .csr import matrix_shape
-
-    if (sparsity is None) == (threshold is None):
-        raise ValueError("give exactly one of sparsity= and threshold=")
-    if scope not in ("local", "global"):
-        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    names = list(weights)
-    ws, ss = {}, {}
-    for n in names:
-        w = _float_device(weights[n], f"weights {n!r}")
-        ws[n] = w.reshape(matrix_shape(w.shape))
-        if scores is None:
-            ss[n] = ws[n]
+    cname = crit.name
+    wf = _flat(w)
+    if cname in ("fisher", "mutual_info") or (cname == "taylor_squared" and "wg2" in st):
+        key = {"fisher": "g2", "mutual_info": "mi", "taylor_squared": "wg2"}[cname]
+        if key not in st:
+            _need(st, key, cname)
+        a = _float_device(st[key], f"state[{key!r}] of {name!r}")
+        if cname == "mutual_info" and a.ndim == 2 and a.shape != w.shape and a.shape[::-1] == w.shape:
+            a = _transpose(a)  # a Keras (in, out) kernel
+        if a.shape != w.shape:
+            raise ValueError(f"criterion {cname!r}: state[{key!r}] of shape {a.shape} does not fit weights "
+                             f"{name!r} of shape {w.shape}")
+        return device_source(name, a, role=f"scores from criterion {cname!r} for")
+    L, B = 1, 1
+    if cname == "taylor":
+        _need(st, "wg", cname, alt="g")
+        kind, a = (ci.ABS, st["wg"]) if "wg" in st else (ci.TAYLOR_G, st["g"])
+    elif cname == "taylor_squared":  # without wg2 (that case is above): weights fixed, w**2 * sum g**2
+        _need(st, "wg2", cname, alt="g2")
+        kind, a = ci.TAYLOR_SQUARED_G2, st["g2"]
+    elif cname == "obd":
+        kind, a = ci.OBD, _need(st, "g2", cname)
+    else:  # wanda
+        if "x_norm" not in st:
+            raise ValueError("criterion 'wanda' needs state['x_norm'], the L2 norm over samples of each input "
+                             "feature of the layer (the PyTorch adapter's collect_activations(feature_norms=True))")
+        kind, a = ci.WANDA, st["x_norm"]
+    a = _flat(_float_device(a, f"state of {name!r}"))
+    if kind == ci.WANDA:
+        if len(w.shape) >= 2 and a.size == w.shape[1]:
+            L, B = w.shape[1], int(np.prod(w.shape[2:], dtype=np.int64))
+        elif len(w.shape) == 2 and a.size == w.shape[0]:
+            L, B = w.shape[0], w.shape[1]
         else:
-            sd = _float_device(scores[n], f"scores {n!r}")
-            if sd.shape != w.shape:
-                raise ValueError(f"scores {n!r} have shape {sd.shape} but weights {n!r} have {w.shape}")
-            ss[n] = sd.reshape(matrix_shape(sd.shape))
-    absolute = scores is None
-    if threshold is not None:
-        rules = {n: threshold_rule(_src(ss[n], absolute), check_threshold(threshold, n)) for n in names}
-    elif scope == "global":
-        total = sum(ss[n].size for n in names)
-        got = select_rules_global([ss[n] for n in names], round(check_fraction(sparsity, "all tensors") * total),
-                                  absolute=absolute)
-        rules = dict(zip(names, got))
-    else:
-        rules = {n: select_rule(ss[n], round(check_fraction(sparsity, n) * ss[n].size), absolute=absolute)
-                 for n in names}
-    csr, masks = {}, {}
+            raise ValueError(f"state['x_norm'] of shape {(a.size,)} fits neither axis 1 nor (for a 2-D (in, out) "
+                             f"kernel) axis 0 of weights of shape {w.shape}")
+    elif a.size != wf.size:
+        raise ValueError(f"criterion {cname!r}: statistics of {a.size} entries do not fit weights {name!r} of "
+                         f"shape {w.shape}")
+    out = c.device_array(wf.size, np.float64)
+    if wf.size:
+        ci.criterion_scores[_launch(wf.size)](wf, a, L, B, out, kind)
+    return device_source(name, out.reshape(w.shape), role=f"scores from criterion {cname!r} for")
+
+
+def _transpose(a):
+    from ._kernels import cuda_pattern
+
+    out = _device.cuda().device_array((a.shape[1], a.shape[0]), a.dtype)
+    if a.size:
+        cuda_pattern.transpose[_launch(a.size)](a, out)
+    return out
+
+
+_DEVICE_CRITERIA = ("magnitude", "magnitude_squared", "fisher", "taylor", "taylor_squared", "obd", "wanda",
+                    "mutual_info")
+
+
+def _device_sources(weights, names, scores, state, normalize, for_selection, unit_axis):
+    """Device twin of ``prune._sources``: the weights as device arrays and one
+    :class:`DeviceSource` per tensor."""
+    from .importance import get_criterion
+    from .importance import _REGISTRY
+
+    warrs = {n: _float_device(weights[n], f"weights {n!r}") for n in names}
+    if scores is None:
+        scores = "magnitude"
+    srcs = []
+    if isinstance(scores, Mapping):
+        unknown = [k for k in scores if k not in weights]
+        if unknown:
+            raise ValueError(f"scores name unknown tensors {unknown}; weights have {list(weights)}")
+        for n in names:
+            if n not in scores:
+                raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor or list it in "
+                                 f"ignore=")
+            src = device_source(n, scores[n])
+            wshape = warrs[n].shape
+            if (unit_axis is not None and len(src.shape) == 1 and len(wshape) > 1
+                    and -len(wshape) <= unit_axis < len(wshape) and src.shape[0] == wshape[unit_axis]):
+                src.role, src.wide = "unit scores", True
+            elif src.shape != wshape:
+                raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape {wshape}")
+            srcs.append(src)
+        return warrs, srcs
+    crit = get_criterion(scores)
+    builtin = getattr(crit, "name", None) in _DEVICE_CRITERIA and _REGISTRY.get(crit.name) is crit
     for n in names:
-        csr[n], m = _build(ws[n], ss[n], rules[n], absolute, want_mask=True)
-        masks[n] = m.reshape(_float_device(weights[n], n).shape)
-    return csr, masks
+        w = warrs[n]
+        mode = getattr(crit, "mode", None)
+        if builtin and mode is not None:
+            if mode == MODE_SQUARE and for_selection and normalize == "none" and w.dtype == np.float32:
+                mode = MODE_ABS  # exact squares of float32 keep |w|'s order and ties
+            srcs.append(device_source(n, w, mode, role="weights"))
+        elif builtin:
+            srcs.append(_criterion_source(crit, n, w, _state_arrays(state, n)))
+        else:  # a user's criterion: it receives device arrays and returns scores on the device
+            cname = getattr(crit, "name", getattr(crit, "__name__", "criterion"))
+            s = crit(w, _state_arrays(state, n))
+            src = device_source(n, s, role=f"scores from criterion {cname!r} for")
+            if src.shape != w.shape:
+                raise ValueError(f"criterion {cname!r} returned scores of shape {src.shape} for weights {n!r} "
+                                 f"of shape {w.shape}")
+            srcs.append(src)
+    return warrs, srcs
+
+
+def _device_masks(masks, weights, names):
+    if masks is None:
+        return None
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping name -> bool array, got {type(masks).__name__}")
+    unknown = [k for k in masks if k not in weights]
+    if unknown:
+        raise ValueError(f"masks name unknown tensors {unknown}; weights have {list(weights)}")
+    out = {}
+    for n in names:
+        if n not in masks:
+            continue
+        m = _device.to_device(masks[n])
+        if m.dtype == np.bool_ and not _device.is_device_array(masks[n]) and np.asarray(masks[n]).dtype != np.bool_:
+            raise TypeError(f"mask {n!r} has dtype {np.asarray(masks[n]).dtype}; pass a bool array (True = kept)")
+        if m.dtype != np.bool_:
+            raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
+        if tuple(m.shape) != tuple(weights[n].shape):
+            raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but weights {n!r} have shape "
+                             f"{tuple(weights[n].shape)}")
+        out[n] = _flat(m)
+    return out
+
+
+def _count_kept(mask, other=None):
+    """Kept entries of a flat device mask, after ``mask &= other`` when given."""
+    from ._kernels import cuda_pattern
+
+    c = _device.cuda()
+    count = c.to_device(np.zeros(1, np.int64))
+    if mask.size:
+        cuda_pattern.and_count[_launch(mask.size)](mask, other if other is not None else c.device_array(0, np.bool_),
+                                                   count)
+    return int(count.copy_to_host()[0])
+
+
+def _group_source(src, w, pattern):
+    """Device twin of ``prune._group_scores``: pooled block or unit scores (float64)."""
+    from ._kernels import cuda_pattern
+    from .patterns import _POOLS, _REDUCE, Blocks, _axis, check_block
+
+    c = _device.cuda()
+    if src.role == "unit scores":
+        return src
+    bad = _bad_counter(src.size)
+    if isinstance(pattern, Blocks):
+        R, C = check_block(src.shape, pattern.shape, src.name)
+        r, cc = pattern.shape
+        out = c.device_array((-(-R // r), -(-C // cc)), np.float64)
+        if out.size:
+            cuda_pattern.block_pool[_launch(out.size)](src.data, R, C, r, cc, out, bad, int(src.mode),
+                                                       _POOLS[pattern.pool])
+    else:
+        _, (A, L, B) = _axis(src.shape, pattern.axis, src.name, "Units pattern")
+        out = c.device_array(L, np.float64)
+        if L:
+            cuda_pattern.unit_reduce[_launch(L)](src.data, A, L, B, _REDUCE[pattern.reduce], out, bad,
+                                                 int(src.mode))
+    _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
+    return DeviceSource(src.name, _flat(out), tuple(out.shape), MODE_IDENTITY, role="group scores", original=out)
+
+
+def _group_keep(mask, shape, pattern):
+    """Per block or unit (flat): whether the element mask keeps all of it."""
+    from ._kernels import cuda_pattern
+    from .csr import matrix_shape
+    from .patterns import Blocks, _axis
+
+    c = _device.cuda()
+    if pattern is None:
+        return mask
+    if isinstance(pattern, Blocks):
+        R, C = matrix_shape(shape)
+        r, cc = pattern.shape
+        out = c.device_array((-(-R // r), -(-C // cc)), np.bool_)
+        if out.size:
+            cuda_pattern.block_all[_launch(out.size)](mask, R, C, r, cc, out)
+        return _flat(out)
+    _, (A, L, B) = _axis(shape, pattern.axis, "mask", "Units pattern")
+    out = c.device_array(L, np.bool_)
+    if L:
+        cuda_pattern.unit_all[_launch(L)](mask, A, L, B, out)
+    return out
+
+
+def _expand(keep, shape, pattern):
+    """Flat element keep-mask of a flat block or unit keep-mask."""
+    from ._kernels import cuda_pattern
+    from .csr import matrix_shape
+    from .patterns import Blocks, _axis
+
+    if pattern is None:
+        return keep
+    c = _device.cuda()
+    n = int(np.prod(shape, dtype=np.int64))
+    mask = c.device_array(n, np.bool_)
+    if not n:
+        return mask
+    if isinstance(pattern, Blocks):
+        R, C = matrix_shape(shape)
+        r, cc = pattern.shape
+        cuda_pattern.block_expand[_launch(n)](keep.reshape(-(-R // r), -(-C // cc)), R, C, r, cc, mask)
+    else:
+        _, (A, L, B) = _axis(shape, pattern.axis, "mask", "Units pattern")
+        cuda_pattern.unit_expand[_launch(n)](keep, L, B, mask)
+    return mask
+
+
+def _nm_mask(src, pattern):
+    from ._kernels import cuda_pattern
+    from .patterns import _nm_view
+
+    if pattern.m > cuda_pattern.MAX_M:
+        raise ValueError(f"{pattern.n}:{pattern.m} pattern of {src.name!r}: groups above {cuda_pattern.MAX_M} "
+                         f"entries are not supported on the device; use device='cpu'")
+    _, A, L, B = _nm_view(src.shape, pattern.n, pattern.m, pattern.axis, src.name)
+    c = _device.cuda()
+    keep = c.device_array(src.size, np.bool_)
+    bad = _bad_counter(src.size)
+    ngroups = A * (L // pattern.m) * B
+    if ngroups:
+        cuda_pattern.nm_keep[_launch(ngroups)](src.data, A, L, B, pattern.n, pattern.m, keep, bad, int(src.mode))
+    _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
+    return keep
+
+
+def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "local", state=None,
+          min_sparsity=0.0, max_sparsity=1.0, normalize: str = "none", ignore=(), pattern=None, masks=None):
+    """:func:`sparsecore.prune` on the device: the same arguments and rules,
+    the same masks and CSR structure, with device arrays in and out.
+
+    ``weights``: mapping name -> device (or host, copied over) float array.
+    ``scores``: None (magnitude), a built-in criterion name (magnitude,
+    magnitude_squared, fisher, taylor, taylor_squared, obd, wanda,
+    mutual_info; its ``state`` from a :class:`DeviceAccumulator`, a
+    :class:`~sparsecore.GradientAccumulator` or a mapping of device or host
+    arrays), a callable ``(weights, state) -> scores`` that works on device
+    arrays, or a mapping of device scores. Returns a
+    :class:`~sparsecore.PruneResult` whose ``csr`` are :class:`DeviceCSR`,
+    whose ``masks`` and ``groups`` are numba device arrays (``copy_to_host``,
+    or ``torch.as_tensor(m, device='cuda')`` / ``cupy.asarray(m)`` without a
+    copy). N:M groups of at most 32 entries."""
+    from .csr import matrix_shape
+    from .patterns import NM, Blocks, Units
+    from .prune import PruneResult, TensorSummary, check_call, select_all
+
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
+    pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern)
+    unit_axis = pattern.axis if isinstance(pattern, Units) else None
+    warrs, srcs = _device_sources(weights, names, scores, state, normalize,
+                                  sparsity is not None and pattern is None and masks is None, unit_axis)
+    old = _device_masks(masks, weights, names)
+    if isinstance(pattern, (Blocks, Units)):
+        srcs = [_group_source(src, warrs[src.name], pattern) for src in srcs]
+    if not isinstance(pattern, NM):
+        for src in srcs:
+            inv = norm_inverse(src, normalize)
+            if _NORMS[normalize]:
+                src.inv, src.scaled = inv, True
+    done = None
+    if old is not None and not isinstance(pattern, NM):
+        done = []
+        for src in srcs:
+            if src.name in old:
+                src.keep = _group_keep(old[src.name], warrs[src.name].shape, pattern)
+                done.append(src.size - _count_kept(src.keep))
+            else:  # all kept: scores written out in float64 all the same, as on the CPU
+                src.keep = _device.cuda().device_array(src.size, np.bool_)
+                if src.size:
+                    src.keep[:] = True
+                done.append(0)
+        done = np.array(done, np.int64)
+    lo_c, hi_c, rules = select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern,
+                                   done)
+
+    csr, out_masks, shapes, summary, groups = {}, {}, {}, [], {}
+    for src, rule, lo_t, hi_t in zip(srcs, rules, lo_c, hi_c):
+        n = src.name
+        w = warrs[n]
+        rows, cols = matrix_shape(w.shape)
+        wf = _flat(w)
+        if isinstance(pattern, NM):
+            mask = _nm_mask(src, pattern)
+        else:
+            pruned = _count_rule(src, rule)  # also refuses non-finite scores, whatever the rule
+            if threshold is not None and not (lo_t <= pruned <= hi_t):
+                # a cap binds: prune exactly the capped count of this tensor's lowest scores
+                (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
+            kb, absolute = src.keys(rule.wide)
+            grows, gcols = (rows, cols) if pattern is None else (
+                (src.shape[0], src.size // max(src.shape[0], 1)) if len(src.shape) == 2 else (1, src.size))
+            if pattern is None and old is None:
+                a, mask = _build(wf, kb, absolute, rule, rows, cols, n, w, want_mask=True)
+            else:
+                mask = _rule_mask(kb, absolute, rule, grows, gcols)
+                if pattern is not None:
+                    groups[n] = mask.reshape(src.shape)
+                mask = _expand(mask, w.shape, pattern)
+        kept = _count_kept(mask, old.get(n) if old is not None else None)
+        if pattern is not None or old is not None:
+            a = _csr_of_mask(wf, mask, rows, cols, n, w)
+        csr[n] = a
+        out_masks[n] = mask.reshape(w.shape)
+        shapes[n] = tuple(w.shape)
+        summary.append(TensorSummary(n, tuple(w.shape), int(w.size), int(w.size) - kept, a.nnz,
+                                     int(w.size * w.dtype.itemsize),
+                                     int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
+    return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
 def csr_matmul(a, x, out=None):

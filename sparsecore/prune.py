@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _device
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat, per_name
 from .csr import build_csr, matrix_shape, to_dense
@@ -86,8 +87,9 @@ class PruneResult:
     groups: dict = field(default_factory=dict)
 
     def dense(self, name):
-        """The pruned weight ``name`` as a dense array of its own shape."""
-        return to_dense(self.csr[name], self.shapes[name])
+        """The pruned weight ``name`` as a dense host array of its own shape."""
+        a = self.csr[name]
+        return to_dense(a.to_scipy() if hasattr(a, "to_scipy") else a, self.shapes[name])
 
     def table(self):
         """The summary as a text table."""
@@ -216,7 +218,7 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
           threshold: float | Mapping[str, float] | None = None, scope: str = "local", state=None,
           min_sparsity: float | Mapping[str, float] = 0.0, max_sparsity: float | Mapping[str, float] = 1.0,
           normalize: str = "none", ignore: Iterable[str] = (), pattern=None,
-          masks: Mapping[str, ArrayLike] | None = None) -> PruneResult:
+          masks: Mapping[str, ArrayLike] | None = None, device: str = "auto") -> PruneResult:
     """Prune a set of weights and return CSR weights, masks and a summary.
 
     Parameters
@@ -297,27 +299,13 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}; "
                         f"for one array pass {{'weight': array}}")
-    if scope not in ("local", "global"):
-        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    if normalize not in _NORMS:
-        raise ValueError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
-    pattern = as_pattern(pattern)
-    if isinstance(pattern, NM):
-        if sparsity is not None or threshold is not None:
-            raise ValueError(f"an N:M pattern fixes the sparsity at 1 - {pattern.n}/{pattern.m}; "
-                             f"give neither sparsity= nor threshold=")
-    elif (sparsity is None) == (threshold is None):
-        raise ValueError("give exactly one of sparsity= and threshold=")
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    ignore = list(ignore)
-    unknown = [n for n in ignore if n not in weights]
-    if unknown:
-        raise ValueError(f"ignore names unknown tensors {unknown}; weights have {list(weights)}")
-    names = [n for n in weights if n not in ignore]
-    for n in names:
-        if not isinstance(n, str):
-            raise TypeError(f"tensor names must be strings, got {n!r}")
+    if _device.resolve(device, *weights.values()) == "cuda":
+        from .cuda import prune as prune_on_device
+
+        return prune_on_device(weights, scores, sparsity=sparsity, threshold=threshold, scope=scope, state=state,
+                               min_sparsity=min_sparsity, max_sparsity=max_sparsity, normalize=normalize,
+                               ignore=ignore, pattern=pattern, masks=masks)
+    pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern)
     old = _check_masks(masks, weights, names)
 
     unit_axis = pattern.axis if isinstance(pattern, Units) else None
@@ -328,48 +316,13 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         srcs = [_group_scores(src, warrs[src.name], pattern) for src in srcs]
     if not isinstance(pattern, NM):
         _normalise(srcs, normalize)
+    done = None
     if old is not None and not isinstance(pattern, NM):
         srcs = [_materialise(src, _pruned_groups(old[src.name], warrs[src.name].shape, pattern, src.name))
                 for src in srcs]
-
-    sizes = np.array([s.size for s in srcs], np.int64)
-    lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
-    hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
-    for n in names:
-        if lo[n] > hi[n]:
-            raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
-    lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
-    hi_c = np.array([round(hi[n] * s) for n, s in zip(names, sizes)], np.int64)
-    if isinstance(pattern, Units):
-        hi_c = np.minimum(hi_c, np.maximum(sizes - pattern.min_keep, 0))
-        lo_c = np.minimum(lo_c, hi_c)
-    if old is not None and not isinstance(pattern, NM):
         done = np.array([int(np.count_nonzero(src.data == _PRUNED)) for src in srcs], np.int64)
-        _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern)
-        lo_c = np.maximum(lo_c, done)
-
-    if isinstance(pattern, NM):
-        rules = [None] * len(srcs)
-    elif sparsity is not None:
-        if scope == "global":
-            if isinstance(sparsity, Mapping):
-                raise TypeError("a global sparsity is one number; per-tensor targets need scope='local'")
-            s = check_fraction(sparsity, "all tensors")
-            target = round(s * int(sizes.sum()))
-            if not (lo_c.sum() <= target <= hi_c.sum()):
-                raise ValueError(f"global sparsity {s} prunes {target} of {int(sizes.sum())} entries, but the "
-                                 f"caps allow {int(lo_c.sum())} to {int(hi_c.sum())}; change sparsity or the "
-                                 f"min_sparsity/max_sparsity caps")
-            rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c) if srcs else []
-        else:
-            sp_t = per_name(sparsity, names, "sparsity", check_fraction)
-            counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
-            if isinstance(pattern, Units) or old is not None:
-                counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
-            rules = select_rules(srcs, counts=counts)
-    else:
-        th = per_name(threshold, names, "threshold", check_threshold)
-        rules = [threshold_rule(src, th[src.name]) for src in srcs]
+    lo_c, hi_c, rules = select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern,
+                                   done)
 
     csr, out_masks, shapes, summary = {}, {}, {}, []
     for src, rule, lo_t, hi_t in zip(srcs, rules, lo_c, hi_c):
@@ -408,6 +361,76 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
             n, tuple(w.shape), int(w.size), pruned, int(a.nnz), int(w.size * w.dtype.itemsize),
             int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
+
+
+def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern):
+    """``prune``'s argument checks: ``(pattern, ignore list, pruned names)``."""
+    if scope not in ("local", "global"):
+        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
+    if normalize not in _NORMS:
+        raise ValueError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
+    pattern = as_pattern(pattern)
+    if isinstance(pattern, NM):
+        if sparsity is not None or threshold is not None:
+            raise ValueError(f"an N:M pattern fixes the sparsity at 1 - {pattern.n}/{pattern.m}; "
+                             f"give neither sparsity= nor threshold=")
+    elif (sparsity is None) == (threshold is None):
+        raise ValueError("give exactly one of sparsity= and threshold=")
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    ignore = list(ignore)
+    unknown = [n for n in ignore if n not in weights]
+    if unknown:
+        raise ValueError(f"ignore names unknown tensors {unknown}; weights have {list(weights)}")
+    names = [n for n in weights if n not in ignore]
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"tensor names must be strings, got {n!r}")
+    return pattern, ignore, names
+
+
+def select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern, done):
+    """The caps and the selection rules of all sources (host or device):
+    ``(lo counts, hi counts, rules)``; ``done``: per source, the entries
+    (blocks, units) that current masks already prune, or None."""
+    sizes = np.array([s.size for s in srcs], np.int64)
+    lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
+    hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
+    for n in names:
+        if lo[n] > hi[n]:
+            raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
+    lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
+    hi_c = np.array([round(hi[n] * s) for n, s in zip(names, sizes)], np.int64)
+    if isinstance(pattern, Units):
+        hi_c = np.minimum(hi_c, np.maximum(sizes - pattern.min_keep, 0))
+        lo_c = np.minimum(lo_c, hi_c)
+    if done is not None:
+        _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern)
+        lo_c = np.maximum(lo_c, done)
+
+    if isinstance(pattern, NM):
+        rules = [None] * len(srcs)
+    elif sparsity is not None:
+        if scope == "global":
+            if isinstance(sparsity, Mapping):
+                raise TypeError("a global sparsity is one number; per-tensor targets need scope='local'")
+            s = check_fraction(sparsity, "all tensors")
+            target = round(s * int(sizes.sum()))
+            if not (lo_c.sum() <= target <= hi_c.sum()):
+                raise ValueError(f"global sparsity {s} prunes {target} of {int(sizes.sum())} entries, but the "
+                                 f"caps allow {int(lo_c.sum())} to {int(hi_c.sum())}; change sparsity or the "
+                                 f"min_sparsity/max_sparsity caps")
+            rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c) if srcs else []
+        else:
+            sp_t = per_name(sparsity, names, "sparsity", check_fraction)
+            counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
+            if isinstance(pattern, Units) or done is not None:
+                counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
+            rules = select_rules(srcs, counts=counts)
+    else:
+        th = per_name(threshold, names, "threshold", check_threshold)
+        rules = [threshold_rule(src, th[src.name]) for src in srcs]
+    return lo_c, hi_c, rules
 
 
 def _check_masks(masks, weights, names):

@@ -63,6 +63,8 @@ class Source:
     def needs_wide(self):
         return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
 
+    on_device = False  # a ``sparsecore.cuda.DeviceSource`` (data on a GPU) says True: selection runs there
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -100,6 +102,10 @@ def _search(sources, lo, hi, target, wide):
     """Smallest key T whose capped count sum_t clip(#{key_t <= T}, lo_t, hi_t)
     reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
     keys < T and == T."""
+    if sources and sources[0].on_device:
+        from .cuda import search
+
+        return search(sources, lo, hi, target, wide)
     ntens = len(sources)
     below = np.zeros(ntens, np.int64)
     prefix = 0
@@ -178,7 +184,7 @@ def _search_sampled(sources, k, wide):
     than the buffer: adversarial orders, heavy ties."""
     sizes = [src.size for src in sources]
     n = sum(sizes)
-    if n < _SAMPLE_MIN or n == 0:
+    if n < _SAMPLE_MIN or n == 0 or sources[0].on_device:
         return None
     m_all = min(max(n // 256, 1024), 1 << 20, n)
     parts = []
@@ -442,5 +448,10 @@ def norm_inverse(src, normalize):
     kind = _NORMS[normalize]
     if kind == 0:
         return 1.0
-    nrm = cpu_select.score_norm(src.data, src.mode, kind)
+    if src.on_device:
+        from .cuda import score_norm
+
+        nrm = score_norm(src, kind)
+    else:
+        nrm = cpu_select.score_norm(src.data, src.mode, kind)
     return 1.0 / nrm if nrm > 0 and np.isfinite(nrm) else 1.0

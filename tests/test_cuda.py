@@ -27,8 +27,9 @@ pytestmark = pytest.mark.cuda
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(_device, "THREADS", 32)
+    monkeypatch.setattr(_device, "THREADS", 8)
     monkeypatch.setattr(_device, "THREADS_2D", (4, 4))
+    monkeypatch.setattr(_device, "ROW_THREADS", 4)
 
 
 def test_device_selection_errors():
@@ -104,21 +105,140 @@ def test_mutual_information_counts_match_cpu(rng):
     np.testing.assert_allclose(got, sc.pairwise_mi(a_in, a_out, bins=6), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("scope", ["local", "global"])
-def test_prune_on_device_matches_cpu(rng, scope):
-    w = {"a": make(rng, (4, 3, 2), np.float32, "ties"), "b": make(rng, (5, 6), np.float32, "normal")}
-    csr, masks = scu.prune(w, sparsity=0.6, scope=scope)
-    want = sc.prune(w, sparsity=0.6, scope=scope)
-    for k in w:
-        np.testing.assert_array_equal(masks[k].copy_to_host(), want.masks[k])
-        got = csr[k].to_scipy()
-        np.testing.assert_array_equal(got.indptr, want.csr[k].indptr)
-        np.testing.assert_array_equal(got.indices, want.csr[k].indices)
-    s = {k: make(rng, v.shape, np.float32, "ties") for k, v in w.items()}
-    _, masks = scu.prune(w, s, threshold=0.5)
-    want = sc.prune(w, s, threshold=0.5)
-    for k in w:
-        np.testing.assert_array_equal(masks[k].copy_to_host(), want.masks[k])
+def _same_result(dev, cpu):
+    assert [t.name for t in dev.summary] == [t.name for t in cpu.summary]
+    for d, c in zip(dev.summary, cpu.summary):
+        assert (d.pruned, d.nnz, d.csr_bytes) == (c.pruned, c.nnz, c.csr_bytes), d.name
+    for k, m in cpu.masks.items():
+        np.testing.assert_array_equal(dev.masks[k].copy_to_host(), m, err_msg=k)
+        got = dev.csr[k].to_scipy()
+        assert got.indices.dtype == cpu.csr[k].indices.dtype
+        for part in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(got, part), getattr(cpu.csr[k], part), err_msg=f"{k} {part}")
+    assert sorted(dev.groups) == sorted(cpu.groups)
+    for k, g in cpu.groups.items():
+        np.testing.assert_array_equal(dev.groups[k].copy_to_host(), g)
+    assert dev.ignored == cpu.ignored
+
+
+def _weights(rng, dtype=np.float32, kind="ties"):
+    return {"conv": make(rng, (4, 4, 2, 2), dtype, kind), "fc1": make(rng, (6, 8), dtype, kind),
+            "fc2": make(rng, (3, 8), dtype, "zero_rows")}
+
+
+PRUNE_CASES = {
+    "local": dict(sparsity=0.6),
+    "local per tensor": dict(sparsity={"conv": 0.1, "fc1": 0.5, "fc2": 1.0}),
+    "global": dict(sparsity=0.6, scope="global"),
+    "global caps": dict(sparsity=0.7, scope="global", min_sparsity=0.5, max_sparsity={"conv": 0.6, "fc1": 0.9,
+                                                                                    "fc2": 0.8}),
+    "threshold": dict(threshold=1.5),
+    "threshold caps": dict(threshold=2.5, max_sparsity=0.5, min_sparsity=0.2),
+    "global l1": dict(sparsity=0.5, scope="global", normalize="l1"),
+    "global l2": dict(sparsity=0.5, scope="global", normalize="l2"),
+    "global max": dict(sparsity=0.5, scope="global", normalize="max"),
+    "squared": dict(sparsity=0.5, scores="magnitude_squared"),
+    "squared global l2": dict(sparsity=0.4, scope="global", scores="magnitude_squared", normalize="l2"),
+    "ignore": dict(sparsity=0.5, ignore=["fc2"]),
+    "2:4": dict(pattern="2:4"),
+    "1:3 axis 0": dict(pattern=sc.NM(1, 3, axis=0)),
+    "blocks mean": dict(pattern=sc.Blocks((2, 4)), sparsity=0.5),
+    "blocks max global": dict(pattern=sc.Blocks((2, 2), "max"), sparsity=0.5, scope="global"),
+    "blocks l2 threshold": dict(pattern=sc.Blocks((3, 4), "l2"), threshold=3.0),
+    "units l2": dict(pattern=sc.Units(), sparsity=0.5),
+    "units l1 global l2": dict(pattern=sc.Units(reduce="l1"), sparsity=0.5, scope="global", normalize="l2"),
+    "units mean axis -1": dict(pattern=sc.Units(axis=-1, reduce="mean"), sparsity=0.4),
+    "units max threshold": dict(pattern=sc.Units(reduce="max", min_keep=2), threshold=2.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRUNE_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prune_on_device_matches_cpu(rng, case, dtype):
+    w = _weights(rng, dtype)
+    kw = dict(PRUNE_CASES[case])
+    if case == "1:3 axis 0":
+        w = {"fc": make(rng, (6, 5), dtype, "ties"), "conv": make(rng, (3, 2, 2, 2), dtype, "ties")}
+    _same_result(sc.prune(w, device="cuda", **kw), sc.prune(w, device="cpu", **kw))
+
+
+def test_prune_on_device_mixed_dtypes_and_device_inputs(rng):
+    c = _device.cuda()
+    w = {"a": make(rng, (5, 4), np.float32, "ties"), "b": make(rng, (3, 4), np.float64, "ties")}
+    dw = {k: c.to_device(v) for k, v in w.items()}
+    got = sc.prune(dw, sparsity=0.5, scope="global")  # device="auto": device arrays in, device results out
+    assert isinstance(got.csr["a"], scu.DeviceCSR)
+    _same_result(got, sc.prune(w, sparsity=0.5, scope="global"))
+    np.testing.assert_array_equal(got.dense("b"), sc.prune(w, sparsity=0.5, scope="global").dense("b"))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4", sc.Blocks((2, 2)), sc.Units()])
+def test_prune_on_device_with_current_masks(rng, pattern):
+    w = _weights(rng, np.float64, "normal")
+    first = sc.prune(w, sparsity=0.3, pattern=None if pattern == "2:4" else pattern)
+    masks = {k: m for k, m in first.masks.items() if k != "fc2"}  # fc2 without a mask: all kept
+    kw = dict(pattern=pattern, masks=masks)
+    if pattern != "2:4":
+        kw.update(sparsity=0.6, scope="global")
+    _same_result(sc.prune(w, device="cuda", **kw), sc.prune(w, device="cpu", **kw))
+    with pytest.raises(ValueError, match="masks only grow"):
+        sc.prune(w, device="cuda", masks=masks, sparsity=0.01, pattern=None if pattern == "2:4" else pattern)
+
+
+def test_prune_on_device_gradient_criteria(rng):
+    w = {"fc1": make(rng, (6, 5), np.float32), "fc2": make(rng, (3, 6), np.float32)}
+    grads = [{k: make(rng, v.shape, np.float32) for k, v in w.items()} for _ in range(3)]
+    host = sc.GradientAccumulator(stats=("g", "g2", "wg", "wg2"), precision="float64")
+    dev = scu.DeviceAccumulator(stats=("g", "g2", "wg", "wg2"))
+    for g in grads:
+        host.update(g, w)
+        dev.update(g, w)
+    for crit in ("fisher", "taylor", "taylor_squared", "obd"):
+        for scope in ("local", "global"):
+            want = sc.prune(w, crit, state=host, sparsity=0.5, scope=scope, device="cpu")
+            _same_result(sc.prune(w, crit, state=host, sparsity=0.5, scope=scope, device="cuda"), want)
+    fixed = {k: {"g": host.state(k)["g"], "g2": host.state(k)["g2"]} for k in w}  # weights fixed: w * sum g
+    for crit in ("taylor", "taylor_squared"):
+        _same_result(sc.prune(w, crit, state=fixed, sparsity=0.5, device="cuda"),
+                     sc.prune(w, crit, state=fixed, sparsity=0.5, device="cpu"))
+    wanda = {"fc1": {"x_norm": rng.random(5)}, "fc2": {"x_norm": rng.random(6)}}
+    _same_result(sc.prune(w, "wanda", state=wanda, sparsity=0.5, scope="global", device="cuda"),
+                 sc.prune(w, "wanda", state=wanda, sparsity=0.5, scope="global", device="cpu"))
+    mi = {"fc1": {"mi": rng.random((5, 6))}, "fc2": {"mi": rng.random((3, 6))}}  # fc1 as a Keras (in, out) MI
+    _same_result(sc.prune(w, "mutual_info", state=mi, sparsity=0.5, device="cuda"),
+                 sc.prune(w, "mutual_info", state=mi, sparsity=0.5, device="cpu"))
+    with pytest.raises(ValueError, match="needs the statistic 'g2'"):
+        sc.prune(w, "obd", state={k: {"g": 1} for k in w}, sparsity=0.5, device="cuda")
+
+
+def test_prune_on_device_user_criterion_and_unit_scores(rng):
+    c = _device.cuda()
+    w = {"fc1": make(rng, (6, 5), np.float32), "fc2": make(rng, (4, 6), np.float32)}
+    s = {k: make(rng, v.shape, np.float64) for k, v in w.items()}
+    got = sc.prune(w, lambda wd, st: c.to_device(s[next(k for k in w if w[k].shape == wd.shape)]),
+                   sparsity=0.5, device="cuda")
+    _same_result(got, sc.prune(w, s, sparsity=0.5, device="cpu"))
+    units = {"fc1": rng.random(6).astype(np.float32), "fc2": rng.random(4)}
+    _same_result(sc.prune(w, units, pattern=sc.Units(), sparsity=0.5, scope="global", device="cuda"),
+                 sc.prune(w, units, pattern=sc.Units(), sparsity=0.5, scope="global", device="cpu"))
+
+
+def test_prune_on_device_refuses_bad_input(rng):
+    w = {"fc": make(rng, (4, 8), np.float32)}
+    bad = w["fc"].copy()
+    bad[2, 3] = np.nan
+    for kw in (dict(sparsity=0.5), dict(threshold=0.1), dict(sparsity=0.0), dict(pattern="2:4"),
+               dict(pattern=sc.Blocks((2, 2)), sparsity=0.5), dict(sparsity=0.5, scope="global", normalize="l2")):
+        with pytest.raises(ValueError, match=r"'fc' hold 1 NaN or Inf value \(first: NaN at index \(2, 3\)\)"):
+            sc.prune({"fc": bad}, device="cuda", **kw)
+    with pytest.raises(ValueError, match="'fc' hold 1 NaN"):
+        sc.prune(w, {"fc": bad}, sparsity=0.5, device="cuda")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        sc.prune({"fc": np.ones((2, 2), np.int32)}, sparsity=0.5, device="cuda")
+    with pytest.raises(ValueError, match="groups above 32"):
+        sc.prune({"fc": make(rng, (2, 64), np.float32)}, pattern="1:64", device="cuda")
+    with pytest.raises(ValueError, match="global sparsity 0.9 prunes"):
+        sc.prune(w, sparsity=0.9, scope="global", max_sparsity=0.5, device="cuda")
 
 
 def test_torch_adapter_feeds_the_device_accumulator():

@@ -1,7 +1,8 @@
 """CUDA twins of ``cpu_csr``: CSR construction under a selection rule, and CSR products.
 
 Scores are read as their IEEE bit patterns (the array viewed as uint32 or
-uint64) and compared as the order-preserving keys of ``keys.py``: an entry is
+uint64; a uint8 keep-mask also serves, its keys ordering 0 below 1) and
+compared as the order-preserving keys of ``keys.py`` (``cuda_select.key_of_bits``): an entry is
 pruned when its key is below ``T``, or equal to ``T`` and among the first
 ``quota`` such ties in flat (row-major) order, as on the CPU. ``absolute``
 drops the sign bit first (magnitude).
@@ -13,31 +14,11 @@ quota), kept non-zeros per row, then the fill; the host turns the per-row
 counts into offsets (one small array each way).
 """
 
-import numpy as np
-from numba import cuda, float64, int64, uint64
+from numba import cuda, float64, int64
 
-SIGN32 = np.uint64(0x80000000)
-MASK32 = np.uint64(0xFFFFFFFF)
-SIGN64 = np.uint64(0x8000000000000000)
-MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+from .cuda_select import key_of_bits
+
 MAX_THREADS = 256
-
-
-@cuda.jit(device=True, inline=True)
-def key_of_bits(b, absolute, wide):
-    """Order-preserving key of float bits (uint32 or uint64 value as uint64)."""
-    b = uint64(b)
-    if wide:
-        if absolute:
-            b = b & ~SIGN64
-        if b == SIGN64:
-            b = uint64(0)
-        return (b ^ SIGN64) if (b & SIGN64) == 0 else (~b & MASK64)
-    if absolute:
-        b = b & ~SIGN32
-    if b == SIGN32:
-        b = uint64(0)
-    return (b ^ SIGN32) if (b & SIGN32) == 0 else (~b & MASK32)
 
 
 @cuda.jit(device=True, inline=True)
@@ -170,18 +151,6 @@ def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
 
 
 @cuda.jit
-def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist):
-    """Histogram of one radix digit of the keys that share ``prefix`` above ``pshift``."""
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    mask = (uint64(1) << uint64(bits)) - uint64(1)
-    for i in range(start, sbits.size, stride):
-        k = key_of_bits(sbits[i], absolute, wide)
-        if pshift >= 64 or (k >> uint64(pshift)) == prefix:
-            cuda.atomic.add(hist, int64((k >> uint64(shift)) & mask), 1)
-
-
-@cuda.jit
 def csr_matvec(data, indices, indptr, x, out):
     """``out = A @ x``: a thread per row (grid-stride), float64 sums."""
     start = cuda.grid(1)
@@ -191,6 +160,35 @@ def csr_matvec(data, indices, indptr, x, out):
         for p in range(indptr[r], indptr[r + 1]):
             s += float64(data[p]) * float64(x[indices[p]])
         out[r] = s
+
+
+@cuda.jit
+def csr_matvec_vector(data, indices, indptr, x, out, vec):
+    """``out = A @ x`` with ``vec`` threads per row (a power of two dividing
+    the block): each reads every ``vec``-th entry of the row, so a warp's
+    loads of ``data`` and ``indices`` are contiguous, then a tree reduction in
+    shared memory; float64 sums. For rows with many entries."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % vec
+    per_block = cuda.blockDim.x // vec
+    for base in range(cuda.blockIdx.x * per_block, out.size, cuda.gridDim.x * per_block):
+        r = base + tid // vec
+        s = 0.0
+        if r < out.size:
+            for p in range(indptr[r] + lane, indptr[r + 1], vec):
+                s += float64(data[p]) * float64(x[indices[p]])
+        shared[tid] = s
+        cuda.syncthreads()
+        step = vec // 2
+        while step > 0:
+            if lane < step:
+                shared[tid] += shared[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if lane == 0 and r < out.size:
+            out[r] = shared[tid]
+        cuda.syncthreads()
 
 
 @cuda.jit
