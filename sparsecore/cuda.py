@@ -24,9 +24,9 @@ from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from ._validate import check_fraction, check_threshold, nonfinite_error
 from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
 
-__all__ = ["DeviceAccumulator", "DeviceCSR", "GradientSums", "PairMICounts", "UnitMICounts", "csr_matmul",
-           "DeviceSource", "pairwise_mi", "prune", "select_rule", "select_rules_global", "to_csr",
-           "unit_label_counts"]
+__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "GradientSums", "PairMICounts", "UnitMICounts",
+           "activations", "csr_matmul", "fit_bins", "pairwise_mi", "prune", "select_rule", "select_rules_global",
+           "to_csr", "unit_label_counts", "unit_mi"]
 
 
 class DeviceCSR:
@@ -824,34 +824,129 @@ def unit_label_counts(acts, labels, bins, n_classes):
     return counts
 
 
-def pairwise_mi(acts_in, acts_out, bins_in, bins_out):
-    """The (out, in) pairwise MI matrix (nats) on the device, for fitted
-    equal-width bins; a thread per pair counts and finishes its table."""
-    c = _device.cuda()
+def activations(acts, name="activations", reduce=None):
+    """Device (samples, units) float activations, checked as on the CPU
+    (1-D: one unit; at least 2 samples; no NaN/Inf)."""
     from ._kernels import cuda_mi
-    from .mutual_info import xlogx_table
 
+    a = _float_device(acts, f"activations {name!r}")
+    if a.ndim == 1:
+        a = a.reshape(a.shape[0], 1)
+    elif a.ndim == 4:
+        raise ValueError(f"activations {name!r} have shape {a.shape}: on the device, reduce conv activations "
+                         f"to one value per channel first (e.g. torch's x.mean((2, 3))), or use device='cpu'")
+    elif a.ndim != 2:
+        raise ValueError(f"activations {name!r} must be (samples, units), got shape {a.shape}")
+    if reduce is not None:
+        raise ValueError(f"reduce={reduce!r} applies to (samples, channels, H, W) activations, which the "
+                         f"device path does not take")
+    if a.shape[0] < 2:
+        raise ValueError(f"activations {name!r} hold {a.shape[0]} sample(s); MI needs at least 2")
+    return a
+
+
+def fit_bins(a, bins=16, strategy="uniform", name="activations"):
+    """Equal-width :class:`~sparsecore.Bins` of device activations: the
+    per-unit minimum and maximum on the device, the edges on the host
+    (the CPU's arithmetic)."""
+    from ._kernels import cuda_mi
+    from .mutual_info import Bins, _nbins
+
+    if strategy != "uniform":
+        raise ValueError(f"strategy {strategy!r}: the device takes equal-width bins ('uniform'); "
+                         f"use device='cpu' for quantile bins")
+    if bins == "fd":
+        raise ValueError("the 'fd' bins rule needs quantiles; on the device give an integer, 'sturges' or 'sqrt'")
+    k = _nbins(bins, a, name)
+    c = _device.cuda()
+    lo_d = c.device_array(a.shape[1], np.float64)
+    hi_d = c.device_array(a.shape[1], np.float64)
+    bad = _bad_counter(a.size)
+    if a.shape[1]:
+        cuda_mi.column_min_max[_launch(a.shape[1])](a, lo_d, hi_d, bad)
+    got = bad.copy_to_host()
+    if got[0]:
+        su = divmod(int(got[1]), a.shape[1])
+        raise ValueError(f"activations {name!r} hold {int(got[0])} NaN or Inf value(s) "
+                         f"(first at sample {su[0]}, unit {su[1]})")
+    lo, hi = lo_d.copy_to_host(), hi_d.copy_to_host()
+    edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
+    edges[:, -1] = hi
+    return Bins(np.ascontiguousarray(edges), k, "uniform")
+
+
+def _marginal_counts(codes, nbins):
+    from ._kernels import cuda_mi
+
+    counts = _device.cuda().to_device(np.zeros((codes.shape[0], nbins), np.int64))
+    tx, ty = _device.THREADS_2D
+    grid = ((codes.shape[0] + tx - 1) // tx, (codes.shape[1] + ty - 1) // ty)
+    if codes.size:
+        cuda_mi.unit_bin_counts[grid, (tx, ty)](codes, counts)
+    return counts.copy_to_host()
+
+
+def pairwise_mi(acts_in, acts_out, bins_in, bins_out, *, base="e", correction=None, normalized=False):
+    """The (out, in) pairwise MI matrix (host float64, like
+    :func:`sparsecore.pairwise_mi`) of device activations for fitted
+    equal-width bins: codes, marginal counts and a thread per pair counting
+    and finishing its table, all on the device; the marginal terms and the
+    corrections on the host from the small tables."""
+    from ._kernels import cuda_mi
+    from .mutual_info import _check_opts, _finish, marginal_terms, xlogx_table
+
+    _check_opts(base, correction)
     if bins_in.nbins * bins_out.nbins > cuda_mi.MAX_CELLS:
-        raise ValueError(f"{bins_out.nbins} x {bins_in.nbins} bins exceed the {cuda_mi.MAX_CELLS} cells a thread holds")
-    if max(bins_in.nbins, bins_out.nbins) > cuda_mi.MAX_BINS:
-        raise ValueError(f"at most {cuda_mi.MAX_BINS} bins per unit on the device")
+        raise ValueError(f"{bins_out.nbins} x {bins_in.nbins} bins exceed the {cuda_mi.MAX_CELLS} cells a thread "
+                         f"holds on the device; use fewer bins or device='cpu'")
+    c = _device.cuda()
     ci = _codes(acts_in, bins_in, c)
     co = _codes(acts_out, bins_out, c)
     n = ci.shape[1]
-    table = c.to_device(xlogx_table(n))
-    sx = []
-    for codes, nb in ((co, bins_out.nbins), (ci, bins_in.nbins)):  # marginal terms, on the device
-        out = c.device_array(codes.shape[0], np.float64)
-        nblk, nt = _device.blocks(codes.shape[0])
-        if codes.shape[0]:
-            cuda_mi.unit_xlogx[nblk, nt](codes, nb, table, out)
-        sx.append(out)
+    if co.shape[1] != n:
+        raise ValueError(f"inputs hold {n} samples but outputs {co.shape[1]}")
+    table = xlogx_table(n)
+    sx_i, h_i, m_i = marginal_terms(_marginal_counts(ci, bins_in.nbins), table, n)
+    sx_o, h_o, m_o = marginal_terms(_marginal_counts(co, bins_out.nbins), table, n)
     mi = c.device_array((co.shape[0], ci.shape[0]), np.float64)
     mxy = c.device_array((co.shape[0], ci.shape[0]), np.int64)
     tx, ty = _device.THREADS_2D
     grid = ((ci.shape[0] + tx - 1) // tx, (co.shape[0] + ty - 1) // ty)
-    cuda_mi.pair_mi[grid, (tx, ty)](co, ci, bins_out.nbins, bins_in.nbins, table, sx[0], sx[1], n, mi, mxy)
-    return mi
+    if mi.size:
+        cuda_mi.pair_mi[grid, (tx, ty)](co, ci, bins_out.nbins, bins_in.nbins, c.to_device(table), c.to_device(sx_o),
+                                        c.to_device(sx_i), n, mi, mxy)
+    return _finish(mi.copy_to_host(), h_o[:, None], h_i[None, :], m_o[:, None], m_i[None, :], mxy.copy_to_host(), n,
+                   base, correction, normalized)
+
+
+def unit_mi(acts, labels, bins=16, strategy="uniform", *, target="discrete", base="e", correction=None,
+            normalized=False, reduce=None):
+    """:func:`sparsecore.unit_mi` of device activations: bins fitted, codes
+    and the (units, bins, classes) counts formed on the device; the labels
+    are checked on a host copy (one integer per sample)."""
+    from .mutual_info import UnitMIAccumulator, _labels
+
+    a = activations(acts, "activations", reduce)
+    b = fit_bins(a, bins, strategy, "activations")
+    c = _device.cuda()
+    if target == "continuous":
+        t = activations(labels, "target")
+        if t.shape[1] != 1:
+            raise ValueError(f"a continuous target is one value per sample, got shape {t.shape}")
+        if t.shape[0] != a.shape[0]:
+            raise ValueError(f"target holds {t.shape[0]} values but the activations {a.shape[0]} samples")
+        tb = fit_bins(t, bins, strategy, "target")
+        y, k = _codes(t, tb, c)[0], tb.nbins
+    elif target == "discrete":
+        host = labels.copy_to_host() if hasattr(labels, "copy_to_host") else (
+            c.as_cuda_array(labels).copy_to_host() if _device.is_device_array(labels) else labels)
+        yh = _labels(host, a.shape[0], "activations")
+        y, k = c.to_device(yh), int(yh.max()) + 1 if yh.size else 1
+    else:
+        raise ValueError(f"target must be 'discrete' or 'continuous', got {target!r}")
+    acc = UnitMIAccumulator(b, k)
+    acc.counts[...] = unit_label_counts(a, y, b, k).copy_to_host()
+    return acc.mi(base, correction, normalized)
 
 
 class UnitMICounts:

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._device import resolve
 from ._kernels import cpu_mi, cpu_select
 from ._validate import as_float_array
 from .importance import Criterion, register_criterion
@@ -126,7 +127,7 @@ class Bins:
 
 
 def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *, name: str = "activations",
-             reduce: str | None = None) -> Bins:
+             reduce: str | None = None, device: str = "auto") -> Bins:
     """Fit per-unit bin edges on activations (samples, units).
 
     ``strategy="uniform"``: equal-width bins between each unit's minimum and
@@ -147,6 +148,10 @@ def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *
     """
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    if resolve(device, acts) == "cuda":  # GPU activations: ranges on the device, equal-width bins
+        from . import cuda
+
+        return cuda.fit_bins(cuda.activations(acts, name, reduce), bins, strategy, name)
     return _fit(_activations(acts, name, reduce), bins, strategy, name)
 
 
@@ -349,11 +354,14 @@ class PairwiseMIAccumulator:
 
 def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
             target: str = "discrete", base="e", correction=None, normalized=False,
-            reduce: str | None = None) -> np.ndarray:
+            reduce: str | None = None, device: str = "auto") -> np.ndarray:
     """Per-unit relevance I(a_u; y) of activations (samples, units).
 
     ``target="discrete"``: ``labels`` are class ids >= 0. ``"continuous"``:
     a float target binned with the same ``bins`` and ``strategy``.
+    ``device="cuda"`` (or ``"auto"`` with GPU activations) bins and counts on
+    the GPU (equal-width bins; see :func:`sparsecore.cuda.unit_mi`); the
+    result is the same host array.
 
     Examples
     --------
@@ -367,6 +375,12 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
         raise ValueError(f"target must be 'discrete' or 'continuous', got {target!r}")
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    _check_opts(base, correction)
+    if resolve(device, acts) == "cuda":
+        from .cuda import unit_mi as unit_mi_on_device
+
+        return unit_mi_on_device(acts, labels, bins, strategy, target=target, base=base, correction=correction,
+                                 normalized=normalized, reduce=reduce)
     a = _activations(acts, "activations", reduce)
     b = _fit(a, bins, strategy, "activations")
     if target == "continuous":
@@ -394,6 +408,11 @@ def _marginals(codes, nbins, table, n):
     """Per unit: sum of N_a log N_a over its bins, entropy (nats), non-empty bins."""
     counts = np.stack([np.bincount(c, minlength=nbins) for c in codes]) if codes.shape[0] else \
         np.zeros((0, nbins), np.int64)
+    return marginal_terms(counts, table, n)
+
+
+def marginal_terms(counts, table, n):
+    """``_marginals`` from the (units, bins) marginal counts."""
     sx = np.where(counts > 0, table[np.minimum(counts, table.size - 1)], 0.0).sum(axis=1)
     big = counts >= table.size
     if big.any():
@@ -402,8 +421,14 @@ def _marginals(codes, nbins, table, n):
 
 
 def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
-                base="e", correction=None, normalized=False, reduce: str | None = None) -> np.ndarray:
+                base="e", correction=None, normalized=False, reduce: str | None = None,
+                device: str = "auto") -> np.ndarray:
     """MI between every input unit and every output unit: an (out, in) matrix.
+
+    ``device="cuda"`` (or ``"auto"`` with GPU activations) bins, counts and
+    finishes every pair on the GPU (equal-width bins, at most 32 x 32 per
+    pair; see :func:`sparsecore.cuda.pairwise_mi`); the result is the same
+    host array.
 
     Each pair is counted and finished in a per-thread histogram, so the
     extra memory is the codes (one byte per sample and unit for up to 256
@@ -418,12 +443,21 @@ def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, s
     0.291103166032
     """
     _check_opts(base, correction)
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    if resolve(device, acts_in, acts_out) == "cuda":
+        from . import cuda
+
+        ai, ao = cuda.activations(acts_in, "inputs", reduce), cuda.activations(acts_out, "outputs", reduce)
+        if ai.shape[0] != ao.shape[0]:
+            raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
+        return cuda.pairwise_mi(ai, ao, cuda.fit_bins(ai, bins, strategy, "inputs"),
+                                cuda.fit_bins(ao, bins, strategy, "outputs"), base=base, correction=correction,
+                                normalized=normalized)
     ai = _activations(acts_in, "inputs", reduce)
     ao = _activations(acts_out, "outputs", reduce)
     if ai.shape[0] != ao.shape[0]:
         raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
     bi, bo = _fit(ai, bins, strategy, "inputs"), _fit(ao, bins, strategy, "outputs")
     ci, co = bi._codes(ai), bo._codes(ao)
     n = ai.shape[0]

@@ -101,8 +101,46 @@ def test_mutual_information_counts_match_cpu(rng):
     np.testing.assert_array_equal(scu.unit_label_counts(acts, y, bins, 3).copy_to_host(), cpu.counts)
     a_in = rng.standard_normal((40, 4))
     a_out = np.tanh(a_in @ rng.standard_normal((4, 3)))
-    got = scu.pairwise_mi(a_in, a_out, sc.fit_bins(a_in, 6), sc.fit_bins(a_out, 6)).copy_to_host()
+    got = scu.pairwise_mi(a_in, a_out, sc.fit_bins(a_in, 6), sc.fit_bins(a_out, 6))
     np.testing.assert_allclose(got, sc.pairwise_mi(a_in, a_out, bins=6), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(base=2), dict(correction="miller-madow"), dict(normalized=True),
+                                  dict(bins="sturges")])
+def test_public_mi_on_the_device_matches_cpu(rng, opts):
+    c = _device.cuda()
+    a_in = rng.standard_normal((30, 4)).astype(np.float32)
+    a_in[:, 2] = 1.5  # a constant unit
+    a_out = np.tanh(a_in @ rng.standard_normal((4, 3)).astype(np.float32))
+    y = rng.integers(0, 3, 30)
+    d_in, d_out = c.to_device(a_in), c.to_device(a_out)
+    kw = {"bins": 5, **opts}
+    np.testing.assert_allclose(sc.pairwise_mi(d_in, d_out, **kw), sc.pairwise_mi(a_in, a_out, **kw),
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sc.unit_mi(d_out, c.to_device(y), **kw), sc.unit_mi(a_out, y, **kw),
+                               rtol=1e-12, atol=1e-14)
+    t = a_in[:, 0] * 2.0
+    np.testing.assert_allclose(sc.unit_mi(d_out, c.to_device(t), target="continuous", **kw),
+                               sc.unit_mi(a_out, t, target="continuous", **kw), rtol=1e-12, atol=1e-14)
+    got, want = sc.fit_bins(d_in, 5), sc.fit_bins(a_in, 5)
+    assert (got.nbins, got.strategy) == (want.nbins, want.strategy)
+    np.testing.assert_array_equal(got.edges, want.edges)
+
+
+def test_public_mi_on_the_device_refuses_bad_input(rng):
+    c = _device.cuda()
+    a = rng.standard_normal((10, 3))
+    a[4, 1] = np.inf
+    with pytest.raises(ValueError, match=r"1 NaN or Inf value\(s\) \(first at sample 4, unit 1\)"):
+        sc.unit_mi(c.to_device(a), np.zeros(10, np.int64), device="cuda")
+    with pytest.raises(ValueError, match="equal-width"):
+        sc.pairwise_mi(np.ones((4, 2)), np.ones((4, 2)), strategy="quantile", device="cuda")
+    with pytest.raises(ValueError, match="labels for 'activations' must be >= 0"):
+        sc.unit_mi(np.ones((4, 2)), np.array([0, 1, -1, 0]), device="cuda")
+    with pytest.raises(ValueError, match="exceed the 1024 cells"):
+        sc.pairwise_mi(np.eye(4), np.eye(4), bins=64, device="cuda")
+    with pytest.raises(ValueError, match="reduce conv activations"):
+        sc.pairwise_mi(np.ones((4, 2, 3, 3)), np.ones((4, 2)), device="cuda")
 
 
 def _same_result(dev, cpu):

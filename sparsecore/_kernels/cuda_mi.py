@@ -62,25 +62,31 @@ def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy
     mxy[o, i] = m
 
 
-MAX_BINS = 64
+@cuda.jit
+def column_min_max(x, lo, hi, bad):
+    """Per-column minimum and maximum of (samples, units) ``x`` into float64
+    ``lo``/``hi`` (a thread per unit); non-finite values are counted into
+    ``bad[0]``, the first flat index into ``bad[1]``."""
+    for u in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
+        a = float64(x[0, u])
+        b = a
+        for s in range(x.shape[0]):
+            v = float64(x[s, u])
+            if not math.isfinite(v):
+                cuda.atomic.add(bad, 0, 1)
+                cuda.atomic.min(bad, 1, s * x.shape[1] + u)
+            a = min(a, v)
+            b = max(b, v)
+        lo[u] = a
+        hi[u] = b
 
 
 @cuda.jit
-def unit_xlogx(codes, nbins, table, sx):
-    """Per unit: Σ over its bins of N_a log N_a (the marginal term of MI)."""
-    u = cuda.grid(1)
-    if u >= codes.shape[0]:
-        return
-    h = cuda.local.array(MAX_BINS, int64)
-    for b in range(nbins):
-        h[b] = 0
-    for s in range(codes.shape[1]):
-        h[int32(codes[u, s])] += 1
-    acc = 0.0
-    for b in range(nbins):
-        if h[b]:
-            acc += _xlogx(h[b], table)
-    sx[u] = acc
+def unit_bin_counts(codes, counts):
+    """``counts[u, code] += 1`` over samples (the marginal histograms)."""
+    u, s = cuda.grid(2)
+    if u < codes.shape[0] and s < codes.shape[1]:
+        cuda.atomic.add(counts, (u, int64(codes[u, s])), 1)
 
 
 @cuda.jit

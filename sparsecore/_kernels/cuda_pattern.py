@@ -31,7 +31,7 @@ def _value(v, mode):
 
 @cuda.jit(device=True, inline=True)
 def _flag_bad(d, i, bad):
-    if not (d - d == 0.0):
+    if not math.isfinite(d):
         cuda.atomic.add(bad, 0, 1)
         cuda.atomic.min(bad, 1, i)
 

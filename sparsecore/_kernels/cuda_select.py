@@ -15,6 +15,8 @@ without fast-math, so no multiply-add is contracted into an FMA and every
 float operation rounds as on the CPU.
 """
 
+import math
+
 import numpy as np
 from numba import cuda, float32, float64, int64, uint64
 
@@ -149,7 +151,7 @@ def materialise(x, inv, scaled, keep, low, floor, out, bad, mode, wide):
                 d = d * inv
             if keep.size and d < floor:
                 d = floor
-            ok = d - d == 0.0
+            ok = math.isfinite(d)
             out[i] = d
         else:
             f = float32(x[i])
@@ -157,7 +159,7 @@ def materialise(x, inv, scaled, keep, low, floor, out, bad, mode, wide):
                 f = abs(f)
             elif mode == MODE_SQUARE:
                 f = f * f
-            ok = f - f == float32(0.0)
+            ok = math.isfinite(f)
             out[i] = f
         if not ok:
             cuda.atomic.add(bad, 0, 1)
