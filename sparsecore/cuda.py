@@ -283,6 +283,15 @@ def _rule_mask(kb, absolute, rule, rows, cols, pt=None):
     return mask
 
 
+def mask_of(src, rule):
+    """Device twin of ``selection._mask_from``: the keep-mask of a source
+    under ``rule``, shaped like the source (non-finite scores refused)."""
+    _count_rule(src, rule)
+    kb, absolute = src.keys(rule.wide)
+    rows = src.shape[0] if len(src.shape) >= 2 else 1
+    return _rule_mask(kb, absolute, rule, rows, src.size // max(rows, 1)).reshape(src.shape)
+
+
 def _build(w, kb, absolute, rule, rows, cols, name="weights", original=None, want_mask=False):
     """:class:`DeviceCSR` of flat device weights ``w`` (``rows x cols``) kept
     where keys ``kb`` pass ``rule``: per-row ties (with a quota), kept
@@ -522,30 +531,48 @@ def _count_kept(mask, other=None):
     return int(count.copy_to_host()[0])
 
 
+def block_scores(src, block):
+    """Device twin of ``patterns.block_source_scores``: float64 ``(ceil(R / r), ceil(C / c))``."""
+    from ._kernels import cuda_pattern
+    from .patterns import _POOLS, check_block
+
+    R, C = check_block(src.shape, block.shape, src.name)
+    r, cc = block.shape
+    out = _device.cuda().device_array((-(-R // r), -(-C // cc)), np.float64)
+    bad = _bad_counter(src.size)
+    if out.size:
+        cuda_pattern.block_pool[_launch(out.size)](src.data, R, C, r, cc, out, bad, int(src.mode), _POOLS[block.pool])
+    _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
+    return out
+
+
+def unit_scores(src, units):
+    """Device twin of ``patterns.unit_source_scores``: float64, one per unit."""
+    from ._kernels import cuda_pattern
+    from .patterns import _REDUCE, _axis
+
+    _, (A, L, B) = _axis(src.shape, units.axis, src.name, "Units pattern")
+    out = _device.cuda().device_array(L, np.float64)
+    bad = _bad_counter(src.size)
+    if L:
+        cuda_pattern.unit_reduce[_launch(L)](src.data, A, L, B, _REDUCE[units.reduce], out, bad, int(src.mode))
+    _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
+    return out
+
+
+def group_source(name, scores, shape):
+    """Device twin of ``patterns.group_source`` (float64 group scores)."""
+    return DeviceSource(name, _flat(scores), tuple(shape), MODE_IDENTITY, role="group scores", original=scores)
+
+
 def _group_source(src, w, pattern):
     """Device twin of ``prune._group_scores``: pooled block or unit scores (float64)."""
-    from ._kernels import cuda_pattern
-    from .patterns import _POOLS, _REDUCE, Blocks, _axis, check_block
+    from .patterns import Blocks
 
-    c = _device.cuda()
     if src.role == "unit scores":
         return src
-    bad = _bad_counter(src.size)
-    if isinstance(pattern, Blocks):
-        R, C = check_block(src.shape, pattern.shape, src.name)
-        r, cc = pattern.shape
-        out = c.device_array((-(-R // r), -(-C // cc)), np.float64)
-        if out.size:
-            cuda_pattern.block_pool[_launch(out.size)](src.data, R, C, r, cc, out, bad, int(src.mode),
-                                                       _POOLS[pattern.pool])
-    else:
-        _, (A, L, B) = _axis(src.shape, pattern.axis, src.name, "Units pattern")
-        out = c.device_array(L, np.float64)
-        if L:
-            cuda_pattern.unit_reduce[_launch(L)](src.data, A, L, B, _REDUCE[pattern.reduce], out, bad,
-                                                 int(src.mode))
-    _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
-    return DeviceSource(src.name, _flat(out), tuple(out.shape), MODE_IDENTITY, role="group scores", original=out)
+    out = block_scores(src, pattern) if isinstance(pattern, Blocks) else unit_scores(src, pattern)
+    return group_source(src.name, out, out.shape)
 
 
 def _group_keep(mask, shape, pattern):
@@ -592,6 +619,13 @@ def _expand(keep, shape, pattern):
         _, (A, L, B) = _axis(shape, pattern.axis, "mask", "Units pattern")
         cuda_pattern.unit_expand[_launch(n)](keep, L, B, mask)
     return mask
+
+
+def nm_mask(src, n, m, axis):
+    """Device twin of ``patterns.nm_source_mask`` (flat keep-mask)."""
+    from .patterns import NM
+
+    return _nm_mask(src, NM(n, m, axis))
 
 
 def _nm_mask(src, pattern):

@@ -36,6 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
+from ._device import is_device_array
 from ._kernels import cpu_pattern
 from ._kernels.keys import MODE_IDENTITY, MODE_SQUARE
 from ._validate import (
@@ -198,6 +199,10 @@ def _raise_bad(src, count, first):
 
 def nm_source_mask(src, n, m, axis):
     """Flat keep-mask of a :class:`Source` under ``n:m`` along ``axis``."""
+    if src.on_device:
+        from .cuda import nm_mask
+
+        return nm_mask(src, n, m, axis)
     axis, A, L, B = _nm_view(src.shape, n, m, axis, src.name)
     keep = np.empty(src.size, np.bool_)
     if B == 1 and m <= cpu_pattern.NM_UNROLL_MAX:  # contiguous groups
@@ -223,7 +228,8 @@ def _first_bad(src):
     return int(bad.sum()), int(np.argmax(bad))
 
 
-def nm_mask(scores: ArrayLike, n: int, m: int, *, axis: int | None = None, absolute: bool = False) -> np.ndarray:
+def nm_mask(scores: ArrayLike, n: int, m: int, *, axis: int | None = None, absolute: bool = False,
+            device: str = "auto") -> np.ndarray:
     """Keep-mask that keeps the ``n`` highest scores of every ``m`` consecutive
     entries along ``axis``.
 
@@ -238,6 +244,9 @@ def nm_mask(scores: ArrayLike, n: int, m: int, *, axis: int | None = None, absol
         ``(out, in, kh, kw)`` weights), 0 for 1-D scores.
     absolute : bool
         Rank ``|scores|`` (magnitude) without forming it.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores) ranks the groups on the
+        GPU and returns a device mask (groups of at most 32).
 
     Returns
     -------
@@ -262,7 +271,7 @@ def nm_mask(scores: ArrayLike, n: int, m: int, *, axis: int | None = None, absol
            [ True, False,  True, False]])
     """
     n, m = _check_nm(n, m)
-    src = scores_source(scores, absolute=absolute)
+    src = scores_source(scores, absolute=absolute, device=device)
     return nm_source_mask(src, n, m, axis).reshape(src.shape)
 
 
@@ -398,11 +407,16 @@ def check_block(shape, block, name):
 
 
 def block_source_scores(src, block: Blocks):
+    if src.on_device:
+        from .cuda import block_scores as block_scores_on_device
+
+        return block_scores_on_device(src, block)
     R, C = check_block(src.shape, block.shape, src.name)
     return _pool_source(src, (R, C), block.shape, block.pool)
 
 
-def block_scores(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, absolute: bool = False) -> np.ndarray:
+def block_scores(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, absolute: bool = False,
+                 device: str = "auto") -> np.ndarray:
     """Block scores of a weight's 2-D view, pooled from element scores.
 
     Parameters
@@ -416,6 +430,9 @@ def block_scores(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, absolut
         the entries present (the mean divides by their count).
     absolute : bool
         Pool ``|scores|``.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores) pools on the GPU (same
+        sums in the same order) and returns a device array.
 
     Returns
     -------
@@ -429,11 +446,11 @@ def block_scores(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, absolut
            [ 9., 11.]])
     """
     b = Blocks(block, pool)
-    return block_source_scores(scores_source(scores, absolute=absolute), b)
+    return block_source_scores(scores_source(scores, absolute=absolute, device=device), b)
 
 
 def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity: float | None = None,
-               threshold: float | None = None, absolute: bool = False) -> np.ndarray:
+               threshold: float | None = None, absolute: bool = False, device: str = "auto") -> np.ndarray:
     """Keep-mask that prunes whole ``(r, c)`` blocks of the 2-D view.
 
     Exactly ``round(sparsity * nblocks)`` blocks with the lowest pooled
@@ -451,6 +468,9 @@ def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity:
     sparsity, threshold : float
     absolute : bool
         Pool ``|scores|``.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores): pooling, selection and
+        the mask on the GPU; a device mask.
 
     Returns
     -------
@@ -467,7 +487,7 @@ def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity:
     if (sparsity is None) == (threshold is None):
         raise ValueError("block_mask: give exactly one of sparsity= and threshold=")
     b = Blocks(block, pool)
-    src = scores_source(scores, absolute=absolute)
+    src = scores_source(scores, absolute=absolute, device=device)
     pooled = block_source_scores(src, b)
     gsrc = group_source(src.name, pooled, pooled.shape)
     if sparsity is not None:
@@ -479,6 +499,10 @@ def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity:
 
 def expand_blocks(keep_blocks, shape, block):
     """Element keep-mask (shaped ``shape``) of a block keep-mask."""
+    if is_device_array(keep_blocks):
+        from .cuda import _expand
+
+        return _expand(keep_blocks.reshape(keep_blocks.size), shape, Blocks(tuple(block))).reshape(shape)
     R, C = matrix_shape(shape)
     mask = np.empty(R * C, np.bool_)
     if mask.size:
@@ -531,6 +555,10 @@ def to_bsr(weights: ArrayLike, block, *, mask: ArrayLike | None = None, name: st
 
 def unit_source_scores(src, units: Units):
     """Per-unit float64 scores of a source, reduced over all but ``units.axis``."""
+    if src.on_device:
+        from .cuda import unit_scores as unit_scores_on_device
+
+        return unit_scores_on_device(src, units)
     _, (A, L, B) = _axis(src.shape, units.axis, src.name, "Units pattern")
     out = np.empty(L, np.float64)
     bad = np.zeros(L, np.int64)
@@ -543,7 +571,8 @@ def unit_source_scores(src, units: Units):
     return out
 
 
-def unit_scores(scores: ArrayLike, *, axis: int = 0, reduce: str = "l2", absolute: bool = False) -> np.ndarray:
+def unit_scores(scores: ArrayLike, *, axis: int = 0, reduce: str = "l2", absolute: bool = False,
+                device: str = "auto") -> np.ndarray:
     """Per-unit scores: each unit's slice along ``axis`` reduced to a number.
 
     Parameters
@@ -557,6 +586,9 @@ def unit_scores(scores: ArrayLike, *, axis: int = 0, reduce: str = "l2", absolut
         How a unit's element scores combine (in float64).
     absolute : bool
         Reduce ``|scores|``.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores) reduces on the GPU and
+        returns a device array.
 
     Returns
     -------
@@ -569,7 +601,7 @@ def unit_scores(scores: ArrayLike, *, axis: int = 0, reduce: str = "l2", absolut
     array([5., 1.])
     """
     u = Units(axis, reduce)
-    return unit_source_scores(scores_source(scores, absolute=absolute), u)
+    return unit_source_scores(scores_source(scores, absolute=absolute, device=device), u)
 
 
 def unit_mask(keep_units, shape, axis):
@@ -582,6 +614,10 @@ def unit_mask(keep_units, shape, axis):
 
 def group_source(name, scores, shape, original=None):
     """A :class:`Source` over pooled or per-unit float64 scores."""
+    if is_device_array(scores):
+        from .cuda import group_source as group_source_on_device
+
+        return group_source_on_device(name, scores, shape)
     data = np.ascontiguousarray(scores, np.float64).reshape(-1)
     return Source(name, data, tuple(shape), MODE_IDENTITY, role="group scores",
                   original=original if original is not None else data)

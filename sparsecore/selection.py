@@ -24,6 +24,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._device import resolve
 from ._kernels import cpu_csr, cpu_select
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, cut_value, key_of, value_of
 from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
@@ -325,19 +326,29 @@ def _mask_nseg(n):
     return max(1, min(4 * numba.get_num_threads(), n // _PAR_MIN))
 
 
-def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores", absolute=False):
+def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores", absolute=False, device="cpu"):
+    """A :class:`Source` over ``scores``; on the GPU (``device="cuda"``, or
+    ``"auto"`` with a device array) a ``sparsecore.cuda.DeviceSource``."""
     if absolute:
         mode = MODE_ABS
+    if resolve(device, scores) == "cuda":
+        from .cuda import device_source
+
+        return device_source(name, scores, mode, role)
     arr = as_float_array(scores, name, role)
     return Source(name, flat(arr), arr.shape, mode, role=role, original=arr)
 
 
 def _mask_from(src, rule):
+    if src.on_device:
+        from .cuda import mask_of
+
+        return mask_of(src, rule)
     mask, _ = apply_rule(src.data, src, rule, _mask_nseg(src.size), want_mask=True)
     return mask.reshape(src.shape)
 
 
-def threshold_mask(scores: ArrayLike, threshold: float) -> np.ndarray:
+def threshold_mask(scores: ArrayLike, threshold: float, *, device: str = "auto") -> np.ndarray:
     """Keep-mask of the scores at or above ``threshold``.
 
     The rule of the reference article: an entry is pruned where its score is
@@ -349,6 +360,10 @@ def threshold_mask(scores: ArrayLike, threshold: float) -> np.ndarray:
         Importance scores, any shape. float16 is compared in float32.
     threshold : float
         Scores ``< threshold`` are pruned. Must not be NaN.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores, anything with
+        ``__cuda_array_interface__``) computes the mask on the GPU and
+        returns a numba device array.
 
     Returns
     -------
@@ -369,11 +384,12 @@ def threshold_mask(scores: ArrayLike, threshold: float) -> np.ndarray:
     array([False,  True,  True])
     """
     t = check_threshold(threshold, "scores")
-    src = scores_source(scores)
+    src = scores_source(scores, device=device)
     return _mask_from(src, threshold_rule(src, t))
 
 
-def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False) -> np.ndarray:
+def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False,
+                  device: str = "auto") -> np.ndarray:
     """Keep-mask that prunes exactly ``round(sparsity * n)`` lowest scores.
 
     Python's ``round`` counts (as ``torch.nn.utils.prune`` does). Among equal
@@ -387,6 +403,9 @@ def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False)
         Fraction in [0, 1] of the entries to prune.
     absolute : bool
         Rank ``|scores|`` (magnitude) without forming it in memory.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with GPU scores): radix histograms and the
+        mask on the GPU (the same mask); returns a numba device array.
 
     Returns
     -------
@@ -412,17 +431,18 @@ def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False)
     array([False,  True,  True])
     """
     s = check_fraction(sparsity, "scores")
-    src = scores_source(scores, absolute=absolute)
+    src = scores_source(scores, absolute=absolute, device=device)
     k = round(s * src.size)
     return _mask_from(src, _select_one(src, k))
 
 
-def select_threshold(scores: ArrayLike, sparsity: float, *, absolute: bool = False) -> float:
+def select_threshold(scores: ArrayLike, sparsity: float, *, absolute: bool = False, device: str = "auto") -> float:
     """The largest pruned score when ``round(sparsity * n)`` lowest scores go.
 
     Equals ``np.partition(scores.ravel(), k - 1)[k - 1]`` for ``k >= 1``;
     ``-inf`` when nothing is pruned. With ``absolute=True`` the scores are
-    ``|scores|`` (magnitude), never formed in memory.
+    ``|scores|`` (magnitude), never formed in memory. ``device="cuda"`` (or
+    ``"auto"`` with GPU scores) selects on the GPU (a float comes back).
 
     Examples
     --------
@@ -431,7 +451,7 @@ def select_threshold(scores: ArrayLike, sparsity: float, *, absolute: bool = Fal
     0.2
     """
     s = check_fraction(sparsity, "scores")
-    src = scores_source(scores, absolute=absolute)
+    src = scores_source(scores, absolute=absolute, device=device)
     return kth_value(src, round(s * src.size))
 
 

@@ -332,3 +332,35 @@ def test_torch_adapter_activations_on_the_device():
     for k, st in cpu.state().items():
         np.testing.assert_allclose(dev.state()[k]["mi"], st["mi"], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(dev.state()[k]["x_norm"], st["x_norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_selection_and_patterns_on_the_device(rng, dtype):
+    c = _device.cuda()
+    s = make(rng, (6, 8), dtype, "ties")
+    d = c.to_device(s)
+    host = lambda m: m.copy_to_host()  # noqa: E731
+    np.testing.assert_array_equal(host(sc.threshold_mask(d, 0.5)), sc.threshold_mask(s, 0.5))
+    for sp in (0.0, 0.3, 1.0):
+        np.testing.assert_array_equal(host(sc.sparsity_mask(d, sp, absolute=True)),
+                                      sc.sparsity_mask(s, sp, absolute=True))
+        assert sc.select_threshold(d, sp) == sc.select_threshold(s, sp)
+    np.testing.assert_array_equal(host(sc.nm_mask(d, 2, 4, absolute=True)), sc.nm_mask(s, 2, 4, absolute=True))
+    np.testing.assert_array_equal(host(sc.nm_mask(d, 1, 3, axis=0)), sc.nm_mask(s, 1, 3, axis=0))
+    for pool in ("mean", "max", "l2"):
+        np.testing.assert_array_equal(host(sc.block_scores(d, (4, 3), pool)), sc.block_scores(s, (4, 3), pool))
+        np.testing.assert_array_equal(host(sc.block_mask(d, (4, 3), pool, sparsity=0.5)),
+                                      sc.block_mask(s, (4, 3), pool, sparsity=0.5))
+    np.testing.assert_array_equal(host(sc.block_mask(d, (2, 2), threshold=0.1, absolute=True)),
+                                  sc.block_mask(s, (2, 2), threshold=0.1, absolute=True))
+    for reduce in ("l1", "l2", "mean", "max"):
+        for axis in (0, -1):
+            np.testing.assert_array_equal(host(sc.unit_scores(d, axis=axis, reduce=reduce, absolute=True)),
+                                          sc.unit_scores(s, axis=axis, reduce=reduce, absolute=True))
+    assert isinstance(sc.sparsity_mask(s, 0.5, device="cuda"), type(d))  # host input, device="cuda": device out
+    bad = s.copy()
+    bad[1, 2] = np.nan
+    for call in (lambda a: sc.sparsity_mask(a, 0.5), lambda a: sc.threshold_mask(a, 0.0),
+                 lambda a: sc.nm_mask(a, 2, 4), lambda a: sc.block_scores(a, (2, 2)), lambda a: sc.unit_scores(a)):
+        with pytest.raises(ValueError, match=r"hold 1 NaN or Inf value \(first: NaN at index \(1, 2\)\)"):
+            call(c.to_device(bad))
