@@ -41,7 +41,7 @@ def bench_accumulate():
     print("| case | ours | anchor | ratio | note |\n|---|---|---|---|---|")
     n, rows = 1 << 24, 8
     g = torch.randn(rows, n, device="cuda")
-    acc = scu.GradientSums((n,), stats=("g2",))
+    acc = sc.GradientAccumulator(stats=("g2",), device="cuda")
     t_ours = timed(lambda: acc.update(g, per_sample=True))
     moved = g.numel() * 4 + n * 8 * 2  # read g, read and write the float64 sums
     src = torch.empty(moved // 8, dtype=torch.float32, device="cuda")

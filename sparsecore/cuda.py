@@ -22,9 +22,10 @@ import numpy as np
 from . import _device
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from ._validate import check_fraction, check_threshold, nonfinite_error
+from .importance import GradientAccumulator
 from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
 
-__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "GradientSums", "PairMICounts", "UnitMICounts",
+__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts",
            "activations", "csr_matmul", "fit_bins", "pairwise_mi", "prune", "select_rule", "select_rules_global",
            "to_csr", "unit_label_counts", "unit_mi"]
 
@@ -363,14 +364,8 @@ def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: fl
 # --- prune on the device ----------------------------------------------------
 
 def _state_arrays(state, name):
-    from .importance import GradientAccumulator
-
     if state is None:
         return {}
-    if isinstance(state, DeviceAccumulator):
-        if name not in state.sums:
-            raise ValueError(f"state has no gradients for tensor {name!r}; it has {sorted(state.sums)}")
-        return state.state(name)
     if isinstance(state, GradientAccumulator):
         return state.state(name)
     if isinstance(state, Mapping):
@@ -759,74 +754,77 @@ def csr_matmul(a, x, out=None):
     return out
 
 
-class GradientSums:
-    """Σg, Σg², Σw·g, Σ(w·g)² of one tensor kept on the device, float64.
+# --- gradient statistics (the device mode of sparsecore.GradientAccumulator) ---
 
-    ``update(g, w=None, per_sample=False)`` with device (or host) arrays;
-    ``state()`` returns the sums as device arrays (``copy_to_host`` for NumPy).
-    """
-
-    def __init__(self, shape, stats=("g2",)):
-        c = _device.cuda()
-        self.shape = tuple(shape)
-        n = int(np.prod(self.shape, dtype=np.int64))
-        self.stats = tuple(stats)
-        self.sums = {k: (c.to_device(np.zeros(n)) if k in self.stats else c.device_array(0, np.float64))
-                     for k in ("g", "g2", "wg", "wg2")}
-        self.count = 0
-
-    def update(self, g, w=None, *, per_sample=False):
-        from ._kernels import cuda_accumulate
-
-        c = _device.cuda()
-        gd = _float_device(g, "gradients")
-        n = int(np.prod(self.shape, dtype=np.int64))
-        rows = gd.shape[0] if per_sample else 1
-        if gd.size != rows * n:
-            raise ValueError(f"gradients of shape {gd.shape} do not fit {self.shape}"
-                             f"{' with a leading sample axis' if per_sample else ''}")
-        g2d = gd.reshape(rows, n)
-        if ("wg" in self.stats or "wg2" in self.stats) and w is None:
-            raise ValueError("statistics wg/wg2 need the weights: pass w=")
-        wd = _float_device(w, "weights").reshape(n) if w is not None else c.device_array(0, np.float32)
-        nb, nt = _device.blocks(n)
-        cuda_accumulate.accumulate[nb, nt](g2d, wd, self.sums["g"], self.sums["g2"], self.sums["wg"],
-                                           self.sums["wg2"])
-        self.count += rows
-        return self
-
-    def state(self):
-        return {k: self.sums[k].reshape(self.shape) for k in self.stats}
+def float_array(a, name, role):
+    """A C-contiguous float32/float64 device array of ``a`` (a view of a
+    device array; a host array is copied over)."""
+    d = _float_device(a, f"{role} {name!r}")
+    if d.size and not d.is_c_contiguous():
+        raise ValueError(f"{role} {name!r} are not contiguous on the device; pass a contiguous array "
+                         f"(e.g. tensor.contiguous())")
+    return d
 
 
-class DeviceAccumulator:
-    """Gradient statistics of named tensors kept on the device: the GPU
-    counterpart of :class:`sparsecore.GradientAccumulator` (``update``,
-    ``state``, ``count``); one :class:`GradientSums` per tensor, created at the
-    first update."""
+def empty():
+    return _device.cuda().device_array(0, np.float64)
+
+
+def zeros(n):
+    return _device.cuda().to_device(np.zeros(n, np.float64))
+
+
+def copy(a):
+    out = _device.cuda().device_array_like(a)
+    out.copy_to_device(a)
+    return out
+
+
+def accumulate(prepared, totals, spares):
+    """One update of an accumulator on the GPU, all or nothing: for each
+    ``(name, shape, n, g2d, w, g_original, w_original)`` of ``prepared``,
+    ``spares[name][stat] = totals[name][stat] + terms`` in one fused pass that
+    also checks the gradients and weights; raises the CPU's ``ValueError``
+    for the first tensor with NaN/Inf (the caller then keeps ``totals``)."""
+    from ._kernels import cuda_accumulate
+
+    from .importance import STATS
+
+    e = empty()
+    checks = []
+    for name, shape, n, g2d, w, ga, wa in prepared:
+        bad = _device.cuda().to_device(np.array([0, g2d.size, 0, max(n, 1)], np.int64))
+        if n and g2d.shape[0]:
+            tot, new = totals[name], spares[name]
+            cuda_accumulate.accumulate[_launch(n)](g2d, w, *(tot.get(s, e) for s in STATS),
+                                                   *(new.get(s, e) for s in STATS), bad)
+        else:
+            for s in totals[name]:
+                spares[name][s].copy_to_device(totals[name][s])
+        checks.append((name, bad, ga, wa))
+    for name, bad, ga, wa in checks:
+        got = bad.copy_to_host()
+        label = name or "grads"
+        if got[2]:
+            _raise_bad(label, "weights", wa, got[2], got[3])
+        if got[0]:
+            _raise_bad(label, "gradients", ga, got[0], got[1])
+
+
+def add_into(dst, src):
+    """``dst += src`` for flat float64 device arrays."""
+    from ._kernels import cuda_accumulate
+
+    if dst.size:
+        cuda_accumulate.add_into[_launch(dst.size)](dst, _device.to_device(src))
+
+
+class DeviceAccumulator(GradientAccumulator):
+    """``GradientAccumulator(stats, device="cuda")``: the sums kept on the GPU
+    (what the PyTorch adapter feeds with CUDA gradients)."""
 
     def __init__(self, stats=("g2",)):
-        self.stats = tuple(stats)
-        self.sums = {}
-        self.count = 0
-
-    def update(self, grads, weights=None, *, per_sample=False):
-        rows = None
-        for name, g in grads.items():
-            gd = _float_device(g, f"gradients {name!r}")
-            shape = tuple(gd.shape[1:]) if per_sample else tuple(gd.shape)
-            acc = self.sums.get(name)
-            if acc is None:
-                acc = self.sums[name] = GradientSums(shape, self.stats)
-            elif acc.shape != shape:
-                raise ValueError(f"gradients {name!r} have shape {shape}, earlier {acc.shape}")
-            acc.update(gd, None if weights is None else weights[name], per_sample=per_sample)
-            rows = gd.shape[0] if per_sample else 1
-        self.count += rows or 0
-        return self
-
-    def state(self, name):
-        return self.sums[name].state()
+        super().__init__(stats, precision="float64", device="cuda")
 
 
 def _codes(acts, bins, c):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _device
 from ._kernels import cpu_accumulate, cpu_select
 from ._kernels.keys import MODE_ABS, MODE_SQUARE
 from ._validate import as_float_array, nonfinite_error
@@ -213,6 +214,13 @@ class GradientAccumulator:
 
     precision : {"mixed", "float64"}
         How the sums are kept (see Notes).
+    device : {"cpu", "cuda", "auto"}
+        ``"cuda"`` keeps the sums on the GPU (float64 terms straight into
+        float64 sums, whatever ``precision``): gradients given as device
+        arrays (anything with ``__cuda_array_interface__``: PyTorch CUDA
+        tensors, CuPy) are never copied to the host, and :meth:`state`
+        returns numba device arrays. ``"auto"`` decides at the first update
+        from where the gradients live.
 
     Notes
     -----
@@ -240,10 +248,13 @@ class GradientAccumulator:
     array([10.,  4.])
     """
 
-    def __init__(self, stats=("g2",), precision="mixed"):
+    def __init__(self, stats=("g2",), precision="mixed", device="cpu"):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        if device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+        self.device = device
+        self.precision = "float64" if device == "cuda" else precision
         if isinstance(stats, str):
             stats = (stats,)
         stats = tuple(stats)
@@ -308,6 +319,10 @@ class GradientAccumulator:
             Nothing is added when an error is raised.
         """
         gmap, single = self._as_mapping(grads, "grads")
+        if self.device == "auto":
+            self.device = _device.resolve("auto", *gmap.values())
+            if self.device == "cuda":
+                self.precision = "float64"
         need_w = "wg" in self.stats or "wg2" in self.stats
         if need_w and weights is None:
             raise ValueError(f"statistics {[s for s in self.stats if s.startswith('w')]} need the "
@@ -323,23 +338,35 @@ class GradientAccumulator:
             new = sorted(set(gmap) - set(self._shapes))
             gone = sorted(set(self._shapes) - set(gmap))
             raise ValueError(f"grads name other tensors than earlier batches: new {new}, missing {gone}")
+        on_gpu = self.device == "cuda"
+        if on_gpu:
+            from . import cuda as _cuda
         prepared = []
         nsamp_seen = None
         for name, g in gmap.items():
             label = name or "grads"
-            ga = as_float_array(g, label, "gradients")
+            ga = _cuda.float_array(g, label, "gradients") if on_gpu else as_float_array(g, label, "gradients")
             if per_sample:
                 if ga.ndim == 0:
                     raise ValueError(f"per-sample gradients {label!r} need a leading sample axis, got a scalar")
-                shape, nsamp = ga.shape[1:], ga.shape[0]
+                shape, nsamp = tuple(ga.shape[1:]), ga.shape[0]
                 if nsamp_seen is not None and nsamp != nsamp_seen:
                     raise ValueError(f"per-sample gradients {label!r} hold {nsamp} samples, others {nsamp_seen}")
                 nsamp_seen = nsamp
             else:
-                shape, nsamp = ga.shape, 1
+                shape, nsamp = tuple(ga.shape), 1
             known = self._shapes.get(name)
             if known is not None and known != shape:
                 raise ValueError(f"gradients {label!r} have shape {shape}, earlier batches {known}")
+            n = int(np.prod(shape, dtype=np.int64))
+            if on_gpu:  # checked in the fused pass below
+                wa = _cuda.float_array(wmap[name], label, "weights") if need_w else None
+                if need_w and tuple(wa.shape) != shape:
+                    raise ValueError(f"gradients {label!r} have shape {shape} but weights {label!r} "
+                                     f"have shape {tuple(wa.shape)}")
+                prepared.append((name, shape, n, ga.reshape(nsamp, n), wa.reshape(n) if need_w else _cuda.empty(),
+                                 ga, wa))
+                continue
             w2 = _EMPTY
             if need_w:
                 wa = as_float_array(wmap[name], label, "weights")
@@ -348,10 +375,12 @@ class GradientAccumulator:
                                      f"have shape {wa.shape}")
                 w2 = np.ascontiguousarray(wa).reshape(-1)
                 _check_finite(w2, label, "weights", wa)
-            n = int(np.prod(shape, dtype=np.int64))
             g2d = np.ascontiguousarray(ga).reshape(nsamp, n)
             _check_finite(g2d, label, "gradients", ga)
             prepared.append((name, shape, n, g2d, w2))
+        if on_gpu:
+            self._update_on_device(prepared, single, per_sample, nsamp_seen)
+            return self
         # All checks passed: only now is any state touched.
         if self._single is None:
             self._single = single
@@ -374,6 +403,29 @@ class GradientAccumulator:
         self.n_batches += 1
         return self
 
+    def _update_on_device(self, prepared, single, per_sample, nsamp_seen):
+        """The GPU update: new totals written beside the current ones and
+        swapped in only when every gradient and weight was finite."""
+        from . import cuda as _cuda
+
+        spares = getattr(self, "_spare", None)
+        if spares is None:
+            spares = self._spare = {}
+        totals = {}
+        for name, shape, n, *_ in prepared:
+            totals[name] = self._acc.get(name) or {s: _cuda.zeros(n) for s in self.stats}
+            if name not in spares:
+                spares[name] = {s: _cuda.zeros(n) for s in self.stats}
+        _cuda.accumulate(prepared, totals, spares)  # raises before anything is swapped in
+        if self._single is None:
+            self._single = single
+        for name, shape, n, *_ in prepared:
+            self._shapes.setdefault(name, shape)
+            self._part.setdefault(name, {s: np.zeros(0, np.float32) for s in self.stats})
+            self._acc[name], spares[name] = spares[name], totals[name]
+        self.count += nsamp_seen if per_sample and nsamp_seen is not None else 1
+        self.n_batches += 1
+
     def state(self, name: str | None = None) -> dict:
         """One tensor's statistics: ``{stat: array shaped like the weight}``
         plus ``"count"`` (samples or batches added). Arrays are copies."""
@@ -387,8 +439,13 @@ class GradientAccumulator:
         return out
 
     def _sums(self, key):
-        """Totals plus partials, as new float64 arrays of the weight's shape."""
+        """Totals plus partials, as new float64 arrays of the weight's shape
+        (device arrays for an accumulator on the GPU)."""
         shape = self._shapes[key]
+        if self.device == "cuda":
+            from . import cuda as _cuda
+
+            return {s: _cuda.copy(a).reshape(shape) for s, a in self._acc[key].items()}
         part = self._part.get(key, {})
         return {s: (a + part[s] if s in part and part[s].size else a.copy()).reshape(shape)
                 for s, a in self._acc[key].items()}
@@ -416,6 +473,9 @@ class GradientAccumulator:
             raise TypeError(f"merge takes a GradientAccumulator, got {type(other).__name__}")
         if other.stats != self.stats:
             raise ValueError(f"cannot merge statistics {other.stats} into {self.stats}")
+        if other._shapes and self._shapes and (other.device == "cuda") != (self.device == "cuda"):
+            raise ValueError(f"cannot merge an accumulator on {other.device!r} into one on {self.device!r}; "
+                             f"state_dict() and from_state_dict(device=) move one over")
         self._flush()
         if self._shapes and other._shapes:
             if other._single != self._single or other._shapes != self._shapes:
@@ -423,16 +483,23 @@ class GradientAccumulator:
         if not other._shapes:
             return self
         if not self._shapes:
+            self.device = other.device
+            self.precision = other.precision if self.device == "cuda" else self.precision
             self._single = other._single
             self._shapes = dict(other._shapes)
-            self._acc = {k: {s: a.reshape(-1) for s, a in other._sums(k).items()} for k in other._shapes}
+            self._acc = {k: {s: a.reshape(a.size) for s, a in other._sums(k).items()} for k in other._shapes}
             period = _PRECISIONS[self.precision]
             self._part = {k: {s: np.zeros(a.size if period else 0, np.float32) for s, a in v.items()}
                           for k, v in self._acc.items()}
         else:
             for k in other._shapes:
                 for s, a in other._sums(k).items():
-                    self._acc[k][s] += a.reshape(-1)
+                    if self.device == "cuda":
+                        from . import cuda as _cuda
+
+                        _cuda.add_into(self._acc[k][s], a.reshape(a.size))
+                    else:
+                        self._acc[k][s] += a.reshape(-1)
         self.count += other.count
         self.n_batches += other.n_batches
         return self
@@ -461,12 +528,12 @@ class GradientAccumulator:
                "_meta:precision": np.array(self.precision)}
         for k in self._shapes:
             for s, a in self._sums(k).items():
-                out[f"{s}:{k}"] = a
+                out[f"{s}:{k}"] = a.copy_to_host() if self.device == "cuda" else a
         return out
 
     @classmethod
-    def from_state_dict(cls, d: Mapping) -> "GradientAccumulator":
-        """Rebuild an accumulator saved by :meth:`state_dict`."""
+    def from_state_dict(cls, d: Mapping, device: str = "cpu") -> "GradientAccumulator":
+        """Rebuild an accumulator saved by :meth:`state_dict` (``device="cuda"``: its sums on the GPU)."""
         try:
             stats = tuple(str(s) for s in np.asarray(d["_meta:stats"]).reshape(-1))
             count = int(d["_meta:count"])
@@ -501,4 +568,9 @@ class GradientAccumulator:
             acc._single = names == [""]
         acc.count = count
         acc.n_batches = n_batches
+        if device == "cuda":
+            acc._flush()
+            acc.device, acc.precision = "cuda", "float64"
+            acc._acc = {k: {s: _device.cuda().to_device(a) for s, a in v.items()} for k, v in acc._acc.items()}
+            acc._part = {k: {s: np.zeros(0, np.float32) for s in v} for k, v in acc._acc.items()}
         return acc

@@ -80,17 +80,56 @@ def test_csr_products_match_reference(rng, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_gradient_sums_match_reference(rng, dtype, per_sample):
-    shape = (5, 7)
-    batches = [make(rng, (3, *shape) if per_sample else shape, dtype) for _ in range(4)]
-    ws = [make(rng, shape, dtype) for _ in range(4)]
-    acc = scu.GradientSums(shape, stats=("g", "g2", "wg", "wg2"))
+def test_device_accumulator_matches_reference(rng, dtype, per_sample):
+    c = _device.cuda()
+    shapes = {"a": (5, 7), "b": (3,)}
+    batches = [{k: make(rng, (3, *s) if per_sample else s, dtype) for k, s in shapes.items()} for _ in range(4)]
+    ws = [{k: make(rng, s, dtype) for k, s in shapes.items()} for _ in range(4)]
+    acc = sc.GradientAccumulator(stats=("g", "g2", "wg", "wg2"), device="auto")
     for g, w in zip(batches, ws):
-        acc.update(g, w, per_sample=per_sample)
-    want = ref.accumulate(batches, ws, per_sample=per_sample)
-    for k in ("g", "g2", "wg", "wg2"):
-        np.testing.assert_allclose(acc.state()[k].copy_to_host(), want[k], rtol=1e-12, atol=1e-12)
-    assert acc.count == (12 if per_sample else 4)
+        acc.update({k: c.to_device(v) for k, v in g.items()}, w, per_sample=per_sample)
+    assert acc.device == "cuda" and acc.precision == "float64"
+    for k in shapes:
+        want = ref.accumulate([g[k] for g in batches], [w[k] for w in ws], per_sample=per_sample)
+        got = acc.state(k)
+        assert got["count"] == (12 if per_sample else 4)
+        for s in ("g", "g2", "wg", "wg2"):
+            assert got[s].shape == shapes[k]
+            np.testing.assert_allclose(got[s].copy_to_host(), want[s], rtol=1e-12, atol=1e-12)
+
+
+def test_device_accumulator_merge_state_dict_reset_and_errors(rng):
+    c = _device.cuda()
+    gs = [make(rng, (4, 3), np.float32) for _ in range(3)]
+    one = sc.GradientAccumulator(device="cuda").update(gs[0]).update(gs[1])
+    two = scu.DeviceAccumulator().update(c.to_device(gs[2]))
+    host = sc.GradientAccumulator(precision="float64")
+    for g in gs:
+        host.update(g)
+    merged = sc.GradientAccumulator(device="cuda").merge(one).merge(two)
+    np.testing.assert_allclose(merged.state()["g2"].copy_to_host(), host.state()["g2"], rtol=1e-12)
+    assert merged.count == 3 and merged.n_batches == 3
+    back = sc.GradientAccumulator.from_state_dict(merged.state_dict(), device="cuda")
+    np.testing.assert_array_equal(back.state()["g2"].copy_to_host(), merged.state()["g2"].copy_to_host())
+    before = merged.state()["g2"].copy_to_host()
+    bad = gs[0].copy()
+    bad[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"gradients 'grads' hold 1 NaN or Inf value \(first: Inf at index \(2, 1\)\)"):
+        merged.update(c.to_device(bad))
+    np.testing.assert_array_equal(merged.state()["g2"].copy_to_host(), before)  # a bad batch adds nothing
+    assert merged.count == 3
+    with pytest.raises(ValueError, match="cannot merge an accumulator on 'cpu'"):
+        merged.merge(host)
+    with pytest.raises(ValueError, match="shape"):
+        merged.update(c.to_device(gs[0][:2]))
+    w = {"x": make(rng, (2, 3), np.float32)}
+    wbad = {"x": w["x"].copy()}
+    wbad["x"][1, 1] = np.nan
+    acc = sc.GradientAccumulator(stats=("wg",), device="cuda").update(w, w)
+    with pytest.raises(ValueError, match=r"weights 'x' hold 1 NaN"):
+        acc.update(w, wbad)
+    np.testing.assert_allclose(acc.state("x")["wg"].copy_to_host(), w["x"].astype(np.float64) ** 2, rtol=1e-7)
+    assert merged.reset().state()["g2"].copy_to_host().sum() == 0 and merged.count == 0
 
 
 def test_mutual_information_counts_match_cpu(rng):

@@ -164,3 +164,4 @@ def materialise(x, inv, scaled, keep, low, floor, out, bad, mode, wide):
         if not ok:
             cuda.atomic.add(bad, 0, 1)
             cuda.atomic.min(bad, 1, i)
+
