@@ -64,19 +64,34 @@ class ActivationStats:
         return out
 
 
-def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, channels_last=False):
+def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, channels_last=False,
+            device=False):
     """Two passes of ``run(pass_fn)``: ranges, then counts.
 
     ``run`` calls ``pass_fn(captured, labels)`` once per batch with
-    ``captured = {layer: (inputs or None, outputs, is_dense)}``.
+    ``captured = {layer: (inputs or None, outputs, is_dense)}``: NumPy
+    arrays, or with ``device`` GPU arrays (anything with
+    ``__cuda_array_interface__``), which are then reduced, binned and counted
+    on the GPU by ``sparsecore.cuda`` (only per-unit ranges, feature norms
+    and the small MI tables come back).
     """
     if unit and n_classes is None:
         raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
+    if device:
+        from sparsecore import cuda as scu
     stats = ActivationStats()
     stats.weight_of = dict(weight_of)
     lo, hi = {}, {}
 
+    def as_units(a):
+        return scu.units(a, channels_last) if device else units(a, channels_last)
+
     def ranges(key, a):
+        if device:
+            if key not in lo:
+                lo[key], hi[key] = scu.range_init(a.shape[1])
+            scu.range_into(lo[key], hi[key], a)
+            return
         mn, mx = a.min(axis=0), a.max(axis=0)
         if key in lo:
             np.minimum(lo[key], mn, out=lo[key])
@@ -86,27 +101,35 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
 
     def first(cap, y):
         for n, (inp, out, _) in cap.items():
-            ranges(("out", n), units(out, channels_last))
+            ranges(("out", n), as_units(out))
             if pairwise and n in weight_of:
-                ranges(("in", n), units(inp, channels_last))
+                ranges(("in", n), as_units(inp))
 
     run(first)
+    if device:
+        lo = {k: v.copy_to_host() for k, v in lo.items()}
+        hi = {k: v.copy_to_host() for k, v in hi.items()}
     fitted = {k: sc.fit_bins(np.stack([lo[k], hi[k]]), bins) for k in lo}
+    unit_acc = scu.UnitMICounts if device else sc.UnitMIAccumulator
+    pair_acc = scu.PairMICounts if device else sc.PairwiseMIAccumulator
 
     def second(cap, y):
         for n, (inp, out, dense) in cap.items():
-            a_out = units(out, channels_last)
+            a_out = as_units(out)
             if unit:
-                stats.unit.setdefault(n, sc.UnitMIAccumulator(fitted[("out", n)], n_classes)).update(a_out, y)
+                stats.unit.setdefault(n, unit_acc(fitted[("out", n)], n_classes)).update(a_out, y)
             wname = weight_of.get(n)
             if wname is None:
                 continue
             if pairwise:
                 acc = stats.pairwise.get(wname)
                 if acc is None:
-                    acc = stats.pairwise[wname] = sc.PairwiseMIAccumulator(fitted[("in", n)], fitted[("out", n)])
-                acc.update(units(inp, channels_last), a_out)
+                    acc = stats.pairwise[wname] = pair_acc(fitted[("in", n)], fitted[("out", n)])
+                acc.update(as_units(inp), a_out)
             if feature_norms:
+                if device:  # features on the last axis for dense layers, as below
+                    stats.sq[wname] = scu.feature_sq_into(stats.sq.get(wname), inp, dense or channels_last)
+                    continue
                 x = np.asarray(inp, np.float64) ** 2
                 if dense:  # features on the last axis
                     sq = x.reshape(-1, x.shape[-1]).sum(axis=0)
@@ -117,4 +140,6 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
                 stats.sq[wname] = stats.sq.get(wname, 0.0) + sq
 
     run(second)
+    if device:
+        stats.sq = {k: v.copy_to_host() for k, v in stats.sq.items()}
     return stats

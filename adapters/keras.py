@@ -125,10 +125,13 @@ def _loss_fn(model, loss):
     return lambda x, y, y_pred: model.compute_loss(x=x, y=y, y_pred=y_pred)
 
 
-def _grads_fn(model, variables, lossf):
+def _grads_fn(model, variables, lossf, on_device=False):
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
+
+        def out(t):  # on the GPU the gradient tensors stay there (the accumulator reads them in place)
+            return t.detach().contiguous() if on_device else t.detach().cpu().numpy()
 
         def grads(x, y):
             params = [v.value for v in variables]
@@ -141,7 +144,7 @@ def _grads_fn(model, variables, lossf):
             finally:
                 for p, r in zip(params, saved):
                     p.requires_grad_(r)
-            return [t.detach().cpu().numpy() for t in g]
+            return [out(t) for t in g]
 
         return grads
     if backend == "tensorflow":
@@ -158,26 +161,56 @@ def _grads_fn(model, variables, lossf):
                      f"tensorflow (weights, masks, callbacks and shrinking work on every backend)")
 
 
+def _on_device(variables, device):
+    """Whether the variables' values live on a GPU the engine can read in place."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if keras.backend.backend() != "torch":
+        if device == "cuda":
+            raise ValueError(f"device='cuda' reads tensors in place through __cuda_array_interface__, which the "
+                             f"{keras.backend.backend()!r} backend's tensors lack; use KERAS_BACKEND=torch, or "
+                             f"device='cpu'")
+        return False
+    if device == "auto":
+        from sparsecore._device import is_device_array
+
+        return any(is_device_array(v.value) for v in variables.values())
+    return device == "cuda"
+
+
 def collect_gradients(model: keras.Model, data: Iterable, loss=None, *, include=None, exclude=(),
                       accumulator: sc.GradientAccumulator | None = None, stats=("g2",),
-                      per_sample: bool = False, max_batches: int | None = None) -> sc.GradientAccumulator:
+                      per_sample: bool = False, max_batches: int | None = None,
+                      device: str = "auto") -> sc.GradientAccumulator:
     """Feed gradients over ``data`` to an accumulator (names: variable paths).
 
     ``loss``: ``(y_true, y_pred) -> scalar`` (a Keras loss); default the
     compiled model's loss. The model runs with ``training=False`` (batch norm
     on its moving statistics, no dropout); nothing in the model changes.
+    ``device="cuda"`` (or ``"auto"`` with the variables on a GPU, which the
+    torch backend exposes through ``__cuda_array_interface__``) keeps the
+    gradients and the sums on the GPU: ``GradientAccumulator(device="cuda")``
+    reads the gradient tensors in place. The TensorFlow backend's tensors
+    have no CUDA array interface: there the gradients come to the host.
     """
     variables = prunable(model, include, exclude)
     names = list(variables)
-    grads = _grads_fn(model, list(variables.values()), _loss_fn(model, loss))
-    acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
+    on_device = _on_device(variables, device)
+    grads = _grads_fn(model, list(variables.values()), _loss_fn(model, loss), on_device)
+    acc = accumulator if accumulator is not None else sc.GradientAccumulator(
+        stats=stats, device="cuda" if on_device else "cpu")
     need_w = "wg" in acc.stats or "wg2" in acc.stats
     for x, y in _batches(data, max_batches):
         x, y = np.asarray(x), np.asarray(y)
-        w = {k: keras.ops.convert_to_numpy(v) for k, v in variables.items()} if need_w else None
+        if need_w:
+            w = {k: v.value.detach().contiguous() if on_device else keras.ops.convert_to_numpy(v)
+                 for k, v in variables.items()}
+        else:
+            w = None
         if per_sample:
             rows = [grads(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
-            acc.update({k: np.stack([r[j] for r in rows]) for j, k in enumerate(names)}, weights=w, per_sample=True)
+            stack = keras.ops.stack if on_device else np.stack
+            acc.update({k: stack([r[j] for r in rows]) for j, k in enumerate(names)}, weights=w, per_sample=True)
         else:
             g = grads(x, y)
             acc.update(dict(zip(names, g)), weights=w)
@@ -189,13 +222,15 @@ def collect_gradients(model: keras.Model, data: Iterable, loss=None, *, include=
 def collect_activations(model: keras.Model, data: Iterable, layers: Iterable[str] | None = None, *,
                         n_classes: int | None = None, bins: int = 16, unit: bool = True,
                         pairwise: bool = False, feature_norms: bool = False,
-                        max_batches: int | None = None) -> ActivationStats:
+                        max_batches: int | None = None, device: str = "auto") -> ActivationStats:
     """Layer outputs (and inputs) through a functional sub-model, fed to the engine.
 
     Needs a Sequential or functional model (symbolic inputs); ``layers`` are
     names of its top-level layers (default: its Dense and Conv layers).
     Two passes over ``data`` (a list of batches or a re-iterable dataset):
     ranges, then counts. See the PyTorch adapter for the statistics.
+    ``device="cuda"`` (or ``"auto"`` with the model on a GPU, torch backend):
+    the layer tensors are reduced, binned and counted on the GPU in place.
     """
     _check_model(model)
     if iter(data) is data:
@@ -218,17 +253,19 @@ def collect_activations(model: keras.Model, data: Iterable, layers: Iterable[str
     sub = keras.Model(inputs, outs)
     weight_of = {layer.name: kernel_name(model, layer) for layer in chosen if isinstance(layer, KERNEL_LAYERS)}
 
+    on_device = _on_device(prunable(model), device)
+    keep = (lambda t: t.detach().contiguous()) if on_device else keras.ops.convert_to_numpy
+
     def run(pass_fn):
         for x, y in _batches(data, max_batches):
             got = sub(np.asarray(x), training=False)
             cap = {}
             for i, layer in enumerate(chosen):
-                cap[layer.name] = (keras.ops.convert_to_numpy(got[2 * i]), keras.ops.convert_to_numpy(got[2 * i + 1]),
-                                   isinstance(layer, keras.layers.Dense))
+                cap[layer.name] = (keep(got[2 * i]), keep(got[2 * i + 1]), isinstance(layer, keras.layers.Dense))
             pass_fn(cap, np.asarray(y).astype(np.int64).reshape(-1))
 
     return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
-                   feature_norms=feature_norms, channels_last=True)
+                   feature_norms=feature_norms, channels_last=True, device=on_device)
 
 
 # --- into Keras -----------------------------------------------------------------------

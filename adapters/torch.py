@@ -320,69 +320,21 @@ def _hooked_runner(model, mods, data, max_batches, mode, convert, labels):
     return run
 
 
-def _units_t(t):
-    """(samples, units) tensor on its device; maps (N, C, ...) reduce to channel means."""
+def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pairwise, feature_norms,
+                       max_batches, mode):
+    """collect_activations with the reductions, binning and counting on the GPU."""
+    run = _hooked_runner(model, mods, data, max_batches, mode, _dev_float,
+                         lambda y: y.detach().reshape(-1).to(torch.int64).contiguous())
+    return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
+                   feature_norms=feature_norms, device=True)
+
+
+def _dev_float(t):
+    """A detached contiguous float32/float64 tensor left on its device."""
     t = t.detach()
-    if t.ndim > 2:
-        t = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=2)
-    elif t.ndim == 1:
-        t = t[:, None]
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     return t.contiguous()
-
-
-def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pairwise, feature_norms,
-                       max_batches, mode):
-    """collect_activations with the binning and counting on the GPU."""
-    from sparsecore import cuda as scu
-
-    if unit and n_classes is None:
-        raise ValueError("unit MI needs n_classes (labels are 0 .. n_classes - 1)")
-    run = _hooked_runner(model, mods, data, max_batches, mode, lambda t: t,
-                         lambda y: y.reshape(-1).to(torch.int64).contiguous())
-    lo, hi = {}, {}
-
-    def ranges(key, a):
-        mn, mx = a.amin(dim=0).double(), a.amax(dim=0).double()
-        if key in lo:
-            lo[key], hi[key] = torch.minimum(lo[key], mn), torch.maximum(hi[key], mx)
-        else:
-            lo[key], hi[key] = mn, mx
-
-    def first(cap, y):
-        for n, (inp, out, _) in cap.items():
-            ranges(("out", n), _units_t(out))
-            if pairwise and n in weight_of:
-                ranges(("in", n), _units_t(inp))
-
-    run(first)
-    fitted = {k: sc.fit_bins(np.stack([_host(lo[k]), _host(hi[k])]), bins) for k in lo}
-    stats = ActivationStats()
-    stats.weight_of = dict(weight_of)
-    sq = {}
-
-    def second(cap, y):
-        for n, (inp, out, dense) in cap.items():
-            a_out = _units_t(out)
-            if unit:
-                stats.unit.setdefault(n, scu.UnitMICounts(fitted[("out", n)], n_classes)).update(a_out, y)
-            wname = weight_of.get(n)
-            if wname is None:
-                continue
-            if pairwise:
-                if wname not in stats.pairwise:
-                    stats.pairwise[wname] = scu.PairMICounts(fitted[("in", n)], fitted[("out", n)])
-                stats.pairwise[wname].update(_units_t(inp), a_out)
-            if feature_norms:
-                x2 = inp.detach().double() ** 2
-                s2 = x2.reshape(-1, x2.shape[-1]).sum(dim=0) if dense else \
-                    x2.reshape(x2.shape[0], x2.shape[1], -1).sum(dim=(0, 2))
-                sq[wname] = sq[wname] + s2 if wname in sq else s2
-
-    run(second)
-    stats.sq = {k: _host(v) for k, v in sq.items()}
-    return stats
 
 
 # --- into PyTorch -----------------------------------------------------------------

@@ -26,7 +26,8 @@ from .importance import GradientAccumulator
 from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
 
 __all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts",
-           "activations", "csr_matmul", "fit_bins", "pairwise_mi", "prune", "select_rule", "select_rules_global",
+           "activations", "bins_of", "csr_matmul", "feature_sq_into", "fit_bins", "range_init", "range_into",
+           "units", "pairwise_mi", "prune", "select_rule", "select_rules_global",
            "to_csr", "unit_label_counts", "unit_mi"]
 
 
@@ -881,8 +882,7 @@ def fit_bins(a, bins=16, strategy="uniform", name="activations"):
     """Equal-width :class:`~sparsecore.Bins` of device activations: the
     per-unit minimum and maximum on the device, the edges on the host
     (the CPU's arithmetic)."""
-    from ._kernels import cuda_mi
-    from .mutual_info import Bins, _nbins
+    from .mutual_info import _nbins
 
     if strategy != "uniform":
         raise ValueError(f"strategy {strategy!r}: the device takes equal-width bins ('uniform'); "
@@ -890,21 +890,75 @@ def fit_bins(a, bins=16, strategy="uniform", name="activations"):
     if bins == "fd":
         raise ValueError("the 'fd' bins rule needs quantiles; on the device give an integer, 'sturges' or 'sqrt'")
     k = _nbins(bins, a, name)
+    lo, hi = range_init(a.shape[1])
+    range_into(lo, hi, a, name)
+    return bins_of(lo.copy_to_host(), hi.copy_to_host(), k)
+
+
+def bins_of(lo, hi, k):
+    """Equal-width :class:`~sparsecore.Bins` between host ``lo`` and ``hi`` (the CPU's arithmetic)."""
+    from .mutual_info import Bins
+
+    edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
+    edges[:, -1] = hi
+    return Bins(np.ascontiguousarray(edges), k, "uniform")
+
+
+def range_init(units):
+    """Device ``(lo, hi)`` at ``(+inf, -inf)`` for :func:`range_into`."""
     c = _device.cuda()
-    lo_d = c.device_array(a.shape[1], np.float64)
-    hi_d = c.device_array(a.shape[1], np.float64)
+    return c.to_device(np.full(units, np.inf)), c.to_device(np.full(units, -np.inf))
+
+
+def range_into(lo, hi, a, name="activations"):
+    """Fold the per-unit range of device (samples, units) ``a`` into ``lo``/``hi``."""
+    from ._kernels import cuda_mi
+
     bad = _bad_counter(a.size)
     if a.shape[1]:
-        cuda_mi.column_min_max[_launch(a.shape[1])](a, lo_d, hi_d, bad)
+        cuda_mi.column_min_max[_launch(a.shape[1])](a, lo, hi, bad)
     got = bad.copy_to_host()
     if got[0]:
         su = divmod(int(got[1]), a.shape[1])
         raise ValueError(f"activations {name!r} hold {int(got[0])} NaN or Inf value(s) "
                          f"(first at sample {su[0]}, unit {su[1]})")
-    lo, hi = lo_d.copy_to_host(), hi_d.copy_to_host()
-    edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
-    edges[:, -1] = hi
-    return Bins(np.ascontiguousarray(edges), k, "uniform")
+
+
+def _map_view(d, channels_last):
+    """``(N, C, S)`` of an activation map (C last with ``channels_last``)."""
+    n = d.shape[0]
+    ch = d.shape[d.ndim - 1] if channels_last else d.shape[1]  # (the simulator's shapes take no negative index)
+    return n, ch, d.size // max(n * ch, 1)
+
+
+def units(a, channels_last=False, name="activations"):
+    """A device (samples, units) array of an activation: maps ``(N, C, ...)``
+    (or ``(N, ..., C)``) reduced on the device to one mean per channel."""
+    from ._kernels import cuda_mi
+
+    d = float_array(a, name, "activations")
+    if d.ndim == 1:
+        return d.reshape(d.shape[0], 1)
+    if d.ndim == 2:
+        return d
+    n, ch, sp = _map_view(d, channels_last)
+    out = _device.cuda().device_array((n, ch), d.dtype)
+    if out.size:
+        cuda_mi.channel_means[_launch(out.size)](d.reshape(d.size), ch, sp, channels_last, out)
+    return out
+
+
+def feature_sq_into(out, a, channels_last, name="inputs"):
+    """``out += Σ x²`` per input feature (last axis with ``channels_last``, else axis 1) of device ``a``."""
+    from ._kernels import cuda_mi
+
+    d = float_array(a, name, "activations")
+    n, ch, sp = _map_view(d, channels_last) if d.ndim > 1 else (d.shape[0], 1, 1)
+    if out is None:
+        out = zeros(ch)
+    if ch:
+        cuda_mi.feature_sq[_launch(ch)](d.reshape(d.size), n, ch, sp, channels_last, out)
+    return out
 
 
 def _marginal_counts(codes, nbins):

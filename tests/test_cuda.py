@@ -403,3 +403,55 @@ def test_public_selection_and_patterns_on_the_device(rng, dtype):
                  lambda a: sc.nm_mask(a, 2, 4), lambda a: sc.block_scores(a, (2, 2)), lambda a: sc.unit_scores(a)):
         with pytest.raises(ValueError, match=r"hold 1 NaN or Inf value \(first: NaN at index \(1, 2\)\)"):
             call(c.to_device(bad))
+
+
+def test_torch_adapter_conv_activations_on_the_device():
+    torch = pytest.importorskip("torch")
+    from sparsecore.adapters import torch as sct
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 2, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    kw = dict(n_classes=3, bins=4, pairwise=True, feature_norms=True)
+    dev = sct.collect_activations(model, data, modules=["0", "3"], device="cuda", **kw)
+    cpu = sct.collect_activations(model, data, modules=["0", "3"], device="cpu", **kw)
+    for k, v in cpu.unit_mi().items():
+        np.testing.assert_allclose(dev.unit_mi()[k], v, rtol=1e-6, atol=1e-9)
+    for k, st in cpu.state().items():
+        np.testing.assert_allclose(dev.state()[k]["mi"], st["mi"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(dev.state()[k]["x_norm"], st["x_norm"], rtol=1e-6)
+
+
+def test_keras_adapter_on_the_device():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("the device path of the Keras adapter runs on the torch backend")
+    from sparsecore.adapters import keras as sck
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 3, activation="relu", name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="fc")])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(4)
+    data = [(rng.standard_normal((6, 4, 4, 2)).astype(np.float32), rng.integers(0, 3, 6)) for _ in range(2)]
+    for per_sample in (False, True):
+        dev = sck.collect_gradients(model, data, stats=("g2", "wg"), per_sample=per_sample, device="cuda")
+        cpu = sck.collect_gradients(model, data, stats=("g2", "wg"), per_sample=per_sample, device="cpu",
+                                    accumulator=sc.GradientAccumulator(stats=("g2", "wg"), precision="float64"))
+        assert dev.device == "cuda" and dev.count == cpu.count
+        for k in sck.prunable(model):
+            for s in ("g2", "wg"):
+                np.testing.assert_allclose(dev.state(k)[s].copy_to_host(), cpu.state(k)[s], rtol=1e-6, atol=1e-9)
+    kw = dict(n_classes=3, bins=4, pairwise=True, feature_norms=True)
+    dev = sck.collect_activations(model, data, device="cuda", **kw)
+    cpu = sck.collect_activations(model, data, device="cpu", **kw)
+    for k, v in cpu.unit_mi().items():
+        np.testing.assert_allclose(dev.unit_mi()[k], v, rtol=1e-6, atol=1e-9)
+    for k, st in cpu.state().items():
+        np.testing.assert_allclose(dev.state()[k]["mi"], st["mi"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(dev.state()[k]["x_norm"], st["x_norm"], rtol=1e-6)

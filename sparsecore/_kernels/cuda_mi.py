@@ -64,12 +64,13 @@ def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy
 
 @cuda.jit
 def column_min_max(x, lo, hi, bad):
-    """Per-column minimum and maximum of (samples, units) ``x`` into float64
-    ``lo``/``hi`` (a thread per unit); non-finite values are counted into
+    """Fold the per-column minimum and maximum of (samples, units) ``x`` into
+    float64 ``lo``/``hi`` (start them at +inf/-inf; a thread per unit, so
+    batches fold in one after another); non-finite values are counted into
     ``bad[0]``, the first flat index into ``bad[1]``."""
     for u in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
-        a = float64(x[0, u])
-        b = a
+        a = lo[u]
+        b = hi[u]
         for s in range(x.shape[0]):
             v = float64(x[s, u])
             if not math.isfinite(v):
@@ -79,6 +80,33 @@ def column_min_max(x, lo, hi, bad):
             b = max(b, v)
         lo[u] = a
         hi[u] = b
+
+
+@cuda.jit
+def channel_means(x, C, S, channels_last, out):
+    """``out[n, c]``: the mean of channel ``c`` of sample ``n`` over its ``S``
+    positions, for flat maps ``(N, C, S)`` or, ``channels_last``, ``(N, S, C)``
+    (float64 sums)."""
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        n = i // C
+        c = i % C
+        t = 0.0
+        for p in range(S):
+            t += float64(x[(n * S + p) * C + c] if channels_last else x[(n * C + c) * S + p])
+        out[n, c] = t / S
+
+
+@cuda.jit
+def feature_sq(x, N, C, S, channels_last, out):
+    """``out[c] += Σ x²`` over samples and positions of channel (feature) ``c``
+    of flat ``(N, C, S)`` or, ``channels_last``, ``(N, S, C)`` inputs."""
+    for c in range(cuda.grid(1), C, cuda.gridsize(1)):
+        t = 0.0
+        for n in range(N):
+            for p in range(S):
+                v = float64(x[(n * S + p) * C + c] if channels_last else x[(n * C + c) * S + p])
+                t += v * v
+        out[c] += t
 
 
 @cuda.jit
