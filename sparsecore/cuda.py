@@ -727,6 +727,17 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
+def _vector_width(mean_nnz):
+    """Threads per row for SpMV: a power of two near the mean row length, at
+    most a warp (and the block); 1 (a thread per row) for rows under 4 entries."""
+    if mean_nnz < 4:
+        return 1
+    vec = 2
+    while vec < 32 and vec * 2 <= mean_nnz and vec * 2 <= _device.THREADS:
+        vec *= 2
+    return vec
+
+
 def csr_matmul(a, x, out=None):
     """``a @ x`` on the device for a :class:`DeviceCSR` (or host CSR, copied
     over) and a device (or host) vector or matrix; returns a device array."""
@@ -746,8 +757,14 @@ def csr_matmul(a, x, out=None):
     if rows == 0:
         return out
     if xd.ndim == 1:
-        nb, nt = _device.blocks(rows)
-        cuda_csr.csr_matvec[nb, nt](a.data, a.indices, a.indptr, xd, out)
+        vec = _vector_width(a.nnz / rows)
+        if vec > 1:  # rows long enough for a group of threads each: coalesced reads of the row
+            nt = _device.THREADS
+            nb = max(1, min(-(-rows // (nt // vec)), 65535))
+            cuda_csr.csr_matvec_vector[nb, nt](a.data, a.indices, a.indptr, xd, out, vec)
+        else:
+            nb, nt = _device.blocks(rows)
+            cuda_csr.csr_matvec[nb, nt](a.data, a.indices, a.indptr, xd, out)
     else:
         tx, ty = _device.THREADS_2D
         grid = ((xd.shape[1] + tx - 1) // tx, (rows + ty - 1) // ty)

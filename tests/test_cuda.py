@@ -65,7 +65,7 @@ def test_select_rule_matches_cpu(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (6, 20), (33, 7)])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 20), (33, 7), (5, 90)])
 def test_csr_products_match_reference(rng, dtype, shape):
     w = make(rng, shape, dtype, "zero_rows")
     a = sc.to_csr(w, sparsity=0.6)
@@ -73,6 +73,8 @@ def test_csr_products_match_reference(rng, dtype, shape):
     X = rng.standard_normal((shape[1], 5)).astype(dtype)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(scu.csr_matmul(a, x).copy_to_host(), ref.matmul(a.toarray(), x), rtol=tol, atol=tol)
+    if shape == (5, 90):  # 36 entries a row: the thread-group kernel, with an empty row
+        assert scu._vector_width(a.nnz / a.shape[0]) == 8  # THREADS is 8 here
     dev = scu.to_csr(w, sparsity=0.6)
     np.testing.assert_allclose(scu.csr_matmul(dev, X).copy_to_host(), ref.matmul(a.toarray(), X), rtol=tol,
                                atol=tol)
