@@ -457,3 +457,35 @@ def test_keras_adapter_on_the_device():
     for k, st in cpu.state().items():
         np.testing.assert_allclose(dev.state()[k]["mi"], st["mi"], rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(dev.state()[k]["x_norm"], st["x_norm"], rtol=1e-6)
+
+
+def test_device_results_convert_to_torch_and_cupy_on_a_gpu():
+    """On a real GPU only (bench/gpu.sh): torch CUDA tensors in, CSR and masks
+    out as torch/CuPy objects over the same device memory."""
+    from numba import config
+
+    torch = pytest.importorskip("torch")
+    if config.ENABLE_CUDASIM or not torch.cuda.is_available():
+        pytest.skip("needs a real GPU with PyTorch CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = {"fc": torch.randn(64, 48, device="cuda", generator=g), "conv": torch.randn(8, 4, 3, 3, device="cuda",
+                                                                                  generator=g)}
+    res = sc.prune(w, sparsity=0.7, scope="global")
+    want = sc.prune({k: v.cpu().numpy() for k, v in w.items()}, sparsity=0.7, scope="global")
+    for k, v in w.items():
+        m = torch.as_tensor(res.masks[k], device="cuda")
+        assert m.data_ptr() == res.masks[k].device_ctypes_pointer.value  # no copy
+        np.testing.assert_array_equal(m.cpu().numpy(), want.masks[k])
+        t = res.csr[k].to_torch()
+        assert t.layout == torch.sparse_csr and t.is_cuda
+        np.testing.assert_array_equal(t.to_dense().cpu().numpy(), want.csr[k].toarray())
+    x = torch.randn(48, device="cuda", generator=g)
+    np.testing.assert_allclose(torch.as_tensor(sc.csr_matmul(res.csr["fc"], x), device="cuda").cpu().numpy(),
+                               want.csr["fc"] @ x.cpu().numpy(), rtol=1e-5, atol=1e-5)
+    cupy = pytest.importorskip("cupy")
+    c = res.csr["fc"].to_cupy()
+    np.testing.assert_array_equal(cupy.asnumpy(c.toarray()), want.csr["fc"].toarray())
+    acc = sc.GradientAccumulator(device="auto").update({k: v * 2 for k, v in w.items()})
+    assert acc.device == "cuda"
+    np.testing.assert_allclose(acc.state("fc")["g2"].copy_to_host(), (2 * w["fc"].double()).square().cpu().numpy(),
+                               rtol=1e-12)
