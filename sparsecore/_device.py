@@ -12,6 +12,7 @@ import numpy as np
 THREADS = 256  # threads per block of the 1-D kernels
 THREADS_2D = (16, 16)
 ROW_THREADS = 128  # threads of the block that builds one CSR row (at most cuda_csr.MAX_THREADS)
+HIST_BLOCKS = 1024  # most blocks of a radix histogram pass (grid-stride beyond)
 
 
 def cuda():

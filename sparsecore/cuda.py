@@ -162,12 +162,12 @@ def device_source(name, arr, mode=MODE_IDENTITY, role="scores", original=None, w
 
 def search(sources, lo, hi, target, wide):
     """Device twin of ``selection._search``: the smallest key T whose capped
-    count reaches ``target``, by radix digit histograms on the device (the
+    count reaches ``target``, by radix digit histograms on the device
+    (12-bit digits: three passes for float32 keys, six for float64; the
     small histograms come back and ``cpu_select.pick_digit`` picks the
     digit, caps included). Returns ``(T, below, ties)``."""
     from ._kernels import cuda_select
     from ._kernels.cpu_select import pick_digit
-    from .selection import _levels
 
     c = _device.cuda()
     keys = [src.keys(wide) for src in sources]
@@ -175,8 +175,12 @@ def search(sources, lo, hi, target, wide):
     lo = np.asarray(lo, np.int64)
     hi = np.asarray(hi, np.int64)
     prefix, d, hist = 0, 0, None
-    levels = _levels(wide, len(sources))
-    hist_d = c.device_array(1 << max(b for _, b in levels), np.int64)
+    levels, shift = [], 64 if wide else 32
+    while shift > 0:
+        bits = min(cuda_select.HIST_BITS, shift)
+        shift -= bits
+        levels.append((shift, bits))
+    hist_d = c.device_array(1 << cuda_select.HIST_BITS, np.int64)
     for li, (shift, bits) in enumerate(levels):
         hist = np.zeros((len(sources), 1 << bits), np.int64)
         h_d = hist_d[:1 << bits]
@@ -185,8 +189,9 @@ def search(sources, lo, hi, target, wide):
                 continue
             h_d[:] = 0
             bad = _bad_counter(kb.size)
-            cuda_select.key_hist[_launch(kb.size)](kb, absolute, wide, np.uint64(prefix), 64 if li == 0 else shift + bits,
-                                                   shift, bits, h_d, bad)
+            nb, nt = _launch(kb.size)  # each block zeroes and flushes a shared histogram: a few per SM
+            cuda_select.key_hist[min(nb, _device.HIST_BLOCKS), nt](kb, absolute, wide, np.uint64(prefix),
+                                                    64 if li == 0 else shift + bits, shift, bits, h_d, bad)
             if li == 0:
                 src = sources[t]
                 _check_bad(bad, src.name, src.role, src.original if src.original is not None else src.data)
@@ -198,15 +203,15 @@ def search(sources, lo, hi, target, wide):
 
 def score_norm(src, kind):
     """Device twin of ``cpu_select.score_norm``: per fixed block of
-    ``REDUCE_BLOCK`` elements in index order, then the blocks in order on the
+    ``NORM_BLOCK`` elements in index order, then the blocks in order on the
     host, so the norm (and the normalised scores) equal the CPU's."""
     from ._kernels import cuda_select
 
     n = src.data.size
-    nblocks = max(-(-n // cuda_select.REDUCE_BLOCK), 1)
+    nblocks = max(-(-n // cuda_select.NORM_BLOCK), 1)
     parts_d = _device.cuda().to_device(np.zeros(nblocks))
     if n:
-        cuda_select.norm_parts[_launch(nblocks)](src.data, kind, cuda_select.REDUCE_BLOCK, parts_d, int(src.mode))
+        cuda_select.norm_parts[_launch(nblocks)](src.data, kind, cuda_select.NORM_BLOCK, parts_d, int(src.mode))
     total = 0.0
     for p in parts_d.copy_to_host():
         if kind == 3:

@@ -30,6 +30,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_device, "THREADS", 8)
     monkeypatch.setattr(_device, "THREADS_2D", (4, 4))
     monkeypatch.setattr(_device, "ROW_THREADS", 4)
+    monkeypatch.setattr(_device, "HIST_BLOCKS", 2)  # two shared histograms flushed into one
 
 
 def test_device_selection_errors():
@@ -231,8 +232,11 @@ PRUNE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(PRUNE_CASES))
-@pytest.mark.parametrize("dtype", DTYPES)
+WIDE_CASES = ("local", "global caps", "global l2", "threshold caps", "2:4", "blocks mean", "units l2")
+
+
+@pytest.mark.parametrize("case, dtype", [(c, np.float32) for c in sorted(PRUNE_CASES)]
+                         + [(c, np.float64) for c in WIDE_CASES])
 def test_prune_on_device_matches_cpu(rng, case, dtype):
     w = _weights(rng, dtype)
     kw = dict(PRUNE_CASES[case])
@@ -489,3 +493,13 @@ def test_device_results_convert_to_torch_and_cupy_on_a_gpu():
     assert acc.device == "cuda"
     np.testing.assert_allclose(acc.state("fc")["g2"].copy_to_host(), (2 * w["fc"].double()).square().cpu().numpy(),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_device_norms_equal_the_cpu_bit_for_bit(rng, mode):
+    from sparsecore._kernels import cpu_select
+
+    x = (rng.standard_normal(3 * cpu_select.NORM_BLOCK + 17) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+    src = scu.device_source("x", x, mode)
+    for kind in (1, 2, 3):
+        assert scu.score_norm(src, kind) == cpu_select.score_norm(x, mode, kind)

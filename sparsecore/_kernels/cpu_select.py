@@ -26,6 +26,10 @@ from .keys import MODE_SQUARE, cttz, score_key, specialize
 # formed per fixed block, never per thread, so the answer does not depend on
 # the thread count.
 REDUCE_BLOCK = 1 << 16
+# Elements per block of the norm of normalised selection: small enough that
+# the GPU twin (a thread per block, the same order, so the same bits) has
+# thousands of threads to run.
+NORM_BLOCK = 1 << 12
 # Elements tested together before a rare slow path is taken.
 _SKIP_BLOCK = 16
 
@@ -201,11 +205,11 @@ def score_norm(x, mode, kind):
     is the same on any thread count.
     """
     n = x.size
-    nblocks = (n + REDUCE_BLOCK - 1) // REDUCE_BLOCK
+    nblocks = (n + NORM_BLOCK - 1) // NORM_BLOCK
     part = np.zeros(max(nblocks, 1), np.float64)
     for b in prange(nblocks):
-        lo = b * REDUCE_BLOCK
-        hi = min(n, lo + REDUCE_BLOCK)
+        lo = b * NORM_BLOCK
+        hi = min(n, lo + NORM_BLOCK)
         acc = 0.0
         for i in range(lo, hi):
             d = np.float64(x[np.uint64(i)])

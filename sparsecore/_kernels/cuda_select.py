@@ -18,9 +18,9 @@ float operation rounds as on the CPU.
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64, uint64
+from numba import cuda, float32, float64, int32, int64, uint64
 
-from .cpu_select import REDUCE_BLOCK
+from .cpu_select import NORM_BLOCK
 from .keys import MODE_ABS, MODE_SQUARE
 
 SIGN32 = np.uint64(0x80000000)
@@ -28,7 +28,7 @@ MASK32 = np.uint64(0xFFFFFFFF)
 SIGN64 = np.uint64(0x8000000000000000)
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-__all__ = ["REDUCE_BLOCK", "count_rule", "key_hist", "key_of_bits", "materialise", "norm_parts"]
+__all__ = ["HIST_BITS", "NORM_BLOCK", "count_rule", "key_hist", "key_of_bits", "materialise", "norm_parts"]
 
 
 @cuda.jit(device=True, inline=True)
@@ -57,16 +57,24 @@ def finite_bits(b, wide):
     return (b & uint64(0x7F800000)) != uint64(0x7F800000)
 
 
+HIST_BITS = 12  # digit width of the device radix select: 4096 counters fit in shared memory
+
+
 @cuda.jit
 def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist, bad):
-    """Histogram of one radix digit of the keys that share ``prefix`` above
-    ``pshift`` (``pshift >= 64``: every key, the first level, which also
-    counts non-finite scores into ``bad[0]`` and their first index into
-    ``bad[1]``)."""
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
+    """Histogram of one radix digit (``bits <= HIST_BITS``) of the keys that
+    share ``prefix`` above ``pshift`` (``pshift >= 64``: every key, the first
+    level, which also counts non-finite scores into ``bad[0]`` and their
+    first index into ``bad[1]``). Each block counts into its own histogram in
+    shared memory (the few buckets that float keys crowd into would
+    serialise global atomics) and adds it into ``hist`` at the end."""
+    sh = cuda.shared.array(1 << HIST_BITS, int32)
+    nbins = 1 << bits
+    for j in range(cuda.threadIdx.x, nbins, cuda.blockDim.x):
+        sh[j] = 0
+    cuda.syncthreads()
     mask = (uint64(1) << uint64(bits)) - uint64(1)
-    for i in range(start, sbits.size, stride):
+    for i in range(cuda.grid(1), sbits.size, cuda.gridsize(1)):
         b = sbits[i]
         if pshift >= 64:
             if not finite_bits(b, wide):
@@ -75,7 +83,12 @@ def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist, bad):
                 continue
         k = key_of_bits(b, absolute, wide)
         if pshift >= 64 or (k >> uint64(pshift)) == prefix:
-            cuda.atomic.add(hist, int64((k >> uint64(shift)) & mask), 1)
+            cuda.atomic.add(sh, int64((k >> uint64(shift)) & mask), 1)
+    cuda.syncthreads()
+    for j in range(cuda.threadIdx.x, nbins, cuda.blockDim.x):
+        v = sh[j]
+        if v:
+            cuda.atomic.add(hist, j, int64(v))
 
 
 @cuda.jit
