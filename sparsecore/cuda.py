@@ -1,14 +1,21 @@
 """The CUDA backend (numba.cuda): device arrays in, device arrays out.
 
-Work in progress (issue 8): gradient accumulation, exact selection (radix
-histograms of the keys on the device), CSR construction under a selection
-rule, CSR products, and the mutual-information counts have CUDA kernels
-(``sparsecore/_kernels/cuda_*.py``) with the CPU kernels' semantics: the same
-masks and CSR structure for selection, MI and sums within float rounding.
+What ``device="cuda"`` (or ``"auto"`` with GPU inputs) of the public API runs:
+``prune`` (criteria, exact local/global selection with caps, thresholds,
+normalisation, N:M, blocks, units, current masks), the gradient sums of
+``GradientAccumulator(device="cuda")``, mutual information (bins, codes,
+marginal and pair counts), CSR construction and products, and the selection
+and pattern helpers. The kernels are ``sparsecore/_kernels/cuda_*.py``, twins
+of the CPU kernels with their semantics: the same masks and CSR structure
+for selection (keys formed with the CPU's float operations, no fused
+multiply-add, norms summed in the CPU's blocks and order), sums and MI within
+float64 rounding.
+
 Inputs are anything with ``__cuda_array_interface__`` (CuPy, PyTorch CUDA
-tensors, numba device arrays) or host arrays (copied over); nothing comes back
-to the host except per-row counts and radix histograms (small arrays).
-``csr_matmul`` and ``to_csr`` of the main API take ``device=`` and land here.
+tensors, numba device arrays) or host arrays (copied over). What comes back
+to the host: per-row counts, radix histograms, per-unit ranges and the small
+MI tables. Results are numba device arrays; :class:`DeviceCSR` converts to
+CuPy, PyTorch and SciPy.
 """
 
 from __future__ import annotations

@@ -260,6 +260,12 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         pruned and are counted first, so the new masks are subsets of them.
         A sparsity is still a fraction of the whole tensor, not of what is
         left (``torch.nn.utils.prune`` counts the other way).
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` when the weights live on a GPU: anything
+        with ``__cuda_array_interface__``) runs everything on the GPU with
+        the same rules and the same masks and CSR structure: ``csr`` holds
+        :class:`sparsecore.cuda.DeviceCSR` and ``masks``/``groups`` numba
+        device arrays. See :func:`sparsecore.cuda.prune`.
 
     Returns
     -------

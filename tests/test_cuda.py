@@ -503,3 +503,30 @@ def test_device_norms_equal_the_cpu_bit_for_bit(rng, mode):
     src = scu.device_source("x", x, mode)
     for kind in (1, 2, 3):
         assert scu.score_norm(src, kind) == cpu_select.score_norm(x, mode, kind)
+
+
+def test_readme_cuda_example_runs():
+    """The README's CUDA example: as written on a real GPU; on the simulator
+    with the torch tensors on the CPU (device="cuda" still runs our kernels),
+    at toy sizes and without its last two lines (torch CUDA views)."""
+    import pathlib
+    import re
+
+    from numba import config
+
+    torch = pytest.importorskip("torch")
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "GradientAccumulator(stats" in b
+             and 'device="cuda"' in b][0]
+    if config.ENABLE_CUDASIM or not torch.cuda.is_available():
+        block = "\n".join(line for line in block.splitlines() if "to_torch" not in line
+                          and "torch.as_tensor" not in line)
+        block = block.replace('device="cuda", generator', 'device="cpu", generator').replace(
+            'torch.Generator(device="cuda")', 'torch.Generator(device="cpu")')
+        block = block.replace("256", "12").replace("784", "20")
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    r, w = scope["r"], scope["w"]
+    assert sum(s.pruned for s in r.summary) == round(0.9 * sum(v.numel() for v in w.values()))
+    assert all(s.pruned <= round(0.97 * s.size) for s in r.summary)
+    assert scope["host"].shape == tuple(w["fc2"].shape) and scope["y"].shape == (w["fc1"].shape[0],)
