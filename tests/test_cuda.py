@@ -8,6 +8,8 @@ tiny inputs span several blocks), and on a real GPU when one is lent
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sparsecore import _device
 
@@ -530,3 +532,27 @@ def test_readme_cuda_example_runs():
     assert sum(s.pruned for s in r.summary) == round(0.9 * sum(v.numel() for v in w.values()))
     assert all(s.pruned <= round(0.97 * s.size) for s in r.summary)
     assert scope["host"].shape == tuple(w["fc2"].shape) and scope["y"].shape == (w["fc1"].shape[0],)
+
+
+def test_prune_on_device_edge_shapes(rng):
+    w = {"empty": np.zeros((0, 5), np.float32), "vec": make(rng, (7,), np.float32, "ties"),
+         "one": np.array([[2.0]], np.float32), "zeros": np.zeros((3, 4), np.float32)}
+    for kw in (dict(sparsity=0.5), dict(sparsity=0.5, scope="global"), dict(threshold=0.5), dict(sparsity=1.0),
+               dict(sparsity=0.0, scope="global", normalize="l2")):
+        _same_result(sc.prune(w, device="cuda", **kw), sc.prune(w, device="cpu", **kw))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(DTYPES), ntensors=st.integers(1, 3),
+       sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]), scope=st.sampled_from(["local", "global"]),
+       normalize=st.sampled_from(["none", "l1", "l2", "max"]), capped=st.booleans(), ties=st.booleans())
+def test_prune_on_device_random_settings_match_cpu(seed, dtype, ntensors, sparsity, scope, normalize, capped, ties):
+    """Property: for any shapes, dtype, scope, sparsity, cap and normalisation
+    (few ties or many), the device gives the CPU's masks and CSR."""
+    r = np.random.default_rng(seed)
+    w = {f"t{i}": make(r, tuple(int(d) for d in r.integers(1, 7, size=r.integers(1, 4))), dtype,
+                       "ties" if ties else "normal") for i in range(ntensors)}
+    kw = dict(sparsity=sparsity, scope=scope, normalize=normalize)
+    if capped and scope == "global":
+        kw.update(max_sparsity=0.95, sparsity=min(sparsity, 0.9))
+    _same_result(sc.prune(w, device="cuda", **kw), sc.prune(w, device="cpu", **kw))
