@@ -376,20 +376,7 @@ def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: fl
 
 # --- prune on the device ----------------------------------------------------
 
-def _state_arrays(state, name):
-    if state is None:
-        return {}
-    if isinstance(state, GradientAccumulator):
-        return state.state(name)
-    if isinstance(state, Mapping):
-        if name not in state:
-            raise ValueError(f"state has no entry for tensor {name!r}; it has {sorted(state)}")
-        return state[name]
-    raise TypeError(f"state must be a DeviceAccumulator, GradientAccumulator or a mapping name -> dict, "
-                    f"got {type(state).__name__}")
-
-
-def _criterion_source(crit, name, w, st):
+def criterion_source(crit, name, w, st):
     """The scores of a built-in criterion on the device, with the CPU's
     float64 arithmetic (see ``_kernels/cuda_importance.py``)."""
     from ._kernels import cuda_importance as ci
@@ -450,81 +437,15 @@ def _transpose(a):
     return out
 
 
-_DEVICE_CRITERIA = ("magnitude", "magnitude_squared", "fisher", "taylor", "taylor_squared", "obd", "wanda",
-                    "mutual_info")
+_DEVICE_CRITERIA = ("fisher", "taylor", "taylor_squared", "obd", "wanda", "mutual_info")
 
 
-def _device_sources(weights, names, scores, state, normalize, for_selection, unit_axis):
-    """Device twin of ``prune._sources``: the weights as device arrays and one
-    :class:`DeviceSource` per tensor."""
-    from .importance import get_criterion
+def has_device_criterion(crit):
+    """Whether ``crit`` is a registered built-in with a device implementation."""
     from .importance import _REGISTRY
 
-    warrs = {n: _float_device(weights[n], f"weights {n!r}") for n in names}
-    if scores is None:
-        scores = "magnitude"
-    srcs = []
-    if isinstance(scores, Mapping):
-        unknown = [k for k in scores if k not in weights]
-        if unknown:
-            raise ValueError(f"scores name unknown tensors {unknown}; weights have {list(weights)}")
-        for n in names:
-            if n not in scores:
-                raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor or list it in "
-                                 f"ignore=")
-            src = device_source(n, scores[n])
-            wshape = warrs[n].shape
-            if (unit_axis is not None and len(src.shape) == 1 and len(wshape) > 1
-                    and -len(wshape) <= unit_axis < len(wshape) and src.shape[0] == wshape[unit_axis]):
-                src.role, src.wide = "unit scores", True
-            elif src.shape != wshape:
-                raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape {wshape}")
-            srcs.append(src)
-        return warrs, srcs
-    crit = get_criterion(scores)
-    builtin = getattr(crit, "name", None) in _DEVICE_CRITERIA and _REGISTRY.get(crit.name) is crit
-    for n in names:
-        w = warrs[n]
-        mode = getattr(crit, "mode", None)
-        if builtin and mode is not None:
-            if mode == MODE_SQUARE and for_selection and normalize == "none" and w.dtype == np.float32:
-                mode = MODE_ABS  # exact squares of float32 keep |w|'s order and ties
-            srcs.append(device_source(n, w, mode, role="weights"))
-        elif builtin:
-            srcs.append(_criterion_source(crit, n, w, _state_arrays(state, n)))
-        else:  # a user's criterion: it receives device arrays and returns scores on the device
-            cname = getattr(crit, "name", getattr(crit, "__name__", "criterion"))
-            s = crit(w, _state_arrays(state, n))
-            src = device_source(n, s, role=f"scores from criterion {cname!r} for")
-            if src.shape != w.shape:
-                raise ValueError(f"criterion {cname!r} returned scores of shape {src.shape} for weights {n!r} "
-                                 f"of shape {w.shape}")
-            srcs.append(src)
-    return warrs, srcs
-
-
-def _device_masks(masks, weights, names):
-    if masks is None:
-        return None
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a mapping name -> bool array, got {type(masks).__name__}")
-    unknown = [k for k in masks if k not in weights]
-    if unknown:
-        raise ValueError(f"masks name unknown tensors {unknown}; weights have {list(weights)}")
-    out = {}
-    for n in names:
-        if n not in masks:
-            continue
-        m = _device.to_device(masks[n])
-        if m.dtype == np.bool_ and not _device.is_device_array(masks[n]) and np.asarray(masks[n]).dtype != np.bool_:
-            raise TypeError(f"mask {n!r} has dtype {np.asarray(masks[n]).dtype}; pass a bool array (True = kept)")
-        if m.dtype != np.bool_:
-            raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
-        if tuple(m.shape) != tuple(weights[n].shape):
-            raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but weights {n!r} have shape "
-                             f"{tuple(weights[n].shape)}")
-        out[n] = _flat(m)
-    return out
+    name = getattr(crit, "name", None)
+    return name in _DEVICE_CRITERIA and _REGISTRY.get(name) is crit
 
 
 def _count_kept(mask, other=None):
@@ -672,15 +593,15 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
     copy). N:M groups of at most 32 entries."""
     from .csr import matrix_shape
     from .patterns import NM, Blocks, Units
-    from .prune import PruneResult, TensorSummary, check_call, select_all
+    from .prune import PruneResult, TensorSummary, _check_masks, _sources, check_call, select_all
 
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
     pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern)
     unit_axis = pattern.axis if isinstance(pattern, Units) else None
-    warrs, srcs = _device_sources(weights, names, scores, state, normalize,
-                                  sparsity is not None and pattern is None and masks is None, unit_axis)
-    old = _device_masks(masks, weights, names)
+    warrs, srcs = _sources(weights, names, scores, state, normalize,
+                           sparsity is not None and pattern is None and masks is None, unit_axis, device=True)
+    old = _check_masks(masks, weights, names, device=True)
     if isinstance(pattern, (Blocks, Units)):
         srcs = [_group_source(src, warrs[src.name], pattern) for src in srcs]
     if not isinstance(pattern, NM):

@@ -128,13 +128,22 @@ def _state_for(state, name):
     raise TypeError(f"state must be a GradientAccumulator or a mapping name -> dict, got {type(state).__name__}")
 
 
-def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=None):
+def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=None, device=False):
     """One :class:`Source` per tensor, and the weights as float arrays.
 
     With ``unit_axis`` (a :class:`Units` pattern), a score array may also be
-    1-D with one score per unit.
+    1-D with one score per unit. With ``device``, the weights are device
+    arrays and the sources ``sparsecore.cuda.DeviceSource``: the built-in
+    criteria are computed by device kernels, a user's criterion receives
+    device arrays.
     """
-    warrs = {n: as_float_array(weights[n], n, "weights") for n in names}
+    if device:
+        from . import cuda
+
+        as_float = cuda.float_array
+    else:
+        as_float = as_float_array
+    warrs = {n: as_float(weights[n], n, "weights") for n in names}
     srcs = []
     if scores is None:
         scores = "magnitude"
@@ -146,14 +155,15 @@ def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=
             if n not in scores:
                 raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor "
                                  f"or list it in ignore=")
-            src = scores_source(scores[n], n)
-            wshape = warrs[n].shape
+            src = scores_source(scores[n], n, device="cuda" if device else "cpu")
+            wshape = tuple(warrs[n].shape)
             if (unit_axis is not None and len(src.shape) == 1 and len(wshape) > 1
                     and -len(wshape) <= unit_axis < len(wshape) and src.shape[0] == wshape[unit_axis]):
                 src.role = "unit scores"  # one score per unit, used as given
+                if device:
+                    src.wide = True  # the CPU takes them as float64
             elif src.shape != wshape:
-                raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape "
-                                 f"{warrs[n].shape}")
+                raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape {wshape}")
             srcs.append(src)
     else:
         crit = get_criterion(scores)
@@ -164,15 +174,20 @@ def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=
                 m = mode
                 if m == MODE_SQUARE and for_selection and normalize == "none" and w.dtype == np.float32:
                     m = MODE_ABS  # exact squares of float32 keep |w|'s order and ties
-                srcs.append(Source(n, flat(w), w.shape, m, role="weights", original=w))
+                srcs.append(cuda.device_source(n, w, m, role="weights") if device else
+                            Source(n, flat(w), w.shape, m, role="weights", original=w))
                 continue
-            s = crit(w, _state_for(state, n))
+            if device and cuda.has_device_criterion(crit):
+                srcs.append(cuda.criterion_source(crit, n, w, _state_for(state, n)))
+                continue
+            s = crit(w, _state_for(state, n))  # a user's criterion gets device arrays on the device
             cname = getattr(crit, "name", getattr(crit, "__name__", "criterion"))
-            s = as_float_array(s, n, f"scores from criterion {cname!r} for")
-            if s.shape != w.shape:
-                raise ValueError(f"criterion {cname!r} returned scores of shape {s.shape} for weights "
-                                 f"{n!r} of shape {w.shape}")
-            srcs.append(Source(n, flat(s), s.shape, MODE_IDENTITY, original=s))
+            s = as_float(s, n, f"scores from criterion {cname!r} for")
+            if tuple(s.shape) != tuple(w.shape):
+                raise ValueError(f"criterion {cname!r} returned scores of shape {tuple(s.shape)} for weights "
+                                 f"{n!r} of shape {tuple(w.shape)}")
+            srcs.append(cuda.device_source(n, s, role=f"scores from criterion {cname!r} for") if device else
+                        Source(n, flat(s), s.shape, MODE_IDENTITY, original=s))
     return warrs, srcs
 
 
@@ -439,7 +454,9 @@ def select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsi
     return lo_c, hi_c, rules
 
 
-def _check_masks(masks, weights, names):
+def _check_masks(masks, weights, names, device=False):
+    """The current masks by name, checked; a tensor without one gets all
+    True (on the device: left out, the caller keeps all of it)."""
     if masks is None:
         return None
     if not isinstance(masks, Mapping):
@@ -449,16 +466,17 @@ def _check_masks(masks, weights, names):
         raise ValueError(f"masks name unknown tensors {unknown}; weights have {list(weights)}")
     out = {}
     for n in names:
-        shape = np.shape(weights[n])
+        shape = tuple(np.shape(weights[n]))
         if n not in masks:
-            out[n] = np.ones(shape, np.bool_)
+            if not device:
+                out[n] = np.ones(shape, np.bool_)
             continue
-        m = np.asarray(masks[n])
+        m = _device.to_device(masks[n]) if device and _device.is_device_array(masks[n]) else np.asarray(masks[n])
         if m.dtype != np.bool_:
             raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
-        if m.shape != shape:
-            raise ValueError(f"mask {n!r} has shape {m.shape} but weights {n!r} have shape {shape}")
-        out[n] = m
+        if tuple(m.shape) != shape:
+            raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but weights {n!r} have shape {shape}")
+        out[n] = _device.to_device(m).reshape(int(np.prod(shape, dtype=np.int64))) if device else m
     return out
 
 
