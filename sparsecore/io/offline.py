@@ -89,6 +89,7 @@ class LazySource:
 
     role = "scores"
     original = None
+    on_device = False
 
     def __init__(self, name, shape, dtype, load, mode, rows=None):
         self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
