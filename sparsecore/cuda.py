@@ -187,14 +187,12 @@ def search(sources, lo, hi, target, wide):
         bits = min(cuda_select.HIST_BITS, shift)
         shift -= bits
         levels.append((shift, bits))
-    hist_d = c.device_array(1 << cuda_select.HIST_BITS, np.int64)
     for li, (shift, bits) in enumerate(levels):
         hist = np.zeros((len(sources), 1 << bits), np.int64)
-        h_d = hist_d[:1 << bits]
         for t, (kb, absolute) in enumerate(keys):
             if not kb.size:
                 continue
-            h_d[:] = 0
+            h_d = c.to_device(hist[t])  # zeros
             bad = _bad_counter(kb.size)
             nb, nt = _launch(kb.size)  # each block zeroes and flushes a shared histogram: a few per SM
             cuda_select.key_hist[min(nb, _device.HIST_BLOCKS), nt](kb, absolute, wide, np.uint64(prefix),
@@ -617,9 +615,7 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
                 src.keep = _group_keep(old[src.name], warrs[src.name].shape, pattern)
                 done.append(src.size - _count_kept(src.keep))
             else:  # all kept: scores written out in float64 all the same, as on the CPU
-                src.keep = _device.cuda().device_array(src.size, np.bool_)
-                if src.size:
-                    src.keep[:] = True
+                src.keep = _device.cuda().to_device(np.ones(src.size, np.bool_))
                 done.append(0)
         done = np.array(done, np.int64)
     lo_c, hi_c, rules = select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern,

@@ -508,8 +508,13 @@ class GradientAccumulator:
         """Zero every statistic and counter, keeping names and shapes."""
         for d in (self._acc, self._part):
             for v in d.values():
-                for a in v.values():
-                    a[:] = 0
+                for k, a in v.items():
+                    if self.device == "cuda" and d is self._acc:  # device arrays: new zeros
+                        from . import cuda as _cuda
+
+                        v[k] = _cuda.zeros(a.size)
+                    else:
+                        a[:] = 0
         self._pending = 0
         self.count = 0
         self.n_batches = 0
