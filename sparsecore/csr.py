@@ -104,9 +104,9 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
         Names the tensor in error messages.
     device : {"auto", "cpu", "cuda"}
         ``"cuda"`` (or ``"auto"`` with a GPU array, anything with
-        ``__cuda_array_interface__``) builds the CSR on the GPU and returns a
-        :class:`sparsecore.cuda.DeviceCSR` (2-D weights, threshold or
-        sparsity; see :mod:`sparsecore.cuda`).
+        ``__cuda_array_interface__``) builds the CSR on the GPU, with the
+        same options and the same structure, and returns a
+        :class:`sparsecore.cuda.DeviceCSR` (see :mod:`sparsecore.cuda`).
 
     Returns
     -------
@@ -130,41 +130,43 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
     >>> a.indices.dtype
     dtype('int32')
     """
-    if resolve(device, weights, scores) == "cuda":
-        if mask is not None:
-            raise ValueError(f"to_csr for {name!r}: device='cuda' takes threshold= or sparsity=, not a mask")
+    on_gpu = resolve(device, weights, scores, mask) == "cuda"
+    if on_gpu:  # the same rules; the keys, counts and fill on the GPU
         from . import cuda as _cuda
-
-        return _cuda.to_csr(weights, scores=scores, threshold=threshold, sparsity=sparsity)
-    w = as_float_array(weights, name, "weights")
+    w = _cuda.float_array(weights, name, "weights") if on_gpu else as_float_array(weights, name, "weights")
     given = [x for x in (mask, threshold, sparsity) if x is not None]
     if len(given) > 1:
         raise ValueError(f"to_csr for {name!r}: give at most one of mask, threshold, sparsity")
-    wf = flat(w)
-    mshape = matrix_shape(w.shape)
+    mshape = matrix_shape(tuple(w.shape))
     if mask is not None:
         if scores is not None:
             raise ValueError(f"to_csr for {name!r}: scores have no use with a mask")
-        m = np.asarray(mask)
+        m = _cuda.to_device(mask) if on_gpu else np.asarray(mask)
         if m.dtype != np.bool_:
             raise TypeError(f"mask for {name!r} has dtype {m.dtype}; pass a bool array")
-        if m.shape != w.shape:
-            raise ValueError(f"mask for {name!r} has shape {m.shape}, weights have shape {w.shape}")
+        if tuple(m.shape) != tuple(w.shape):
+            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, weights have shape {tuple(w.shape)}")
+        if on_gpu:
+            return _cuda.csr_of_mask(w, m, mshape, name)
         src = Source(name, flat(m).view(np.uint8), w.shape, MODE_IDENTITY, role="mask", original=m)
         rule = Rule(key_of(0.5, False), 0, False)
     else:
         if scores is None:
-            src = Source(name, wf, w.shape, MODE_ABS, role="weights", original=w)
+            src = _cuda.device_source(name, w, MODE_ABS, role="weights") if on_gpu else \
+                Source(name, flat(w), w.shape, MODE_ABS, role="weights", original=w)
         else:
-            src = scores_source(scores, name)
-            if src.shape != w.shape:
-                raise ValueError(f"scores for {name!r} have shape {src.shape}, weights have shape {w.shape}")
+            src = scores_source(scores, name, device="cuda" if on_gpu else "cpu")
+            if tuple(src.shape) != tuple(w.shape):
+                raise ValueError(f"scores for {name!r} have shape {src.shape}, weights have shape {tuple(w.shape)}")
         if threshold is not None:
             rule = threshold_rule(src, check_threshold(threshold, name))
         elif sparsity is not None:
             rule = _select_one(src, round(check_fraction(sparsity, name) * src.size))
         else:  # keep everything: the CSR drops exact zeros only
             rule = Rule(0, 0, src.needs_wide())
+    if on_gpu:
+        return _cuda.csr_of_rule(w, src, rule, mshape, name)
+    wf = flat(w)
     a, _ = build_csr(wf, mshape, src, rule, weights_name=name, weights_original=w)
     return a
 

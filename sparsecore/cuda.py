@@ -33,7 +33,7 @@ from .importance import GradientAccumulator
 from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
 
 __all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts",
-           "activations", "bins_of", "csr_matmul", "feature_sq_into", "fit_bins", "range_init", "range_into",
+           "activations", "bins_of", "csr_matmul", "csr_of_mask", "csr_of_rule", "feature_sq_into", "fit_bins", "range_init", "range_into",
            "units", "pairwise_mi", "prune", "select_rule", "select_rules_global",
            "to_csr", "unit_label_counts", "unit_mi"]
 
@@ -81,6 +81,11 @@ def _bits(d):
     if flat.dtype == np.float64:
         return flat.view(np.uint64)
     return flat.view(np.uint8)
+
+
+def to_device(a):
+    """A numba device array of ``a`` (a view of a device array, a host array copied over)."""
+    return _device.to_device(a)
 
 
 def _float_device(a, name):
@@ -346,30 +351,29 @@ def _csr_of_mask(w, mask, rows, cols, name, original):
     return _build(w, _bits(mask), False, _KEEP_RULE, rows, cols, name, original)
 
 
-def to_csr(weights, *, scores=None, threshold: float | None = None, sparsity: float | None = None,
-           absolute: bool | None = None) -> DeviceCSR:
-    """Canonical CSR of a 2-D device weight pruned by a threshold or an exact
-    sparsity (scores default to ``|weights|``), built on the device: ties
+def csr_of_rule(w, src, rule, mshape, name="weights"):
+    """:class:`DeviceCSR` of device weights ``w`` (2-D view ``mshape``) kept
+    where the source's keys pass ``rule``; non-finite scores are refused."""
+    _count_rule(src, rule)
+    kb, absolute = src.keys(rule.wide)
+    return _build(_flat(w), kb, absolute, rule, *mshape, name, w)
+
+
+def csr_of_mask(w, mask, mshape, name="weights"):
+    """:class:`DeviceCSR` of device weights ``w`` (2-D view ``mshape``) kept where ``mask`` is True."""
+    return _csr_of_mask(_flat(w), _flat(mask), *mshape, name, w)
+
+
+def to_csr(weights, mask=None, *, scores=None, threshold: float | None = None, sparsity: float | None = None,
+           name: str = "weights") -> DeviceCSR:
+    """:func:`sparsecore.to_csr` on the device (any shape, a mask, a
+    threshold or an exact sparsity; scores default to ``|weights|``): ties
     per row (with a quota), kept non-zeros per row, then the fill. The same
-    structure as :func:`sparsecore.to_csr` on the CPU."""
-    w = _float_device(weights, "weights")
-    if w.ndim != 2:
-        raise ValueError(f"device to_csr takes a 2-D weight, got shape {w.shape}")
-    if absolute is None:
-        absolute = scores is None
-    src = device_source("weights" if scores is None else "scores", w if scores is None else scores,
-                        MODE_ABS if absolute else MODE_IDENTITY, "weights" if scores is None else "scores")
-    if src.shape != w.shape:
-        raise ValueError(f"scores have shape {src.shape}, weights {w.shape}")
-    if (threshold is None) == (sparsity is None):
-        raise ValueError("give exactly one of threshold and sparsity")
-    if threshold is not None:
-        rule = threshold_rule(src, check_threshold(threshold, "weights"))
-        _count_rule(src, rule)  # non-finite scores are an error, as on the CPU
-    else:
-        (rule,) = select_rules([src], counts=[round(check_fraction(sparsity, "weights") * src.size)])
-    kb, ab = src.keys(rule.wide)
-    return _build(_flat(w), kb, ab, rule, *w.shape, original=w)
+    structure as on the CPU."""
+    from .csr import to_csr as to_csr_any
+
+    return to_csr_any(weights, mask, scores=scores, threshold=threshold, sparsity=sparsity, name=name,
+                      device="cuda")
 
 
 # --- prune on the device ----------------------------------------------------

@@ -42,10 +42,12 @@ def test_device_selection_errors():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, kind", [((1, 1), "normal"), ((3, 40), "ties"), ((9, 7), "zero_rows")])
+@pytest.mark.parametrize("shape, kind", [((1, 1), "normal"), ((3, 40), "ties"), ((9, 7), "zero_rows"),
+                                         ((2, 3, 2, 2), "ties"), ((5,), "normal"), ((0, 4), "normal")])
 def test_to_csr_matches_cpu(rng, dtype, shape, kind):
     w = make(rng, shape, dtype, kind)
-    for kw in (dict(threshold=0.5), dict(sparsity=0.0), dict(sparsity=0.4), dict(sparsity=1.0)):
+    for kw in (dict(threshold=0.5), dict(sparsity=0.0), dict(sparsity=0.4), dict(sparsity=1.0), dict(),
+               dict(mask=make(rng, shape, np.float32) > 0)):
         got = scu.to_csr(w, **kw).to_scipy()
         want = sc.to_csr(w, **kw)
         assert got.indices.dtype == want.indices.dtype
