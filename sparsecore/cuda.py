@@ -742,24 +742,25 @@ def accumulate(prepared, totals, spares):
     from .importance import STATS
 
     e = empty()
-    checks = []
-    for name, shape, n, g2d, w, ga, wa in prepared:
-        bad = _device.cuda().to_device(np.array([0, g2d.size, 0, max(n, 1)], np.int64))
+    init = np.zeros((len(prepared), 4), np.int64)  # one counter block for the update: one copy each way
+    init[:, 1] = [max(p[3].size, 1) for p in prepared]
+    init[:, 3] = [max(p[2], 1) for p in prepared]
+    bad = _device.cuda().to_device(init)
+    for t, (name, shape, n, g2d, w, ga, wa) in enumerate(prepared):
         if n and g2d.shape[0]:
             tot, new = totals[name], spares[name]
             cuda_accumulate.accumulate[_launch(n)](g2d, w, *(tot.get(s, e) for s in STATS),
-                                                   *(new.get(s, e) for s in STATS), bad)
+                                                   *(new.get(s, e) for s in STATS), bad[t])
         else:
             for s in totals[name]:
                 spares[name][s].copy_to_device(totals[name][s])
-        checks.append((name, bad, ga, wa))
-    for name, bad, ga, wa in checks:
-        got = bad.copy_to_host()
+    got = bad.copy_to_host() if prepared else init
+    for t, (name, shape, n, g2d, w, ga, wa) in enumerate(prepared):
         label = name or "grads"
-        if got[2]:
-            _raise_bad(label, "weights", wa, got[2], got[3])
-        if got[0]:
-            _raise_bad(label, "gradients", ga, got[0], got[1])
+        if got[t, 2]:
+            _raise_bad(label, "weights", wa, got[t, 2], got[t, 3])
+        if got[t, 0]:
+            _raise_bad(label, "gradients", ga, got[t, 0], got[t, 1])
 
 
 def add_into(dst, src):
