@@ -252,6 +252,8 @@ class GradualPruner:
     Attributes
     ----------
     masks : dict name -> ndarray of bool, or None before the first step
+        (numba device arrays when the weights live on a GPU: every step then
+        prunes on the device)
     history : PruningHistory
 
     Examples
@@ -280,6 +282,7 @@ class GradualPruner:
                             normalize=normalize, ignore=tuple([ignore] if isinstance(ignore, str) else ignore),
                             pattern=pattern)
         self.masks = None
+        self._host_masks = None
         self.history = PruningHistory()
         self._last = None
 
@@ -299,10 +302,13 @@ class GradualPruner:
                              f"to {target} (step {step}); a sparsity schedule never decreases")
         scores = self.scores if scores is None else scores
         r = prune(weights, scores, sparsity=target, state=state, masks=self.masks, **self.options)
-        old = self.masks
+        old = self._host_masks
         if not self.history.shapes:
             self.history.shapes = {n: tuple(s) for n, s in r.shapes.items()}
-        pruned = {n: np.flatnonzero((old[n] if old is not None else True) & ~m) for n, m in r.masks.items()}
+        # The history holds host indices; on a GPU the masks stay there for the next step.
+        new = {n: m.copy_to_host() if hasattr(m, "copy_to_host") else m for n, m in r.masks.items()}
+        pruned = {n: np.flatnonzero((old[n] if old is not None else True) & ~m) for n, m in new.items()}
+        self._host_masks = new
         self.history.steps.append(PruningStep(
             int(step), float(target), _criterion_name(scores), self.options["scope"],
             repr(self.options["pattern"]) if self.options["pattern"] is not None else "unstructured",

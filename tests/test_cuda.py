@@ -561,3 +561,19 @@ def test_prune_on_device_random_settings_match_cpu(seed, dtype, ntensors, sparsi
     if capped and scope == "global":
         kw.update(max_sparsity=0.95, sparsity=min(sparsity, 0.9))
     _same_result(sc.prune(w, device="cuda", **kw), sc.prune(w, device="cpu", **kw))
+
+
+def test_gradual_pruner_on_the_device_matches_cpu(rng):
+    c = _device.cuda()
+    w = {"fc1": make(rng, (6, 8), np.float32), "fc2": make(rng, (4, 6), np.float32)}
+    sched = sc.PolynomialDecay(0.0, 0.8, begin=0, end=4, frequency=2)
+    dev, cpu = sc.GradualPruner(sched, scope="global"), sc.GradualPruner(sched, scope="global")
+    for t in range(5):
+        d = dev.step(t, {k: c.to_device(v) for k, v in w.items()})
+        h = cpu.step(t, w)
+        assert (d is None) == (h is None)
+        if h is not None:
+            _same_result(d, h)
+    for k in w:
+        np.testing.assert_array_equal(dev.history.masks()[k], cpu.history.masks()[k])
+        np.testing.assert_array_equal(dev.masks[k].copy_to_host(), cpu.masks[k])
