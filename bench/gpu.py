@@ -125,30 +125,27 @@ def bench_prune(n=4096, layers=8):
             out[name] = m.view_as(w)
         return out
 
-    got = sc.prune(ws, device="cuda", sparsity=0.9, scope="global", normalize="l2")
+    def ours(**kw):
+        return timed(lambda: sc.prune(ws, device="cuda", **kw), repeat=3) * 1e3
+
+    glob = dict(sparsity=0.9, scope="global", normalize="l2")
+    got = sc.prune(ws, device="cuda", **glob)
     want = torch_global()
     agree = sum(int((torch.as_tensor(got.masks[k2], device=DEV) == want[k2]).sum()) for k2 in ws) / total
-    row("global 90%, l2-normalised", timed(lambda: sc.prune(ws, device="cuda", sparsity=0.9, scope="global", normalize="l2"),
-                                           repeat=3) * 1e3,
-        "torch cat + kthvalue + masks (no CSR)", timed(torch_global, repeat=3) * 1e3, "ms",
-        f"masks agree on {agree:.6%} of entries (ties/rounding)")
-    row("global 90%, l2, max_sparsity 0.95 per tensor",
-        timed(lambda: sc.prune(ws, device="cuda", sparsity=0.9, scope="global", normalize="l2", max_sparsity=0.95), repeat=3) * 1e3,
+    t_global = ours(**glob)
+    row("global 90%, l2-normalised", t_global, "torch cat + kthvalue + masks (no CSR)",
+        timed(torch_global, repeat=3) * 1e3, "ms", f"masks agree on {agree:.6%} of entries (ties/rounding)")
+    row("global 90%, l2, max_sparsity 0.95 per tensor", ours(max_sparsity=0.95, **glob),
         "torch cat + kthvalue + masks (no caps, no CSR)", timed(torch_global, repeat=3) * 1e3)
-    row("local 90% exact", timed(lambda: sc.prune(ws, device="cuda", sparsity=0.9), repeat=3) * 1e3,
-        "torch topk per tensor + masks (no CSR)", timed(torch_local, repeat=3) * 1e3)
-    row("2:4", timed(lambda: sc.prune(ws, device="cuda", pattern="2:4"), repeat=3) * 1e3,
-        "torch topk(2) per group of 4 + masks (no CSR)", timed(torch_24, repeat=3) * 1e3)
-    row("4x4 blocks mean, global 80%",
-        timed(lambda: sc.prune(ws, device="cuda", pattern=sc.Blocks((4, 4)), sparsity=0.8, scope="global"), repeat=3) * 1e3,
-        "torch avg_pool2d + kthvalue + masks (no CSR)",
-        timed(lambda: [torch.nn.functional.avg_pool2d(w.abs()[None], 4) for w in ws.values()], repeat=3) * 1e3,
-        "ms", "anchor pools only")
+    row("local 90% exact", ours(sparsity=0.9), "torch topk per tensor + masks (no CSR)",
+        timed(torch_local, repeat=3) * 1e3)
+    row("2:4", ours(pattern="2:4"), "torch topk(2) per group of 4 + masks (no CSR)", timed(torch_24, repeat=3) * 1e3)
+    row("4x4 blocks mean, global 80%", ours(pattern=sc.Blocks((4, 4)), sparsity=0.8, scope="global"),
+        "torch avg_pool2d (pooling only)",
+        timed(lambda: [torch.nn.functional.avg_pool2d(w.abs()[None], 4) for w in ws.values()], repeat=3) * 1e3)
     host = {name: w.cpu().numpy() for name, w in ws.items()}
-    t_cpu = timed(lambda: sc.prune(host, sparsity=0.9, scope="global", normalize="l2"), repeat=1)
-    row("global 90%, l2-normalised", timed(lambda: sc.prune(ws, device="cuda", sparsity=0.9, scope="global", normalize="l2"),
-                                           repeat=3) * 1e3,
-        "our CPU kernels on this machine's cores", t_cpu * 1e3)
+    t_cpu = timed(lambda: sc.prune(host, **glob), repeat=1)
+    row("global 90%, l2-normalised", t_global, "our CPU kernels on this machine's cores", t_cpu * 1e3)
 
 
 def bench_mi(units=(1024, 4096), samples=10_000, budget_s=100):

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _device
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
-from ._validate import check_fraction, check_threshold, nonfinite_error
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY
+from ._validate import nonfinite_error
 from .importance import GradientAccumulator
-from .selection import _NORMS, Rule, Source, norm_inverse, select_rules, threshold_rule
+from .selection import _NORMS, Rule, Source, norm_inverse, select_rules
 
-__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts",
-           "activations", "bins_of", "csr_matmul", "csr_of_mask", "csr_of_rule", "feature_sq_into", "fit_bins", "range_init", "range_into",
-           "units", "pairwise_mi", "prune", "select_rule", "select_rules_global",
-           "to_csr", "unit_label_counts", "unit_mi"]
+__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts", "activations",
+           "bins_of", "csr_matmul", "csr_of_mask", "csr_of_rule", "feature_sq_into", "fit_bins", "pairwise_mi",
+           "prune", "range_init", "range_into", "select_rule", "select_rules_global", "to_csr", "unit_label_counts",
+           "unit_mi", "units"]
 
 
 class DeviceCSR:
@@ -746,7 +746,7 @@ def accumulate(prepared, totals, spares):
     init[:, 1] = [max(p[3].size, 1) for p in prepared]
     init[:, 3] = [max(p[2], 1) for p in prepared]
     bad = _device.cuda().to_device(init)
-    for t, (name, shape, n, g2d, w, ga, wa) in enumerate(prepared):
+    for t, (name, _, n, g2d, w, _, _) in enumerate(prepared):
         if n and g2d.shape[0]:
             tot, new = totals[name], spares[name]
             cuda_accumulate.accumulate[_launch(n)](g2d, w, *(tot.get(s, e) for s in STATS),
@@ -755,7 +755,7 @@ def accumulate(prepared, totals, spares):
             for s in totals[name]:
                 spares[name][s].copy_to_device(totals[name][s])
     got = bad.copy_to_host() if prepared else init
-    for t, (name, shape, n, g2d, w, ga, wa) in enumerate(prepared):
+    for t, (name, *_, ga, wa) in enumerate(prepared):
         label = name or "grads"
         if got[t, 2]:
             _raise_bad(label, "weights", wa, got[t, 2], got[t, 3])
@@ -811,7 +811,6 @@ def unit_label_counts(acts, labels, bins, n_classes):
 def activations(acts, name="activations", reduce=None):
     """Device (samples, units) float activations, checked as on the CPU
     (1-D: one unit; at least 2 samples; no NaN/Inf)."""
-    from ._kernels import cuda_mi
 
     a = _float_device(acts, f"activations {name!r}")
     if a.ndim == 1:

@@ -412,14 +412,14 @@ class GradientAccumulator:
         if spares is None:
             spares = self._spare = {}
         totals = {}
-        for name, shape, n, *_ in prepared:
+        for name, _, n, *_ in prepared:
             totals[name] = self._acc.get(name) or {s: _cuda.zeros(n) for s in self.stats}
             if name not in spares:
                 spares[name] = {s: _cuda.zeros(n) for s in self.stats}
         _cuda.accumulate(prepared, totals, spares)  # raises before anything is swapped in
         if self._single is None:
             self._single = single
-        for name, shape, n, *_ in prepared:
+        for name, shape, *_ in prepared:
             self._shapes.setdefault(name, shape)
             self._part.setdefault(name, {s: np.zeros(0, np.float32) for s in self.stats})
             self._acc[name], spares[name] = spares[name], totals[name]
