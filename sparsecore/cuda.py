@@ -810,22 +810,33 @@ def unit_label_counts(acts, labels, bins, n_classes):
 
 def activations(acts, name="activations", reduce=None):
     """Device (samples, units) float activations, checked as on the CPU
-    (1-D: one unit; at least 2 samples; no NaN/Inf)."""
-
-    a = _float_device(acts, f"activations {name!r}")
-    if a.ndim == 1:
+    (1-D: one unit; (samples, channels, H, W) maps reduced per channel on the
+    device by ``reduce="mean"`` or ``"max"``; at least 2 samples)."""
+    a = float_array(acts, name, "activations")
+    if a.ndim == 4:
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"activations {name!r} have shape {tuple(a.shape)} (samples, channels, H, W); "
+                             f"pass reduce='mean' or reduce='max' to get one value per channel")
+        a = _channel_reduce(a, False, 0 if reduce == "mean" else 1)
+    elif a.ndim == 1:
         a = a.reshape(a.shape[0], 1)
-    elif a.ndim == 4:
-        raise ValueError(f"activations {name!r} have shape {a.shape}: on the device, reduce conv activations "
-                         f"to one value per channel first (e.g. torch's x.mean((2, 3))), or use device='cpu'")
     elif a.ndim != 2:
-        raise ValueError(f"activations {name!r} must be (samples, units), got shape {a.shape}")
-    if reduce is not None:
-        raise ValueError(f"reduce={reduce!r} applies to (samples, channels, H, W) activations, which the "
-                         f"device path does not take")
+        raise ValueError(f"activations {name!r} must be (samples, units) or (samples, channels, H, W), "
+                         f"got shape {tuple(a.shape)}")
     if a.shape[0] < 2:
         raise ValueError(f"activations {name!r} hold {a.shape[0]} sample(s); MI needs at least 2")
     return a
+
+
+def _channel_reduce(d, channels_last, op):
+    """(N, C) per-channel means (``op`` 0) or maxima (1) of a device activation map."""
+    from ._kernels import cuda_mi
+
+    n, ch, sp = _map_view(d, channels_last)
+    out = _device.cuda().device_array((n, ch), d.dtype)
+    if out.size:
+        cuda_mi.channel_reduce[_launch(out.size)](d.reshape(d.size), ch, sp, channels_last, op, out)
+    return out
 
 
 def fit_bins(a, bins=16, strategy="uniform", name="activations"):
@@ -884,18 +895,12 @@ def _map_view(d, channels_last):
 def units(a, channels_last=False, name="activations"):
     """A device (samples, units) array of an activation: maps ``(N, C, ...)``
     (or ``(N, ..., C)``) reduced on the device to one mean per channel."""
-    from ._kernels import cuda_mi
-
     d = float_array(a, name, "activations")
     if d.ndim == 1:
         return d.reshape(d.shape[0], 1)
     if d.ndim == 2:
         return d
-    n, ch, sp = _map_view(d, channels_last)
-    out = _device.cuda().device_array((n, ch), d.dtype)
-    if out.size:
-        cuda_mi.channel_means[_launch(out.size)](d.reshape(d.size), ch, sp, channels_last, out)
-    return out
+    return _channel_reduce(d, channels_last, 0)
 
 
 def feature_sq_into(out, a, channels_last, name="inputs"):

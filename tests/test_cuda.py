@@ -185,8 +185,20 @@ def test_public_mi_on_the_device_refuses_bad_input(rng):
         sc.unit_mi(np.ones((4, 2)), np.array([0, 1, -1, 0]), device="cuda")
     with pytest.raises(ValueError, match="exceed the 1024 cells"):
         sc.pairwise_mi(np.eye(4), np.eye(4), bins=64, device="cuda")
-    with pytest.raises(ValueError, match="reduce conv activations"):
+    with pytest.raises(ValueError, match="pass reduce='mean' or reduce='max'"):
         sc.pairwise_mi(np.ones((4, 2, 3, 3)), np.ones((4, 2)), device="cuda")
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_public_mi_of_conv_maps_on_the_device(rng, reduce):
+    c = _device.cuda()
+    maps = rng.standard_normal((12, 3, 2, 3)).astype(np.float32)
+    out = rng.standard_normal((12, 2))
+    y = rng.integers(0, 2, 12)
+    np.testing.assert_allclose(sc.unit_mi(c.to_device(maps), y, bins=4, reduce=reduce),
+                               sc.unit_mi(maps, y, bins=4, reduce=reduce), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sc.pairwise_mi(c.to_device(maps), out, bins=4, reduce=reduce, device="cuda"),
+                               sc.pairwise_mi(maps, out, bins=4, reduce=reduce), rtol=1e-12, atol=1e-14)
 
 
 def _same_result(dev, cpu):

@@ -83,17 +83,21 @@ def column_min_max(x, lo, hi, bad):
 
 
 @cuda.jit
-def channel_means(x, C, S, channels_last, out):
-    """``out[n, c]``: the mean of channel ``c`` of sample ``n`` over its ``S``
-    positions, for flat maps ``(N, C, S)`` or, ``channels_last``, ``(N, S, C)``
-    (float64 sums)."""
+def channel_reduce(x, C, S, channels_last, op, out):
+    """``out[n, c]``: the mean (``op`` 0, float64 sum) or the maximum (``op``
+    1) of channel ``c`` of sample ``n`` over its ``S`` positions, for flat
+    maps ``(N, C, S)`` or, ``channels_last``, ``(N, S, C)``."""
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         n = i // C
         c = i % C
-        t = 0.0
+        t = 0.0 if op == 0 else -math.inf
         for p in range(S):
-            t += float64(x[(n * S + p) * C + c] if channels_last else x[(n * C + c) * S + p])
-        out[n, c] = t / S
+            v = float64(x[(n * S + p) * C + c] if channels_last else x[(n * C + c) * S + p])
+            if op == 0:
+                t += v
+            elif v > t or v != v:  # NaN propagates, as NumPy's max
+                t = v
+        out[n, c] = t / S if op == 0 else t
 
 
 @cuda.jit
