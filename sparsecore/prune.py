@@ -276,8 +276,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         A sparsity is still a fraction of the whole tensor, not of what is
         left (``torch.nn.utils.prune`` counts the other way).
     device : {"auto", "cpu", "cuda"}
-        ``"cuda"`` (or ``"auto"`` when the weights live on a GPU: anything
-        with ``__cuda_array_interface__``) runs everything on the GPU with
+        ``"cuda"`` (or ``"auto"`` when a weight or a score array lives on a
+        GPU: anything with ``__cuda_array_interface__``) runs everything on the GPU with
         the same rules and the same masks and CSR structure: ``csr`` holds
         :class:`sparsecore.cuda.DeviceCSR` and ``masks``/``groups`` numba
         device arrays. See :func:`sparsecore.cuda.prune`.
@@ -320,7 +320,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}; "
                         f"for one array pass {{'weight': array}}")
-    if _device.resolve(device, *weights.values()) == "cuda":
+    given = list(weights.values()) + (list(scores.values()) if isinstance(scores, Mapping) else [])
+    if _device.resolve(device, *given) == "cuda":  # "auto": any weight or score on a GPU
         from .cuda import prune as prune_on_device
 
         return prune_on_device(weights, scores, sparsity=sparsity, threshold=threshold, scope=scope, state=state,

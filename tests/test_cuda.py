@@ -585,3 +585,12 @@ def test_gradual_pruner_on_the_device_matches_cpu(rng):
     for k in w:
         np.testing.assert_array_equal(dev.history.masks()[k], cpu.history.masks()[k])
         np.testing.assert_array_equal(dev.masks[k].copy_to_host(), cpu.masks[k])
+
+
+def test_prune_auto_follows_device_scores(rng):
+    c = _device.cuda()
+    w = {"fc": make(rng, (4, 6), np.float32)}
+    s = {"fc": make(rng, (4, 6), np.float32, "ties")}
+    got = sc.prune(w, {"fc": c.to_device(s["fc"])}, sparsity=0.5)  # host weights, device scores: the GPU
+    assert isinstance(got.csr["fc"], scu.DeviceCSR)
+    _same_result(got, sc.prune(w, s, sparsity=0.5))
