@@ -10,7 +10,8 @@ drops the sign bit first (magnitude).
 Construction runs one block per row: each thread takes a contiguous chunk of
 the row, counts, and a block-wide scan in shared memory orders the chunks, so
 row order is kept without atomics. Three passes: ties per row (only with a
-quota), kept non-zeros per row, then the fill; the host turns the per-row
+quota, and the tie offsets of a chunk only in rows whose ties the quota
+splits), kept non-zeros per row, then the fill; the host turns the per-row
 counts into offsets (one small array each way).
 """
 
@@ -51,6 +52,26 @@ def _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt):
 
 
 @cuda.jit(device=True, inline=True)
+def _row_chunk(cols):
+    """``(row, thread, threads, lo, hi)``: this block's row and this thread's
+    contiguous chunk ``[lo, hi)`` of it (flat indices)."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    return r, tid, nt, r * cols + tid * cols // nt, r * cols + (tid + 1) * cols // nt
+
+
+@cuda.jit(device=True, inline=True)
+def _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pruned_ties):
+    """The row's ties before this chunk, counted only when the row prunes
+    some ties (``pruned_ties`` is the same for the whole block, so every
+    thread takes the same branch); else 0, which keeps every tie."""
+    if pruned_ties == 0:
+        return int64(0)
+    return _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
+
+
+@cuda.jit(device=True, inline=True)
 def _keep(k, T, tie_index, pruned_ties):
     return k > T or (k == T and tie_index >= pruned_ties)
 
@@ -75,12 +96,8 @@ def _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties):
 @cuda.jit
 def row_ties(sbits, cols, T, absolute, wide, ties):
     """Per row: entries whose key equals ``T``."""
-    r = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    r, tid, nt, lo, hi = _row_chunk(cols)
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    lo = r * cols + tid * cols // nt
-    hi = r * cols + (tid + 1) * cols // nt
     _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     if tid == 0:
         ties[r] = shared[nt]
@@ -89,13 +106,9 @@ def row_ties(sbits, cols, T, absolute, wide, ties):
 @cuda.jit
 def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
     """Per row: kept entries whose weight is non-zero (NaN/Inf weights counted in ``bad``)."""
-    r = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    r, tid, nt, lo, hi = _row_chunk(cols)
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    lo = r * cols + tid * cols // nt
-    hi = r * cols + (tid + 1) * cols // nt
-    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
+    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pruned_ties[r])
     c, nb = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties[r])
     cuda.syncthreads()  # every thread has read its tie offset before the counts overwrite them
     shared[tid] = c
@@ -109,14 +122,10 @@ def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
 @cuda.jit
 def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indices):
     """Write the kept non-zeros of each row at ``indptr[r]``, in column order."""
-    r = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    r, tid, nt, lo, hi = _row_chunk(cols)
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    lo = r * cols + tid * cols // nt
-    hi = r * cols + (tid + 1) * cols // nt
-    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     pr = pruned_ties[r]
+    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
     c, _ = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pr)
     cuda.syncthreads()
     shared[tid] = c
@@ -135,14 +144,10 @@ def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indic
 @cuda.jit
 def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
     """The keep-mask of the rule (kept = key above ``T``, or a tie past the row's quota)."""
-    r = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    r, tid, nt, lo, hi = _row_chunk(cols)
     shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    lo = r * cols + tid * cols // nt
-    hi = r * cols + (tid + 1) * cols // nt
-    tie = _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
     pr = pruned_ties[r]
+    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
     for i in range(lo, hi):
         k = key_of_bits(sbits[i], absolute, wide)
         mask[i] = _keep(k, T, tie, pr)
