@@ -30,7 +30,7 @@ from . import _device
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY
 from ._validate import nonfinite_error
 from .importance import GradientAccumulator
-from .selection import _NORMS, Rule, Source, norm_inverse, select_rules
+from .selection import Rule, Source, select_rules
 
 __all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts", "activations",
            "bins_of", "csr_matmul", "csr_of_mask", "csr_of_rule", "feature_sq_into", "fit_bins", "pairwise_mi",
@@ -234,7 +234,7 @@ def score_norm(src, kind):
 def select_rule(scores, k: int, *, absolute: bool = False):
     """The selection rule pruning the ``k`` lowest scores of a device array
     (ties: lower flat index first), found by radix histograms of its keys on
-    the device (two 16-bit levels for float32, four for float64)."""
+    the device (see :func:`search`)."""
     src = device_source("scores", scores, MODE_ABS if absolute else MODE_IDENTITY)
     return select_rules([src], counts=[k])[0]
 
@@ -305,8 +305,13 @@ def mask_of(src, rule):
     under ``rule``, shaped like the source (non-finite scores refused)."""
     _count_rule(src, rule)
     kb, absolute = src.keys(rule.wide)
+    return _rule_mask(kb, absolute, rule, *_rows(src)).reshape(src.shape)
+
+
+def _rows(src):
+    """``(rows, cols)`` a source's keys are laid out in: its 2-D view (one row when 1-D)."""
     rows = src.shape[0] if len(src.shape) >= 2 else 1
-    return _rule_mask(kb, absolute, rule, rows, src.size // max(rows, 1)).reshape(src.shape)
+    return rows, src.size // max(rows, 1)
 
 
 def _build(w, kb, absolute, rule, rows, cols, name="weights", original=None, want_mask=False):
@@ -595,7 +600,7 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
     copy). N:M groups of at most 32 entries."""
     from .csr import matrix_shape
     from .patterns import NM, Blocks, Units
-    from .prune import PruneResult, TensorSummary, _check_masks, _sources, check_call, select_all
+    from .prune import PruneResult, TensorSummary, _check_masks, _normalise, _sources, check_call, select_all
 
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
@@ -607,10 +612,7 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
     if isinstance(pattern, (Blocks, Units)):
         srcs = [_group_source(src, warrs[src.name], pattern) for src in srcs]
     if not isinstance(pattern, NM):
-        for src in srcs:
-            inv = norm_inverse(src, normalize)
-            if _NORMS[normalize]:
-                src.inv, src.scaled = inv, True
+        _normalise(srcs, normalize)
     done = None
     if old is not None and not isinstance(pattern, NM):
         done = []
@@ -637,19 +639,19 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
             pruned = _count_rule(src, rule)  # also refuses non-finite scores, whatever the rule
             if threshold is not None and not (lo_t <= pruned <= hi_t):
                 # a cap binds: prune exactly the capped count of this tensor's lowest scores
-                (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
+                pruned = min(max(pruned, lo_t), hi_t)
+                (rule,) = select_rules([src], counts=[pruned])
             kb, absolute = src.keys(rule.wide)
-            grows, gcols = (rows, cols) if pattern is None else (
-                (src.shape[0], src.size // max(src.shape[0], 1)) if len(src.shape) == 2 else (1, src.size))
             if pattern is None and old is None:
                 a, mask = _build(wf, kb, absolute, rule, rows, cols, n, w, want_mask=True)
+                kept = int(w.size) - pruned  # the rule prunes exactly the entries it counted
             else:
-                mask = _rule_mask(kb, absolute, rule, grows, gcols)
+                mask = _rule_mask(kb, absolute, rule, *_rows(src))
                 if pattern is not None:
                     groups[n] = mask.reshape(src.shape)
                 mask = _expand(mask, w.shape, pattern)
-        kept = _count_kept(mask, old.get(n) if old is not None else None)
         if pattern is not None or old is not None:
+            kept = _count_kept(mask, old.get(n) if old is not None else None)
             a = _csr_of_mask(wf, mask, rows, cols, n, w)
         csr[n] = a
         out_masks[n] = mask.reshape(w.shape)
@@ -979,8 +981,7 @@ def unit_mi(acts, labels, bins=16, strategy="uniform", *, target="discrete", bas
         tb = fit_bins(t, bins, strategy, "target")
         y, k = _codes(t, tb, c)[0], tb.nbins
     elif target == "discrete":
-        host = labels.copy_to_host() if hasattr(labels, "copy_to_host") else (
-            c.as_cuda_array(labels).copy_to_host() if _device.is_device_array(labels) else labels)
+        host = _device.to_device(labels).copy_to_host() if _device.is_device_array(labels) else labels
         yh = _labels(host, a.shape[0], "activations")
         y, k = c.to_device(yh), int(yh.max()) + 1 if yh.size else 1
     else:

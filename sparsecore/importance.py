@@ -266,6 +266,7 @@ class GradientAccumulator:
         self._shapes = {}
         self._acc = {}  # name -> {stat: float64 total}
         self._part = {}  # name -> {stat: float32 partial} ("mixed" only)
+        self._spare = {}  # name -> {stat: device array}: where the next GPU update writes
         self._pending = 0  # terms held in the partials
         self.count = 0
         self.n_batches = 0
@@ -408,9 +409,7 @@ class GradientAccumulator:
         swapped in only when every gradient and weight was finite."""
         from . import cuda as _cuda
 
-        spares = getattr(self, "_spare", None)
-        if spares is None:
-            spares = self._spare = {}
+        spares = self._spare
         totals = {}
         for name, _, n, *_ in prepared:
             totals[name] = self._acc.get(name) or {s: _cuda.zeros(n) for s in self.stats}
