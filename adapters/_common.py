@@ -127,13 +127,11 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
                     acc = stats.pairwise[wname] = pair_acc(fitted[("in", n)], fitted[("out", n)])
                 acc.update(as_units(inp), a_out)
             if feature_norms:
-                if device:  # features on the last axis for dense layers, as below
+                if device:  # features on the last axis for dense layers and channels-last maps, as below
                     stats.sq[wname] = scu.feature_sq_into(stats.sq.get(wname), inp, dense or channels_last)
                     continue
                 x = np.asarray(inp, np.float64) ** 2
-                if dense:  # features on the last axis
-                    sq = x.reshape(-1, x.shape[-1]).sum(axis=0)
-                elif channels_last:
+                if dense or channels_last:  # features on the last axis
                     sq = x.reshape(-1, x.shape[-1]).sum(axis=0)
                 else:
                     sq = x.reshape(x.shape[0], x.shape[1], -1).sum(axis=(0, 2))
