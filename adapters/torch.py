@@ -88,6 +88,15 @@ def prunable(model: nn.Module, include: Iterable[str] | None = None,
     return {k: v for k, v in out.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in ex)}
 
 
+def _dev_float(t):
+    """A detached contiguous float32/float64 tensor left on its device (for
+    the CUDA backend; other float dtypes widened, as :func:`_host` does)."""
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.contiguous()
+
+
 def _host(t):
     t = t.detach()
     if t.device.type != "cpu":
@@ -95,11 +104,6 @@ def _host(t):
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy()
-
-
-def _dev(t):
-    """A detached, contiguous tensor left on its device (for the CUDA backend)."""
-    return t.detach().contiguous()
 
 
 def weights(model: nn.Module, include=None, exclude=(), *, device: str = "host") -> dict:
@@ -200,14 +204,14 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
     GradientAccumulator, or DeviceAccumulator on the GPU
     """
     params = prunable(model, include, exclude)
-    on_gpu = device == "cuda" or (device == "auto" and any(p.is_cuda for p in params.values()))
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    on_gpu = device == "cuda" or (device == "auto" and any(p.is_cuda for p in params.values()))
     if on_gpu:
         from sparsecore.cuda import DeviceAccumulator
 
         acc = accumulator if accumulator is not None else DeviceAccumulator(stats=stats)
-        conv = _dev  # tensors stay where they are
+        conv = _dev_float  # tensors stay where they are
     else:
         acc = accumulator if accumulator is not None else sc.GradientAccumulator(stats=stats)
         conv = _host
@@ -327,14 +331,6 @@ def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pair
                          lambda y: y.detach().reshape(-1).to(torch.int64).contiguous())
     return collect(run, weight_of, n_classes=n_classes, bins=bins, unit=unit, pairwise=pairwise,
                    feature_norms=feature_norms, device=True)
-
-
-def _dev_float(t):
-    """A detached contiguous float32/float64 tensor left on its device."""
-    t = t.detach()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.contiguous()
 
 
 # --- into PyTorch -----------------------------------------------------------------
