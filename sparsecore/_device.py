@@ -13,6 +13,8 @@ THREADS = 256  # threads per block of the 1-D kernels
 THREADS_2D = (16, 16)
 ROW_THREADS = 128  # threads of the block that builds one CSR row (at most cuda_csr.MAX_THREADS)
 HIST_BLOCKS = 1024  # most blocks of a radix histogram pass (grid-stride beyond)
+MAX_GRID = (2**31 - 1, 65535, 65535)  # most blocks along grid x, y, z (CUDA's limits; tests lower them)
+GRID_STRIDE_BLOCKS = 65535  # most blocks of a 1-D grid-stride launch (enough to fill any GPU)
 
 
 def cuda():
@@ -55,5 +57,20 @@ def to_device(a, dtype=None):
 
 
 def blocks(n, threads=None):
+    """``(blocks, threads)`` of a 1-D grid-stride launch over ``n`` items
+    (at least one block: callers launch nothing for empty inputs)."""
     t = threads or THREADS
-    return max(1, min((n + t - 1) // t, 65535)), t
+    return max(1, min((n + t - 1) // t, GRID_STRIDE_BLOCKS, MAX_GRID[0])), t
+
+
+def rows_grid(rows):
+    """Blocks of a launch with a block per row (grid-stride over rows beyond the limit)."""
+    return max(1, min(int(rows), MAX_GRID[0]))
+
+
+def blocks_2d(nx, ny):
+    """``((bx, by), (tx, ty))`` of a 2-D grid-stride launch over ``nx x ny``
+    items, each grid axis within its limit (grid y stops at 65,535 blocks)."""
+    tx, ty = THREADS_2D
+    return ((max(1, min(-(-int(nx) // tx), MAX_GRID[0])), max(1, min(-(-int(ny) // ty), MAX_GRID[1]))),
+            (tx, ty))

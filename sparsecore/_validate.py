@@ -83,3 +83,8 @@ def per_name(value, names, what, check):
             raise ValueError(f"{what} misses tensors {missing}; give a value for each, or one number for all")
         return {k: check(value[k], k) for k in names}
     return {k: check(value, k) for k in names}
+
+
+def no_positions_error(name, shape) -> ValueError:
+    """Activation maps with samples and channels but no positions to reduce per channel."""
+    return ValueError(f"activations {name!r} have shape {tuple(shape)}: no positions to reduce per channel")

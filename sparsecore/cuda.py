@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _device
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY
-from ._validate import nonfinite_error
+from ._validate import no_positions_error, nonfinite_error
 from .importance import GradientAccumulator
 from .selection import Rule, Source, select_rules
 
@@ -272,7 +272,7 @@ def _pruned_ties(kb, rows, cols, T, absolute, wide, quota):
     pruned = np.zeros(rows, np.int64)
     if quota and rows:
         ties_d = c.device_array(rows, np.int64)
-        cuda_csr.row_ties[rows, _row_threads()](kb, cols, T, absolute, wide, ties_d)
+        cuda_csr.row_ties[_device.rows_grid(rows), _row_threads()](kb, cols, T, absolute, wide, ties_d)
         ties = ties_d.copy_to_host()
         start = np.concatenate([[0], np.cumsum(ties)[:-1]])
         pruned = np.clip(quota - start, 0, ties)
@@ -296,7 +296,7 @@ def _rule_mask(kb, absolute, rule, rows, cols, pt=None):
         pt = _pruned_ties(kb, rows, cols, T, absolute, rule.wide, rule.quota)
     mask = c.device_array(rows * cols, np.bool_)
     if rows and cols:
-        cuda_csr.row_mask[rows, _row_threads()](kb, cols, T, absolute, rule.wide, pt, mask)
+        cuda_csr.row_mask[_device.rows_grid(rows), _row_threads()](kb, cols, T, absolute, rule.wide, pt, mask)
     return mask
 
 
@@ -329,7 +329,7 @@ def _build(w, kb, absolute, rule, rows, cols, name="weights", original=None, wan
     counts_d = c.device_array(rows, np.int64)
     bad_d = c.to_device(np.zeros(1, np.int64))
     if rows:
-        cuda_csr.row_kept[rows, nt](kb, w, cols, T, absolute, rule.wide, pt, counts_d, bad_d)
+        cuda_csr.row_kept[_device.rows_grid(rows), nt](kb, w, cols, T, absolute, rule.wide, pt, counts_d, bad_d)
     nbad = int(bad_d.copy_to_host()[0])
     if nbad:
         host = w.copy_to_host()
@@ -344,7 +344,7 @@ def _build(w, kb, absolute, rule, rows, cols, name="weights", original=None, wan
     data_d = c.device_array(nnz, w.dtype)
     indices_d = c.device_array(nnz, idt)
     if rows and nnz:
-        cuda_csr.row_fill[rows, nt](kb, w, cols, T, absolute, rule.wide, pt, indptr_d, data_d, indices_d)
+        cuda_csr.row_fill[_device.rows_grid(rows), nt](kb, w, cols, T, absolute, rule.wide, pt, indptr_d, data_d, indices_d)
     a = DeviceCSR(data_d, indices_d, indptr_d, (rows, cols))
     return (a, _rule_mask(kb, absolute, rule, rows, cols, pt)) if want_mask else a
 
@@ -662,13 +662,20 @@ def prune(weights, scores=None, *, sparsity=None, threshold=None, scope: str = "
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
+def _vector_threads():
+    """Threads per block of the thread-group SpMV: at most its shared array."""
+    from ._kernels import cuda_csr
+
+    return min(_device.THREADS, cuda_csr.MAX_THREADS)
+
+
 def _vector_width(mean_nnz):
     """Threads per row for SpMV: a power of two near the mean row length, at
     most a warp (and the block); 1 (a thread per row) for rows under 4 entries."""
     if mean_nnz < 4:
         return 1
     vec = 2
-    while vec < 32 and vec * 2 <= mean_nnz and vec * 2 <= _device.THREADS:
+    while vec < 32 and vec * 2 <= mean_nnz and vec * 2 <= _vector_threads():
         vec *= 2
     return vec
 
@@ -680,30 +687,40 @@ def csr_matmul(a, x, out=None):
     from ._kernels import cuda_csr
 
     if not isinstance(a, DeviceCSR):
-        a = DeviceCSR(c.to_device(a.data), c.to_device(a.indices), c.to_device(a.indptr), a.shape)
+        from .csr import check_csr
+
+        check_csr(a)
+        if a.data.dtype.kind != "f" or a.data.dtype.itemsize > 8:
+            raise TypeError(f"a has dtype {a.data.dtype}; pass float32 or float64 CSR data")
+        idt = np.result_type(a.indices.dtype, a.indptr.dtype)  # one index dtype for both
+        a = DeviceCSR(c.to_device(a.data.astype(np.float64 if a.data.dtype.itemsize > 4 else np.float32)),
+                      c.to_device(a.indices.astype(idt)), c.to_device(a.indptr.astype(idt)), a.shape)
     xd = _float_device(x, "x")
     rows, cols = a.shape
     if xd.shape[0] != cols or xd.ndim not in (1, 2):
         raise ValueError(f"x has shape {xd.shape}; a of shape {a.shape} needs ({cols},) or ({cols}, k)")
+    if xd.size and not xd.is_c_contiguous():
+        raise ValueError("x is not contiguous on the device; pass a contiguous array (e.g. tensor.contiguous())")
     dt = np.result_type(a.data.dtype, xd.dtype)
     shape = (rows,) if xd.ndim == 1 else (rows, xd.shape[1])
     if out is None:
         out = c.device_array(shape, dt)
-    if rows == 0:
+    elif tuple(out.shape) != shape or out.dtype != dt or not out.is_c_contiguous():
+        raise ValueError(f"out must be a contiguous {dt} device array of shape {shape}")
+    if out.size == 0:  # no rows, or X of no columns: nothing to launch
         return out
     if xd.ndim == 1:
         vec = _vector_width(a.nnz / rows)
         if vec > 1:  # rows long enough for a group of threads each: coalesced reads of the row
-            nt = _device.THREADS
-            nb = max(1, min(-(-rows // (nt // vec)), 65535))
+            nt = _vector_threads()
+            nb, _ = _device.blocks(rows * vec, nt)
             cuda_csr.csr_matvec_vector[nb, nt](a.data, a.indices, a.indptr, xd, out, vec)
         else:
             nb, nt = _device.blocks(rows)
             cuda_csr.csr_matvec[nb, nt](a.data, a.indices, a.indptr, xd, out)
     else:
-        tx, ty = _device.THREADS_2D
-        grid = ((xd.shape[1] + tx - 1) // tx, (rows + ty - 1) // ty)
-        cuda_csr.csr_matmat[grid, (tx, ty)](a.data, a.indices, a.indptr, xd, out)
+        grid, threads = _device.blocks_2d(xd.shape[1], rows)
+        cuda_csr.csr_matmat[grid, threads](a.data, a.indices, a.indptr, xd, out)
     return out
 
 
@@ -781,18 +798,22 @@ class DeviceAccumulator(GradientAccumulator):
         super().__init__(stats, precision="float64", device="cuda")
 
 
-def _codes(acts, bins, c):
-    """Equal-width codes (units, samples) on the device for fitted ``bins``."""
+def _codes(acts, bins, c, name="activations"):
+    """Equal-width codes (units, samples) on the device for fitted ``bins``
+    (activations checked as the CPU's ``Bins.codes`` checks them)."""
     from ._kernels import cuda_mi
 
-    a = _float_device(acts, "activations")
+    a = activations(acts, name)
+    if a.shape[1] != bins.units:
+        raise ValueError(f"activations {name!r} have {a.shape[1]} units, the bins were fitted on {bins.units}")
+    if bins.nbins > 256:
+        raise ValueError(f"{bins.nbins} bins: the device codes hold at most 256 bins; use device='cpu'")
     lo = np.ascontiguousarray(bins.edges[:, 0])
     width = (bins.edges[:, -1] - lo) / bins.nbins
     inv = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0), 0.0)
     out = c.device_array((a.shape[1], a.shape[0]), np.uint8)
-    tx, ty = _device.THREADS_2D
-    grid = ((a.shape[1] + tx - 1) // tx, (a.shape[0] + ty - 1) // ty)
-    cuda_mi.uniform_codes[grid, (tx, ty)](a, c.to_device(lo), c.to_device(inv), float(bins.nbins - 1), out)
+    if out.size:
+        cuda_mi.uniform_codes[_launch(out.size)](a, c.to_device(lo), c.to_device(inv), float(bins.nbins - 1), out)
     return out
 
 
@@ -804,9 +825,8 @@ def unit_label_counts(acts, labels, bins, n_classes):
     codes = _codes(acts, bins, c)
     y = _device.to_device(labels)
     counts = c.to_device(np.zeros((codes.shape[0], bins.nbins, n_classes), np.int64))
-    tx, ty = _device.THREADS_2D
-    grid = ((codes.shape[0] + tx - 1) // tx, (codes.shape[1] + ty - 1) // ty)
-    cuda_mi.unit_label_counts[grid, (tx, ty)](codes, y, counts)
+    if codes.size:
+        cuda_mi.unit_label_counts[_launch(codes.size)](codes, y, counts)
     return counts
 
 
@@ -819,7 +839,7 @@ def activations(acts, name="activations", reduce=None):
         if reduce not in ("mean", "max"):
             raise ValueError(f"activations {name!r} have shape {tuple(a.shape)} (samples, channels, H, W); "
                              f"pass reduce='mean' or reduce='max' to get one value per channel")
-        a = _channel_reduce(a, False, 0 if reduce == "mean" else 1)
+        a = _channel_reduce(a, False, 0 if reduce == "mean" else 1, name)
     elif a.ndim == 1:
         a = a.reshape(a.shape[0], 1)
     elif a.ndim != 2:
@@ -830,11 +850,13 @@ def activations(acts, name="activations", reduce=None):
     return a
 
 
-def _channel_reduce(d, channels_last, op):
+def _channel_reduce(d, channels_last, op, name="activations"):
     """(N, C) per-channel means (``op`` 0) or maxima (1) of a device activation map."""
     from ._kernels import cuda_mi
 
     n, ch, sp = _map_view(d, channels_last)
+    if sp == 0 and n * ch:
+        raise no_positions_error(name, d.shape)
     out = _device.cuda().device_array((n, ch), d.dtype)
     if out.size:
         cuda_mi.channel_reduce[_launch(out.size)](d.reshape(d.size), ch, sp, channels_last, op, out)
@@ -902,7 +924,7 @@ def units(a, channels_last=False, name="activations"):
         return d.reshape(d.shape[0], 1)
     if d.ndim == 2:
         return d
-    return _channel_reduce(d, channels_last, 0)
+    return _channel_reduce(d, channels_last, 0, name)
 
 
 def feature_sq_into(out, a, channels_last, name="inputs"):
@@ -922,10 +944,8 @@ def _marginal_counts(codes, nbins):
     from ._kernels import cuda_mi
 
     counts = _device.cuda().to_device(np.zeros((codes.shape[0], nbins), np.int64))
-    tx, ty = _device.THREADS_2D
-    grid = ((codes.shape[0] + tx - 1) // tx, (codes.shape[1] + ty - 1) // ty)
     if codes.size:
-        cuda_mi.unit_bin_counts[grid, (tx, ty)](codes, counts)
+        cuda_mi.unit_bin_counts[_launch(codes.size)](codes, counts)
     return counts.copy_to_host()
 
 
@@ -943,8 +963,8 @@ def pairwise_mi(acts_in, acts_out, bins_in, bins_out, *, base="e", correction=No
         raise ValueError(f"{bins_out.nbins} x {bins_in.nbins} bins exceed the {cuda_mi.MAX_CELLS} cells a thread "
                          f"holds on the device; use fewer bins or device='cpu'")
     c = _device.cuda()
-    ci = _codes(acts_in, bins_in, c)
-    co = _codes(acts_out, bins_out, c)
+    ci = _codes(acts_in, bins_in, c, "inputs")
+    co = _codes(acts_out, bins_out, c, "outputs")
     n = ci.shape[1]
     if co.shape[1] != n:
         raise ValueError(f"inputs hold {n} samples but outputs {co.shape[1]}")
@@ -953,10 +973,8 @@ def pairwise_mi(acts_in, acts_out, bins_in, bins_out, *, base="e", correction=No
     sx_o, h_o, m_o = marginal_terms(_marginal_counts(co, bins_out.nbins), table, n)
     mi = c.device_array((co.shape[0], ci.shape[0]), np.float64)
     mxy = c.device_array((co.shape[0], ci.shape[0]), np.int64)
-    tx, ty = _device.THREADS_2D
-    grid = ((ci.shape[0] + tx - 1) // tx, (co.shape[0] + ty - 1) // ty)
     if mi.size:
-        cuda_mi.pair_mi[grid, (tx, ty)](co, ci, bins_out.nbins, bins_in.nbins, c.to_device(table), c.to_device(sx_o),
+        cuda_mi.pair_mi[_device.blocks_2d(ci.shape[0], co.shape[0])](co, ci, bins_out.nbins, bins_in.nbins, c.to_device(table), c.to_device(sx_o),
                                         c.to_device(sx_i), n, mi, mxy)
     return _finish(mi.copy_to_host(), h_o[:, None], h_i[None, :], m_o[:, None], m_i[None, :], mxy.copy_to_host(), n,
                    base, correction, normalized)
@@ -1005,12 +1023,13 @@ class UnitMICounts:
     def update(self, acts, labels):
         from ._kernels import cuda_mi
 
+        from .mutual_info import class_labels
+
         c = _device.cuda()
         codes = _codes(acts, self.bins, c)
-        y = _device.to_device(labels)
-        tx, ty = _device.THREADS_2D
-        grid = ((codes.shape[0] + tx - 1) // tx, (codes.shape[1] + ty - 1) // ty)
-        cuda_mi.unit_label_counts[grid, (tx, ty)](codes, y, self.counts)
+        y = c.to_device(class_labels(labels, codes.shape[1], self.n_classes))
+        if codes.size:
+            cuda_mi.unit_label_counts[_launch(codes.size)](codes, y, self.counts)
         return self
 
     def mi(self, **options):
@@ -1039,11 +1058,13 @@ class PairMICounts:
         from ._kernels import cuda_mi
 
         c = _device.cuda()
-        ci = _codes(acts_in, self.bins_in, c)
-        co = _codes(acts_out, self.bins_out, c)
-        tx, ty = _device.THREADS_2D
-        grid = ((ci.shape[0] + tx - 1) // tx, (co.shape[0] + ty - 1) // ty)
-        cuda_mi.pair_counts[grid, (tx, ty)](co, ci, self.bins_in.nbins, self.counts)
+        ci = _codes(acts_in, self.bins_in, c, "inputs")
+        co = _codes(acts_out, self.bins_out, c, "outputs")
+        if ci.shape[1] != co.shape[1]:
+            raise ValueError(f"inputs hold {ci.shape[1]} samples but outputs {co.shape[1]}")
+        if ci.shape[1] and self.counts.size:
+            cuda_mi.pair_counts[_device.blocks_2d(ci.shape[0], co.shape[0])](co, ci, self.bins_in.nbins,
+                                                                             self.counts)
         self.n += ci.shape[1]
         return self
 

@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike
 
 from ._device import resolve
 from ._kernels import cpu_mi, cpu_select
-from ._validate import as_float_array
+from ._validate import as_float_array, no_positions_error
 from .importance import Criterion, register_criterion
 
 __all__ = ["Bins", "PairwiseMIAccumulator", "UnitMIAccumulator", "fit_bins", "pairwise_mi", "unit_mi"]
@@ -41,6 +41,8 @@ def _activations(acts, name, reduce=None):
         if reduce not in ("mean", "max"):
             raise ValueError(f"activations {name!r} have shape {a.shape} (samples, channels, H, W); "
                              f"pass reduce='mean' or reduce='max' to get one value per channel")
+        if a.shape[2] * a.shape[3] == 0 and a.shape[0] * a.shape[1]:
+            raise no_positions_error(name, a.shape)
         a = a.mean(axis=(2, 3)) if reduce == "mean" else a.max(axis=(2, 3))
     elif a.ndim == 1:
         a = a[:, None]
@@ -189,6 +191,20 @@ def _labels(labels, n, name):
     return y
 
 
+def class_labels(labels, n, n_classes, name="activations"):
+    """Host int64 class ids ``0 .. n_classes - 1``, one per sample (the labels
+    of a device array are copied to the host: one integer per sample)."""
+    host = labels.copy_to_host() if hasattr(labels, "copy_to_host") else labels
+    if hasattr(host, "__cuda_array_interface__"):
+        from . import _device
+
+        host = _device.to_device(host).copy_to_host()
+    y = _labels(host, n, name)
+    if y.size and y.max() >= n_classes:
+        raise ValueError(f"label {int(y.max())} at sample {int(np.argmax(y))} is >= n_classes={n_classes}")
+    return y
+
+
 _TABLE_MAX = 1 << 22  # counts up to this use a table of k log k instead of log()
 
 
@@ -250,9 +266,7 @@ class UnitMIAccumulator:
 
     def update(self, acts: ArrayLike, labels: ArrayLike, *, reduce: str | None = None) -> "UnitMIAccumulator":
         codes = self.bins.codes(acts, reduce=reduce)
-        y = _labels(labels, codes.shape[1], "activations")
-        if y.size and y.max() >= self.n_classes:
-            raise ValueError(f"label {int(y.max())} at sample {int(np.argmax(y))} is >= n_classes={self.n_classes}")
+        y = class_labels(labels, codes.shape[1], self.n_classes)
         cpu_mi.unit_label_counts(codes, y, self.counts)
         return self
 

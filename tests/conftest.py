@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -31,3 +33,9 @@ def make(rng, shape, dtype, kind="normal"):
         if a.ndim >= 2 and a.shape[0]:
             a[:: 2] = 0
     return a.astype(dtype)
+
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    from . import _launches
+
+    _launches.install()

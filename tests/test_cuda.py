@@ -33,6 +33,10 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_device, "THREADS_2D", (4, 4))
     monkeypatch.setattr(_device, "ROW_THREADS", 4)
     monkeypatch.setattr(_device, "HIST_BLOCKS", 2)  # two shared histograms flushed into one
+    # Grids far below CUDA's limits (checked on every launch by tests/_launches.py), so that every
+    # kernel's grid-stride loops run: large axes must be looped inside the kernels, not put on a grid
+    # axis that stops at 65,535 blocks.
+    monkeypatch.setattr(_device, "MAX_GRID", (3, 2, 2))
 
 
 def test_device_selection_errors():
@@ -594,3 +598,112 @@ def test_prune_auto_follows_device_scores(rng):
     got = sc.prune(w, {"fc": c.to_device(s["fc"])}, sparsity=0.5)  # host weights, device scores: the GPU
     assert isinstance(got.csr["fc"], scu.DeviceCSR)
     _same_result(got, sc.prune(w, s, sparsity=0.5))
+
+
+# --- launch limits (a GPU's; the simulator's launches are checked by tests/_launches.py) ---
+
+def test_launches_are_checked_as_a_gpu_would():
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+    from ._launches import LaunchError
+
+    assert getattr(FakeCUDAKernel.__call__, "checked", False)
+    from sparsecore._kernels import cuda_accumulate, cuda_select
+
+    c = _device.cuda()
+    dst = c.to_device(np.zeros(4))
+    with pytest.raises(LaunchError, match="grid .* 0 blocks along axis x"):
+        cuda_accumulate.add_into[0, 4](dst, dst)
+    with pytest.raises(LaunchError, match="4 blocks along axis x"):  # MAX_GRID is (3, 2, 2) here
+        cuda_accumulate.add_into[4, 4](dst, dst)
+    with pytest.raises(LaunchError, match="do not declare"):
+        cuda_accumulate.add_into[1, 4](c.to_device(np.zeros(4, np.float32)), dst)
+    assert cuda_select.HIST_SIZE == 1 << cuda_select.HIST_BITS
+
+
+def test_large_axes_loop_inside_the_kernels(rng):
+    """More samples, units and rows than the (lowered) grid covers: each
+    kernel loops (MI codes and counts, pair tables, row blocks, SpMM rows)."""
+    c = _device.cuda()
+    a_in = rng.standard_normal((70, 9))
+    a_out = np.tanh(a_in[:, :7] * 2)
+    y = rng.integers(0, 3, 70)
+    np.testing.assert_allclose(sc.pairwise_mi(c.to_device(a_in), c.to_device(a_out), bins=4),
+                               sc.pairwise_mi(a_in, a_out, bins=4), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sc.unit_mi(c.to_device(a_in), y, bins=4), sc.unit_mi(a_in, y, bins=4),
+                               rtol=1e-12, atol=1e-14)
+    b_in, b_out = sc.fit_bins(a_in, 4), sc.fit_bins(a_out, 4)
+    dev = scu.PairMICounts(b_in, b_out).update(c.to_device(a_in), c.to_device(a_out))
+    host = sc.PairwiseMIAccumulator(b_in, b_out).update(a_in, a_out)
+    np.testing.assert_array_equal(dev.counts.copy_to_host(), host.counts)
+    units = scu.UnitMICounts(b_in, 3).update(c.to_device(a_in), y)
+    np.testing.assert_array_equal(units.counts.copy_to_host(), sc.UnitMIAccumulator(b_in, 3).update(a_in, y).counts)
+    w = make(rng, (23, 11), np.float32, "ties")
+    got = scu.to_csr(w, sparsity=0.5).to_scipy()
+    want = sc.to_csr(w, sparsity=0.5)
+    for part in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(got, part), getattr(want, part))
+    X = rng.standard_normal((11, 13)).astype(np.float32)
+    np.testing.assert_allclose(scu.csr_matmul(want, X).copy_to_host(), ref.matmul(want.toarray(), X), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_empty_inputs_launch_nothing(rng):
+    c = _device.cuda()
+    a = sc.to_csr(make(rng, (5, 4), np.float32), sparsity=0.5)
+    out = scu.csr_matmul(a, np.zeros((4, 0), np.float32))  # X of no columns
+    assert out.shape == (5, 0)
+    assert scu.csr_matmul(sc.to_csr(np.zeros((0, 4), np.float32)), np.ones(4, np.float32)).shape == (0,)
+    bins = sc.fit_bins(rng.standard_normal((10, 3)), 4)
+    none = np.zeros((0, 3))
+    with pytest.raises(ValueError, match=r"hold 0 sample\(s\); MI needs at least 2"):  # as the CPU
+        sc.UnitMIAccumulator(bins, 2).update(none, np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match=r"hold 0 sample\(s\); MI needs at least 2"):
+        scu.UnitMICounts(bins, 2).update(c.to_device(none), np.zeros(0, np.int64))
+    no_units = sc.fit_bins(rng.standard_normal((10, 0)), 4)
+    zero = np.zeros((6, 0))
+    got = scu.UnitMICounts(no_units, 2).update(c.to_device(zero), np.zeros(6, np.int64))
+    want = sc.UnitMIAccumulator(no_units, 2).update(zero, np.zeros(6, np.int64))
+    assert got.counts.shape == want.counts.shape == (0, 4, 2)
+    pairs = scu.PairMICounts(no_units, bins).update(c.to_device(zero), c.to_device(rng.standard_normal((6, 3))))
+    assert pairs.n == 6 and pairs.counts.shape == (3, 0, 4, 4)
+    np.testing.assert_array_equal(sc.unit_mi(c.to_device(np.zeros((6, 0))), np.zeros(6, np.int64)),
+                                  sc.unit_mi(np.zeros((6, 0)), np.zeros(6, np.int64)))
+
+
+def test_vector_spmv_threads_fit_its_shared_array(rng, monkeypatch):
+    from sparsecore._kernels import cuda_csr
+
+    monkeypatch.setattr(_device, "THREADS", 2 * cuda_csr.MAX_THREADS)  # more than its shared array holds
+    w = make(rng, (3, 300), np.float64)
+    a = sc.to_csr(w, sparsity=0.5)
+    x = rng.standard_normal(300)
+    assert scu._vector_width(a.nnz / a.shape[0]) == 32
+    np.testing.assert_allclose(scu.csr_matmul(a, x).copy_to_host(), ref.matmul(a.toarray(), x), rtol=1e-12)
+
+
+def test_maps_without_positions_are_refused_as_on_the_cpu():
+    c = _device.cuda()
+    maps = np.ones((4, 2, 0, 3), np.float32)
+    y = np.array([0, 1, 0, 1])
+    for reduce in ("mean", "max"):
+        with pytest.raises(ValueError, match=r"shape \(4, 2, 0, 3\): no positions to reduce per channel"):
+            sc.unit_mi(maps, y, reduce=reduce)
+        with pytest.raises(ValueError, match=r"shape \(4, 2, 0, 3\): no positions to reduce per channel"):
+            sc.unit_mi(c.to_device(maps), y, reduce=reduce)
+    with pytest.raises(ValueError, match="no positions"):
+        scu.units(c.to_device(maps))
+
+
+def test_device_label_counts_check_labels_as_on_the_cpu(rng):
+    c = _device.cuda()
+    a = rng.standard_normal((6, 2))
+    bins = sc.fit_bins(a, 3)
+    for y, msg in ((np.array([0, 1, 2, 0, 1, 0]), "is >= n_classes=2"), (np.array([0, 1, -1, 0, 1, 0]), ">= 0"),
+                   (np.zeros(5, np.int64), "hold 5 values"), (np.zeros(6), "are floats")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            sc.UnitMIAccumulator(bins, 2).update(a, y)
+        with pytest.raises((ValueError, TypeError), match=msg):
+            scu.UnitMICounts(bins, 2).update(c.to_device(a), c.to_device(y))
+    with pytest.raises(ValueError, match="samples"):
+        scu.PairMICounts(bins, bins).update(c.to_device(a), c.to_device(a[:4]))

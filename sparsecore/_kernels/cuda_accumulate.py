@@ -15,6 +15,8 @@ import math
 
 from numba import cuda, int64
 
+from ._signatures import FLOATS, arr, combos, f64, i64
+
 
 @cuda.jit
 def accumulate(g, w, t_g, t_g2, t_wg, t_wg2, n_g, n_g2, n_wg, n_wg2, bad):
@@ -65,3 +67,10 @@ def add_into(dst, src):
     """``dst += src`` (merging two accumulators' sums)."""
     for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
         dst[i] += src[i]
+
+
+SIGNATURES = {
+    # gradients, weights (an empty float64 array when the statistics need none), 4 + 4 totals, errors
+    "accumulate": combos(lambda g, w: (arr(g, 2), arr(w)) + (arr(f64),) * 8 + (arr(i64),), FLOATS, FLOATS),
+    "add_into": [(arr(f64), arr(f64))],
+}

@@ -7,8 +7,8 @@ pruned when its key is below ``T``, or equal to ``T`` and among the first
 ``quota`` such ties in flat (row-major) order, as on the CPU. ``absolute``
 drops the sign bit first (magnitude).
 
-Construction runs one block per row: each thread takes a contiguous chunk of
-the row, counts, and a block-wide scan in shared memory orders the chunks, so
+Construction runs one block per row (grid-stride over rows): each thread
+takes a contiguous chunk of the row, counts, and a block-wide scan in shared memory orders the chunks, so
 row order is kept without atomics. Three passes: ties per row (only with a
 quota, and the tie offsets of a chunk only in rows whose ties the quota
 splits), kept non-zeros per row, then the fill; the host turns the per-row
@@ -17,9 +17,11 @@ counts into offsets (one small array each way).
 
 from numba import cuda, float64, int64
 
+from ._signatures import FLOATS, INDEX, KEYS, arr, b1, combos, i64, u64, wider
 from .cuda_select import key_of_bits
 
-MAX_THREADS = 256
+MAX_THREADS = 256  # most threads of a row block and of csr_matvec_vector (their shared arrays)
+SCAN_SLOTS = MAX_THREADS + 1  # a shared size must be a literal or a bare global name to compile
 
 
 @cuda.jit(device=True, inline=True)
@@ -52,13 +54,12 @@ def _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt):
 
 
 @cuda.jit(device=True, inline=True)
-def _row_chunk(cols):
-    """``(row, thread, threads, lo, hi)``: this block's row and this thread's
-    contiguous chunk ``[lo, hi)`` of it (flat indices)."""
-    r = cuda.blockIdx.x
+def _row_chunk(r, cols):
+    """``(thread, threads, lo, hi)``: this thread's contiguous chunk
+    ``[lo, hi)`` of row ``r`` (flat indices)."""
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    return r, tid, nt, r * cols + tid * cols // nt, r * cols + (tid + 1) * cols // nt
+    return tid, nt, r * cols + tid * cols // nt, r * cols + (tid + 1) * cols // nt
 
 
 @cuda.jit(device=True, inline=True)
@@ -96,63 +97,71 @@ def _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties):
 @cuda.jit
 def row_ties(sbits, cols, T, absolute, wide, ties):
     """Per row: entries whose key equals ``T``."""
-    r, tid, nt, lo, hi = _row_chunk(cols)
-    shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
-    if tid == 0:
-        ties[r] = shared[nt]
+    shared = cuda.shared.array(SCAN_SLOTS, int64)
+    for r in range(cuda.blockIdx.x, ties.size, cuda.gridDim.x):  # a block per row, grid-stride over rows
+        tid, nt, lo, hi = _row_chunk(r, cols)
+        _ties_before(sbits, lo, hi, T, absolute, wide, shared, tid, nt)
+        if tid == 0:
+            ties[r] = shared[nt]
+        cuda.syncthreads()  # the total is read before the next row's counts overwrite it
 
 
 @cuda.jit
 def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
     """Per row: kept entries whose weight is non-zero (NaN/Inf weights counted in ``bad``)."""
-    r, tid, nt, lo, hi = _row_chunk(cols)
-    shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pruned_ties[r])
-    c, nb = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties[r])
-    cuda.syncthreads()  # every thread has read its tie offset before the counts overwrite them
-    shared[tid] = c
-    total = _block_scan(shared, tid, nt)
-    if tid == 0:
-        counts[r] = total
-    if nb:
-        cuda.atomic.add(bad, 0, nb)
+    shared = cuda.shared.array(SCAN_SLOTS, int64)
+    for r in range(cuda.blockIdx.x, counts.size, cuda.gridDim.x):
+        tid, nt, lo, hi = _row_chunk(r, cols)
+        tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pruned_ties[r])
+        c, nb = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pruned_ties[r])
+        cuda.syncthreads()  # every thread has read its tie offset before the counts overwrite them
+        shared[tid] = c
+        total = _block_scan(shared, tid, nt)
+        if tid == 0:
+            counts[r] = total
+        if nb:
+            cuda.atomic.add(bad, 0, nb)
+        cuda.syncthreads()
 
 
 @cuda.jit
 def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indices):
     """Write the kept non-zeros of each row at ``indptr[r]``, in column order."""
-    r, tid, nt, lo, hi = _row_chunk(cols)
-    shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    pr = pruned_ties[r]
-    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
-    c, _ = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pr)
-    cuda.syncthreads()
-    shared[tid] = c
-    _block_scan(shared, tid, nt)
-    p = indptr[r] + shared[tid]
-    for i in range(lo, hi):
-        k = key_of_bits(sbits[i], absolute, wide)
-        if _keep(k, T, tie, pr) and w[i] != 0:
-            data[p] = w[i]
-            indices[p] = i - r * cols
-            p += 1
-        if k == T:
-            tie += 1
+    shared = cuda.shared.array(SCAN_SLOTS, int64)
+    for r in range(cuda.blockIdx.x, pruned_ties.size, cuda.gridDim.x):
+        tid, nt, lo, hi = _row_chunk(r, cols)
+        pr = pruned_ties[r]
+        tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
+        c, _ = _kept_in_chunk(sbits, w, lo, hi, T, absolute, wide, tie, pr)
+        cuda.syncthreads()
+        shared[tid] = c
+        _block_scan(shared, tid, nt)
+        p = indptr[r] + shared[tid]
+        for i in range(lo, hi):
+            k = key_of_bits(sbits[i], absolute, wide)
+            if _keep(k, T, tie, pr) and w[i] != 0:
+                data[p] = w[i]
+                indices[p] = i - r * cols
+                p += 1
+            if k == T:
+                tie += 1
+        cuda.syncthreads()
 
 
 @cuda.jit
 def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
     """The keep-mask of the rule (kept = key above ``T``, or a tie past the row's quota)."""
-    r, tid, nt, lo, hi = _row_chunk(cols)
-    shared = cuda.shared.array(MAX_THREADS + 1, int64)
-    pr = pruned_ties[r]
-    tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
-    for i in range(lo, hi):
-        k = key_of_bits(sbits[i], absolute, wide)
-        mask[i] = _keep(k, T, tie, pr)
-        if k == T:
-            tie += 1
+    shared = cuda.shared.array(SCAN_SLOTS, int64)
+    for r in range(cuda.blockIdx.x, pruned_ties.size, cuda.gridDim.x):
+        tid, nt, lo, hi = _row_chunk(r, cols)
+        pr = pruned_ties[r]
+        tie = _tie_offset(sbits, lo, hi, T, absolute, wide, shared, tid, nt, pr)
+        for i in range(lo, hi):
+            k = key_of_bits(sbits[i], absolute, wide)
+            mask[i] = _keep(k, T, tie, pr)
+            if k == T:
+                tie += 1
+        cuda.syncthreads()
 
 
 @cuda.jit
@@ -198,11 +207,29 @@ def csr_matvec_vector(data, indices, indptr, x, out, vec):
 
 @cuda.jit
 def csr_matmat(data, indices, indptr, x, out):
-    """``out = A @ X``: a thread per output entry (row r, column j); the
-    threads of a warp share the row and read consecutive columns of X."""
-    j, r = cuda.grid(2)
-    if r < out.shape[0] and j < out.shape[1]:
-        s = 0.0
-        for p in range(indptr[r], indptr[r + 1]):
-            s += data[p] * x[indices[p], j]
-        out[r, j] = s
+    """``out = A @ X``: a thread per output entry (row r, column j), grid-stride
+    in both axes; the threads of a warp share the row and read consecutive
+    columns of X."""
+    j0, r0 = cuda.grid(2)
+    sj, sr = cuda.gridsize(2)
+    for r in range(r0, out.shape[0], sr):
+        for j in range(j0, out.shape[1], sj):
+            s = 0.0
+            for p in range(indptr[r], indptr[r + 1]):
+                s += data[p] * x[indices[p], j]
+            out[r, j] = s
+
+
+SIGNATURES = {
+    "row_ties": combos(lambda k: (arr(k), i64, u64, b1, b1, arr(i64)), KEYS),
+    "row_kept": combos(lambda k, w: (arr(k), arr(w), i64, u64, b1, b1, arr(i64), arr(i64), arr(i64)), KEYS, FLOATS),
+    "row_fill": combos(lambda k, w, ix: (arr(k), arr(w), i64, u64, b1, b1, arr(i64), arr(ix), arr(w), arr(ix)),
+                       KEYS, FLOATS, INDEX),
+    "row_mask": combos(lambda k: (arr(k), i64, u64, b1, b1, arr(i64), arr(b1)), KEYS),
+    "csr_matvec": combos(lambda d, x, ix: (arr(d), arr(ix), arr(ix), arr(x), arr(wider(d, x))),
+                         FLOATS, FLOATS, INDEX),
+    "csr_matvec_vector": combos(lambda d, x, ix: (arr(d), arr(ix), arr(ix), arr(x), arr(wider(d, x)), i64),
+                                FLOATS, FLOATS, INDEX),
+    "csr_matmat": combos(lambda d, x, ix: (arr(d), arr(ix), arr(ix), arr(x, 2), arr(wider(d, x), 2)),
+                         FLOATS, FLOATS, INDEX),
+}

@@ -7,6 +7,8 @@ the scores, and the masks they select, equal the CPU's bit for bit.
 
 from numba import cuda, float64
 
+from ._signatures import FLOATS, arr, combos, f64, i64
+
 TAYLOR_G = 0  # |w * sum g|             (weights fixed while accumulating)
 TAYLOR_SQUARED_G2 = 1  # w**2 * sum g**2
 OBD = 2  # 0.5 * w**2 * sum g**2
@@ -28,3 +30,8 @@ def criterion_scores(w, a, L, B, out, kind):
             out[i] = abs(x) * float64(a[(i // B) % L])
         else:
             out[i] = abs(float64(a[i]))
+
+
+SIGNATURES = {
+    "criterion_scores": combos(lambda w, a: (arr(w), arr(a), i64, i64, arr(f64), i64), FLOATS, FLOATS),
+}

@@ -14,6 +14,7 @@ import math
 
 from numba import cuda, float64, int64
 
+from ._signatures import FLOATS, arr, b1, combos, f64, i64
 from .keys import MODE_ABS, MODE_SQUARE
 
 MAX_M = 32  # largest N:M group on the device (a thread holds its group)
@@ -193,3 +194,16 @@ def transpose(a, out):
     rows, cols = a.shape
     for i in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
         out[i % cols, i // cols] = a[i // cols, i % cols]
+
+
+SIGNATURES = {
+    "nm_keep": combos(lambda s: (arr(s), i64, i64, i64, i64, i64, arr(b1), arr(i64), i64), FLOATS),
+    "block_pool": combos(lambda s: (arr(s), i64, i64, i64, i64, arr(f64, 2), arr(i64), i64, i64), FLOATS),
+    "block_expand": [(arr(b1, 2), i64, i64, i64, i64, arr(b1))],
+    "unit_reduce": combos(lambda s: (arr(s), i64, i64, i64, i64, arr(f64), arr(i64), i64), FLOATS),
+    "unit_expand": [(arr(b1), i64, i64, arr(b1))],
+    "block_all": [(arr(b1), i64, i64, i64, i64, arr(b1, 2))],
+    "unit_all": [(arr(b1), i64, i64, i64, arr(b1))],
+    "and_count": [(arr(b1), arr(b1), arr(i64))],
+    "transpose": combos(lambda a: (arr(a, 2), arr(a, 2)), FLOATS),
+}

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint64
 
+from ._signatures import FLOATS, KEYS, arr, b1, combos, f64, i64, u64
 from .cpu_select import NORM_BLOCK
 from .keys import MODE_ABS, MODE_SQUARE
 
@@ -58,6 +59,7 @@ def finite_bits(b, wide):
 
 
 HIST_BITS = 12  # digit width of the device radix select: 4096 counters fit in shared memory
+HIST_SIZE = 4096  # 1 << HIST_BITS, written out: a shared size must be a literal or a bare global name
 
 
 @cuda.jit
@@ -68,7 +70,7 @@ def key_hist(sbits, absolute, wide, prefix, pshift, shift, bits, hist, bad):
     first index into ``bad[1]``). Each block counts into its own histogram in
     shared memory (the few buckets that float keys crowd into would
     serialise global atomics) and adds it into ``hist`` at the end."""
-    sh = cuda.shared.array(1 << HIST_BITS, int32)
+    sh = cuda.shared.array(HIST_SIZE, int32)
     nbins = 1 << bits
     for j in range(cuda.threadIdx.x, nbins, cuda.blockDim.x):
         sh[j] = 0
@@ -119,11 +121,10 @@ def count_rule(sbits, absolute, wide, T, out):
 @cuda.jit
 def norm_parts(x, kind, block, part, mode):
     """Twin of ``cpu_select.score_norm``'s first stage: one thread per fixed
-    block of ``block`` elements, added in index order (kind 1 = l1, 2 = l2,
-    3 = max of |score|), so the parts, and the total the host adds up in
-    block order, equal the CPU's bit for bit."""
-    b = cuda.grid(1)
-    if b < part.size:
+    block of ``block`` elements (grid-stride over blocks), added in index
+    order (kind 1 = l1, 2 = l2, 3 = max of |score|), so the parts, and the
+    total the host adds up in block order, equal the CPU's bit for bit."""
+    for b in range(cuda.grid(1), part.size, cuda.gridsize(1)):
         lo = b * block
         hi = min(x.size, lo + block)
         acc = 0.0
@@ -178,3 +179,11 @@ def materialise(x, inv, scaled, keep, low, floor, out, bad, mode, wide):
             cuda.atomic.add(bad, 0, 1)
             cuda.atomic.min(bad, 1, i)
 
+
+SIGNATURES = {
+    "key_hist": combos(lambda k: (arr(k), b1, b1, u64, i64, i64, i64, arr(i64), arr(i64)), KEYS[:2]),
+    "count_rule": combos(lambda k: (arr(k), b1, b1, u64, arr(i64)), KEYS[:2]),
+    "norm_parts": combos(lambda x: (arr(x), i64, i64, arr(f64), i64), FLOATS),
+    "materialise": combos(lambda x, o: (arr(x), f64, b1, arr(b1), f64, f64, arr(o), arr(i64), i64, b1),
+                          FLOATS, FLOATS),
+}
