@@ -30,8 +30,8 @@ import keras
 import numpy as np
 
 import sparsecore as sc
+from sparsecore.activations import ActivationStats, collect
 
-from ._common import ActivationStats, collect
 from ._common import batches as _batches
 
 __all__ = [
@@ -301,9 +301,11 @@ class MaskCallback(keras.callbacks.Callback):
         self.masks = {k: np.asarray(v) for k, v in masks.items()}
 
     def on_train_begin(self, logs=None):
+        """Zero the pruned weights before the first batch."""
         apply_masks(self.model, self.masks)
 
     def on_train_batch_end(self, batch, logs=None):
+        """Zero the pruned weights again after the optimizer's step."""
         apply_masks(self.model, self.masks)
 
 
@@ -331,19 +333,23 @@ class PruningCallback(keras.callbacks.Callback):
 
     @property
     def masks(self):
+        """The current keep-masks by weight name (None before the first pruning step)."""
         return self.pruner.masks
 
     @property
     def history(self):
+        """The :class:`sparsecore.PruningHistory` of the steps so far."""
         return self.pruner.history
 
     def on_train_batch_begin(self, batch, logs=None):
+        """Prune further when the schedule says so at this step."""
         w = weights(self.model, self.include, self.exclude)
         scores = self.score_fn(self.model) if self.score_fn is not None else None
         if self.pruner.step(self.step, w, scores=scores) is not None:
             apply_masks(self.model, self.pruner.masks)
 
     def on_train_batch_end(self, batch, logs=None):
+        """Hold the masks after the optimizer's step and count the step."""
         if self.pruner.masks is not None:
             apply_masks(self.model, self.pruner.masks)
         self.step += 1

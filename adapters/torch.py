@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 import sparsecore as sc
+from sparsecore.activations import ActivationStats, collect
 
-from ._common import ActivationStats, collect
 from ._common import batches as _batches
 
 __all__ = [
@@ -106,21 +106,33 @@ def _host(t):
     return t.numpy()
 
 
-def weights(model: nn.Module, include=None, exclude=(), *, device: str = "host") -> dict:
+def weights(model: nn.Module, include=None, exclude=(), *, device: str = "cpu") -> dict:
     """The prunable weights as arrays, by name.
 
-    ``device="host"``: NumPy arrays; for CPU float32/float64 parameters they
-    are views of the parameters (no copy: do not write into them), others
-    are copied to the host (bfloat16 widened to float32). ``device="device"``:
-    the detached tensors themselves, which expose ``__cuda_array_interface__``
-    when on a GPU (for the CUDA backend; the CPU engine takes NumPy arrays).
+    ``device`` as the engine's: ``"cpu"``, NumPy arrays (for CPU
+    float32/float64 parameters views of the parameters, no copy: do not
+    write into them; others copied to the host, bfloat16 widened to
+    float32); ``"cuda"``, the detached tensors themselves, which expose
+    ``__cuda_array_interface__`` on a GPU (for the CUDA backend);
+    ``"auto"``, the tensors when the parameters are on a GPU, else NumPy
+    arrays. (``"host"`` and ``"device"``, the former spellings of ``"cpu"``
+    and ``"cuda"``, still work, with a ``DeprecationWarning``.)
     """
+    if device in _OLD_DEVICE_NAMES:
+        warnings.warn(f"weights(device={device!r}) is now device={_OLD_DEVICE_NAMES[device]!r}, as in the engine",
+                      DeprecationWarning, stacklevel=2)
+        device = _OLD_DEVICE_NAMES[device]
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     params = prunable(model, include, exclude)
-    if device == "device":
+    if device == "auto":
+        device = "cuda" if any(p.is_cuda for p in params.values()) else "cpu"
+    if device == "cuda":
         return {k: p.detach() for k, p in params.items()}
-    if device != "host":
-        raise ValueError(f"device must be 'host' or 'device', got {device!r}")
     return {k: _host(_effective(model, k, p)) for k, p in params.items()}
+
+
+_OLD_DEVICE_NAMES = {"host": "cpu", "device": "cuda"}
 
 
 def _effective(model, name, p):
@@ -394,6 +406,7 @@ class MaskHold:
                 p.masked_fill_(~m, 0)
 
     def remove(self):
+        """Remove the hooks: the masks are no longer held."""
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -446,12 +459,14 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask=None) -> SparseLinear:
+        """A :class:`SparseLinear` of a dense ``nn.Linear``, kept where ``mask`` is True (non-zeros without one)."""
         w = _host(linear.weight)
         a = sc.to_csr(w, None if mask is None else np.asarray(mask))
         t = to_torch_csr(a).to(linear.weight.device)
         return cls(t, linear.bias)
 
     def forward(self, x):
+        """``x @ W.T + b`` with the sparse weight."""
         lead = x.shape[:-1]
         y = torch.sparse.mm(self.weight, x.reshape(-1, self.in_features).T).T
         if self.bias is not None:
@@ -459,6 +474,7 @@ class SparseLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self):
+        """Shape and stored entries, for ``print(model)``."""
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight._nnz()}"
 
 

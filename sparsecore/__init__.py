@@ -21,8 +21,8 @@ from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bin
 from .patterns import NM, Blocks, NMCompact, Units, block_mask, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
 from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
-from .shrink import Layer, shrink
 from .selection import select_threshold, sparsity_mask, threshold_mask
+from .shrink import Layer, shrink
 
 __all__ = [
     "Bins",

@@ -226,6 +226,7 @@ def _densify(args):
 
 
 def main(argv=None):
+    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); returns the exit code."""
     try:
         return _main(argv)
     except KeyboardInterrupt:

@@ -16,18 +16,18 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
-from ._device import resolve
+from ._device import is_device_array, resolve, to_device
 from ._kernels import cpu_csr
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
-from ._validate import as_float_array, check_fraction, check_threshold, flat
-from .cuda import DeviceCSR
+from ._source import Rule, Source
+from ._validate import check_fraction, check_threshold, flat
 from .selection import (
-    Rule,
-    Source,
-    _select_one,
     apply_rule,
     scores_source,
+    select_one,
     threshold_rule,
+    weights_array,
+    weights_source,
 )
 
 __all__ = ["check_csr", "csr_matmul", "index_dtype", "matrix_shape", "to_csr", "to_dense"]
@@ -66,16 +66,48 @@ def matrix_shape(shape: tuple) -> tuple:
     return (shape[0], math.prod(shape[1:]))
 
 
-def build_csr(w_flat, mshape, src, rule, *, want_mask=False, weights_name="weights", weights_original=None):
-    """CSR (and optionally the flat keep-mask) of ``w_flat`` under ``rule``."""
-    mask, (data, indices, indptr) = apply_rule(
-        w_flat, src, rule, mshape[0], want_mask=want_mask, want_csr=True,
-        index_dtype=lambda nnz: index_dtype(mshape, nnz),
-        weights_name=weights_name, weights_original=weights_original)
-    a = sp.csr_array((data, indices, indptr), shape=mshape, copy=False)
+def is_device_csr(a) -> bool:
+    """Whether ``a`` is a CSR whose arrays live on a GPU (a ``sparsecore.cuda.DeviceCSR``)."""
+    return is_device_array(getattr(a, "indptr", None))
+
+
+def build_csr(w, src, rule, *, want_mask=False, want_csr=True, name="weights"):
+    """``(csr, flat keep-mask)`` of weights ``w`` (any shape, host or device
+    like ``src``) kept where ``src`` passes ``rule``, in one fused pass:
+    ``None`` for what is not wanted (the device always builds the CSR)."""
+    mshape = matrix_shape(tuple(w.shape))
+    if src.on_device:
+        from ._cuda import csr as device_csr
+
+        got = device_csr.csr_of_rule(w, src, rule, mshape, lambda nnz: index_dtype(mshape, nnz), name, want_mask)
+        return got if want_mask else (got, None)
+    mask, parts = apply_rule(flat(w), src, rule, mshape[0], want_mask=want_mask, want_csr=want_csr,
+                             index_dtype=lambda nnz: index_dtype(mshape, nnz), weights_name=name,
+                             weights_original=w)
+    if not want_csr:
+        return None, mask
+    a = sp.csr_array(parts, shape=mshape, copy=False)
     a.has_sorted_indices = True
     a.has_canonical_format = True
     return a, mask
+
+
+# Keeps the entries of a host keep-mask that are True: the mask's bytes are
+# read as the numbers 0 and 1, and 1 is above the cut at 0.5.
+_MASK_KEPT_RULE = Rule(key_of(0.5, False), 0, False)
+
+
+def csr_of_mask(w, mask, *, name="weights"):
+    """Canonical CSR of weights ``w`` kept where the bool ``mask`` (shaped
+    like ``w``, or flat) is True; on the device for device arrays."""
+    if is_device_array(mask):
+        from ._cuda import csr as device_csr
+
+        mshape = matrix_shape(tuple(w.shape))
+        return device_csr.csr_of_mask(w, mask, mshape, lambda nnz: index_dtype(mshape, nnz), name)
+    src = Source(name, flat(mask).view(np.uint8), tuple(w.shape), MODE_IDENTITY, role="mask", original=mask)
+    a, _ = build_csr(w, src, _MASK_KEPT_RULE, name=name)
+    return a
 
 
 def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLike | None = None,
@@ -131,43 +163,32 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
     dtype('int32')
     """
     on_gpu = resolve(device, weights, scores, mask) == "cuda"
-    if on_gpu:  # the same rules; the keys, counts and fill on the GPU
-        from . import cuda as _cuda
-    w = _cuda.float_array(weights, name, "weights") if on_gpu else as_float_array(weights, name, "weights")
+    w = weights_array(weights, name, on_gpu)  # on the GPU: the same rules; keys, counts and fill there
     given = [x for x in (mask, threshold, sparsity) if x is not None]
     if len(given) > 1:
         raise ValueError(f"to_csr for {name!r}: give at most one of mask, threshold, sparsity")
-    mshape = matrix_shape(tuple(w.shape))
     if mask is not None:
         if scores is not None:
             raise ValueError(f"to_csr for {name!r}: scores have no use with a mask")
-        m = _cuda.to_device(mask) if on_gpu else np.asarray(mask)
+        m = to_device(mask) if on_gpu else np.asarray(mask)
         if m.dtype != np.bool_:
             raise TypeError(f"mask for {name!r} has dtype {m.dtype}; pass a bool array")
         if tuple(m.shape) != tuple(w.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, weights have shape {tuple(w.shape)}")
-        if on_gpu:
-            return _cuda.csr_of_mask(w, m, mshape, name)
-        src = Source(name, flat(m).view(np.uint8), w.shape, MODE_IDENTITY, role="mask", original=m)
-        rule = Rule(key_of(0.5, False), 0, False)
+        return csr_of_mask(w, m, name=name)
+    if scores is None:
+        src = weights_source(w, name, MODE_ABS)
     else:
-        if scores is None:
-            src = _cuda.device_source(name, w, MODE_ABS, role="weights") if on_gpu else \
-                Source(name, flat(w), w.shape, MODE_ABS, role="weights", original=w)
-        else:
-            src = scores_source(scores, name, device="cuda" if on_gpu else "cpu")
-            if tuple(src.shape) != tuple(w.shape):
-                raise ValueError(f"scores for {name!r} have shape {src.shape}, weights have shape {tuple(w.shape)}")
-        if threshold is not None:
-            rule = threshold_rule(src, check_threshold(threshold, name))
-        elif sparsity is not None:
-            rule = _select_one(src, round(check_fraction(sparsity, name) * src.size))
-        else:  # keep everything: the CSR drops exact zeros only
-            rule = Rule(0, 0, src.needs_wide())
-    if on_gpu:
-        return _cuda.csr_of_rule(w, src, rule, mshape, name)
-    wf = flat(w)
-    a, _ = build_csr(wf, mshape, src, rule, weights_name=name, weights_original=w)
+        src = scores_source(scores, name, device="cuda" if on_gpu else "cpu")
+        if tuple(src.shape) != tuple(w.shape):
+            raise ValueError(f"scores for {name!r} have shape {src.shape}, weights have shape {tuple(w.shape)}")
+    if threshold is not None:
+        rule = threshold_rule(src, check_threshold(threshold, name))
+    elif sparsity is not None:
+        rule = select_one(src, round(check_fraction(sparsity, name) * src.size))
+    else:  # keep everything: the CSR drops exact zeros only
+        rule = Rule(0, 0, src.needs_wide())
+    a, _ = build_csr(w, src, rule, name=name)
     return a
 
 
@@ -287,10 +308,13 @@ def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None, *, 
     >>> sc.csr_matmul(a, np.array([3.0, 4.0]))
     array([3., 8.])
     """
-    if isinstance(a, DeviceCSR) or resolve(device, x) == "cuda":
-        from . import cuda as _cuda
+    if is_device_csr(a) or resolve(device, x) == "cuda":
+        from ._cuda import csr as device_csr
 
-        return _cuda.csr_matmul(a, x, out)
+        if not is_device_csr(a):
+            check_csr(a)
+            a = device_csr.to_device_csr(a)
+        return device_csr.matmul(a, x, out)
     check_csr(a)
     xa = np.asarray(x)
     rows, cols = a.shape

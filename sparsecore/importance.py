@@ -8,7 +8,6 @@ signature works wherever a built-in does.
 
 from __future__ import annotations
 
-
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -78,6 +77,7 @@ class Criterion:
         self.mode = _mode  # set for magnitude: selection then reads the weights directly
 
     def __call__(self, weights, state=None):
+        """The scores of ``weights`` given the statistics in ``state``."""
         return self.fn(weights, {} if state is None else state)
 
     def __repr__(self):
@@ -186,6 +186,68 @@ for _c in (
 ):
     register_criterion(_c)
 del _c
+
+
+_DEVICE_CRITERIA = ("fisher", "taylor", "taylor_squared", "obd", "wanda", "mutual_info")
+
+
+def has_device_scores(crit) -> bool:
+    """Whether ``crit`` is a registered built-in that :func:`device_scores` computes on the GPU."""
+    name = getattr(crit, "name", None)
+    return name in _DEVICE_CRITERIA and _REGISTRY.get(name) is crit
+
+
+def device_scores(crit, name, w, st):
+    """The scores of a built-in criterion for device weights ``w`` as a device
+    source, with the CPU's float64 arithmetic (see
+    ``sparsecore/_kernels/cuda_importance.py``)."""
+    from ._cuda import arrays as device_arrays
+    from ._cuda import importance as device_importance
+    from ._cuda import pattern as device_pattern
+    from ._cuda import select as device_select
+
+    cname = crit.name
+    role = f"scores from criterion {cname!r} for"
+    if cname in ("fisher", "mutual_info") or (cname == "taylor_squared" and "wg2" in st):
+        key = {"fisher": "g2", "mutual_info": "mi", "taylor_squared": "wg2"}[cname]
+        if key not in st:
+            _need(st, key, cname)
+        a = device_arrays.float_device(st[key], f"state[{key!r}] of {name!r}")
+        if cname == "mutual_info" and a.ndim == 2 and a.shape != w.shape and a.shape[::-1] == w.shape:
+            a = device_pattern.transpose(a)  # a Keras (in, out) kernel
+        if a.shape != w.shape:
+            raise ValueError(f"criterion {cname!r}: state[{key!r}] of shape {a.shape} does not fit weights "
+                             f"{name!r} of shape {w.shape}")
+        return device_select.device_source(name, a, role=role)
+    L, B = 1, 1
+    di = device_importance
+    if cname == "taylor":
+        _need(st, "wg", cname, alt="g")
+        kind, a = (di.ABS, st["wg"]) if "wg" in st else (di.TAYLOR_G, st["g"])
+    elif cname == "taylor_squared":  # without wg2 (that case is above): weights fixed, w**2 * sum g**2
+        _need(st, "wg2", cname, alt="g2")
+        kind, a = di.TAYLOR_SQUARED_G2, st["g2"]
+    elif cname == "obd":
+        kind, a = di.OBD, _need(st, "g2", cname)
+    else:  # wanda
+        if "x_norm" not in st:
+            raise ValueError("criterion 'wanda' needs state['x_norm'], the L2 norm over samples of each input "
+                             "feature of the layer (the PyTorch adapter's collect_activations(feature_norms=True))")
+        kind, a = di.WANDA, st["x_norm"]
+    a = device_arrays.flat(device_arrays.float_device(a, f"state of {name!r}"))
+    if kind == di.WANDA:
+        if len(w.shape) >= 2 and a.size == w.shape[1]:
+            L, B = w.shape[1], int(np.prod(w.shape[2:], dtype=np.int64))
+        elif len(w.shape) == 2 and a.size == w.shape[0]:
+            L, B = w.shape[0], w.shape[1]
+        else:
+            raise ValueError(f"state['x_norm'] of shape {(a.size,)} fits neither axis 1 nor (for a 2-D (in, out) "
+                             f"kernel) axis 0 of weights of shape {w.shape}")
+    elif a.size != w.size:
+        raise ValueError(f"criterion {cname!r}: statistics of {a.size} entries do not fit weights {name!r} of "
+                         f"shape {w.shape}")
+    out = device_importance.criterion_scores(kind, device_arrays.flat(w), a, L, B)
+    return device_select.device_source(name, out.reshape(w.shape), role=role)
 
 
 def _check_finite(arr, name, role, original):
@@ -341,12 +403,12 @@ class GradientAccumulator:
             raise ValueError(f"grads name other tensors than earlier batches: new {new}, missing {gone}")
         on_gpu = self.device == "cuda"
         if on_gpu:
-            from . import cuda as _cuda
+            from ._cuda import arrays as device_arrays
         prepared = []
         nsamp_seen = None
         for name, g in gmap.items():
             label = name or "grads"
-            ga = _cuda.float_array(g, label, "gradients") if on_gpu else as_float_array(g, label, "gradients")
+            ga = device_arrays.float_array(g, label, "gradients") if on_gpu else as_float_array(g, label, "gradients")
             if per_sample:
                 if ga.ndim == 0:
                     raise ValueError(f"per-sample gradients {label!r} need a leading sample axis, got a scalar")
@@ -361,12 +423,12 @@ class GradientAccumulator:
                 raise ValueError(f"gradients {label!r} have shape {shape}, earlier batches {known}")
             n = int(np.prod(shape, dtype=np.int64))
             if on_gpu:  # checked in the fused pass below
-                wa = _cuda.float_array(wmap[name], label, "weights") if need_w else None
+                wa = device_arrays.float_array(wmap[name], label, "weights") if need_w else None
                 if need_w and tuple(wa.shape) != shape:
                     raise ValueError(f"gradients {label!r} have shape {shape} but weights {label!r} "
                                      f"have shape {tuple(wa.shape)}")
-                prepared.append((name, shape, n, ga.reshape(nsamp, n), wa.reshape(n) if need_w else _cuda.empty(),
-                                 ga, wa))
+                prepared.append((name, shape, n, ga.reshape(nsamp, n),
+                                 wa.reshape(n) if need_w else device_arrays.empty(), ga, wa))
                 continue
             w2 = _EMPTY
             if need_w:
@@ -407,15 +469,16 @@ class GradientAccumulator:
     def _update_on_device(self, prepared, single, per_sample, nsamp_seen):
         """The GPU update: new totals written beside the current ones and
         swapped in only when every gradient and weight was finite."""
-        from . import cuda as _cuda
+        from ._cuda import arrays as device_arrays
+        from ._cuda import importance as device_importance
 
         spares = self._spare
         totals = {}
         for name, _, n, *_ in prepared:
-            totals[name] = self._acc.get(name) or {s: _cuda.zeros(n) for s in self.stats}
+            totals[name] = self._acc.get(name) or {s: device_arrays.zeros(n) for s in self.stats}
             if name not in spares:
-                spares[name] = {s: _cuda.zeros(n) for s in self.stats}
-        _cuda.accumulate(prepared, totals, spares)  # raises before anything is swapped in
+                spares[name] = {s: device_arrays.zeros(n) for s in self.stats}
+        device_importance.accumulate(prepared, totals, spares, STATS)  # raises before anything is swapped in
         if self._single is None:
             self._single = single
         for name, shape, *_ in prepared:
@@ -442,9 +505,9 @@ class GradientAccumulator:
         (device arrays for an accumulator on the GPU)."""
         shape = self._shapes[key]
         if self.device == "cuda":
-            from . import cuda as _cuda
+            from ._cuda import arrays as device_arrays
 
-            return {s: _cuda.copy(a).reshape(shape) for s, a in self._acc[key].items()}
+            return {s: device_arrays.copy(a).reshape(shape) for s, a in self._acc[key].items()}
         part = self._part.get(key, {})
         return {s: (a + part[s] if s in part and part[s].size else a.copy()).reshape(shape)
                 for s, a in self._acc[key].items()}
@@ -494,9 +557,9 @@ class GradientAccumulator:
             for k in other._shapes:
                 for s, a in other._sums(k).items():
                     if self.device == "cuda":
-                        from . import cuda as _cuda
+                        from ._cuda import importance as device_importance
 
-                        _cuda.add_into(self._acc[k][s], a.reshape(a.size))
+                        device_importance.add_into(self._acc[k][s], a.reshape(a.size))
                     else:
                         self._acc[k][s] += a.reshape(-1)
         self.count += other.count
@@ -509,9 +572,9 @@ class GradientAccumulator:
             for v in d.values():
                 for k, a in v.items():
                     if self.device == "cuda" and d is self._acc:  # device arrays: new zeros
-                        from . import cuda as _cuda
+                        from ._cuda import arrays as device_arrays
 
-                        v[k] = _cuda.zeros(a.size)
+                        v[k] = device_arrays.zeros(a.size)
                     else:
                         a[:] = 0
         self._pending = 0

@@ -14,118 +14,29 @@ weight; a Keras Dense kernel is (in, out), its transpose.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
 from ._device import resolve
-from ._kernels import cpu_mi, cpu_select
-from ._validate import as_float_array, no_positions_error
+from ._kernels import cpu_mi
+from ._mi import (
+    STRATEGIES,
+    Bins,
+    activations,
+    check_labels,
+    check_opts,
+    class_labels,
+    finish,
+    fit,
+    marginals,
+    mi_of_tables,
+    xlogx_table,
+)
+from ._validate import as_float_array
 from .importance import Criterion, register_criterion
 
 __all__ = ["Bins", "PairwiseMIAccumulator", "UnitMIAccumulator", "fit_bins", "pairwise_mi", "unit_mi"]
-
-_STRATEGIES = ("uniform", "quantile")
-_RULES = ("sturges", "fd", "sqrt")
-_BASES = {"e": 1.0, "nats": 1.0, 2: 1.0 / math.log(2), "bits": 1.0 / math.log(2)}
-_MAX_BINS = 65535
-
-
-def _activations(acts, name, reduce=None):
-    """(samples, units) float array; conv (N, C, H, W) reduced per channel."""
-    a = as_float_array(acts, name, "activations")
-    if a.ndim == 4:
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"activations {name!r} have shape {a.shape} (samples, channels, H, W); "
-                             f"pass reduce='mean' or reduce='max' to get one value per channel")
-        if a.shape[2] * a.shape[3] == 0 and a.shape[0] * a.shape[1]:
-            raise no_positions_error(name, a.shape)
-        a = a.mean(axis=(2, 3)) if reduce == "mean" else a.max(axis=(2, 3))
-    elif a.ndim == 1:
-        a = a[:, None]
-    elif a.ndim != 2:
-        raise ValueError(f"activations {name!r} must be (samples, units) or (samples, channels, H, W), "
-                         f"got shape {a.shape}")
-    if a.shape[0] < 2:
-        raise ValueError(f"activations {name!r} hold {a.shape[0]} sample(s); MI needs at least 2")
-    if a.size:
-        count, first = cpu_select.first_nonfinite(np.ascontiguousarray(a).reshape(-1))
-        if count:
-            s, u = divmod(int(first), a.shape[1])
-            raise ValueError(f"activations {name!r} hold {count} NaN or Inf value(s) "
-                             f"(first at sample {s}, unit {u})")
-    return a
-
-
-def _nbins(bins, a, name):
-    if isinstance(bins, str):
-        if bins not in _RULES:
-            raise ValueError(f"bins rule {bins!r} is unknown; valid: {list(_RULES)} or an integer >= 2")
-        n = a.shape[0]
-        if bins == "sturges":
-            k = math.ceil(math.log2(n)) + 1
-        elif bins == "sqrt":
-            k = math.ceil(math.sqrt(n))
-        else:  # Freedman-Diaconis per unit, the median over units
-            q75, q25 = np.percentile(a, [75, 25], axis=0)
-            width = 2.0 * (q75 - q25) / n ** (1 / 3)
-            span = a.max(axis=0) - a.min(axis=0)
-            ok = width > 0
-            k = int(np.median(np.ceil(span[ok] / width[ok]))) if ok.any() else 2
-        return int(min(max(k, 2), _MAX_BINS))
-    if isinstance(bins, (bool, np.bool_)) or not isinstance(bins, (int, np.integer)):
-        raise TypeError(f"bins for {name!r} must be an integer >= 2 or one of {list(_RULES)}, got {bins!r}")
-    if bins < 2:
-        raise ValueError(f"bins for {name!r} must be >= 2, got {bins}")
-    if bins > _MAX_BINS:
-        raise ValueError(f"bins for {name!r} must be <= {_MAX_BINS}, got {bins}")
-    return int(bins)
-
-
-@dataclass(frozen=True)
-class Bins:
-    """Fitted bin edges of one layer's units, reusable for later batches.
-
-    Attributes
-    ----------
-    edges : ndarray, (units, nbins + 1)
-        Per-unit edges; the first and last are the fitted minimum and maximum.
-    nbins : int
-    strategy : {"uniform", "quantile"}
-    """
-
-    edges: np.ndarray
-    nbins: int
-    strategy: str
-
-    @property
-    def units(self):
-        return self.edges.shape[0]
-
-    def codes(self, acts: ArrayLike, name: str = "activations", reduce: str | None = None) -> np.ndarray:
-        """Integer codes of ``acts`` (samples, units), returned as (units, samples).
-
-        Values outside the fitted range go to the first or last bin.
-        """
-        a = _activations(acts, name, reduce)
-        if a.shape[1] != self.units:
-            raise ValueError(f"activations {name!r} have {a.shape[1]} units, the bins were fitted on {self.units}")
-        return self._codes(a)
-
-    def _codes(self, a):
-        """Codes of validated (samples, units) activations."""
-        out = np.empty((self.units, a.shape[0]), np.uint8 if self.nbins <= 256 else np.uint16)
-        ac = np.ascontiguousarray(a)
-        if self.strategy == "uniform":
-            lo = self.edges[:, 0]
-            width = (self.edges[:, -1] - lo) / self.nbins
-            cpu_mi.uniform_codes(ac, lo, width, self.nbins, out)
-        else:
-            cpu_mi.edge_codes(ac, self.edges, self.nbins, out)
-        return out
 
 
 def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *, name: str = "activations",
@@ -148,97 +59,13 @@ def fit_bins(acts: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *
     >>> b.codes(np.array([[0.5], [3.0]]))
     array([[0, 1]], dtype=uint8)
     """
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if resolve(device, acts) == "cuda":  # GPU activations: ranges on the device, equal-width bins
-        from . import cuda
+        from ._cuda import mi as device_mi
 
-        return cuda.fit_bins(cuda.activations(acts, name, reduce), bins, strategy, name)
-    return _fit(_activations(acts, name, reduce), bins, strategy, name)
-
-
-def _fit(a, bins, strategy, name):
-    """fit_bins on validated (samples, units) activations."""
-    k = _nbins(bins, a, name)
-    lo = np.empty(a.shape[1])
-    hi = np.empty(a.shape[1])
-    if a.shape[1]:
-        cpu_mi.column_min_max(np.ascontiguousarray(a), lo, hi)
-    if strategy == "uniform":
-        edges = lo[:, None] + (hi - lo)[:, None] * (np.arange(k + 1) / k)[None, :]
-        edges[:, -1] = hi
-    else:
-        edges = np.quantile(a.astype(np.float64), np.linspace(0, 1, k + 1), axis=0).T.copy()
-    return Bins(np.ascontiguousarray(edges), k, strategy)
-
-
-def _labels(labels, n, name):
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels for {name!r} must be one value per sample, got shape {y.shape}")
-    if y.shape[0] != n:
-        raise ValueError(f"labels for {name!r} hold {y.shape[0]} values but the activations {n} samples")
-    if y.dtype.kind == "f":
-        if np.isnan(y).any():
-            raise ValueError(f"labels for {name!r} hold NaN (first at sample {int(np.argmax(np.isnan(y)))})")
-        raise TypeError(f"labels for {name!r} are floats ({y.dtype}); pass integer class ids, or "
-                        f"target='continuous' to bin a continuous target")
-    if y.dtype.kind not in "iub":
-        raise TypeError(f"labels for {name!r} have dtype {y.dtype}; pass integer class ids")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise ValueError(f"labels for {name!r} must be >= 0, got {int(y.min())} at sample {int(np.argmin(y))}")
-    return y
-
-
-def class_labels(labels, n, n_classes, name="activations"):
-    """Host int64 class ids ``0 .. n_classes - 1``, one per sample (the labels
-    of a device array are copied to the host: one integer per sample)."""
-    host = labels.copy_to_host() if hasattr(labels, "copy_to_host") else labels
-    if hasattr(host, "__cuda_array_interface__"):
-        from . import _device
-
-        host = _device.to_device(host).copy_to_host()
-    y = _labels(host, n, name)
-    if y.size and y.max() >= n_classes:
-        raise ValueError(f"label {int(y.max())} at sample {int(np.argmax(y))} is >= n_classes={n_classes}")
-    return y
-
-
-_TABLE_MAX = 1 << 22  # counts up to this use a table of k log k instead of log()
-
-
-def xlogx_table(n):
-    """k * log(k) for k = 0 .. min(n, 2**22)."""
-    k = np.arange(min(int(n), _TABLE_MAX) + 1, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(k > 0, k * np.log(k), 0.0)
-
-
-def _finish(mi, hx, hy, mx, my, mxy, n, base, correction, normalized):
-    """Corrected, normalised or converted MI from nats and its parts."""
-    if correction:
-        mi = mi + (mx + my - mxy - 1) / (2.0 * n)
-    if normalized:
-        denom = 0.5 * (hx + hy)
-        return np.where(denom > 0, mi / np.where(denom > 0, denom, 1.0), 0.0)
-    return mi * _BASES[base]
-
-
-def _mi_of_tables(counts, base, correction, normalized):
-    """MI of stacked joint count tables (tables x nx x ny)."""
-    n = int(counts[0].sum()) if counts.shape[0] else 0
-    res = np.empty((counts.shape[0], 6))
-    cpu_mi.mi_from_counts(counts, xlogx_table(n), res)
-    return _finish(res[:, 0], res[:, 1], res[:, 2], res[:, 3], res[:, 4], res[:, 5], max(n, 1),
-                   base, correction, normalized)
-
-
-def _check_opts(base, correction):
-    if base not in _BASES:
-        raise ValueError(f"base must be 'e' (nats) or 2 (bits), got {base!r}")
-    if correction not in (None, "miller-madow"):
-        raise ValueError(f"correction must be None or 'miller-madow', got {correction!r}")
+        return device_mi.fit_bins(device_mi.activations(acts, name, reduce), bins, strategy, name)
+    return fit(activations(acts, name, reduce), bins, strategy, name)
 
 
 class UnitMIAccumulator:
@@ -265,6 +92,7 @@ class UnitMIAccumulator:
         self.counts = np.zeros((bins.units, bins.nbins, self.n_classes), np.int64)
 
     def update(self, acts: ArrayLike, labels: ArrayLike, *, reduce: str | None = None) -> "UnitMIAccumulator":
+        """Add a batch: activations (samples, units) and their class ids."""
         codes = self.bins.codes(acts, reduce=reduce)
         y = class_labels(labels, codes.shape[1], self.n_classes)
         cpu_mi.unit_label_counts(codes, y, self.counts)
@@ -275,21 +103,24 @@ class UnitMIAccumulator:
         "miller-madow"`` adds (m_x + m_y - m_xy - 1) / (2n) with m the
         non-empty cells; ``normalized`` divides by the mean of the two
         entropies (scikit-learn's arithmetic NMI), 0 where both are 0."""
-        _check_opts(base, correction)
-        return _mi_of_tables(self.counts, base, correction, normalized)
+        check_opts(base, correction)
+        return mi_of_tables(self.counts, base, correction, normalized)
 
     def merge(self, other: "UnitMIAccumulator") -> "UnitMIAccumulator":
+        """Add another accumulator's counts (another data shard); returns ``self``."""
         if self.counts.shape != other.counts.shape or not np.array_equal(self.bins.edges, other.bins.edges):
             raise ValueError("can merge only accumulators with the same bins and classes")
         self.counts += other.counts
         return self
 
     def state_dict(self) -> dict:
+        """A plain dict of arrays: the counts and the bins."""
         return {"counts": self.counts.copy(), "edges": self.bins.edges.copy(),
                 "nbins": np.array(self.bins.nbins), "strategy": np.array(self.bins.strategy)}
 
     @classmethod
     def from_state_dict(cls, d) -> "UnitMIAccumulator":
+        """Rebuild an accumulator saved by :meth:`state_dict`."""
         bins = Bins(np.asarray(d["edges"], np.float64), int(d["nbins"]), str(d["strategy"]))
         acc = cls(bins, np.asarray(d["counts"]).shape[2])
         acc.counts[...] = d["counts"]
@@ -320,6 +151,7 @@ class PairwiseMIAccumulator:
         self.n = 0
 
     def update(self, acts_in: ArrayLike, acts_out: ArrayLike, *, reduce: str | None = None):
+        """Add a batch of the layer's inputs and outputs (samples first)."""
         ci = self.bins_in.codes(acts_in, "inputs", reduce)
         co = self.bins_out.codes(acts_out, "outputs", reduce)
         if ci.shape[1] != co.shape[1]:
@@ -332,11 +164,12 @@ class PairwiseMIAccumulator:
 
     def mi(self, base="e", correction=None, normalized=False) -> np.ndarray:
         """MI of every pair as an (out, in) matrix (options as UnitMIAccumulator.mi)."""
-        _check_opts(base, correction)
+        check_opts(base, correction)
         o, i, a, b = self.counts.shape
-        return _mi_of_tables(self.counts.reshape(o * i, a, b), base, correction, normalized).reshape(o, i)
+        return mi_of_tables(self.counts.reshape(o * i, a, b), base, correction, normalized).reshape(o, i)
 
     def merge(self, other: "PairwiseMIAccumulator") -> "PairwiseMIAccumulator":
+        """Add another accumulator's counts (another data shard); returns ``self``."""
         if self.counts.shape != other.counts.shape:
             raise ValueError("can merge only accumulators with the same bins")
         self.counts += other.counts
@@ -358,6 +191,7 @@ class PairwiseMIAccumulator:
 
     @classmethod
     def from_state_dict(cls, d, memory_limit: int = 1 << 30) -> "PairwiseMIAccumulator":
+        """Rebuild an accumulator saved by :meth:`state_dict`."""
         bins = {side: Bins(np.asarray(d[f"{side}_edges"], np.float64), int(d[f"{side}_nbins"]),
                            str(d[f"{side}_strategy"])) for side in ("in", "out")}
         acc = cls(bins["in"], bins["out"], memory_limit)
@@ -387,16 +221,16 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
     """
     if target not in ("discrete", "continuous"):
         raise ValueError(f"target must be 'discrete' or 'continuous', got {target!r}")
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
-    _check_opts(base, correction)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    check_opts(base, correction)
     if resolve(device, acts) == "cuda":
-        from .cuda import unit_mi as unit_mi_on_device
+        from ._cuda import mi as device_mi
 
-        return unit_mi_on_device(acts, labels, bins, strategy, target=target, base=base, correction=correction,
+        return device_mi.unit_mi(acts, labels, bins, strategy, target=target, base=base, correction=correction,
                                  normalized=normalized, reduce=reduce)
-    a = _activations(acts, "activations", reduce)
-    b = _fit(a, bins, strategy, "activations")
+    a = activations(acts, "activations", reduce)
+    b = fit(a, bins, strategy, "activations")
     if target == "continuous":
         t = as_float_array(labels, "target", "labels")
         tb = fit_bins(t.reshape(-1, 1), bins, strategy, name="target")
@@ -405,7 +239,7 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
             raise ValueError(f"target holds {y.shape[0]} values but the activations {a.shape[0]} samples")
         k = tb.nbins
     else:
-        y = _labels(labels, a.shape[0], "activations")
+        y = check_labels(labels, a.shape[0], "activations")
         k = int(y.max()) + 1 if y.size else 1
     acc = UnitMIAccumulator(b, k)
     if b.strategy == "uniform":  # counted block by block from the activations: no codes array
@@ -416,22 +250,6 @@ def unit_mi(acts: ArrayLike, labels: ArrayLike, bins: int | str = 16, strategy: 
     else:
         cpu_mi.unit_label_counts(b._codes(a), y, acc.counts)
     return acc.mi(base, correction, normalized)
-
-
-def _marginals(codes, nbins, table, n):
-    """Per unit: sum of N_a log N_a over its bins, entropy (nats), non-empty bins."""
-    counts = np.stack([np.bincount(c, minlength=nbins) for c in codes]) if codes.shape[0] else \
-        np.zeros((0, nbins), np.int64)
-    return marginal_terms(counts, table, n)
-
-
-def marginal_terms(counts, table, n):
-    """``_marginals`` from the (units, bins) marginal counts."""
-    sx = np.where(counts > 0, table[np.minimum(counts, table.size - 1)], 0.0).sum(axis=1)
-    big = counts >= table.size
-    if big.any():
-        sx = np.where(counts > 0, counts * np.log(np.maximum(counts, 1)), 0.0).sum(axis=1)
-    return sx, math.log(n) - sx / n, (counts > 0).sum(axis=1)
 
 
 def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, strategy: str = "uniform", *,
@@ -456,32 +274,32 @@ def pairwise_mi(acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str = 16, s
     >>> round(float(sc.pairwise_mi(x, y, bins=2)[0, 0]), 12)   # scikit-learn's reference value
     0.291103166032
     """
-    _check_opts(base, correction)
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}")
+    check_opts(base, correction)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if resolve(device, acts_in, acts_out) == "cuda":
-        from . import cuda
+        from ._cuda import mi as device_mi
 
-        ai, ao = cuda.activations(acts_in, "inputs", reduce), cuda.activations(acts_out, "outputs", reduce)
+        ai, ao = device_mi.activations(acts_in, "inputs", reduce), device_mi.activations(acts_out, "outputs", reduce)
         if ai.shape[0] != ao.shape[0]:
             raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
-        return cuda.pairwise_mi(ai, ao, cuda.fit_bins(ai, bins, strategy, "inputs"),
-                                cuda.fit_bins(ao, bins, strategy, "outputs"), base=base, correction=correction,
-                                normalized=normalized)
-    ai = _activations(acts_in, "inputs", reduce)
-    ao = _activations(acts_out, "outputs", reduce)
+        return device_mi.pairwise_mi(ai, ao, device_mi.fit_bins(ai, bins, strategy, "inputs"),
+                                     device_mi.fit_bins(ao, bins, strategy, "outputs"), base=base,
+                                     correction=correction, normalized=normalized)
+    ai = activations(acts_in, "inputs", reduce)
+    ao = activations(acts_out, "outputs", reduce)
     if ai.shape[0] != ao.shape[0]:
         raise ValueError(f"inputs hold {ai.shape[0]} samples but outputs {ao.shape[0]}")
-    bi, bo = _fit(ai, bins, strategy, "inputs"), _fit(ao, bins, strategy, "outputs")
+    bi, bo = fit(ai, bins, strategy, "inputs"), fit(ao, bins, strategy, "outputs")
     ci, co = bi._codes(ai), bo._codes(ao)
     n = ai.shape[0]
     table = xlogx_table(n)
-    sx_i, h_i, m_i = _marginals(ci, bi.nbins, table, n)
-    sx_o, h_o, m_o = _marginals(co, bo.nbins, table, n)
+    sx_i, h_i, m_i = marginals(ci, bi.nbins, table, n)
+    sx_o, h_o, m_o = marginals(co, bo.nbins, table, n)
     mi = np.empty((bo.units, bi.units))
     mxy = np.empty((bo.units, bi.units), np.int64)
     cpu_mi.pair_mi(co, ci, bo.nbins, bi.nbins, table, sx_o, sx_i, n, mi, mxy)
-    return _finish(mi, h_o[:, None], h_i[None, :], m_o[:, None], m_i[None, :], mxy, n,
+    return finish(mi, h_o[:, None], h_i[None, :], m_o[:, None], m_i[None, :], mxy, n,
                    base, correction, normalized)
 
 

@@ -39,6 +39,7 @@ from numpy.typing import ArrayLike
 from ._device import is_device_array
 from ._kernels import cpu_pattern
 from ._kernels.keys import MODE_IDENTITY, MODE_SQUARE
+from ._source import Source
 from ._validate import (
     as_float_array,
     check_fraction,
@@ -47,9 +48,10 @@ from ._validate import (
     nonfinite_error,
 )
 from .csr import index_dtype, matrix_shape
-from .selection import Source, _mask_from, _select_one, scores_source, threshold_rule
+from .selection import mask_from, scores_source, select_one, threshold_rule
 
-__all__ = ["NM", "Blocks", "NMCompact", "Units", "block_mask", "block_scores", "is_n_m", "nm_mask", "to_bsr", "unit_scores"]
+__all__ = ["NM", "Blocks", "NMCompact", "Units", "block_mask", "block_scores", "is_n_m", "nm_mask", "to_bsr",
+           "unit_scores"]
 
 _POOLS = {"mean": cpu_pattern.POOL_MEAN, "max": cpu_pattern.POOL_MAX, "l2": cpu_pattern.POOL_L2}
 _REDUCE = {"mean": cpu_pattern.POOL_MEAN, "max": cpu_pattern.POOL_MAX, "l2": cpu_pattern.POOL_L2,
@@ -73,8 +75,42 @@ def _check_nm(n, m):
     return n, m
 
 
+class _Pattern:
+    """What :func:`sparsecore.prune` asks of every pattern, with the answers
+    of unstructured selection (every entry on its own), which the patterns
+    override: ``counted`` (what a sparsity counts, for messages),
+    ``fixes_sparsity`` (N:M: no target to give), ``groups`` (blocks and
+    units: their keep-mask is reported), ``clips_counts`` (local counts kept
+    within the caps), and the methods below; N:M adds ``keep_mask``."""
+
+    counted = "entries"
+    fixes_sparsity = False
+    groups = False
+    clips_counts = False
+
+    def takes_unit_scores(self, score_shape, weight_shape):
+        """Whether scores of ``score_shape`` are one per unit of weights of ``weight_shape``."""
+        return False
+
+    def group_source(self, src):
+        """The source selection ranks: the element scores themselves."""
+        return src
+
+    def expand(self, keep, shape):
+        """The flat element keep-mask of a flat group keep-mask."""
+        return keep
+
+    def all_kept(self, mask, shape):
+        """Per group (flat): whether the element ``mask`` keeps all of it."""
+        return flat_mask(mask)
+
+    def cap_counts(self, lo, hi, sizes):
+        """The per-tensor caps ``lo``/``hi`` (in groups) for tensors of ``sizes`` groups."""
+        return lo, hi
+
+
 @dataclass(frozen=True)
-class NM:
+class NM(_Pattern):
     """N:M semi-structured sparsity: keep ``n`` of every ``m`` consecutive
     entries along ``axis`` (default: axis 1, the input axis of ``(out, in)``
     and ``(out, in, kh, kw)`` weights; axis 0 for 1-D tensors).
@@ -110,9 +146,15 @@ class NM:
         """The fraction of entries pruned: ``1 - n / m``."""
         return 1.0 - self.n / self.m
 
+    fixes_sparsity = True
+
+    def keep_mask(self, src):
+        """Flat keep-mask of the ``n`` highest scores of every group of ``m``."""
+        return nm_source_mask(src, self.n, self.m, self.axis)
+
 
 @dataclass(frozen=True)
-class Blocks:
+class Blocks(_Pattern):
     """Block sparsity: ``(r, c)`` blocks of the 2-D view pruned or kept whole,
     scored by the ``pool`` ("mean", "max", "l2") of their element scores.
 
@@ -136,9 +178,34 @@ class Blocks:
         if self.pool not in _POOLS:
             raise ValueError(f"block pool must be one of {list(_POOLS)}, got {self.pool!r}")
 
+    counted = "blocks"
+    groups = True
+
+    def group_source(self, src):
+        """The pooled block scores of a source, as a source of their own."""
+        pooled = block_source_scores(src, self)
+        return group_source(src.name, pooled, pooled.shape)
+
+    def expand(self, keep, shape):
+        """Flat element keep-mask of a flat block keep-mask."""
+        R, C = matrix_shape(shape)
+        r, c = self.shape
+        return flat_mask(expand_blocks(keep.reshape(-(-R // r), -(-C // c)), shape, self.shape))
+
+    def all_kept(self, mask, shape):
+        """Per block (flat): whether the flat element ``mask`` keeps all of it."""
+        R, C = matrix_shape(shape)
+        r, c = self.shape
+        if is_device_array(mask):
+            from ._cuda import pattern as device_pattern
+
+            return device_pattern.blocks_all_kept(mask, R, C, r, c)
+        m = Source("mask", flat(mask).astype(np.float32), tuple(shape), MODE_IDENTITY, role="mask")
+        return (_pool_source(m, (R, C), self.shape, "mean") == 1.0).reshape(-1)
+
 
 @dataclass(frozen=True)
-class Units:
+class Units(_Pattern):
     """Whole output units (neurons, filters) along ``axis``: 0 for
     ``(out, in)`` and ``OIHW`` weights, -1 for ``(in, out)`` and ``HWIO``.
     A unit's score is the ``reduce`` ("l1", "l2", "mean", "max") of its
@@ -162,6 +229,54 @@ class Units:
             raise ValueError(f"unit reduce must be one of {list(_REDUCE)}, got {self.reduce!r}")
         _int(self.min_keep, "min_keep of a Units pattern", 1)
 
+    counted = "units"
+    groups = True
+    clips_counts = True  # local counts stay within the caps: min_keep units remain
+
+    def takes_unit_scores(self, score_shape, weight_shape):
+        """Whether scores of ``score_shape`` are one per unit of weights of ``weight_shape``."""
+        nd = len(weight_shape)
+        return (len(score_shape) == 1 and nd > 1 and -nd <= self.axis < nd
+                and score_shape[0] == weight_shape[self.axis])
+
+    def group_source(self, src):
+        """Per-unit scores of a source (given per unit: used as they are)."""
+        if src.per_unit:
+            return group_source(src.name, src.data, src.shape, src.original)
+        units = unit_source_scores(src, self)
+        return group_source(src.name, units, units.shape)
+
+    def expand(self, keep, shape):
+        """Flat element keep-mask of a unit keep vector."""
+        if is_device_array(keep):
+            from ._cuda import pattern as device_pattern
+
+            _, (_, L, B) = _axis(shape, self.axis, "mask", "Units pattern")
+            return device_pattern.expand_units(keep, L, B, math.prod(shape))
+        return unit_mask(keep, shape, self.axis).reshape(-1)
+
+    def all_kept(self, mask, shape):
+        """Per unit: whether the flat element ``mask`` keeps all of it."""
+        _, (A, L, B) = _axis(shape, self.axis, "mask", "Units pattern")
+        if is_device_array(mask):
+            from ._cuda import pattern as device_pattern
+
+            return device_pattern.units_all_kept(mask, A, L, B)
+        m = Source("mask", flat(mask).astype(np.float32), tuple(shape), MODE_IDENTITY, role="mask")
+        return unit_source_scores(m, Units(self.axis, "mean")) == 1.0
+
+    def cap_counts(self, lo, hi, sizes):
+        """At least ``min_keep`` units of each tensor stay."""
+        hi = np.minimum(hi, np.maximum(sizes - self.min_keep, 0))
+        return np.minimum(lo, hi), hi
+
+
+class _Elements(_Pattern):
+    """Unstructured selection as a pattern: every entry on its own."""
+
+
+ELEMENTS = _Elements()
+
 
 def as_pattern(pattern):
     """``None``, a pattern object, or a string ``"2:4"``."""
@@ -170,6 +285,18 @@ def as_pattern(pattern):
     if isinstance(pattern, str):
         return NM.parse(pattern)
     raise TypeError(f"pattern must be None, 'N:M', NM, Blocks or Units; got {type(pattern).__name__}")
+
+
+def pattern_of(pattern):
+    """The pattern object that does the work: :func:`as_pattern`, with
+    unstructured selection (``None``) as :data:`ELEMENTS`."""
+    p = as_pattern(pattern)
+    return ELEMENTS if p is None else p
+
+
+def flat_mask(mask):
+    """A flat view of a host or device keep-mask."""
+    return mask.reshape(mask.size) if mask.ndim != 1 else mask
 
 
 def _axis(shape, axis, name, what):
@@ -193,17 +320,16 @@ def _nm_view(shape, n, m, axis, name):
 
 
 def _raise_bad(src, count, first):
-    raise nonfinite_error(src.name, src.role, src.original if src.original is not None else src.data,
-                          int(count), int(first))
+    raise nonfinite_error(src.name, src.role, src.errors_index(), int(count), int(first))
 
 
 def nm_source_mask(src, n, m, axis):
     """Flat keep-mask of a :class:`Source` under ``n:m`` along ``axis``."""
-    if src.on_device:
-        from .cuda import nm_mask
-
-        return nm_mask(src, n, m, axis)
     axis, A, L, B = _nm_view(src.shape, n, m, axis, src.name)
+    if src.on_device:
+        from ._cuda import pattern as device_pattern
+
+        return device_pattern.nm_keep(src, n, m, A, L, B)
     keep = np.empty(src.size, np.bool_)
     if B == 1 and m <= cpu_pattern.NM_UNROLL_MAX:  # contiguous groups
         bad = np.zeros(max(1, min(4 * numba.get_num_threads(), src.size // (1 << 14))), np.int64)
@@ -407,11 +533,12 @@ def check_block(shape, block, name):
 
 
 def block_source_scores(src, block: Blocks):
-    if src.on_device:
-        from .cuda import block_scores as block_scores_on_device
-
-        return block_scores_on_device(src, block)
+    """Float64 pooled block scores of a source (host or device)."""
     R, C = check_block(src.shape, block.shape, src.name)
+    if src.on_device:
+        from ._cuda import pattern as device_pattern
+
+        return device_pattern.block_scores(src, R, C, *block.shape, _POOLS[block.pool])
     return _pool_source(src, (R, C), block.shape, block.pool)
 
 
@@ -491,19 +618,19 @@ def block_mask(scores: ArrayLike, block=(4, 4), pool: str = "mean", *, sparsity:
     pooled = block_source_scores(src, b)
     gsrc = group_source(src.name, pooled, pooled.shape)
     if sparsity is not None:
-        rule = _select_one(gsrc, round(check_fraction(sparsity, "block scores") * gsrc.size))
+        rule = select_one(gsrc, round(check_fraction(sparsity, "block scores") * gsrc.size))
     else:
         rule = threshold_rule(gsrc, check_threshold(threshold, "block scores"))
-    return expand_blocks(_mask_from(gsrc, rule), src.shape, b.shape)
+    return expand_blocks(mask_from(gsrc, rule), src.shape, b.shape)
 
 
 def expand_blocks(keep_blocks, shape, block):
     """Element keep-mask (shaped ``shape``) of a block keep-mask."""
-    if is_device_array(keep_blocks):
-        from .cuda import _expand
-
-        return _expand(keep_blocks.reshape(keep_blocks.size), shape, Blocks(tuple(block))).reshape(shape)
     R, C = matrix_shape(shape)
+    if is_device_array(keep_blocks):
+        from ._cuda import pattern as device_pattern
+
+        return device_pattern.expand_blocks(flat_mask(keep_blocks), R, C, *block).reshape(shape)
     mask = np.empty(R * C, np.bool_)
     if mask.size:
         cpu_pattern.block_expand(np.ascontiguousarray(keep_blocks), R, C, block[0], block[1], mask)
@@ -555,11 +682,11 @@ def to_bsr(weights: ArrayLike, block, *, mask: ArrayLike | None = None, name: st
 
 def unit_source_scores(src, units: Units):
     """Per-unit float64 scores of a source, reduced over all but ``units.axis``."""
-    if src.on_device:
-        from .cuda import unit_scores as unit_scores_on_device
-
-        return unit_scores_on_device(src, units)
     _, (A, L, B) = _axis(src.shape, units.axis, src.name, "Units pattern")
+    if src.on_device:
+        from ._cuda import pattern as device_pattern
+
+        return device_pattern.unit_scores(src, A, L, B, _REDUCE[units.reduce])
     out = np.empty(L, np.float64)
     bad = np.zeros(L, np.int64)
     first = np.zeros(L, np.int64)
@@ -615,9 +742,9 @@ def unit_mask(keep_units, shape, axis):
 def group_source(name, scores, shape, original=None):
     """A :class:`Source` over pooled or per-unit float64 scores."""
     if is_device_array(scores):
-        from .cuda import group_source as group_source_on_device
+        from ._cuda import select as device_select
 
-        return group_source_on_device(name, scores, shape)
+        return device_select.group_source(name, scores, shape, original)
     data = np.ascontiguousarray(scores, np.float64).reshape(-1)
     return Source(name, data, tuple(shape), MODE_IDENTITY, role="group scores",
                   original=original if original is not None else data)

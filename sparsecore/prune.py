@@ -9,31 +9,27 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _device
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of
-from ._validate import as_float_array, check_fraction, check_threshold, flat, per_name
-from .csr import build_csr, matrix_shape, to_dense
-from .importance import GradientAccumulator, get_criterion
-from .patterns import (
-    NM,
-    Blocks,
-    Units,
-    as_pattern,
-    block_source_scores,
-    expand_blocks,
-    group_source,
-    nm_source_mask,
-    unit_mask,
-    unit_source_scores,
+from ._kernels.keys import MODE_ABS, MODE_SQUARE
+from ._source import NORM_KINDS, NORM_NONE
+from ._validate import check_fraction, check_threshold, per_name
+from .csr import build_csr, csr_of_mask, to_dense
+from .importance import (
+    GradientAccumulator,
+    device_scores,
+    get_criterion,
+    has_device_scores,
 )
+from .patterns import ELEMENTS, flat_mask, pattern_of
 from .selection import (
-    _NORMS,
-    Rule,
-    Source,
-    _mask_from,
+    kept_count,
+    mask_from,
     norm_inverse,
     scores_source,
+    select_one,
     select_rules,
     threshold_rule,
+    weights_array,
+    weights_source,
 )
 
 __all__ = ["PruneResult", "TensorSummary", "prune"]
@@ -128,22 +124,14 @@ def _state_for(state, name):
     raise TypeError(f"state must be a GradientAccumulator or a mapping name -> dict, got {type(state).__name__}")
 
 
-def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=None, device=False):
-    """One :class:`Source` per tensor, and the weights as float arrays.
-
-    With ``unit_axis`` (a :class:`Units` pattern), a score array may also be
-    1-D with one score per unit. With ``device``, the weights are device
-    arrays and the sources ``sparsecore.cuda.DeviceSource``: the built-in
-    criteria are computed by device kernels, a user's criterion receives
-    device arrays.
-    """
-    if device:
-        from . import cuda
-
-        as_float = cuda.float_array
-    else:
-        as_float = as_float_array
-    warrs = {n: as_float(weights[n], n, "weights") for n in names}
+def _sources(weights, names, scores, state, normalize, for_selection, pattern, on_device):
+    """One :class:`~sparsecore._source.Source` per tensor, and the weights as
+    float arrays (device arrays and device sources ``on_device``: the
+    built-in criteria are computed by device kernels, a user's criterion
+    receives device arrays). Where ``pattern`` takes them, a score array may
+    also be 1-D with one score per unit."""
+    warrs = {n: weights_array(weights[n], n, on_device) for n in names}
+    device = "cuda" if on_device else "cpu"
     srcs = []
     if scores is None:
         scores = "magnitude"
@@ -155,77 +143,43 @@ def _sources(weights, names, scores, state, normalize, for_selection, unit_axis=
             if n not in scores:
                 raise ValueError(f"scores lack tensor {n!r}; give scores for every pruned tensor "
                                  f"or list it in ignore=")
-            src = scores_source(scores[n], n, device="cuda" if device else "cpu")
+            src = scores_source(scores[n], n, device=device)
             wshape = tuple(warrs[n].shape)
-            if (unit_axis is not None and len(src.shape) == 1 and len(wshape) > 1
-                    and -len(wshape) <= unit_axis < len(wshape) and src.shape[0] == wshape[unit_axis]):
-                src.role = "unit scores"  # one score per unit, used as given
-                if device:
-                    src.wide = True  # the CPU takes them as float64
+            if pattern.takes_unit_scores(src.shape, wshape):
+                src.per_unit = True  # one score per unit, used as given
             elif src.shape != wshape:
                 raise ValueError(f"scores {n!r} have shape {src.shape} but weights {n!r} have shape {wshape}")
             srcs.append(src)
-    else:
-        crit = get_criterion(scores)
-        mode = getattr(crit, "mode", None)
-        for n in names:
-            w = warrs[n]
-            if mode is not None:
-                m = mode
-                if m == MODE_SQUARE and for_selection and normalize == "none" and w.dtype == np.float32:
-                    m = MODE_ABS  # exact squares of float32 keep |w|'s order and ties
-                srcs.append(cuda.device_source(n, w, m, role="weights") if device else
-                            Source(n, flat(w), w.shape, m, role="weights", original=w))
-                continue
-            if device and cuda.has_device_criterion(crit):
-                srcs.append(cuda.criterion_source(crit, n, w, _state_for(state, n)))
-                continue
-            s = crit(w, _state_for(state, n))  # a user's criterion gets device arrays on the device
-            cname = getattr(crit, "name", getattr(crit, "__name__", "criterion"))
-            s = as_float(s, n, f"scores from criterion {cname!r} for")
-            if tuple(s.shape) != tuple(w.shape):
-                raise ValueError(f"criterion {cname!r} returned scores of shape {tuple(s.shape)} for weights "
-                                 f"{n!r} of shape {tuple(w.shape)}")
-            srcs.append(cuda.device_source(n, s, role=f"scores from criterion {cname!r} for") if device else
-                        Source(n, flat(s), s.shape, MODE_IDENTITY, original=s))
+        return warrs, srcs
+    crit = get_criterion(scores)
+    mode = getattr(crit, "mode", None)
+    for n in names:
+        w = warrs[n]
+        if mode is not None:
+            m = mode
+            if m == MODE_SQUARE and for_selection and normalize == "none" and w.dtype == np.float32:
+                m = MODE_ABS  # exact squares of float32 keep |w|'s order and ties
+            srcs.append(weights_source(w, n, m))
+            continue
+        if on_device and has_device_scores(crit):
+            srcs.append(device_scores(crit, n, w, _state_for(state, n)))
+            continue
+        s = crit(w, _state_for(state, n))  # a user's criterion gets device arrays on the device
+        cname = getattr(crit, "name", getattr(crit, "__name__", "criterion"))
+        role = f"scores from criterion {cname!r} for"
+        s = weights_array(s, n, on_device, role)
+        if tuple(s.shape) != tuple(w.shape):
+            raise ValueError(f"criterion {cname!r} returned scores of shape {tuple(s.shape)} for weights "
+                             f"{n!r} of shape {tuple(w.shape)}")
+        srcs.append(scores_source(s, n, role=role, device=device))
     return warrs, srcs
 
 
 def _normalise(srcs, normalize):
     for src in srcs:
         inv = norm_inverse(src, normalize)
-        if _NORMS[normalize]:
+        if NORM_KINDS[normalize] != NORM_NONE:
             src.inv, src.scaled = inv, True
-
-
-# Score given to entries that current masks have already pruned: below every
-# finite score, so that a selection takes them first. Real scores at or below
-# it (|s| ~ 1.8e308) are lifted one ulp above.
-_PRUNED = -np.finfo(np.float64).max
-
-
-def _materialise(src, pruned):
-    """A copy of ``src``'s transformed scores with ``pruned`` entries lowest."""
-    x = src.data.astype(np.float64)
-    if src.mode == MODE_ABS:
-        np.abs(x, out=x)
-    elif src.mode == MODE_SQUARE:
-        np.multiply(x, x, out=x)
-    if src.scaled:
-        x *= src.inv
-    np.maximum(x, np.nextafter(_PRUNED, 0.0), out=x)
-    x[pruned] = _PRUNED
-    return Source(src.name, x, src.shape, MODE_IDENTITY, role=src.role, original=src.original)
-
-
-def _group_all_kept(mask, shape, pattern, name):
-    """Per block or unit: whether the current element mask keeps all of it."""
-    m = Source(name, flat(mask).astype(np.float32), tuple(shape), MODE_IDENTITY, role="mask")
-    if isinstance(pattern, Blocks):
-        pooled = block_source_scores(m, Blocks(pattern.shape, "mean"))
-    else:
-        pooled = unit_source_scores(m, Units(pattern.axis, "mean"))
-    return pooled.reshape(-1) == 1.0
 
 
 def prune(weights: Mapping[str, ArrayLike], scores=None, *,
@@ -321,83 +275,61 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}; "
                         f"for one array pass {{'weight': array}}")
     given = list(weights.values()) + (list(scores.values()) if isinstance(scores, Mapping) else [])
-    if _device.resolve(device, *given) == "cuda":  # "auto": any weight or score on a GPU
-        from .cuda import prune as prune_on_device
-
-        return prune_on_device(weights, scores, sparsity=sparsity, threshold=threshold, scope=scope, state=state,
-                               min_sparsity=min_sparsity, max_sparsity=max_sparsity, normalize=normalize,
-                               ignore=ignore, pattern=pattern, masks=masks)
+    on_device = _device.resolve(device, *given) == "cuda"  # "auto": any weight or score on a GPU
     pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern)
-    old = _check_masks(masks, weights, names)
-
-    unit_axis = pattern.axis if isinstance(pattern, Units) else None
+    current = _check_masks(masks, weights, names, on_device)
     warrs, srcs = _sources(weights, names, scores, state, normalize,
-                           sparsity is not None and pattern is None and old is None, unit_axis)
-    groups = {}
-    if isinstance(pattern, (Blocks, Units)):
-        srcs = [_group_scores(src, warrs[src.name], pattern) for src in srcs]
-    if not isinstance(pattern, NM):
+                           sparsity is not None and pattern is ELEMENTS and current is None, pattern, on_device)
+    srcs = [pattern.group_source(src) for src in srcs]
+    if not pattern.fixes_sparsity:
         _normalise(srcs, normalize)
     done = None
-    if old is not None and not isinstance(pattern, NM):
-        srcs = [_materialise(src, _pruned_groups(old[src.name], warrs[src.name].shape, pattern, src.name))
-                for src in srcs]
-        done = np.array([int(np.count_nonzero(src.data == _PRUNED)) for src in srcs], np.int64)
-    lo_c, hi_c, rules = select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern,
-                                   done)
+    if current is not None and not pattern.fixes_sparsity:
+        # What the current masks prune is lowered below every score: selected first, and counted.
+        done = np.zeros(len(srcs), np.int64)
+        for i, src in enumerate(srcs):
+            srcs[i], done[i] = src.with_pruned(pattern.all_kept(current[src.name], warrs[src.name].shape))
+    plan = plan_selection(srcs, names, sparsity=sparsity, threshold=threshold, scope=scope,
+                          min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern, done=done)
 
-    csr, out_masks, shapes, summary = {}, {}, {}, []
-    for src, rule, lo_t, hi_t in zip(srcs, rules, lo_c, hi_c):
+    csr, out_masks, shapes, summary, groups = {}, {}, {}, [], {}
+    for i, src in enumerate(srcs):
         n = src.name
         w = warrs[n]
-        mshape = matrix_shape(w.shape)
-        wf = flat(w)
-        if pattern is None and old is None:
-            a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=n, weights_original=w)
-            pruned = int(mask.size - np.count_nonzero(mask))
-            if threshold is not None and not (lo_t <= pruned <= hi_t):
-                # A cap binds: prune exactly the capped count of this tensor's lowest scores.
-                (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
-                a, mask = build_csr(wf, mshape, src, rule, want_mask=True, weights_name=n, weights_original=w)
-        else:
-            if isinstance(pattern, NM):
-                mask = nm_source_mask(src, pattern.n, pattern.m, pattern.axis)
-            else:
-                keep = _mask_from(src, rule).reshape(-1)
-                pruned = int(keep.size - np.count_nonzero(keep))
-                if threshold is not None and not (lo_t <= pruned <= hi_t):
-                    (rule,) = select_rules([src], counts=[min(max(pruned, lo_t), hi_t)])
-                    keep = _mask_from(src, rule).reshape(-1)
-                mask = flat(_expand(keep, w.shape, pattern))
-                if pattern is not None:
-                    groups[n] = keep.reshape(src.shape)
-            if old is not None:
-                mask &= flat(old[n])
-            mask_src = Source(n, mask.view(np.uint8), w.shape, MODE_IDENTITY, role="mask")
-            a, _ = build_csr(wf, mshape, mask_src, Rule(key_of(0.5, False), 0, False), weights_name=n, weights_original=w)
-        pruned = int(mask.size - np.count_nonzero(mask))
+        a, mask, group, kept = select_tensor(src, w, plan, i, pattern, current[n] if current else None)
+        if group is not None:
+            groups[n] = group
         csr[n] = a
         out_masks[n] = mask.reshape(w.shape)
-        shapes[n] = w.shape
+        shapes[n] = tuple(w.shape)
         summary.append(TensorSummary(
-            n, tuple(w.shape), int(w.size), pruned, int(a.nnz), int(w.size * w.dtype.itemsize),
+            n, tuple(w.shape), int(w.size), int(w.size) - kept, int(a.nnz), int(w.size * w.dtype.itemsize),
             int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
-def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern):
-    """``prune``'s argument checks: ``(pattern, ignore list, pruned names)``."""
+def check_options(sparsity, threshold, scope, normalize, pattern):
+    """The checks of ``prune``'s options that need no tensor: returns the
+    pattern object (:data:`~sparsecore.patterns.ELEMENTS` for none). Offline
+    pruning and the command line make the same checks, with the same
+    messages."""
     if scope not in ("local", "global"):
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    if normalize not in _NORMS:
-        raise ValueError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
-    pattern = as_pattern(pattern)
-    if isinstance(pattern, NM):
+    if normalize not in NORM_KINDS:
+        raise ValueError(f"normalize must be one of {list(NORM_KINDS)}, got {normalize!r}")
+    pattern = pattern_of(pattern)
+    if pattern.fixes_sparsity:
         if sparsity is not None or threshold is not None:
             raise ValueError(f"an N:M pattern fixes the sparsity at 1 - {pattern.n}/{pattern.m}; "
                              f"give neither sparsity= nor threshold=")
     elif (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity= and threshold=")
+    return pattern
+
+
+def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern):
+    """``prune``'s argument checks: ``(pattern, ignore list, pruned names)``."""
+    pattern = check_options(sparsity, threshold, scope, normalize, pattern)
     if isinstance(ignore, str):
         ignore = (ignore,)
     ignore = list(ignore)
@@ -411,10 +343,37 @@ def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern):
     return pattern, ignore, names
 
 
-def select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern, done):
-    """The caps and the selection rules of all sources (host or device):
-    ``(lo counts, hi counts, rules)``; ``done``: per source, the entries
-    (blocks, units) that current masks already prune, or None."""
+@dataclass
+class SelectionPlan:
+    """How each tensor is selected: its rule (``None``: the ``count`` lowest
+    scores, found when the tensor is selected, so that a file is read once),
+    and its caps ``[lo, hi]`` in entries (blocks, units), which a threshold
+    rule must respect (``capped``)."""
+
+    rules: list
+    counts: list
+    lo: np.ndarray
+    hi: np.ndarray
+    capped: bool
+
+    def rule(self, i, src):
+        """Tensor ``i``'s rule, on its in-memory source."""
+        return self.rules[i] if self.rules[i] is not None else select_one(src, self.counts[i])
+
+    def recapped(self, i, src, pruned):
+        """``None``, or when the rule's ``pruned`` count leaves the caps (a
+        threshold), the rule pruning exactly the capped count of the tensor's
+        own lowest scores."""
+        if not self.capped or self.lo[i] <= pruned <= self.hi[i]:
+            return None
+        return select_one(src, min(max(pruned, int(self.lo[i])), int(self.hi[i])))
+
+
+def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern=ELEMENTS,
+                   done=None) -> SelectionPlan:
+    """The caps and rules of all sources (host, device, or read lazily from a
+    file); ``done``: per source, the entries (blocks, units) that current
+    masks already prune, or None."""
     sizes = np.array([s.size for s in srcs], np.int64)
     lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
     hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
@@ -423,15 +382,14 @@ def select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsi
             raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
     lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
     hi_c = np.array([round(hi[n] * s) for n, s in zip(names, sizes)], np.int64)
-    if isinstance(pattern, Units):
-        hi_c = np.minimum(hi_c, np.maximum(sizes - pattern.min_keep, 0))
-        lo_c = np.minimum(lo_c, hi_c)
+    lo_c, hi_c = pattern.cap_counts(lo_c, hi_c, sizes)
     if done is not None:
         _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern)
         lo_c = np.maximum(lo_c, done)
 
-    if isinstance(pattern, NM):
-        rules = [None] * len(srcs)
+    rules, counts = [None] * len(srcs), [0] * len(srcs)
+    if pattern.fixes_sparsity:
+        pass
     elif sparsity is not None:
         if scope == "global":
             if isinstance(sparsity, Mapping):
@@ -442,22 +400,49 @@ def select_all(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsi
                 raise ValueError(f"global sparsity {s} prunes {target} of {int(sizes.sum())} entries, but the "
                                  f"caps allow {int(lo_c.sum())} to {int(hi_c.sum())}; change sparsity or the "
                                  f"min_sparsity/max_sparsity caps")
-            rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c) if srcs else []
+            if srcs:
+                rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c)
         else:
             sp_t = per_name(sparsity, names, "sparsity", check_fraction)
             counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
-            if isinstance(pattern, Units) or done is not None:
+            if pattern.clips_counts or done is not None:
                 counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
-            rules = select_rules(srcs, counts=counts)
     else:
         th = per_name(threshold, names, "threshold", check_threshold)
         rules = [threshold_rule(src, th[src.name]) for src in srcs]
-    return lo_c, hi_c, rules
+    return SelectionPlan(rules, counts, lo_c, hi_c, threshold is not None)
 
 
-def _check_masks(masks, weights, names, device=False):
-    """The current masks by name, checked; a tensor without one gets all
-    True (on the device: left out, the caller keeps all of it)."""
+def select_tensor(src, w, plan, i, pattern=ELEMENTS, current=None, want_csr=True):
+    """Select tensor ``i`` of ``plan``: ``(csr or None, flat keep-mask, group
+    keep-mask or None, kept entries)``. ``src`` holds its (group) scores and
+    ``w`` its weights, both on the host or both on the device; ``current``:
+    its flat current mask, which the new mask stays within."""
+    if pattern.fixes_sparsity:
+        mask, group = pattern.keep_mask(src), None
+    elif pattern is ELEMENTS and current is None:  # one fused pass: selection, mask and CSR
+        rule = plan.rule(i, src)
+        a, mask = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)
+        kept = kept_count(mask)
+        rule = plan.recapped(i, src, mask.size - kept)
+        if rule is not None:
+            a, mask = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)
+            kept = kept_count(mask)
+        return a, mask, None, kept
+    else:
+        keep = flat_mask(mask_from(src, plan.rule(i, src)))
+        rule = plan.recapped(i, src, keep.size - kept_count(keep))
+        if rule is not None:
+            keep = flat_mask(mask_from(src, rule))
+        group = keep.reshape(src.shape) if pattern.groups else None
+        mask = pattern.expand(keep, w.shape)
+    kept = kept_count(mask, current)
+    return (csr_of_mask(w, mask, name=src.name) if want_csr else None), mask, group, kept
+
+
+def _check_masks(masks, weights, names, on_device=False):
+    """The current masks by name, checked and flat (on the device with
+    ``on_device``); a tensor without one keeps all of it."""
     if masks is None:
         return None
     if not isinstance(masks, Mapping):
@@ -468,50 +453,25 @@ def _check_masks(masks, weights, names, device=False):
     out = {}
     for n in names:
         shape = tuple(np.shape(weights[n]))
+        size = int(np.prod(shape, dtype=np.int64))
         if n not in masks:
-            if not device:
-                out[n] = np.ones(shape, np.bool_)
-            continue
-        m = _device.to_device(masks[n]) if device and _device.is_device_array(masks[n]) else np.asarray(masks[n])
-        if m.dtype != np.bool_:
-            raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
-        if tuple(m.shape) != shape:
-            raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but weights {n!r} have shape {shape}")
-        out[n] = _device.to_device(m).reshape(int(np.prod(shape, dtype=np.int64))) if device else m
+            out[n] = np.ones(size, np.bool_)
+        else:
+            m = _device.to_device(masks[n]) if on_device and _device.is_device_array(masks[n]) else \
+                np.asarray(masks[n])
+            if m.dtype != np.bool_:
+                raise TypeError(f"mask {n!r} has dtype {m.dtype}; pass a bool array (True = kept)")
+            if tuple(m.shape) != shape:
+                raise ValueError(f"mask {n!r} has shape {tuple(m.shape)} but weights {n!r} have shape {shape}")
+            out[n] = flat_mask(m) if _device.is_device_array(m) else m.reshape(-1)
+        if on_device and not _device.is_device_array(out[n]):
+            out[n] = _device.to_device(out[n])
     return out
-
-
-def _group_scores(src, w, pattern):
-    """The block or unit scores of one tensor as a :class:`Source`."""
-    if src.role == "unit scores":
-        return group_source(src.name, src.data, src.shape, src.original)
-    if isinstance(pattern, Blocks):
-        pooled = block_source_scores(src, pattern)
-        return group_source(src.name, pooled, pooled.shape)
-    units = unit_source_scores(src, pattern)
-    return group_source(src.name, units, units.shape)
-
-
-def _pruned_groups(mask, shape, pattern, name):
-    """Flat indices of the entries, blocks or units that ``mask`` prunes."""
-    if pattern is None:
-        return np.flatnonzero(~mask)
-    return np.flatnonzero(~_group_all_kept(mask, shape, pattern, name))
-
-
-def _expand(keep, shape, pattern):
-    if pattern is None:
-        return keep
-    if isinstance(pattern, Blocks):
-        R, C = matrix_shape(shape)
-        r, c = pattern.shape
-        return expand_blocks(keep.reshape(-(-R // r), -(-C // c)), shape, pattern.shape)
-    return unit_mask(keep, shape, pattern.axis)
 
 
 def _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern):
     """Current masks only grow: refuse targets and caps below what they prune."""
-    what = {None: "entries", Blocks: "blocks", Units: "units"}[type(pattern) if pattern is not None else None]
+    what = pattern.counted
     for n, d, size, h in zip(names, done, sizes, hi_c):
         if d > h:
             raise ValueError(f"masks already prune {d} of {size} {what} of {n!r}, more than the "

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._atomic import AtomicPath
 from ._validate import check_fraction
-from .patterns import NM, as_pattern
+from .patterns import as_pattern, pattern_of
 from .prune import PruneResult, prune
 
 __all__ = ["ConstantSparsity", "GradualPruner", "PolynomialDecay", "PruningHistory", "PruningStep"]
@@ -80,6 +80,7 @@ class ConstantSparsity:
         _window(self.begin, self.end, self.frequency, "ConstantSparsity")
 
     def __call__(self, step: int) -> float:
+        """The target sparsity at ``step``."""
         return float(self.sparsity) if _step(step, "step") >= self.begin else 0.0
 
     def prunes_at(self, step: int) -> bool:
@@ -126,6 +127,7 @@ class PolynomialDecay:
             raise ValueError(f"PolynomialDecay power must be a number > 0, got {self.power!r}")
 
     def __call__(self, step: int) -> float:
+        """The target sparsity at ``step``."""
         t = min(max(_step(step, "step"), self.begin), self.end)
         if t == self.begin:  # the ends exactly, free of rounding
             return float(self.initial)
@@ -273,7 +275,7 @@ class GradualPruner:
         if not callable(schedule):
             raise TypeError(f"schedule must be a function of the step, got {type(schedule).__name__}")
         pattern = as_pattern(pattern)
-        if isinstance(pattern, NM):
+        if pattern_of(pattern).fixes_sparsity:
             raise ValueError(f"an N:M pattern fixes the sparsity at {pattern.sparsity:g}; there is nothing "
                              f"to schedule: call prune(weights, pattern=...) once")
         self.schedule = schedule

@@ -17,63 +17,30 @@ the same on every run and every thread count.
 
 from __future__ import annotations
 
-
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._device import resolve
+from ._device import is_device_array, resolve
 from ._kernels import cpu_csr, cpu_select
-from ._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, cut_value, key_of, value_of
-from ._validate import as_float_array, check_fraction, check_threshold, flat, nonfinite_error
+from ._kernels.keys import MODE_ABS, MODE_IDENTITY, cut_value, key_of, value_of
+from ._source import NORM_KINDS, NORM_NONE, Rule, Source
+from ._validate import (
+    as_float_array,
+    check_fraction,
+    check_threshold,
+    flat,
+    nonfinite_error,
+)
 
 __all__ = ["select_threshold", "sparsity_mask", "threshold_mask"]
 
-_NORMS = {"none": 0, "l1": 1, "l2": 2, "max": 3}
 # Histogram memory for one level of a global selection, all tensors together.
 _HIST_BUDGET_BYTES = 32 << 20
 _PAR_MIN = 1 << 16  # elements per chunk below which a kernel runs on one thread
 # Tensors from this size on are selected by the one-pass sampled bracket
 # (tests lower it to run that path on small inputs).
 _SAMPLE_MIN = 1 << 18
-
-
-@dataclass
-class Source:
-    """One tensor's scores as the kernels read them: a transform of ``data``."""
-
-    name: str
-    data: np.ndarray  # flat, C-contiguous float32/float64 (or uint8 for a mask)
-    shape: tuple
-    mode: int = MODE_IDENTITY
-    inv: float = 1.0
-    scaled: bool = False
-    role: str = "scores"
-    original: object = None  # the array to name in error messages
-
-    @property
-    def size(self):
-        return self.data.size
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    def needs_wide(self):
-        return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
-
-    on_device = False  # a ``sparsecore.cuda.DeviceSource`` (data on a GPU) says True: selection runs there
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Prune where key < ``key``, and the first ``quota`` entries with key == ``key``."""
-
-    key: int
-    quota: int
-    wide: bool
 
 
 def _nchunks(n):
@@ -95,8 +62,7 @@ def _levels(wide, ntensors):
 
 
 def _raise_nonfinite(src, count, first):
-    raise nonfinite_error(src.name, src.role, src.original if src.original is not None else src.data,
-                          count, first)
+    raise nonfinite_error(src.name, src.role, src.errors_index(), count, first)
 
 
 def _search(sources, lo, hi, target, wide):
@@ -104,9 +70,9 @@ def _search(sources, lo, hi, target, wide):
     reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
     keys < T and == T."""
     if sources and sources[0].on_device:
-        from .cuda import search
+        from ._cuda import select as device_select
 
-        return search(sources, lo, hi, target, wide)
+        return device_select.search(sources, lo, hi, target, wide)
     ntens = len(sources)
     below = np.zeros(ntens, np.int64)
     prefix = 0
@@ -140,12 +106,12 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     over all sources) with per-tensor caps ``lo``/``hi`` (global).
     """
     if counts is not None:
-        return [_select_one(src, int(k)) for src, k in zip(sources, counts)]
+        return [select_one(src, int(k)) for src, k in zip(sources, counts)]
     wide = any(s.needs_wide() for s in sources) or len({s.dtype for s in sources}) > 1
     lo = np.asarray(lo, np.int64)
     hi = np.asarray(hi, np.int64)
     if target == int(lo.sum()):
-        return [_select_one(src, int(k), wide) for src, k in zip(sources, lo)]
+        return [select_one(src, int(k), wide) for src, k in zip(sources, lo)]
     sizes = np.array([src.size for src in sources], np.int64)
     found = None
     if not lo.any() and np.array_equal(hi, sizes):  # no caps: the plain k-th of all keys
@@ -162,7 +128,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
         if below[t] <= p <= below[t] + ties[t]:
             rules.append(_rule_for(T, int(ties[t]), p - int(below[t]), wide))
         else:  # a cap binds beyond the global threshold: the tensor's own p smallest
-            rules.append(_select_one(src, p, wide))
+            rules.append(select_one(src, p, wide))
     return rules
 
 
@@ -240,7 +206,8 @@ def _search_sampled(sources, k, wide):
     return int(T), below, ties
 
 
-def _select_one(src, k, wide=None):
+def select_one(src, k, wide=None):
+    """The rule pruning the ``k`` lowest scores of one source (ties: lower flat index first)."""
     if wide is None:
         wide = src.needs_wide()
     if k <= 0:
@@ -322,7 +289,8 @@ def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
     return (mask if want_mask else None), (data, indices, row_start.astype(idt))
 
 
-def _mask_nseg(n):
+def mask_nseg(n):
+    """Segments of a mask-only rule pass over ``n`` entries."""
     return max(1, min(4 * numba.get_num_threads(), n // _PAR_MIN))
 
 
@@ -332,19 +300,52 @@ def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores", abso
     if absolute:
         mode = MODE_ABS
     if resolve(device, scores) == "cuda":
-        from .cuda import device_source
+        from ._cuda import select as device_select
 
-        return device_source(name, scores, mode, role)
+        return device_select.device_source(name, scores, mode, role)
     arr = as_float_array(scores, name, role)
     return Source(name, flat(arr), arr.shape, mode, role=role, original=arr)
 
 
-def _mask_from(src, rule):
-    if src.on_device:
-        from .cuda import mask_of
+def weights_array(a, name, on_device, role="weights"):
+    """``a`` as float32/float64 weights: a host array (float16 upcast), or
+    with ``on_device`` a contiguous float device array."""
+    if on_device:
+        from ._cuda import arrays as device_arrays
 
-        return mask_of(src, rule)
-    mask, _ = apply_rule(src.data, src, rule, _mask_nseg(src.size), want_mask=True)
+        return device_arrays.float_array(a, name, role)
+    return as_float_array(a, name, role)
+
+
+def weights_source(w, name, mode):
+    """A source scoring float weights ``w`` themselves (``mode``: ``|w|`` or
+    ``w²``), read in place, on the host or the device like ``w``."""
+    if is_device_array(w):
+        from ._cuda import select as device_select
+
+        return device_select.device_source(name, w, mode, role="weights")
+    return Source(name, flat(w), tuple(w.shape), mode, role="weights", original=w)
+
+
+def kept_count(mask, other=None):
+    """Kept entries of a flat keep-mask (host or device), after ``mask &= other`` when given."""
+    if is_device_array(mask):
+        from ._cuda import select as device_select
+
+        return device_select.count_kept(mask, other)
+    if other is not None:
+        mask &= flat(other)
+    return int(np.count_nonzero(mask))
+
+
+def mask_from(src, rule):
+    """The keep-mask of a source under ``rule``, shaped like the source (on
+    the device for a device source)."""
+    if src.on_device:
+        from ._cuda import select as device_select
+
+        return device_select.mask_of(src, rule)
+    mask, _ = apply_rule(src.data, src, rule, mask_nseg(src.size), want_mask=True)
     return mask.reshape(src.shape)
 
 
@@ -385,7 +386,7 @@ def threshold_mask(scores: ArrayLike, threshold: float, *, device: str = "auto")
     """
     t = check_threshold(threshold, "scores")
     src = scores_source(scores, device=device)
-    return _mask_from(src, threshold_rule(src, t))
+    return mask_from(src, threshold_rule(src, t))
 
 
 def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False,
@@ -433,7 +434,7 @@ def sparsity_mask(scores: ArrayLike, sparsity: float, *, absolute: bool = False,
     s = check_fraction(sparsity, "scores")
     src = scores_source(scores, absolute=absolute, device=device)
     k = round(s * src.size)
-    return _mask_from(src, _select_one(src, k))
+    return mask_from(src, select_one(src, k))
 
 
 def select_threshold(scores: ArrayLike, sparsity: float, *, absolute: bool = False, device: str = "auto") -> float:
@@ -465,13 +466,13 @@ def kth_value(src, k):
 
 def norm_inverse(src, normalize):
     """1 / the source's norm (1.0 for no normalisation or an all-zero tensor)."""
-    kind = _NORMS[normalize]
-    if kind == 0:
+    kind = NORM_KINDS[normalize]
+    if kind == NORM_NONE:
         return 1.0
     if src.on_device:
-        from .cuda import score_norm
+        from ._cuda import select as device_select
 
-        nrm = score_norm(src, kind)
+        nrm = device_select.score_norm(src, kind)
     else:
         nrm = cpu_select.score_norm(src.data, src.mode, kind)
     return 1.0 / nrm if nrm > 0 and np.isfinite(nrm) else 1.0

@@ -66,10 +66,12 @@ class Layer:
 
     @property
     def out_axis(self) -> int:
+        """The axis of the weight's output units in its layout."""
         return self.layout.index("o")
 
     @property
     def in_axis(self) -> int:
+        """The axis of the weight's input units in its layout."""
         return self.layout.index("i")
 
 

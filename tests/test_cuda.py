@@ -23,6 +23,8 @@ except RuntimeError as exc:  # no GPU and no simulator
 
 import sparsecore as sc
 from sparsecore import cuda as scu
+from sparsecore._cuda import csr as device_csr
+from sparsecore._cuda import select as device_select
 
 pytestmark = pytest.mark.cuda
 
@@ -66,11 +68,13 @@ def test_to_csr_matches_cpu(rng, dtype, shape, kind):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_rule_matches_cpu(rng, dtype):
-    from sparsecore.selection import _select_one, scores_source
+    from sparsecore.selection import scores_source, select_one
 
     s = make(rng, (5, 7), dtype, "ties")
     for k in (0, 1, 5, 20, 35):
-        assert scu.select_rule(s, k, absolute=True) == _select_one(scores_source(s, absolute=True), k)
+        dev = scores_source(s, absolute=True, device="cuda")
+        assert dev.on_device
+        assert select_one(dev, k) == select_one(scores_source(s, absolute=True), k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,7 +87,7 @@ def test_csr_products_match_reference(rng, dtype, shape):
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(scu.csr_matmul(a, x).copy_to_host(), ref.matmul(a.toarray(), x), rtol=tol, atol=tol)
     if shape == (5, 90):  # 36 entries a row: the thread-group kernel, with an empty row
-        assert scu._vector_width(a.nnz / a.shape[0]) == 8  # THREADS is 8 here
+        assert device_csr.vector_width(a.nnz / a.shape[0]) == 8  # THREADS is 8 here
     dev = scu.to_csr(w, sparsity=0.6)
     np.testing.assert_allclose(scu.csr_matmul(dev, X).copy_to_host(), ref.matmul(a.toarray(), X), rtol=tol,
                                atol=tol)
@@ -148,7 +152,7 @@ def test_mutual_information_counts_match_cpu(rng):
     y = rng.integers(0, 3, 40)
     bins = sc.fit_bins(acts, 8)
     cpu = sc.UnitMIAccumulator(bins, 3).update(acts, y)
-    np.testing.assert_array_equal(scu.unit_label_counts(acts, y, bins, 3).copy_to_host(), cpu.counts)
+    np.testing.assert_array_equal(scu.UnitMICounts(bins, 3).update(acts, y).counts.copy_to_host(), cpu.counts)
     a_in = rng.standard_normal((40, 4))
     a_out = np.tanh(a_in @ rng.standard_normal((4, 3)))
     got = scu.pairwise_mi(a_in, a_out, sc.fit_bins(a_in, 6), sc.fit_bins(a_out, 6))
@@ -519,9 +523,9 @@ def test_device_norms_equal_the_cpu_bit_for_bit(rng, mode):
     from sparsecore._kernels import cpu_select
 
     x = (rng.standard_normal(3 * cpu_select.NORM_BLOCK + 17) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
-    src = scu.device_source("x", x, mode)
+    src = device_select.device_source("x", x, mode)
     for kind in (1, 2, 3):
-        assert scu.score_norm(src, kind) == cpu_select.score_norm(x, mode, kind)
+        assert device_select.score_norm(src, kind) == cpu_select.score_norm(x, mode, kind)
 
 
 def test_readme_cuda_example_runs():
@@ -678,7 +682,7 @@ def test_vector_spmv_threads_fit_its_shared_array(rng, monkeypatch):
     w = make(rng, (3, 300), np.float64)
     a = sc.to_csr(w, sparsity=0.5)
     x = rng.standard_normal(300)
-    assert scu._vector_width(a.nnz / a.shape[0]) == 32
+    assert device_csr.vector_width(a.nnz / a.shape[0]) == 32
     np.testing.assert_allclose(scu.csr_matmul(a, x).copy_to_host(), ref.matmul(a.toarray(), x), rtol=1e-12)
 
 

@@ -142,7 +142,8 @@ def _assemble(ptx, cc, tmp_path):
             "spill": int(m["st"]) + int(m["ld"])}
 
 
-@pytest.mark.parametrize("mod, name, kernel", KERNELS, ids=[f"{m.__name__.rsplit('.', 1)[1]}.{n}" for m, n, _ in KERNELS])
+@pytest.mark.parametrize("mod, name, kernel", KERNELS,
+                         ids=[f"{m.__name__.rsplit('.', 1)[1]}.{n}" for m, n, _ in KERNELS])
 def test_kernel_compiles_and_assembles(mod, name, kernel, tmp_path, capsys):
     opts = kernel.targetoptions
     worst = {}

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .keys import MODE_SQUARE, cttz, score_key, specialize
+from .keys import MODE_SQUARE, NORM_L1, NORM_L2, NORM_MAX, cttz, score_key, specialize
 
 # Elements per block of the deterministic reductions: partial results are
 # formed per fixed block, never per thread, so the answer does not depend on
@@ -199,7 +199,7 @@ def pick_digit(hist, below, lo, hi, target):
 
 @njit(parallel=True, cache=True)
 def score_norm(x, mode, kind):
-    """Norm of a tensor's scores: kind 1 = l1, 2 = l2, 3 = max of |score|.
+    """Norm of a tensor's scores: ``kind`` NORM_L1, NORM_L2 or NORM_MAX (of |score|).
 
     Partial sums are per fixed block and added in block order, so the result
     is the same on any thread count.
@@ -216,21 +216,21 @@ def score_norm(x, mode, kind):
             if mode == MODE_SQUARE:
                 d = d * d
             d = abs(d)
-            if kind == 1:
+            if kind == NORM_L1:
                 acc += d
-            elif kind == 2:
+            elif kind == NORM_L2:
                 acc += d * d
             elif d > acc:
                 acc = d
         part[b] = acc
     total = 0.0
     for b in range(nblocks):
-        if kind == 3:
+        if kind == NORM_MAX:
             if part[b] > total:
                 total = part[b]
         else:
             total += part[b]
-    if kind == 2:
+    if kind == NORM_L2:
         total = math.sqrt(total)
     return total
 

@@ -124,6 +124,7 @@ def row_kept(sbits, w, cols, T, absolute, wide, pruned_ties, counts, bad):
         cuda.syncthreads()
 
 
+# Twin of cpu_csr.seg_fill: the GPU must reproduce the CPU's CSR structure and values.
 @cuda.jit
 def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indices):
     """Write the kept non-zeros of each row at ``indptr[r]``, in column order."""
@@ -148,6 +149,7 @@ def row_fill(sbits, w, cols, T, absolute, wide, pruned_ties, indptr, data, indic
         cuda.syncthreads()
 
 
+# Twin of cpu_csr.seg_count's mask: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def row_mask(sbits, cols, T, absolute, wide, pruned_ties, mask):
     """The keep-mask of the rule (kept = key above ``T``, or a tie past the row's quota)."""

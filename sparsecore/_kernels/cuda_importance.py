@@ -16,6 +16,7 @@ WANDA = 3  # |w| * ||x_j||, x_j the input feature: index (i // B) % L
 ABS = 4  # |a|                       (taylor from sum w*g)
 
 
+# Twin of importance's NumPy criteria: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def criterion_scores(w, a, L, B, out, kind):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):

@@ -15,6 +15,7 @@ from ._signatures import FLOATS, INDEX, KEYS, arr, b1, combos, f64, i64
 MAX_CELLS = 1024  # nb_out * nb_in per pair (32 x 32 bins)
 
 
+# Twin of cpu_mi.uniform_codes: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def uniform_codes(x, lo, inv, topf, out):
     """``out[u, s]`` = equal-width bin of ``x[s, u]`` (floor, clipped to the
@@ -39,6 +40,7 @@ def unit_label_counts(codes, labels, counts):
         cuda.atomic.add(counts, (u, int64(codes[u, s]), int64(labels[s])), 1)
 
 
+# Twin of cpu_mi._xlogx: the GPU must reproduce the CPU's arithmetic.
 @cuda.jit(device=True, inline=True)
 def _xlogx(v, table):
     if v < table.size:
@@ -46,6 +48,7 @@ def _xlogx(v, table):
     return float64(v) * math.log(float64(v))
 
 
+# Twin of cpu_mi.pair_mi: the GPU must reproduce the CPU's counts (the MI within float64 rounding).
 @cuda.jit
 def pair_mi(codes_out, codes_in, nb_out, nb_in, table, sx_out, sx_in, n, mi, mxy):
     """MI in nats of every pair: log n + (Σ N_ab log N_ab - sx_out[o] - sx_in[i]) / n

@@ -20,6 +20,7 @@ from .keys import MODE_ABS, MODE_SQUARE
 MAX_M = 32  # largest N:M group on the device (a thread holds its group)
 
 
+# Twin of cpu_pattern's score transform: the GPU must reproduce the CPU's bits.
 @cuda.jit(device=True, inline=True)
 def _value(v, mode):
     d = float64(v)
@@ -37,6 +38,7 @@ def _flag_bad(d, i, bad):
         cuda.atomic.min(bad, 1, i)
 
 
+# Twin of cpu_pattern._pool_term: the GPU must reproduce the CPU's bits.
 @cuda.jit(device=True, inline=True)
 def _pool_term(d, pool):
     if pool == 2:
@@ -46,6 +48,7 @@ def _pool_term(d, pool):
     return d
 
 
+# Twin of cpu_pattern.nm_keep: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def nm_keep(s, A, L, B, n, m, keep, bad, mode):
     """Keep the ``n`` highest scores of each group of ``m`` along ``L``; a
@@ -71,6 +74,7 @@ def nm_keep(s, A, L, B, n, m, keep, bad, mode):
             keep[base + i * B] = beats < n
 
 
+# Twin of cpu_pattern.block_pool: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def block_pool(s, R, C, r, c, out, bad, mode, pool):
     """Pool ``(r, c)`` blocks of the ``(R, C)`` scores (pool 0 mean, 1 max,
@@ -117,6 +121,7 @@ def block_expand(keep_blocks, R, C, r, c, mask):
         mask[i] = keep_blocks[(i // C) // r, (i % C) // c]
 
 
+# Twin of cpu_pattern.unit_reduce: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def unit_reduce(s, A, L, B, pool, out, bad, mode):
     """Reduce each unit ``l`` of ``(A, L, B)`` over ``a`` then ``b`` (pool 0

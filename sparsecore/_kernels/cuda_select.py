@@ -22,7 +22,7 @@ from numba import cuda, float32, float64, int32, int64, uint64
 
 from ._signatures import FLOATS, KEYS, arr, b1, combos, f64, i64, u64
 from .cpu_select import NORM_BLOCK
-from .keys import MODE_ABS, MODE_SQUARE
+from .keys import MODE_ABS, MODE_SQUARE, NORM_L1, NORM_L2
 
 SIGN32 = np.uint64(0x80000000)
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -32,6 +32,7 @@ MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 __all__ = ["HIST_BITS", "NORM_BLOCK", "count_rule", "key_hist", "key_of_bits", "materialise", "norm_parts"]
 
 
+# Twin of keys.key_of: the GPU must reproduce the CPU's bits.
 @cuda.jit(device=True, inline=True)
 def key_of_bits(b, absolute, wide):
     """Order-preserving key of float bits (uint32 or uint64 value as uint64)."""
@@ -118,11 +119,12 @@ def count_rule(sbits, absolute, wide, T, out):
         cuda.atomic.add(out, 1, ties)
 
 
+# Twin of cpu_select.score_norm: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def norm_parts(x, kind, block, part, mode):
     """Twin of ``cpu_select.score_norm``'s first stage: one thread per fixed
     block of ``block`` elements (grid-stride over blocks), added in index
-    order (kind 1 = l1, 2 = l2, 3 = max of |score|), so the parts, and the
+    order (``kind``: NORM_L1, NORM_L2, NORM_MAX of |score|), so the parts, and the
     total the host adds up in block order, equal the CPU's bit for bit."""
     for b in range(cuda.grid(1), part.size, cuda.gridsize(1)):
         lo = b * block
@@ -133,15 +135,16 @@ def norm_parts(x, kind, block, part, mode):
             if mode == MODE_SQUARE:
                 d = d * d
             d = abs(d)
-            if kind == 1:
+            if kind == NORM_L1:
                 acc += d
-            elif kind == 2:
+            elif kind == NORM_L2:
                 acc += d * d
             elif d > acc:
                 acc = d
         part[b] = acc
 
 
+# Twin of cpu_select's score_value: the GPU must reproduce the CPU's bits.
 @cuda.jit
 def materialise(x, inv, scaled, keep, low, floor, out, bad, mode, wide):
     """``out`` = the CPU's ``score_value`` of ``x`` (``wide``: float64 ``out``,

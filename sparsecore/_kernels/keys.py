@@ -27,6 +27,12 @@ MODE_IDENTITY = 0
 MODE_ABS = 1
 MODE_SQUARE = 2
 
+# Per-tensor score norms (normalisation): what the norm kernels compute.
+NORM_NONE = 0
+NORM_L1 = 1  # sum of |score|
+NORM_L2 = 2  # sqrt of the sum of score²
+NORM_MAX = 3  # max of |score|
+
 _SIGN32 = np.uint64(0x80000000)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SIGN64 = np.uint64(1) << np.uint64(63)

@@ -8,7 +8,8 @@ source format.
 """
 
 from .errors import FormatError
-from .formats import Entry, WeightFile, open_weights
+from .files import open_weights
+from .formats import Entry, WeightFile
 from .offline import FileResult, UserError, densify_file, prune_file
 
 __all__ = ["Entry", "FileResult", "FormatError", "UserError", "WeightFile", "densify_file", "open_weights",

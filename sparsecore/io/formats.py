@@ -53,14 +53,17 @@ class Entry:
 
     @property
     def size(self):
+        """Entries of the tensor."""
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def nbytes(self):
+        """Bytes of the tensor as stored."""
         return self.size * (2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize)
 
 
-def _entry(name, shape, dtype, optimizer=False):
+def entry_of(name, shape, dtype, optimizer=False):
+    """The :class:`Entry` of a tensor read from a file (float or not, pruned by default or not)."""
     dt = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
     is_float = dt == "bfloat16" or (np.dtype(dt).kind == "f" and np.dtype(dt).itemsize in (2, 4, 8))
     return Entry(name, tuple(int(s) for s in shape), dt, is_float, is_float and len(shape) >= 2 and not optimizer)
@@ -86,9 +89,11 @@ class WeightFile:
         self.entries = {}
 
     def raw(self, name):
+        """The tensor as stored (its own dtype), as a new array."""
         raise NotImplementedError  # every concrete reader defines it
 
     def floats(self, name):
+        """The tensor as float32/float64 (bfloat16 and float16 widened to float32)."""
         return to_float(self.raw(name), self.entries[name])
 
     def row_subset(self, name, step):
@@ -97,6 +102,7 @@ class WeightFile:
         return to_float(np.ascontiguousarray(self.raw(name)[::step]), self.entries[name])
 
     def close(self):
+        """Release the file."""
         pass
 
     def __enter__(self):
@@ -175,18 +181,19 @@ class H5File(WeightFile):
                     ds = g.get(wname)
                     if not isinstance(ds, h5py.Dataset):
                         raise FormatError(f"{self.path}: weight {wname!r} of layer {lname!r} is listed but missing")
-                    self.entries[f"{lname}/{wname}"] = _entry(f"{lname}/{wname}", ds.shape, ds.dtype)
+                    self.entries[f"{lname}/{wname}"] = entry_of(f"{lname}/{wname}", ds.shape, ds.dtype)
             return
         self.format = "keras-weights" if ("layers" in h or "vars" in h) else "hdf5"
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiub":
                 opt = self.format == "keras-weights" and name.startswith("optimizer/")
-                self.entries[name] = _entry(name, obj.shape, obj.dtype, optimizer=opt)
+                self.entries[name] = entry_of(name, obj.shape, obj.dtype, optimizer=opt)
 
         h.visititems(visit)
 
     def raw(self, name):
+        """The tensor as stored (its own dtype), as a new array."""
         ds = self.h5[self.prefix + name]
         out = np.empty(ds.shape, ds.dtype)
         if out.size:
@@ -194,10 +201,12 @@ class H5File(WeightFile):
         return out
 
     def row_subset(self, name, step):
+        """Every ``step``-th row of the tensor as floats (a cheap sample for selection)."""
         ds = self.h5[self.prefix + name]
         return to_float(ds[::step] if ds.ndim else ds[()], self.entries[name])
 
     def close(self):
+        """Release the file."""
         if isinstance(self.h5, h5py.File):
             self.h5.close()
 
@@ -292,6 +301,7 @@ class KerasZip(H5File):
         self.format = "keras"
 
     def close(self):
+        """Release the file and the archive's temporary copy."""
         super().close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
@@ -318,6 +328,7 @@ def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
 # --- safetensors ----------------------------------------------------------------
 
 class SafeTensorsFile(WeightFile):
+    """A safetensors file, read with NumPy (no framework)."""
     format = "safetensors"
 
     def __init__(self, path):
@@ -325,12 +336,13 @@ class SafeTensorsFile(WeightFile):
         self.header, self.metadata, self.start, self.header_bytes = st.read_header(self.path)
         for name, (dt, shape, _, _) in self.header.items():
             dtype = "bfloat16" if dt == "BF16" else st.DTYPES[dt]
-            e = _entry(name, shape, dtype)
+            e = entry_of(name, shape, dtype)
             if dt.startswith("F8"):
                 e.is_float, e.default = False, False  # 8-bit floats pass through
             self.entries[name] = e
 
     def raw(self, name):
+        """The tensor as stored (its own dtype), as a new array."""
         return st.read_tensor(self.path, self.header[name], self.start)
 
 
@@ -348,12 +360,14 @@ class NpzFile(WeightFile):
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                     np.lib.format.read_array_header_2_0
                 shape, _, dtype = read(f)
-            self.entries[k] = _entry(k, shape, dtype)
+            self.entries[k] = entry_of(k, shape, dtype)
 
     def raw(self, name):
+        """The array as stored, as a new array."""
         return self.z[name]
 
     def close(self):
+        """Release the file."""
         self.z.close()
 
 
@@ -369,6 +383,7 @@ def _torch():
 
 
 class TorchFile(WeightFile):
+    """A PyTorch state dict (``.pt``/``.bin``), loaded with ``weights_only=True``."""
     format = "torch"
 
     def __init__(self, path):
@@ -391,9 +406,10 @@ class TorchFile(WeightFile):
             if not isinstance(v, torch.Tensor):
                 continue
             dtype = "bfloat16" if v.dtype == torch.bfloat16 else torch.empty(0, dtype=v.dtype).numpy().dtype
-            self.entries[k] = _entry(k, tuple(v.shape), dtype)
+            self.entries[k] = entry_of(k, tuple(v.shape), dtype)
 
     def raw(self, name):
+        """The tensor as a NumPy array of its own dtype (bfloat16 as its 16-bit patterns)."""
         t = self.sd[name].detach().cpu().contiguous()
         if t.dtype == _torch().bfloat16:
             return t.view(_torch().int16).numpy().view(np.uint16).copy()
@@ -453,28 +469,3 @@ def detect(path):
     raise FormatError(f"{path}: unknown weight-file format" + (f" ({hint})" if hint else "")
                       + "; sparsecore reads .keras, .weights.h5, Keras 2 .h5, safetensors, PyTorch .pt/.bin "
                         "and its own sparse HDF5")
-
-
-def open_weights(path) -> WeightFile:
-    """Open a weight file for reading, whatever its format (see the module doc)."""
-    kind = detect(path)
-    if kind == "keras":
-        return KerasZip(path)
-    if kind == "torch":
-        return TorchFile(path)
-    if kind == "safetensors":
-        return SafeTensorsFile(path)
-    if kind == "npz":
-        return NpzFile(path)
-    try:
-        with h5py.File(path, "r") as h:
-            tag = h.attrs.get("format")
-    except OSError as exc:
-        raise FormatError(f"{path}: HDF5 signature but unreadable ({exc}); the file is truncated or corrupt") from None
-    if isinstance(tag, bytes):
-        tag = tag.decode()
-    if tag == SPARSE_TAG:
-        from .sparse import SparseFile
-
-        return SparseFile(path)
-    return H5File(path)

@@ -27,23 +27,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _version
 from .._atomic import AtomicPath
 from .._kernels.cpu_pattern import keep_raw
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
-from .._validate import check_fraction, check_threshold, flat, per_name
-from .._version import __version__
-from ..csr import build_csr, matrix_shape
-from ..prune import TensorSummary, format_table
-from ..selection import (
-    _NORMS,
-    Source,
-    _mask_nseg,
-    apply_rule,
-    norm_inverse,
-    select_rules,
-    threshold_rule,
+from .._source import NORM_KINDS, NORM_NONE, Source
+from .._validate import flat
+from ..csr import matrix_shape
+from ..prune import (
+    TensorSummary,
+    check_options,
+    format_table,
+    plan_selection,
+    select_tensor,
 )
+from ..selection import norm_inverse
 from . import _safetensors as st
+from .files import open_weights
 from .formats import (
     PLACEHOLDER,
     H5File,
@@ -51,14 +51,13 @@ from .formats import (
     SafeTensorsFile,
     TorchFile,
     WeightFile,
-    open_weights,
     rebuild_h5,
     rebuild_into,
     to_float,
     write_keras_zip,
     write_torch,
 )
-from .sparse import SparseFile, SparseWriter, _str
+from .sparse import SparseFile, SparseWriter, as_str
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -80,6 +79,7 @@ class FileResult:
     output_bytes: int = 0
 
     def table(self):
+        """The summary as a text table."""
         return format_table(self.summary, [])
 
 
@@ -206,12 +206,10 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     -------
     FileResult
     """
-    if scope not in ("local", "global"):
-        raise UserError(f"scope must be 'local' or 'global', got {scope!r}")
-    if normalize not in _NORMS:
-        raise UserError(f"normalize must be one of {list(_NORMS)}, got {normalize!r}")
-    if (sparsity is None) == (threshold is None):
-        raise UserError("give exactly one of sparsity and threshold")
+    try:  # prune()'s own checks and messages, before any file is read
+        check_options(sparsity, threshold, scope, normalize, None)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
     _check_paths(src, dst, force)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
@@ -241,7 +239,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                          normalize)
             attrs = None
             if sparse:
-                attrs = {"tool_version": __version__, "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                attrs = {"tool_version": _version.__version__,
+                         "created": datetime.datetime.now(datetime.UTC).isoformat(),
                          "source_file": os.path.abspath(src), "source_format": reader.format,
                          "source_sha256": _background(sha256_of, src), "source_bytes": os.path.getsize(src),
                          "criterion": criterion or ("magnitude" if scores is None else "scores file"),
@@ -258,18 +257,10 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     return result
 
 
-@dataclass
-class _Plan:
-    names: list
-    sources: dict
-    rules: dict  # name -> Rule, or None (local sparsity: found when written)
-    counts: dict
-    lo: dict
-    hi: dict
-    threshold: bool
-
-
 def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize):
+    """``(sources by name, SelectionPlan)``: ``prune``'s own plan over
+    sources read from the file when used (local sparsities are found when
+    each tensor is written, so it is read once)."""
     entries = reader.entries
     sources = {}
     for n in names:
@@ -288,89 +279,54 @@ def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, m
             raise UserError(f"scores {n!r} have dtype {se.dtype}; scores must be floats")
         sources[n] = LazySource(n, e.shape, _float_dtype(se), lambda n=n: score_file.floats(n), MODE_IDENTITY,
                                 lambda step, n=n: score_file.row_subset(n, step))
-    if _NORMS[normalize]:
-        for src in sources.values():
-            src.inv, src.scaled = norm_inverse(src, normalize), True
     try:
-        lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
-        hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
-        lo_c = {n: round(lo[n] * sources[n].size) for n in names}
-        hi_c = {n: round(hi[n] * sources[n].size) for n in names}
-        rules, counts = {}, {}
-        if threshold is not None:
-            th = per_name(threshold, names, "threshold", check_threshold)
-            rules = {n: threshold_rule(sources[n], th[n]) for n in names}
-        elif scope == "global":
-            s = check_fraction(sparsity, "all tensors")
-            total = sum(src.size for src in sources.values())
-            target = round(s * total)
-            if not (sum(lo_c.values()) <= target <= sum(hi_c.values())):
-                raise UserError(f"global sparsity {s} prunes {target} of {total} entries, but the caps allow "
-                                f"{sum(lo_c.values())} to {sum(hi_c.values())}")
-            srcs = [sources[n] for n in names]
-            got = select_rules(srcs, target=target, lo=np.array([lo_c[n] for n in names], np.int64),
-                               hi=np.array([hi_c[n] for n in names], np.int64))
-            rules = dict(zip(names, got))
-        else:
-            sp_t = per_name(sparsity, names, "sparsity", check_fraction)
-            counts = {n: round(sp_t[n] * sources[n].size) for n in names}
+        if NORM_KINDS[normalize] != NORM_NONE:
+            for src in sources.values():
+                src.inv, src.scaled = norm_inverse(src, normalize), True
+        plan = plan_selection([sources[n] for n in names], names, sparsity=sparsity, threshold=threshold,
+                              scope=scope, min_sparsity=min_sparsity, max_sparsity=max_sparsity)
     except UserError:
         raise
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    return _Plan(names, sources, rules, counts, lo_c, hi_c, threshold is not None)
+    return sources, plan
 
 
-def _prune_one(reader, plan, name, want_csr):
+def _prune_one(reader, sources, plan, i, name, want_csr):
     """``(masked raw array, csr or None, flat mask, summary)`` of one tensor."""
     e = reader.entries[name]
     raw = reader.raw(name)
     w = to_float(raw, e)
-    lazy = plan.sources[name]
+    lazy = sources[name]
     if lazy.mode == MODE_ABS:  # magnitude: the weights just read are the scores
         src = Source(name, flat(w), e.shape, MODE_ABS, lazy.inv, lazy.scaled, role="weights", original=w)
     else:
         s = lazy._load()
         src = Source(name, flat(s), e.shape, MODE_IDENTITY, lazy.inv, lazy.scaled, original=s)
-    rule = plan.rules.get(name)
-    if rule is None:
-        (rule,) = select_rules([src], counts=[plan.counts[name]])
-    mshape = matrix_shape(e.shape)
-    wf = flat(w)
-
-    def select(rule):
-        if want_csr:
-            return build_csr(wf, mshape, src, rule, want_mask=True, weights_name=name, weights_original=w)
-        mask, _ = apply_rule(wf, src, rule, _mask_nseg(wf.size), want_mask=True, weights_name=name,
-                             weights_original=w)
-        return None, mask
-
     try:
-        a, mask = select(rule)
-        pruned = int(mask.size - np.count_nonzero(mask))
-        if plan.threshold and not (plan.lo[name] <= pruned <= plan.hi[name]):
-            (rule,) = select_rules([src], counts=[min(max(pruned, plan.lo[name]), plan.hi[name])])
-            a, mask = select(rule)
-            pruned = int(mask.size - np.count_nonzero(mask))
+        a, mask, _, kept = select_tensor(src, w, plan, i, want_csr=want_csr)
     except ValueError as exc:
         raise UserError(f"{reader.path}: {exc}") from None
+    mshape = matrix_shape(e.shape)
     out = raw.reshape(-1)  # our own copy, written in place
     bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[out.dtype.itemsize])
-    nnz = int(keep_raw(bits, mask, wf))  # wf aliases ``raw`` for float32/64: it counts before zeroing
+    nnz = int(keep_raw(bits, mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts before zeroing
     if a is not None:
         csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)
     else:
         csr_bytes = nnz * (w.dtype.itemsize + 4) + 4 * (mshape[0] + 1)
-    summary = TensorSummary(name, tuple(e.shape), e.size, pruned, nnz, e.nbytes, csr_bytes)
+    summary = TensorSummary(name, tuple(e.shape), e.size, e.size - kept, nnz, e.nbytes, csr_bytes)
     return raw, a, mask, summary
 
 
 def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None):
-    pruned = set(plan.names)
-    total = len(plan.names)
+    sources, plan = plan
+    index = {n: i for i, n in enumerate(sources)}
+    pruned = set(sources)
+    total = len(sources)
 
     def step(name, want_csr):
-        raw, a, mask, summary = _prune_one(reader, plan, name, want_csr)
+        raw, a, mask, summary = _prune_one(reader, sources, plan, index[name], name, want_csr)
         result.summary.append(summary)
         if progress is not None:
             progress(len(result.summary), total, name)
@@ -466,7 +422,7 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
         c = h["container"]
         with AtomicPath(dst, sync) as tmp:
             if reader.kind in ("hdf5", "keras"):
-                paths = {_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
+                paths = {as_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
 
                 def replace(path):
                     return reader.raw(paths[path]) if path in paths else None
@@ -474,7 +430,7 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
                 if reader.kind == "hdf5":
                     rebuild_h5(c["h5"], tmp, replace)
                 else:
-                    members = [tuple(m) for m in json.loads(_str(c.attrs["members"]))]
+                    members = [tuple(m) for m in json.loads(as_str(c.attrs["members"]))]
                     with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
                         h5tmp = os.path.join(d, "model.weights.h5")
                         rebuild_h5(c["h5"], h5tmp, replace)

@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from .errors import FormatError
-from .formats import SPARSE_TAG, Entry, H5File, WeightFile, _entry
+from .formats import SPARSE_TAG, Entry, H5File, WeightFile, entry_of
 
 FORMAT_VERSION = 1
 
@@ -87,6 +87,7 @@ class SparseWriter:
             g.create_dataset("mask", data=np.packbits(mask))
 
     def close(self):
+        """Write the container's attributes and close the file."""
         try:
             for k, v in self.deferred.items():
                 self.h5.attrs[k] = v()
@@ -113,11 +114,11 @@ class SparseFile(WeightFile):
         if version != FORMAT_VERSION:
             raise FormatError(f"{self.path}: sparse format version {version}; this sparsecore reads version "
                               f"{FORMAT_VERSION}")
-        self.kind = _str(h["container"].attrs["kind"])
+        self.kind = as_str(h["container"].attrs["kind"])
         self.pruned = {}
         for key in sorted(h["tensors"], key=int):
             g = h["tensors"][key]
-            name = _str(g.attrs["name"])
+            name = as_str(g.attrs["name"])
             self.pruned[name] = g
         c = h["container"]
         self.raw_groups = {}
@@ -125,21 +126,21 @@ class SparseFile(WeightFile):
             self.inner = H5File(self.path, group=c["h5"])
             self.entries = dict(self.inner.entries)
         else:
-            order = json.loads(_str(c.attrs["order"]))
+            order = json.loads(as_str(c.attrs["order"]))
             for key in c.get("raw", {}):
                 g = c["raw"][key]
-                self.raw_groups[_str(g.attrs["name"])] = g
+                self.raw_groups[as_str(g.attrs["name"])] = g
             for n in order:
                 if n in self.pruned:
                     g = self.pruned[n]
-                    self.entries[n] = _entry(n, tuple(g.attrs["shape"]), _str(g.attrs["dtype"]))
+                    self.entries[n] = entry_of(n, tuple(g.attrs["shape"]), as_str(g.attrs["dtype"]))
                 else:
                     ds = self.raw_groups[n]
-                    dt = _str(ds.attrs["dtype"])
-                    self.entries[n] = _entry(n, ds.shape, "bfloat16" if dt == "bfloat16" else ds.dtype)
+                    dt = as_str(ds.attrs["dtype"])
+                    self.entries[n] = entry_of(n, ds.shape, "bfloat16" if dt == "bfloat16" else ds.dtype)
         for n, g in self.pruned.items():  # pruned tensors report their own dtype
             e = self.entries[n]
-            self.entries[n] = Entry(n, e.shape, _str(g.attrs["dtype"]), e.is_float, e.default)
+            self.entries[n] = Entry(n, e.shape, as_str(g.attrs["dtype"]), e.is_float, e.default)
 
     def nnz(self, name):
         """Stored entries of a pruned tensor (None for one stored dense)."""
@@ -147,6 +148,7 @@ class SparseFile(WeightFile):
         return None if g is None else int(g.attrs["nnz"])
 
     def csr(self, name):
+        """The stored CSR of a pruned tensor (``scipy.sparse.csr_array``)."""
         import scipy.sparse as sp
 
         g = self.pruned[name]
@@ -166,6 +168,7 @@ class SparseFile(WeightFile):
         return out.reshape(shape)
 
     def mask(self, name):
+        """The keep-mask of a pruned tensor, shaped like it."""
         g = self.pruned[name]
         shape = tuple(int(s) for s in g.attrs["shape"])
         if "mask" in g:
@@ -174,19 +177,22 @@ class SparseFile(WeightFile):
         return self._dense(g) != 0
 
     def raw(self, name):
+        """The tensor as it was written (zeros where pruned), in its own dtype."""
         if name in self.pruned:
             g = self.pruned[name]
             dense = self._dense(g)
-            if _str(g.attrs["dtype"]) == "bfloat16":
+            if as_str(g.attrs["dtype"]) == "bfloat16":
                 return f32_to_bf16(dense)
-            return dense.astype(_str(g.attrs["dtype"]), copy=False)
+            return dense.astype(as_str(g.attrs["dtype"]), copy=False)
         if self.kind in ("hdf5", "keras"):
             return self.inner.raw(name)
         return np.asarray(self.raw_groups[name][()])
 
     def close(self):
+        """Release the file."""
         self.h5.close()
 
 
-def _str(v):
+def as_str(v):
+    """An HDF5 attribute as text."""
     return v.decode() if isinstance(v, bytes) else str(v)
