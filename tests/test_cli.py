@@ -1,7 +1,6 @@
 """The command line: commands, one-line errors, and runs killed at random moments."""
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys

@@ -15,7 +15,9 @@ def test_demo_workflow_end_to_end():
 
 
 def test_cli_runs_and_rejects_bad_sparsity():
-    ok = subprocess.run([sys.executable, "-m", "sparsecore", "demo", "--sparsity", "0.5"], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "sparsecore", "demo", "--sparsity", "0.5"], capture_output=True,
+                        text=True)
     assert ok.returncode == 0 and "test accuracy" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "sparsecore", "demo", "--sparsity", "1.5"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "sparsecore", "demo", "--sparsity", "1.5"], capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "--sparsity must lie in [0, 1]" in bad.stderr

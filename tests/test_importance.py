@@ -145,7 +145,8 @@ def test_accumulator_errors_leave_state_untouched(rng):
     with pytest.raises(TypeError, match="complex"):
         acc.update({"a": np.ones((2, 3), complex), "b": np.ones(4)}, w)
     with pytest.raises(ValueError, match=r"weights 'a' hold 1 NaN or Inf value \(first: NaN at index \(1, 1\)\)"):
-        acc.update({"a": np.ones((2, 3)), "b": np.ones(4)}, {"a": np.array([[1, 1, 1], [1, np.nan, 1]]), "b": np.ones(4)})
+        acc.update({"a": np.ones((2, 3)), "b": np.ones(4)},
+                   {"a": np.array([[1, 1, 1], [1, np.nan, 1]]), "b": np.ones(4)})
     after = acc.state_dict()
     assert after.keys() == before.keys()
     for k in before:

@@ -73,12 +73,14 @@ def test_nonfinite_weights_and_scores(rng, bad):
     w = _weights(rng)
     w["fc1"][3, 5] = bad
     for kw in ({"sparsity": 0.5}, {"threshold": 0.1}, {"sparsity": 0.5, "scope": "global"}):
-        with pytest.raises(ValueError, match=r"weights 'fc1' hold 1 NaN or Inf value \(first: (NaN|Inf) at index \(3, 5\)\)"):
+        with pytest.raises(ValueError,
+                           match=r"weights 'fc1' hold 1 NaN or Inf value \(first: (NaN|Inf) at index \(3, 5\)\)"):
             sc.prune(w, **kw)
     w = _weights(rng)
     scores = {k: np.abs(v) for k, v in w.items()}
     scores["conv"][1, 2, 0, 1] = bad
-    with pytest.raises(ValueError, match=r"scores 'conv' hold 1 NaN or Inf value \(first: (NaN|Inf) at index \(1, 2, 0, 1\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"scores 'conv' hold 1 NaN or Inf value \(first: (NaN|Inf) at index \(1, 2, 0, 1\)\)"):
         sc.prune(w, scores, sparsity=0.5)
     # with scores given separately, a bad weight is still caught
     w["conv"][0, 0, 0, 0] = bad
