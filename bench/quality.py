@@ -27,9 +27,9 @@ from torch.nn.utils import prune as tprune
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 import torch_digits as ex
 from _tables import accuracy_table
-from sparsecore.adapters import torch as sct
 
 import sparsecore as sc
+from sparsecore.adapters import torch as sct
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 CRITERIA = ["magnitude", "fisher", "taylor", "obd", "mutual_info", "wanda"]

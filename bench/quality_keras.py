@@ -24,9 +24,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 import keras
 import keras_digits as ex
 from _tables import accuracy_table
-from sparsecore.adapters import keras as sck
 
 import sparsecore as sc
+from sparsecore.adapters import keras as sck
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 CRITERIA = ["magnitude", "fisher", "taylor", "obd", "mutual_info", "wanda"]

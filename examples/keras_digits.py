@@ -23,9 +23,9 @@ import keras
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from sparsecore.adapters import keras as sck
 
 import sparsecore as sc
+from sparsecore.adapters import keras as sck
 
 
 def data(seed=0):

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from sparsecore.adapters import torch as sct
 from torch import nn
 
 import sparsecore as sc
+from sparsecore.adapters import torch as sct
 
 CRITERIA = ["magnitude", "fisher", "taylor", "obd", "mutual_info", "wanda"]
 

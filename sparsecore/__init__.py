@@ -1,10 +1,11 @@
 """sparsecore: a framework-agnostic neural-network pruning engine.
 
-Importance (magnitude, gradient statistics, mutual information, user
-criteria) -> selection (threshold, exact sparsity, local or global with caps;
-unstructured, N:M, blocks or whole units; gradual schedules) -> canonical CSR
-weights, the kernels that run them, and smaller dense layers, on raw NumPy
-arrays.
+Importance (magnitude, gradient statistics, mutual information, OBS
+saliency, user criteria) -> selection (threshold, exact sparsity, per row,
+per tensor or global with caps; unstructured, N:M, blocks or whole units;
+gradual schedules) -> repair (the OBS sweep of SparseGPT and the exact refit
+from Hessians of layer inputs) -> canonical CSR weights, the kernels that run
+them, and smaller dense layers, on raw NumPy arrays.
 """
 
 from ._version import __version__
@@ -20,6 +21,14 @@ from .importance import (
 from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
 from .patterns import NM, Blocks, NMCompact, Units, block_mask, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
+from .reconstruct import (
+    HessianAccumulator,
+    obs_saliency,
+    prune_layer,
+    reconstruct,
+    sparsegpt,
+    unfold_patches,
+)
 from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
 from .selection import select_threshold, sparsity_mask, threshold_mask
 from .shrink import Layer, shrink
@@ -31,6 +40,7 @@ __all__ = [
     "Criterion",
     "GradientAccumulator",
     "GradualPruner",
+    "HessianAccumulator",
     "Layer",
     "NM",
     "NMCompact",
@@ -55,16 +65,21 @@ __all__ = [
     "magnitude",
     "matrix_shape",
     "nm_mask",
+    "obs_saliency",
     "pairwise_mi",
     "prune",
+    "prune_layer",
+    "reconstruct",
     "register_criterion",
     "select_threshold",
     "shrink",
+    "sparsegpt",
     "sparsity_mask",
     "threshold_mask",
     "to_bsr",
     "to_csr",
     "to_dense",
+    "unfold_patches",
     "unit_mi",
     "unit_scores",
 ]

@@ -62,8 +62,8 @@ def _parser():
     how = q.add_mutually_exclusive_group()
     how.add_argument("--sparsity", type=float, help="fraction to prune, exactly round(s*n) entries")
     how.add_argument("--threshold", type=float, help="prune where the score is below this")
-    q.add_argument("--scope", choices=["local", "global"], default=None,
-                   help="per tensor (default), or one threshold across tensors")
+    q.add_argument("--scope", choices=["local", "global", "row"], default=None,
+                   help="per tensor (default), one threshold across tensors, or within each output row")
     q.add_argument("--scores", help="importance scores file (same tensor names); default: magnitude |w|")
     q.add_argument("--criterion", help="the scores' criterion, recorded in sparse output")
     q.add_argument("--min-sparsity", type=float, default=0.0, help="per-tensor lower cap (default 0)")

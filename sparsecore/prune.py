@@ -24,6 +24,7 @@ from .selection import (
     kept_count,
     mask_from,
     norm_inverse,
+    row_mask,
     scores_source,
     select_one,
     select_rules,
@@ -187,7 +188,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
           threshold: float | Mapping[str, float] | None = None, scope: str = "local", state=None,
           min_sparsity: float | Mapping[str, float] = 0.0, max_sparsity: float | Mapping[str, float] = 1.0,
           normalize: str = "none", ignore: Iterable[str] = (), pattern=None,
-          masks: Mapping[str, ArrayLike] | None = None, device: str = "auto") -> PruneResult:
+          masks: Mapping[str, ArrayLike] | None = None, device: str = "auto",
+          column_block: int | None = None) -> PruneResult:
     """Prune a set of weights and return CSR weights, masks and a summary.
 
     Parameters
@@ -207,9 +209,14 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     threshold : float or mapping name -> float, optional
         Prune where the (normalised) score is below it. Exactly one of
         ``sparsity`` and ``threshold``, or neither for an N:M pattern.
-    scope : {"local", "global"}
+    scope : {"local", "global", "row"}
         Global selection ranks all tensors' scores together with one exact
-        threshold.
+        threshold. ``"row"`` ranks within each output row of a tensor's 2-D
+        view (as Wanda and SparseGPT compare weights): exactly
+        ``round(sparsity * cols)`` entries of every row are pruned (the
+        reference code of both prunes ``int(sparsity * cols)``, which rounds
+        down); with ``column_block``, within each block of that many
+        consecutive columns of a row. Unstructured, on the CPU.
     state : GradientAccumulator or mapping name -> dict, optional
         Statistics for gradient criteria.
     min_sparsity, max_sparsity : float or mapping name -> float
@@ -229,6 +236,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         pruned and are counted first, so the new masks are subsets of them.
         A sparsity is still a fraction of the whole tensor, not of what is
         left (``torch.nn.utils.prune`` counts the other way).
+    column_block : int, optional
+        With ``scope="row"``: the width of the column blocks ranked apart.
     device : {"auto", "cpu", "cuda"}
         ``"cuda"`` (or ``"auto"`` when a weight or a score array lives on a
         GPU: anything with ``__cuda_array_interface__``) runs everything on the GPU with
@@ -276,7 +285,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
                         f"for one array pass {{'weight': array}}")
     given = list(weights.values()) + (list(scores.values()) if isinstance(scores, Mapping) else [])
     on_device = _device.resolve(device, *given) == "cuda"  # "auto": any weight or score on a GPU
-    pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern)
+    pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern,
+                                        column_block, masks)
     current = _check_masks(masks, weights, names, on_device)
     warrs, srcs = _sources(weights, names, scores, state, normalize,
                            sparsity is not None and pattern is ELEMENTS and current is None, pattern, on_device)
@@ -290,7 +300,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         for i, src in enumerate(srcs):
             srcs[i], done[i] = src.with_pruned(pattern.all_kept(current[src.name], warrs[src.name].shape))
     plan = plan_selection(srcs, names, sparsity=sparsity, threshold=threshold, scope=scope,
-                          min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern, done=done)
+                          min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern, done=done,
+                          column_block=column_block)
 
     csr, out_masks, shapes, summary, groups = {}, {}, {}, [], {}
     for i, src in enumerate(srcs):
@@ -308,13 +319,19 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
-def check_options(sparsity, threshold, scope, normalize, pattern):
+def check_options(sparsity, threshold, scope, normalize, pattern, column_block=None, masks=None):
     """The checks of ``prune``'s options that need no tensor: returns the
     pattern object (:data:`~sparsecore.patterns.ELEMENTS` for none). Offline
     pruning and the command line make the same checks, with the same
     messages."""
-    if scope not in ("local", "global"):
-        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
+    if scope not in ("local", "global", "row"):
+        raise ValueError(f"scope must be 'local' or 'global', got {scope!r} (or 'row', to rank within each "
+                         f"output row)")
+    if column_block is not None:
+        if isinstance(column_block, bool) or not isinstance(column_block, (int, np.integer)) or column_block < 1:
+            raise ValueError(f"column_block must be a positive integer, got {column_block!r}")
+        if scope != "row":
+            raise ValueError("column_block ranks blocks of a row apart: it needs scope='row'")
     if normalize not in NORM_KINDS:
         raise ValueError(f"normalize must be one of {list(NORM_KINDS)}, got {normalize!r}")
     pattern = pattern_of(pattern)
@@ -324,12 +341,22 @@ def check_options(sparsity, threshold, scope, normalize, pattern):
                              f"give neither sparsity= nor threshold=")
     elif (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity= and threshold=")
+    if scope == "row":
+        if threshold is not None:
+            raise ValueError("scope='row' ranks within rows for a sparsity; a threshold compares each entry "
+                             "alone: use scope='local'")
+        if pattern is not ELEMENTS:
+            raise ValueError(f"scope='row' selects single entries; a {type(pattern).__name__} pattern has its "
+                             f"own groups: use scope='local' or 'global'")
+        if masks is not None:
+            raise ValueError("scope='row' does not take current masks (masks=): an exact count per row and "
+                             "masks that only grow can contradict each other")
     return pattern
 
 
-def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern):
+def check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern, column_block=None, masks=None):
     """``prune``'s argument checks: ``(pattern, ignore list, pruned names)``."""
-    pattern = check_options(sparsity, threshold, scope, normalize, pattern)
+    pattern = check_options(sparsity, threshold, scope, normalize, pattern, column_block, masks)
     if isinstance(ignore, str):
         ignore = (ignore,)
     ignore = list(ignore)
@@ -355,6 +382,8 @@ class SelectionPlan:
     lo: np.ndarray
     hi: np.ndarray
     capped: bool
+    row_fractions: list | None = None  # scope="row": per tensor, the fraction of every row to prune
+    column_block: int | None = None
 
     def rule(self, i, src):
         """Tensor ``i``'s rule, on its in-memory source."""
@@ -370,7 +399,7 @@ class SelectionPlan:
 
 
 def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern=ELEMENTS,
-                   done=None) -> SelectionPlan:
+                   done=None, column_block=None) -> SelectionPlan:
     """The caps and rules of all sources (host, device, or read lazily from a
     file); ``done``: per source, the entries (blocks, units) that current
     masks already prune, or None."""
@@ -390,6 +419,9 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
     rules, counts = [None] * len(srcs), [0] * len(srcs)
     if pattern.fixes_sparsity:
         pass
+    elif scope == "row":
+        sp_t = per_name(sparsity, names, "sparsity", check_fraction)
+        return SelectionPlan(rules, counts, lo_c, hi_c, False, [sp_t[n] for n in names], column_block)
     elif sparsity is not None:
         if scope == "global":
             if isinstance(sparsity, Mapping):
@@ -420,6 +452,8 @@ def select_tensor(src, w, plan, i, pattern=ELEMENTS, current=None, want_csr=True
     its flat current mask, which the new mask stays within."""
     if pattern.fixes_sparsity:
         mask, group = pattern.keep_mask(src), None
+    elif plan.row_fractions is not None:
+        mask, group = row_mask(src, plan.row_fractions[i], plan.column_block), None
     elif pattern is ELEMENTS and current is None:  # one fused pass: selection, mask and CSR
         rule = plan.rule(i, src)
         a, mask = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)

@@ -338,6 +338,34 @@ def kept_count(mask, other=None):
     return int(np.count_nonzero(mask))
 
 
+def row_mask(src, fraction, column_block=None):
+    """Flat keep-mask pruning, in every row of the source's 2-D view (and
+    within each block of ``column_block`` consecutive columns of a row),
+    exactly ``round(fraction * entries)`` of its lowest scores; ties: lower
+    index first. Host sources only."""
+    if src.on_device:
+        raise ValueError(f"scope='row' of {src.name!r}: row selection runs on the CPU for now; pass device='cpu'")
+    shape = tuple(src.shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = src.size // max(rows, 1)
+    if src.size:
+        count, first = cpu_select.first_nonfinite(src.data)
+        if count:
+            _raise_nonfinite(src, count, first)
+    keys = np.empty(src.size, np.uint64)
+    cpu_select.sample_keys(src.data, src.mode, src.inv, src.scaled, src.needs_wide(), keys)
+    keys = keys.reshape(rows, cols)
+    keep = np.ones((rows, cols), np.bool_)
+    step = cols if column_block is None else int(column_block)
+    for c0 in range(0, cols, max(step, 1)):
+        c1 = min(c0 + step, cols)
+        k = round(fraction * (c1 - c0))
+        if k:
+            order = np.argsort(keys[:, c0:c1], axis=1, kind="stable")[:, :k]
+            np.put_along_axis(keep[:, c0:c1], order, False, axis=1)
+    return keep.reshape(-1)
+
+
 def mask_from(src, rule):
     """The keep-mask of a source under ``rule``, shaped like the source (on
     the device for a device source)."""

@@ -206,3 +206,44 @@ def keep_raw(raw, mask):
     """Bit patterns with the dropped entries zeroed, and the kept non-zero count."""
     out = np.where(mask, raw, 0).astype(raw.dtype)
     return out, int(np.count_nonzero(np.asarray(raw)[mask]))
+
+
+def obs_sweep(W, H, prune):
+    """Optimal Brain Surgeon, one column at a time, naively: column j's pruned
+    weights go, and the error moves onto the columns right of it through the
+    inverse of H restricted to columns j.. (what SparseGPT's Cholesky sweep
+    computes in O(cols³) instead of O(cols⁴))."""
+    W = np.array(W, np.float64)
+    rows, cols = W.shape
+    for j in range(cols):
+        F = np.arange(j, cols)
+        Hi = np.linalg.inv(np.asarray(H, np.float64)[np.ix_(F, F)])
+        for r in range(rows):
+            if prune[r, j]:
+                W[r, F] -= W[r, j] / Hi[0, 0] * Hi[0, :]
+    W[prune] = 0.0
+    return W
+
+
+def refit_lstsq(W, X, keep):
+    """Per row: the least-squares weights over the kept columns, min ‖X w − X ŵ‖ (X: samples x features)."""
+    W = np.asarray(W, np.float64)
+    out = np.zeros_like(W)
+    for r in range(W.shape[0]):
+        K = np.flatnonzero(keep[r])
+        out[r, K] = np.linalg.lstsq(X[:, K], X @ W[r], rcond=None)[0]
+    return out
+
+
+def row_keep(scores, fraction, block=None):
+    """Per row (and column block), the round(fraction * n) lowest scores pruned, lower index first on ties."""
+    s = np.asarray(scores, np.float64).reshape(scores.shape[0] if scores.ndim >= 2 else 1, -1)
+    keep = np.ones(s.shape, bool)
+    step = block or s.shape[1]
+    for r in range(s.shape[0]):
+        for c0 in range(0, s.shape[1], step):
+            part = s[r, c0:c0 + step]
+            k = round(fraction * part.size)
+            order = sorted(range(part.size), key=lambda i: (part[i], i))[:k]
+            keep[r, [c0 + i for i in order]] = False
+    return keep.reshape(scores.shape)

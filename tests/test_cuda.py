@@ -350,8 +350,9 @@ def test_prune_on_device_refuses_bad_input(rng):
 
 def test_torch_adapter_feeds_the_device_accumulator():
     torch = pytest.importorskip("torch")
-    from sparsecore.adapters import torch as sct
     from torch import nn
+
+    from sparsecore.adapters import torch as sct
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -386,8 +387,9 @@ def test_streaming_mi_counts_match_cpu(rng):
 
 def test_torch_adapter_activations_on_the_device():
     torch = pytest.importorskip("torch")
-    from sparsecore.adapters import torch as sct
     from torch import nn
+
+    from sparsecore.adapters import torch as sct
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
@@ -444,8 +446,9 @@ def _same_activation_stats(dev, cpu, rtol=1e-6):
 
 def test_torch_adapter_conv_activations_on_the_device():
     torch = pytest.importorskip("torch")
-    from sparsecore.adapters import torch as sct
     from torch import nn
+
+    from sparsecore.adapters import torch as sct
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from sparsecore.adapters import torch as sct
 from torch import nn
 
 import sparsecore as sc
+from sparsecore.adapters import torch as sct
 
 
 def mlp(seed=0, bn=False):
