@@ -31,12 +31,14 @@ import numpy as np
 
 import sparsecore as sc
 from sparsecore.activations import ActivationStats, collect
+from sparsecore.reconstruct import check_layer_options
 
 from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskCallback", "PruningCallback", "apply_masks", "collect_activations",
-    "collect_gradients", "kernel_name", "layouts", "prunable", "save_sparse", "shrink_model", "variables", "weights",
+    "collect_gradients", "kernel_name", "layouts", "prunable", "prune_sequential", "save_sparse", "shrink_model",
+    "variables", "weights",
 ]
 
 KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
@@ -437,3 +439,107 @@ def save_sparse(model: keras.Model, path, *, force: bool = False) -> sc.io.FileR
         # prune exactly the zeros: |w| below the smallest positive float
         return prune_file(src, path, threshold=float(np.finfo(np.float64).smallest_subnormal), sparse=True,
                           force=force, criterion="masks applied in Keras")
+
+
+# --- sequential calibration -------------------------------------------------------------
+
+def _same_padding(size, k, stride, dilation):
+    """Keras' ``padding="same"``: ``(before, after)`` on one spatial axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _hessian_feed(layer):
+    """``(features, feed(acc, x))`` adding a layer's NHWC input to a
+    :class:`sparsecore.HessianAccumulator` as the layer sees it (Conv1D/2D:
+    unfolded ``(kh, kw, C)`` patches, the order of an ``HWIO`` kernel); None
+    for layers left out (grouped, causal or channels-first convolutions)."""
+    if isinstance(layer, keras.layers.Dense):
+        features = int(layer.kernel.shape[0])
+
+        def feed(acc, x):
+            acc.update(x.reshape(-1, features))
+        return features, feed
+    if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) or getattr(layer, "groups", 1) != 1 \
+            or layer.padding not in ("valid", "same") or layer.data_format != "channels_last":
+        return None
+    two = isinstance(layer, keras.layers.Conv2D)
+    kh, kw = (layer.kernel_size if two else (1, layer.kernel_size[0]))
+    sh, sw = (layer.strides if two else (1, layer.strides[0]))
+    dh, dw = (layer.dilation_rate if two else (1, layer.dilation_rate[0]))
+    features = int(np.prod(layer.kernel.shape[:-1]))
+
+    def feed(acc, x):
+        a = x if two else x[:, None, :, :]
+        if layer.padding == "same":
+            pads = (_same_padding(a.shape[1], kh, sh, dh), _same_padding(a.shape[2], kw, sw, dw))
+            a = np.pad(a, ((0, 0), pads[0], pads[1], (0, 0)))
+        acc.update(sc.unfold_patches(a, (kh, kw), stride=(sh, sw), dilation=(dh, dw), layout="nhwc"))
+    return features, feed
+
+
+def prune_sequential(model: keras.Model, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
+                     update: str | None = None, scope: str | None = None, include=None, exclude=(),
+                     max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
+                     refit: str | None = None, progress=None) -> sc.PruneResult:
+    """Prune a functional or Sequential Keras model layer by layer, each from
+    the inputs that the already pruned layers before it produce, and repair
+    each (as :func:`sparsecore.adapters.torch.prune_sequential`; the options
+    are the same).
+
+    Every Dense and Conv1D/Conv2D layer in turn (``include``/``exclude`` as
+    :func:`prunable`, by kernel name): its inputs are computed by the model
+    up to it (``keras.Model(model.inputs, layer.input)``), ``H = Σ x xᵀ``
+    (convolutions: unfolded ``(kh, kw, C)`` patches, ``"same"`` padding as
+    Keras pads) gives the mask and the update, and the kernel is replaced.
+    ``data`` yields input batches or ``(inputs, targets)`` tuples. If anything
+    fails, every kernel already changed is restored before the error is raised.
+    """
+    _check_model(model)
+    scope = check_layer_options(method, sparsity, pattern, scope, update)
+    chosen = prunable(model, include, exclude)
+    order = []
+    for _, layer in _layers(model):
+        if isinstance(layer, KERNEL_LAYERS) and any(v is layer.kernel for v in chosen.values()):
+            feed = _hessian_feed(layer)
+            if feed is not None:
+                order.append((kernel_name(model, layer), layer, *feed))
+    if not order:
+        raise ValueError("no Dense, Conv1D or Conv2D layer to prune (grouped, causal and channels-first "
+                         "convolutions are left out)")
+    backup, results = {}, []
+    try:
+        for i, (name, layer, features, feed) in enumerate(order):
+            try:
+                upto = keras.Model(model.inputs, layer.input)
+            except Exception as exc:  # a subclassed model has no graph to cut
+                raise ValueError(f"cannot reach the inputs of {layer.name!r}: sequential calibration needs a "
+                                 f"functional or Sequential model ({exc})") from None
+            acc = sc.HessianAccumulator(features, name=name)
+            for j, batch in enumerate(data):
+                if max_batches is not None and j >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                feed(acc, np.asarray(keras.ops.convert_to_numpy(upto(x, training=False)), np.float64))
+            w = keras.ops.convert_to_numpy(layer.kernel)
+            compute = w.astype(np.float32) if w.dtype == np.float16 else w
+            r = sc.prune_layer(name, compute, acc, method=method, sparsity=sparsity, pattern=pattern, scope=scope,
+                               update=update, damp=damp, blocksize=blocksize, refit=refit, layout="io")
+            backup.setdefault(name, w)
+            layer.kernel.assign(r.dense(name).astype(w.dtype))
+            results.append(r)
+            if progress is not None:
+                progress(i + 1, len(order), name)
+    except BaseException:
+        for name, layer, *_ in order:
+            if name in backup:
+                layer.kernel.assign(backup[name])
+        raise
+    csr, masks, shapes, summary = {}, {}, {}, []
+    for r in results:
+        csr.update(r.csr)
+        masks.update(r.masks)
+        shapes.update(r.shapes)
+        summary.extend(r.summary)
+    return sc.PruneResult(csr, masks, shapes, summary, [])

@@ -40,13 +40,14 @@ from torch import nn
 
 import sparsecore as sc
 from sparsecore.activations import ActivationStats, collect
+from sparsecore.reconstruct import check_layer_options
 
 from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskHold", "SparseLinear", "apply_masks", "collect_activations", "collect_gradients",
-    "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable", "save_sparse", "shrink_model",
-    "swap_sparse_linear", "to_torch_csr", "weights",
+    "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable", "prune_sequential", "save_sparse",
+    "shrink_model", "swap_sparse_linear", "to_torch_csr", "weights",
 ]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -622,3 +623,253 @@ def save_sparse(model: nn.Module, path, masks: Mapping, *, criterion: str = "giv
         np.savez(os.path.join(d, "masks.npz"), **{k: np.asarray(v, np.float32) for k, v in masks.items()})
         return prune_file(src, path, threshold=0.5, scores=os.path.join(d, "masks.npz"), criterion=criterion,
                           tensors=list(masks), sparse=True, force=force)
+
+
+# --- sequential calibration: prune block by block, repairing each layer ---------------
+
+class _Stop(Exception):
+    """Ends a forward pass once the inputs of the module being calibrated are caught."""
+
+
+def _stack_of(model):
+    """The model's stack of repeated blocks (a transformer's layers): the
+    ``nn.ModuleList`` holding the most prunable parameters whose every child
+    holds a Linear or a convolution; ``(name, list)`` or ``(None, None)``."""
+    best, best_size = (None, None), 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(
+                any(isinstance(x, PRUNABLE_TYPES) for x in child.modules()) for child in m):
+            size = sum(p.numel() for x in m.modules() if isinstance(x, PRUNABLE_TYPES) for p in x.parameters())
+            if size > best_size:
+                best, best_size = (name, m), size
+    return best
+
+
+def _forward(model, batch):
+    """Run the model on a calibration batch: a dict of keyword inputs (a
+    Hugging Face batch), a tuple/list (its first item is the input) or a tensor."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _token_mask(batch):
+    """The 2-D padding mask of a Hugging Face batch (True = a real token), or None."""
+    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
+        return batch["attention_mask"].detach().cpu().numpy().astype(bool)
+    return None
+
+
+def _hessian_feed(module, name):
+    """``(features, feed(x, mask))`` adding a module's input ``x`` to a
+    :class:`sparsecore.HessianAccumulator` as the layer sees it (convolutions:
+    unfolded patches); ``None`` for layers the reconstruction leaves out."""
+    if isinstance(module, nn.Linear):
+        features = module.in_features
+
+        def feed(acc, x, mask):
+            a = _host(x).reshape(-1, features)
+            m = mask.reshape(-1) if mask is not None and mask.size == a.shape[0] else None
+            acc.update(a, mask=m)
+        return features, feed
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and not isinstance(module.padding, str) \
+            and module.padding_mode == "zeros":
+        two = isinstance(module, nn.Conv2d)
+        k = module.kernel_size if two else (1, module.kernel_size[0])
+        st = module.stride if two else (1, module.stride[0])
+        pd = module.padding if two else (0, module.padding[0])
+        dl = module.dilation if two else (1, module.dilation[0])
+        features = module.in_channels * k[0] * k[1]
+
+        def feed(acc, x, mask):
+            a = _host(x)
+            if not two:
+                a = a[:, :, None, :]
+            acc.update(sc.unfold_patches(a, k, stride=st, padding=pd, dilation=dl))
+        return features, feed
+    return None
+
+
+def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
+                     update: str | None = None, scope: str | None = None, include=None, exclude=(),
+                     max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
+                     refit: str | None = None, progress=None) -> sc.PruneResult:
+    """Prune a model block by block, each from the inputs that the already
+    pruned blocks before it produce, and repair each layer (SparseGPT's
+    sequential calibration, for any model).
+
+    Blocks: the layers of a transformer (the ``nn.ModuleList`` of repeated
+    blocks, found in the model: a Hugging Face decoder's or encoder's
+    layers), whose calibration inputs are caught once at the first block and
+    then carried from block to block, one block's activations held at a time;
+    for other models (MLPs, CNNs) every Linear and convolution in turn, its
+    inputs caught by running the model up to it. For each layer of a block
+    ``H = Σ x xᵀ`` of its inputs (convolutions: unfolded patches; padding
+    tokens of a Hugging Face batch left out) gives the mask and the update;
+    the block is then run again for the next block's inputs.
+
+    Parameters
+    ----------
+    data : iterable of batches
+        Calibration batches: dicts of keyword inputs (Hugging Face), tuples
+        ``(inputs, ...)`` or input tensors. Read once per block (twice for a
+        transformer's first block): a list or a ``DataLoader``.
+    sparsity, pattern
+        A fraction for every layer, or per layer (a mapping by weight name:
+        a global allocation made beforehand), or an N:M pattern ("2:4").
+    method : {"sparsegpt", "wanda", "magnitude", "obs"}
+        ``"sparsegpt"``: the mask chosen inside the OBS sweep while the kept
+        weights are updated. The others select with the engine
+        (``|w|·‖x‖``, ``|w|``, ``w²/[H⁻¹]ⱼⱼ²``), then ``update``.
+    update : {None, "obs", "refit", "obs+refit"}
+        For the other methods: how the kept weights are repaired (None: not).
+    scope : {"local", "row"}, optional
+        Ranking within a layer or within each output row (default: "row" for
+        wanda, as its authors do; "local" otherwise).
+    include, exclude
+        As :func:`prunable`: which layers (the ``weight`` of Linear and
+        Conv1d/Conv2d modules; grouped convolutions are left out).
+    damp, blocksize, refit
+        As :func:`sparsecore.sparsegpt` and :func:`sparsecore.reconstruct`.
+    progress : callable (done, total, name), optional
+
+    Returns
+    -------
+    sparsecore.PruneResult
+        Masks, CSR of the new weights and the summary; the model's weights
+        are replaced in place. If anything fails, every weight already
+        changed is restored before the error is raised (a copy of the pruned
+        weights is held meanwhile).
+    """
+    scope = check_layer_options(method, sparsity, pattern, scope, update)
+    chosen = prunable(model, include, exclude)
+    leaves = {}
+    for mname, m in model.named_modules():
+        key = f"{mname}.weight" if mname else "weight"
+        if key in chosen and isinstance(m, PRUNABLE_TYPES):
+            feed = _hessian_feed(m, key)
+            if feed is not None:
+                leaves[mname] = (key, m, *feed)
+    if not leaves:
+        raise ValueError("no Linear, Conv1d or Conv2d layer to prune (grouped and padding-mode convolutions are "
+                         "left out)")
+    stack_name, stack = _stack_of(model)
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    backup, results = {}, []
+    total, done = len(leaves), 0
+
+    def prune_block(names, run_block):
+        """Calibrate the layers ``names`` with ``run_block(hooks)`` and replace their weights."""
+        nonlocal done
+        accs = {n: sc.HessianAccumulator(leaves[n][2], name=leaves[n][0]) for n in names}
+        state = {"mask": None}
+        hooks = []
+        for n in names:
+            _, m, _, feed = leaves[n]
+
+            def pre(module, args, n=n, feed=feed):
+                feed(accs[n], args[0], state["mask"])
+            hooks.append(m.register_forward_pre_hook(pre))
+        try:
+            run_block(state)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in names:
+            key, m, _, _ = leaves[n]
+            p = _param_of(m, "weight")
+            w = _host(p)
+            if w.dtype == np.float16:
+                w = w.astype(np.float32)
+            r = sc.prune_layer(key, w, accs[n], method=method, sparsity=sparsity, pattern=pattern, scope=scope,
+                               update=update, damp=damp, blocksize=blocksize, refit=refit)
+            backup.setdefault(key, p.detach().clone())
+            with torch.no_grad():
+                p.copy_(torch.as_tensor(r.dense(key)).to(dtype=p.dtype, device=p.device))
+            results.append(r)
+            done += 1
+            if progress is not None:
+                progress(done, total, key)
+
+    with _preserved(model, "eval"), torch.no_grad():
+        try:
+            if config is not None and use_cache is not None:
+                config.use_cache = False
+            if stack is not None:
+                inside = {n for n in leaves if n.startswith(stack_name + ".")}
+                cache = []
+
+                def catch(module, args, kwargs):
+                    cache.append([args, kwargs, None])
+                    raise _Stop
+
+                h = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+                try:
+                    for batch in _calibration(data, max_batches):
+                        try:
+                            _forward(model, batch)
+                        except _Stop:
+                            cache[-1][2] = _token_mask(batch)
+                finally:
+                    h.remove()
+                for i, block in enumerate(stack):
+                    names = [n for n in inside if n.startswith(f"{stack_name}.{i}.")]
+
+                    def run_block(state, block=block):
+                        for args, kwargs, mask in cache:
+                            state["mask"] = mask
+                            block(*args, **kwargs)
+                    if names:
+                        prune_block(sorted(names, key=list(leaves).index), run_block)
+                    for item in cache:  # the next block's inputs: this (pruned) block's outputs
+                        out = block(*item[0], **item[1])
+                        out = out[0] if isinstance(out, tuple) else out
+                        if item[0]:
+                            item[0] = (out,) + tuple(item[0][1:])
+                        else:  # hidden states passed by keyword
+                            item[1] = {**item[1], "hidden_states": out}
+            # Without a stack (MLPs, CNNs): each layer in turn, the model run up to it. With one,
+            # the layers outside it (embeddings, a language model's head) are left alone.
+            for n in (list(leaves) if stack is None else []):
+                m = leaves[n][1]
+
+                def run_layer(state, m=m):
+                    def stop(module, args):
+                        raise _Stop
+                    for batch in _calibration(data, max_batches):
+                        state["mask"] = _token_mask(batch)
+                        h = m.register_forward_pre_hook(stop)  # after the Hessian hook: it sees the input first
+                        try:
+                            _forward(model, batch)
+                        except _Stop:
+                            pass
+                        finally:
+                            h.remove()
+                prune_block([n], run_layer)
+        except BaseException:
+            with torch.no_grad():
+                for mname, (key, m, _, _) in leaves.items():
+                    if key in backup:
+                        _param_of(m, "weight").copy_(backup[key])
+            raise
+        finally:
+            if config is not None and use_cache is not None:
+                config.use_cache = use_cache
+    csr, masks, shapes, summary = {}, {}, {}, []
+    for r in results:
+        csr.update(r.csr)
+        masks.update(r.masks)
+        shapes.update(r.shapes)
+        summary.extend(r.summary)
+    left = [leaves[n][0] for n in leaves if leaves[n][0] not in masks]
+    return sc.PruneResult(csr, masks, shapes, summary, left)
+
+
+def _calibration(data, max_batches):
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch

@@ -77,7 +77,9 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
     stats.weight_of = dict(weight_of)
     lo, hi = {}, {}
 
-    def as_units(a):
+    def as_units(a, dense):
+        if dense and a.ndim > 2:  # a dense layer on (batch, tokens, features): every token is a sample
+            a = a.reshape(-1, a.shape[-1])
         return device_mi.units(a, channels_last) if device else units(a, channels_last)
 
     def ranges(key, a):
@@ -94,12 +96,16 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
             lo[key], hi[key] = mn.astype(np.float64), mx.astype(np.float64)
 
     def first(cap, y):
-        for n, (inp, out, _) in cap.items():
-            ranges(("out", n), as_units(out))
+        for n, (inp, out, dense) in cap.items():
+            if unit and dense and out.ndim > 2:
+                raise ValueError(f"unit MI of {n!r} needs one output per sample, but it gives {tuple(out.shape)} "
+                                 f"(one per token); pass unit=False (pairwise MI and feature norms take tokens)")
+            ranges(("out", n), as_units(out, dense))
             if pairwise and n in weight_of:
-                ranges(("in", n), as_units(inp))
+                ranges(("in", n), as_units(inp, dense))
 
-    run(first)
+    if unit or pairwise:  # the bins: a first pass for the ranges
+        run(first)
     if device:
         lo = {k: v.copy_to_host() for k, v in lo.items()}
         hi = {k: v.copy_to_host() for k, v in hi.items()}
@@ -109,7 +115,7 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
 
     def second(cap, y):
         for n, (inp, out, dense) in cap.items():
-            a_out = as_units(out)
+            a_out = as_units(out, dense) if unit or pairwise else None
             if unit:
                 stats.unit.setdefault(n, unit_acc(fitted[("out", n)], n_classes)).update(a_out, y)
             wname = weight_of.get(n)
@@ -119,7 +125,7 @@ def collect(run, weight_of, *, n_classes, bins, unit, pairwise, feature_norms, c
                 acc = stats.pairwise.get(wname)
                 if acc is None:
                     acc = stats.pairwise[wname] = pair_acc(fitted[("in", n)], fitted[("out", n)])
-                acc.update(as_units(inp), a_out)
+                acc.update(as_units(inp, dense), a_out)
             if feature_norms:
                 if device:  # features on the last axis for dense layers and channels-last maps, as below
                     stats.sq[wname] = device_mi.feature_sq_into(stats.sq.get(wname), inp, dense or channels_last)

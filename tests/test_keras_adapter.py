@@ -10,9 +10,8 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
-from sparsecore.adapters import keras as sck
-
 import sparsecore as sc
+from sparsecore.adapters import keras as sck
 
 GRAD_BACKENDS = ("torch", "tensorflow")
 
@@ -271,3 +270,87 @@ def test_article_workflow_on_digits():
     out = keras_digits.run("mutual_info", sparsity=0.5, scope="global", epochs=10, tune_epochs=2, out=lines.append)
     assert out["held"] and out["csr"] == out["tuned"] and abs(out["sparsity"] - 0.5) < 1e-3
     assert out["tuned"] >= out["pruned"] - 0.05
+
+
+# --- sequential calibration --------------------------------------------------------------
+
+def _calibration(rng, n=192, d=12):
+    x = (rng.standard_normal((n, d)) @ rng.standard_normal((d, d))).astype(np.float32)
+    return [x[i:i + 64] for i in range(0, n, 64)]
+
+
+def test_sequential_sparsegpt_on_a_keras_mlp(rng):
+    model = dense_model(seed=1)
+    model.build((None, 12))
+    dense = keras.models.clone_model(model)
+    dense.set_weights(model.get_weights())
+    data = _calibration(rng)
+    r = sck.prune_sequential(model, data, sparsity=0.5)
+    assert sorted(r.masks) == sorted(sck.prunable(model))
+    for name, m in r.masks.items():
+        w = sck.weights(model)[name]
+        assert m.shape == w.shape and m.sum() == m.size // 2 and not w[~m].any()
+    x = np.concatenate(data)
+    mag = keras.models.clone_model(dense)
+    mag.set_weights(dense.get_weights())
+    sck.apply_masks(mag, sc.prune(sck.weights(mag), sparsity=0.5).masks)
+    gap = float(np.mean((keras.ops.convert_to_numpy(model(x)) - keras.ops.convert_to_numpy(dense(x))) ** 2))
+    gap_mag = float(np.mean((keras.ops.convert_to_numpy(mag(x)) - keras.ops.convert_to_numpy(dense(x))) ** 2))
+    assert gap < gap_mag
+
+
+def test_sequential_keras_layers_see_the_pruned_layers_before(rng):
+    model = dense_model(seed=2)
+    dense = keras.models.clone_model(model)
+    dense.set_weights(model.get_weights())
+    data = _calibration(rng)
+    sck.prune_sequential(model, data, sparsity=0.5, method="magnitude", update="refit")
+    layer = model.get_layer("d2")
+    upto = keras.Model(model.inputs, layer.input)  # the final model: d1 already pruned and refitted
+    acc = sc.HessianAccumulator(16)
+    for x in data:
+        acc.update(keras.ops.convert_to_numpy(upto(x)).astype(np.float64))
+    w = keras.ops.convert_to_numpy(dense.get_layer("d2").kernel)
+    keep = sc.prune({"k": w.T}, sparsity=0.5).masks["k"].T
+    want = sc.reconstruct({"k": w}, {"k": acc}, {"k": keep}, method="refit", layouts="io").dense("k")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding, strides", [("same", 1), ("same", 2), ("valid", 1)])
+def test_sequential_keras_conv_patches_give_the_convolution(rng, padding, strides):
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(5, (3, 2), strides=strides, padding=padding, use_bias=False)
+    x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+    y = keras.ops.convert_to_numpy(conv(x))
+    seen = []
+
+    class Catch:
+        def update(self, patches):
+            seen.append(patches)
+
+    features, feed = sck._hessian_feed(conv)
+    feed(Catch(), x.astype(np.float64))
+    k = keras.ops.convert_to_numpy(conv.kernel).reshape(features, -1)
+    np.testing.assert_allclose(seen[0] @ k, y.reshape(-1, 5), rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_keras_cnn_and_restoring_on_failure(rng):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3, padding="same", name="c1"),
+                              keras.layers.Activation("relu"), keras.layers.Conv2D(8, 3, strides=2, name="c2"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="out")])
+    data = [rng.standard_normal((16, 8, 8, 4)).astype(np.float32) for _ in range(2)]
+    before = [w.copy() for w in model.get_weights()]
+
+    def boom(done, total, name):
+        if done == 2:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        sck.prune_sequential(model, data, sparsity=0.5, progress=boom)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    r = sck.prune_sequential(model, data, pattern="2:4", method="wanda", update="obs")
+    assert sorted(r.masks) == ["c1/kernel", "c2/kernel", "out/kernel"]
+    for name, m in r.masks.items():  # N:M along the layer's inputs: the (kh, kw, C) axis of the (in, out) view
+        assert sc.is_n_m(m.reshape(-1, m.shape[-1]), 2, 4, axis=0)

@@ -1,0 +1,226 @@
+"""Sequential calibration in the PyTorch adapter: block by block, from the
+inputs the already pruned blocks produce, on MLPs, CNNs and Hugging Face
+transformers (tiny models built here from a config)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.adapters import torch as sct
+
+
+def _mlp(rng):
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    x = torch.as_tensor(rng.standard_normal((256, 16)) @ rng.standard_normal((16, 16)))
+    held = torch.as_tensor(rng.standard_normal((128, 16)) @ rng.standard_normal((16, 16)))
+    return model, [x[i:i + 64] for i in range(0, 256, 64)], held
+
+
+def _gap(model, dense, x):
+    with torch.no_grad():
+        return float(((model(x) - dense(x)) ** 2).mean())
+
+
+def test_sparsegpt_on_an_mlp_beats_magnitude(rng):
+    model, data, held = _mlp(rng)
+    dense = copy.deepcopy(model)
+    mag = copy.deepcopy(model)
+    masks = sc.prune(sct.weights(mag), sparsity=0.5).masks
+    sct.apply_masks(mag, masks)
+    r = sct.prune_sequential(model, data, sparsity=0.5)
+    assert [s.name for s in r.summary] == ["0.weight", "2.weight", "4.weight"]
+    for name, m in r.masks.items():
+        assert m.sum() == m.size // 2
+        np.testing.assert_array_equal(sct.weights(model)[name] != 0, m & (sct.weights(model)[name] != 0))
+        assert not sct.weights(model)[name][~m].any()
+    assert _gap(model, dense, held) < _gap(mag, dense, held)
+
+
+def test_each_layer_sees_the_pruned_layers_before_it(rng):
+    """The second layer's refit uses H of the inputs that the already pruned
+    and refitted first layer produces: redone by hand, it gives the same weights."""
+    model, data, _ = _mlp(rng)
+    dense = copy.deepcopy(model)
+    sct.prune_sequential(model, data, sparsity=0.5, method="magnitude", update="refit")
+    by_hand = copy.deepcopy(dense)
+    for i in (0, 2):
+        layer = by_hand[i]
+        acc = sc.HessianAccumulator(layer.in_features)
+        with torch.no_grad():
+            for x in data:
+                acc.update(by_hand[:i](x).numpy())
+        w = layer.weight.detach().numpy()
+        keep = sc.prune({"w": w}, sparsity=0.5).masks
+        new = sc.reconstruct({"w": w}, {"w": acc}, keep, method="refit").dense("w")
+        with torch.no_grad():
+            layer.weight.copy_(torch.as_tensor(new))
+        np.testing.assert_allclose(model[i].weight.detach().numpy(), new, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failure_restores_the_model(rng):
+    model, data, _ = _mlp(rng)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(done, total, name):
+        if done == 2:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        sct.prune_sequential(model, data, sparsity=0.5, progress=boom)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one of sparsity= and pattern="):
+        sct.prune_sequential(model, data)
+    with pytest.raises(ValueError, match="updates the weights itself"):
+        sct.prune_sequential(model, data, sparsity=0.5, update="obs")
+    with pytest.raises(ValueError, match="method must be one of"):
+        sct.prune_sequential(model, data, sparsity=0.5, method="best")
+
+
+@pytest.mark.parametrize("method, update", [("sparsegpt", None), ("wanda", None), ("wanda", "obs+refit"),
+                                            ("obs", "obs")])
+def test_cnn_layers_are_calibrated_on_their_patches(rng, method, update):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).double()
+    x = torch.as_tensor(rng.standard_normal((96, 3, 8, 8)))
+    data = [(x[i:i + 32], None) for i in range(0, 96, 32)]
+    dense = copy.deepcopy(model)
+    r = sct.prune_sequential(model, data, sparsity=0.5, method=method, update=update)
+    assert sorted(r.masks) == ["0.weight", "2.weight", "5.weight"]
+    for name, m in r.masks.items():
+        assert m.shape == tuple(dict(model.named_parameters())[name].shape)
+        rows = m.reshape(m.shape[0], -1)
+        if method == "wanda":  # ranked per output row: round(0.5 * cols) of each row go
+            assert (rows.sum(axis=1) == rows.shape[1] - round(0.5 * rows.shape[1])).all()
+        else:
+            assert m.sum() == m.size - round(0.5 * m.size)
+    assert torch.isfinite(model(x)).all()
+    if update is not None or method == "sparsegpt":  # repaired: closer to the dense outputs than the mask alone
+        masked = copy.deepcopy(dense)
+        sct.apply_masks(masked, r.masks)
+        assert _gap(model, dense, x) < _gap(masked, dense, x)
+
+
+transformers = None
+
+
+def _tiny(kind):
+    global transformers
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "decoder":
+        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)
+        model = transformers.BertModel(cfg)
+    return model.double().eval()
+
+
+def _batches(rng, lengths, batch=4):
+    out = []
+    for n in lengths:
+        ids = torch.as_tensor(rng.integers(0, 97, (batch, n)))
+        mask = torch.ones(batch, n, dtype=torch.long)
+        mask[0, n // 2:] = 0  # padding at the end of the first sequence
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _hidden(model, data):
+    with torch.no_grad():
+        out = [model(**b, output_hidden_states=True).hidden_states[-1] for b in data]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")])
+def test_transformers_are_pruned_layer_by_layer(rng, kind, target):
+    model = _tiny(kind)
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [12, 9, 16])
+    r = sct.prune_sequential(model, data, **target)
+    stack = ".layers." if kind == "decoder" else ".layer."
+    inside = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and stack in n]
+    assert sorted(r.masks) == sorted(inside)
+    assert len(r.masks) == (14 if kind == "decoder" else 12)
+    for name, m in r.masks.items():
+        if "pattern" in target:
+            assert sc.is_n_m(m, 2, 4)
+        else:
+            assert m.sum() == m.size // 2
+    if kind == "decoder":  # the head shares the embedding and stays whole
+        torch.testing.assert_close(model.lm_head.weight, dense.lm_head.weight)
+    got = _hidden(model, data)
+    assert all(torch.isfinite(h).all() for h in got)
+    mag = copy.deepcopy(dense)
+    sct.apply_masks(mag, sc.prune({k: v for k, v in sct.weights(mag).items() if k in r.masks},
+                                  **target).masks)
+    want = _hidden(dense, data)
+    err = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want))
+    err_mag = sum(float(((g - w) ** 2).sum()) for g, w in zip(_hidden(mag, data), want))
+    assert err < err_mag
+
+
+def test_later_blocks_are_calibrated_on_the_pruned_earlier_ones(rng):
+    """Layer 1's q_proj reads layer 0's (pruned) outputs: its Hessian, taken
+    from the final model, redoes exactly the weights prune_sequential wrote."""
+    model = _tiny("decoder")
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [10, 14])
+    sct.prune_sequential(model, data, sparsity=0.5)
+    q = model.model.layers[1].self_attn.q_proj
+    acc = sc.HessianAccumulator(q.in_features)
+    current = {}
+
+    def catch(module, args):
+        acc.update(args[0].numpy(), mask=current["mask"])
+
+    h = q.register_forward_pre_hook(catch)
+    with torch.no_grad():
+        for b in data:
+            current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
+            model(**b)
+    h.remove()
+    w = dense.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    redo = sc.sparsegpt({"q": w}, {"q": acc}, sparsity=0.5).dense("q")
+    np.testing.assert_allclose(q.weight.detach().numpy(), redo, rtol=1e-8, atol=1e-10)
+
+
+def test_feature_norms_of_transformers_with_varying_lengths(rng):
+    model = _tiny("encoder")
+    data = [(b["input_ids"], torch.zeros(4, dtype=torch.long)) for b in _batches(rng, [7, 11, 5])]
+    wrapped = _IdsOnly(model)
+    mods = ["model.encoder.layer.0.attention.self.query", "model.encoder.layer.1.output.dense"]
+    stats = sct.collect_activations(wrapped, data, mods, unit=False, feature_norms=True)
+    for name in mods:
+        seen = []
+        h = wrapped.get_submodule(name).register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for x, _ in data:
+                wrapped(x)
+        h.remove()
+        want = torch.cat(seen).pow(2).sum(0).sqrt().numpy()
+        np.testing.assert_allclose(stats.state()[f"{name}.weight"]["x_norm"], want, rtol=1e-10)
+    with pytest.raises(ValueError, match="needs one output per sample"):
+        sct.collect_activations(wrapped, data, mods, n_classes=2, unit=True)
+
+
+class _IdsOnly(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state
