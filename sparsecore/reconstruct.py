@@ -42,6 +42,7 @@ __all__ = ["HessianAccumulator", "check_layer_options", "obs_saliency", "prune_l
            "unfold_patches"]
 
 _LAYOUTS = ("oi", "io")
+_CHUNK = 16384  # tokens converted to float64 at a time
 
 
 class HessianAccumulator:
@@ -98,20 +99,23 @@ class HessianAccumulator:
                                  f"({a.shape[0]}), got {m.dtype} of shape {m.shape}")
             a = a[m.reshape(-1)]
         if a.size:
-            flat = np.ascontiguousarray(a).reshape(-1)
-            bad, first = cpu_select.first_nonfinite(flat)
+            a = np.ascontiguousarray(a)
+            bad, first = cpu_select.first_nonfinite(a.reshape(-1))
             if bad:
                 raise nonfinite_error(self.name, "inputs", a, bad, first)
-            a = np.ascontiguousarray(a, np.float64)
-            # a.T is Fortran-ordered (features, tokens): syrk adds a.T @ a into the upper triangle in place
-            la.blas.dsyrk(1.0, a.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+            for t0 in range(0, a.shape[0], _CHUNK):  # float64 copies of bounded size
+                part = np.ascontiguousarray(a[t0:t0 + _CHUNK], np.float64)
+                # part.T is Fortran-ordered (features, tokens): syrk adds part.T @ part to the upper triangle
+                la.blas.dsyrk(1.0, part.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
         self.count += a.shape[0]
         return self
 
     def hessian(self) -> np.ndarray:
         """``Σ x xᵀ`` as a new symmetric float64 array."""
-        u = np.triu(self._upper)
-        return u + np.triu(u, 1).T
+        u = self._upper  # the strict lower triangle stays zero: syrk writes the upper one only
+        h = u + u.T
+        h[np.diag_indices_from(h)] = np.diag(u)
+        return np.ascontiguousarray(h)
 
     def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
         """Add another accumulator of the same layer (another data shard); returns ``self``."""
@@ -235,11 +239,19 @@ def _damped(H, damp, name):
     return H, L, dead
 
 
+def _inverse(L):
+    """``H⁻¹`` from the lower Cholesky factor of ``H`` (LAPACK potri: a third of a general solve)."""
+    inv, info = la.lapack.dpotri(L, lower=1)
+    if info:
+        raise np.linalg.LinAlgError(f"potri failed ({info})")
+    inv = np.tril(inv)
+    return inv + np.tril(inv, -1).T
+
+
 def _inverse_factor(H, damp, name):
     """The upper Cholesky factor of ``H⁻¹`` (damped), as SparseGPT sweeps with."""
     _, L, dead = _damped(H, damp, name)
-    Hinv = la.cho_solve((L, True), np.eye(H.shape[0]), check_finite=False)
-    return la.cholesky(Hinv, lower=False, check_finite=False), dead
+    return la.cholesky(_inverse(L), lower=False, check_finite=False), dead
 
 
 def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str = "oi",
@@ -258,7 +270,7 @@ def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str
     rows = _rows_of(w, layout, name)
     H = _hessian_of(hessian, name, rows.shape[1])
     _, L, _ = _damped(H, damp, name)
-    hinv_diag = np.diag(la.cho_solve((L, True), np.eye(H.shape[0]), check_finite=False))
+    hinv_diag = np.diag(_inverse(L))
     return _back(rows ** 2 / hinv_diag[None, :] ** 2, np.empty(w.shape, np.float64), layout)
 
 
