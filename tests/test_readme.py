@@ -65,3 +65,13 @@ def test_readme_keras_example_runs():
     exec(compile(block, "README.md", "exec"), scope)
     masks = scope["gradual"].masks
     assert abs(sum(int((~m).sum()) for m in masks.values()) / sum(m.size for m in masks.values()) - 0.9) < 1e-3
+
+
+def test_readme_repair_example_runs(capsys):
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "sc.reconstruct(" in b][0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert capsys.readouterr().out.strip() == "True"
+    assert scope["sgpt"].masks["fc"].sum() == 32 * 64 // 2
+    assert not scope["fixed"].dense("fc")[~scope["masks"]["fc"]].any()
