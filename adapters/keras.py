@@ -536,10 +536,4 @@ def prune_sequential(model: keras.Model, data: Iterable, *, sparsity=None, patte
             if name in backup:
                 layer.kernel.assign(backup[name])
         raise
-    csr, masks, shapes, summary = {}, {}, {}, []
-    for r in results:
-        csr.update(r.csr)
-        masks.update(r.masks)
-        shapes.update(r.shapes)
-        summary.extend(r.summary)
-    return sc.PruneResult(csr, masks, shapes, summary, [])
+    return sc.PruneResult.combine(results)

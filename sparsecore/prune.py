@@ -92,6 +92,18 @@ class PruneResult:
         """The summary as a text table."""
         return format_table(self.summary, self.ignored)
 
+    @classmethod
+    def combine(cls, results, ignored=()) -> "PruneResult":
+        """One result of the results of several separate prunings (e.g. layer by layer), in their order."""
+        out = cls({}, {}, {}, [], list(ignored), {})
+        for r in results:
+            out.csr.update(r.csr)
+            out.masks.update(r.masks)
+            out.shapes.update(r.shapes)
+            out.summary.extend(r.summary)
+            out.groups.update(r.groups)
+        return out
+
 
 def format_table(summary, ignored=()):
     """A text table of :class:`TensorSummary` lines, with totals."""

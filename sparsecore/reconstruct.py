@@ -514,9 +514,7 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
         U, _ = _inverse_factor(H, damp, n)
         block = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])  # whole groups per block
         new, prune = _sweep(rows, U, sparsity=s, nm=nm, blocksize=block)
-        if refit is not None:
-            if np.any(prune.all(axis=1)):
-                raise ValueError(f"the mask of {n!r} keeps nothing in some output row: no refit to make")
+        if refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
             new = np.where(prune, 0.0, _refit(rows, H, prune, damp, refit, start=new))
         updated[n] = _back(new, w, layout)
         out_masks[n] = _back(~prune, np.empty(w.shape, np.bool_), layout)

@@ -140,6 +140,14 @@ def test_sparsegpt_prunes_exactly_and_lowers_the_error(rng):
     assert _error(X, W, nm.dense("fc")) < _error(X, W, np.where(sc.prune({"fc": W}, pattern="2:4").masks["fc"], W, 0))
 
 
+def test_sparsegpt_refit_leaves_rows_the_sweep_emptied_at_zero(rng):
+    X, W = _layer(rng, 32, 9, 100)
+    r = sc.sparsegpt({"c": W}, {"c": X.T @ X}, sparsity=0.9, refit="auto")
+    empty = ~r.masks["c"].any(axis=1)
+    assert empty.any()  # nine inputs at 90%: the block-wide selection empties some rows
+    assert not r.dense("c")[empty].any() and np.isfinite(r.dense("c")).all()
+
+
 # --- the exact refit ---------------------------------------------------------------
 
 def test_refit_equals_lstsq_row_by_row(rng):
