@@ -765,19 +765,39 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         """Calibrate the layers ``names`` with ``run_block(hooks)`` and replace their weights."""
         nonlocal done
         accs = {n: sc.HessianAccumulator(leaves[n][2], name=leaves[n][0]) for n in names}
-        state = {"mask": None}
+        # Layers fed the very same tensor (a transformer's q/k/v, gate/up) share one H: found on the
+        # first batch, when a layer's input is an object another layer of this forward already took.
+        state = {"mask": None, "seen": {}}
+        shares, first = {}, [True]
         hooks = []
         for n in names:
-            _, m, _, feed = leaves[n]
+            _, m, features, feed = leaves[n]
 
-            def pre(module, args, n=n, feed=feed):
-                feed(accs[n], args[0], state["mask"])
+            def pre(module, args, n=n, feed=feed, features=features):
+                x = args[0]
+                if n in shares:
+                    return
+                other = state["seen"].get(id(x))
+                if first[0] and other is not None and other[1] is x and isinstance(module, nn.Linear) and \
+                        isinstance(leaves[other[0]][1], nn.Linear) and leaves[other[0]][2] == features:
+                    shares[n] = other[0]
+                    return
+                state["seen"][id(x)] = (n, x)  # the tensor held: an id alone can be reused once it is freed
+                feed(accs[n], x, state["mask"])
             hooks.append(m.register_forward_pre_hook(pre))
+
+        def batch_done():
+            first[0] = False
+            state["seen"] = {}
+
+        state["batch_done"] = batch_done
         try:
             run_block(state)
         finally:
             for h in hooks:
                 h.remove()
+        for n, other in shares.items():
+            accs[n] = accs[other]
         for n in names:
             key, m, _, _ = leaves[n]
             p = _param_of(m, "weight")
@@ -815,13 +835,18 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                             cache[-1][2] = _token_mask(batch)
                 finally:
                     h.remove()
+                last = max((i for i in range(len(stack)) if any(n.startswith(f"{stack_name}.{i}.") for n in inside)),
+                           default=-1)
                 for i, block in enumerate(stack):
+                    if i > last:
+                        break  # nothing left to prune: no more inputs to carry
                     names = [n for n in inside if n.startswith(f"{stack_name}.{i}.")]
 
                     def run_block(state, block=block):
                         for args, kwargs, mask in cache:
                             state["mask"] = mask
                             block(*args, **kwargs)
+                            state["batch_done"]()
                     if names:
                         prune_block(sorted(names, key=list(leaves).index), run_block)
                     for item in cache:  # the next block's inputs: this (pruned) block's outputs
@@ -848,6 +873,7 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                             pass
                         finally:
                             h.remove()
+                            state["batch_done"]()
                 prune_block([n], run_layer)
         except BaseException:
             with torch.no_grad():

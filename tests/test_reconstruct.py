@@ -26,10 +26,16 @@ def _error(X, W, W_hat):
 
 def test_hessian_is_the_sum_of_outer_products(rng):
     X = rng.standard_normal((37, 5)).astype(np.float32)
-    acc = sc.HessianAccumulator(5).update(X[:20]).update(X[20:].reshape(1, 17, 5))
-    np.testing.assert_allclose(acc.hessian(), X.astype(np.float64).T @ X.astype(np.float64), rtol=1e-12)
+    want = X.astype(np.float64).T @ X.astype(np.float64)
+    acc = sc.HessianAccumulator(5, precision="float64").update(X[:20]).update(X[20:].reshape(1, 17, 5))
+    np.testing.assert_allclose(acc.hessian(), want, rtol=1e-12)
     assert acc.count == 37
     np.testing.assert_array_equal(acc.hessian(), acc.hessian().T)
+    mixed = sc.HessianAccumulator(5).update(X[:20]).update(X[20:])  # float32 products, float64 sums
+    np.testing.assert_allclose(mixed.hessian(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mixed.hessian(), mixed.hessian().T)
+    with pytest.raises(ValueError, match="precision must be"):
+        sc.HessianAccumulator(5, precision="half")
 
 
 def test_merged_hessians_equal_one_pass(rng):
