@@ -52,6 +52,11 @@ def nonfinite_error(name, role, arr, count, first, hint=""):
     return ValueError(msg + (f"; {hint}" if hint else ""))
 
 
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_fraction(value, name, what="sparsity"):
     """A float in [0, 1]; ``ValueError`` naming the value otherwise."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):

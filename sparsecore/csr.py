@@ -72,24 +72,25 @@ def is_device_csr(a) -> bool:
 
 
 def build_csr(w, src, rule, *, want_mask=False, want_csr=True, name="weights"):
-    """``(csr, flat keep-mask)`` of weights ``w`` (any shape, host or device
-    like ``src``) kept where ``src`` passes ``rule``, in one fused pass:
-    ``None`` for what is not wanted (the device always builds the CSR)."""
+    """``(csr, flat keep-mask, entries pruned)`` of weights ``w`` (any shape,
+    host or device like ``src``) kept where ``src`` passes ``rule``, in one
+    fused pass: ``None`` for what is not wanted (the device always builds the
+    CSR; the host counts what the rule prunes only from the mask)."""
     mshape = matrix_shape(tuple(w.shape))
     if src.on_device:
         from ._cuda import csr as device_csr
 
-        got = device_csr.csr_of_rule(w, src, rule, mshape, lambda nnz: index_dtype(mshape, nnz), name, want_mask)
-        return got if want_mask else (got, None)
+        return device_csr.csr_of_rule(w, src, rule, mshape, lambda nnz: index_dtype(mshape, nnz), name, want_mask)
     mask, parts = apply_rule(flat(w), src, rule, mshape[0], want_mask=want_mask, want_csr=want_csr,
                              index_dtype=lambda nnz: index_dtype(mshape, nnz), weights_name=name,
                              weights_original=w)
+    pruned = int(mask.size - np.count_nonzero(mask)) if want_mask else None
     if not want_csr:
-        return None, mask
+        return None, mask, pruned
     a = sp.csr_array(parts, shape=mshape, copy=False)
     a.has_sorted_indices = True
     a.has_canonical_format = True
-    return a, mask
+    return a, mask, pruned
 
 
 # Keeps the entries of a host keep-mask that are True: the mask's bytes are
@@ -106,7 +107,7 @@ def csr_of_mask(w, mask, *, name="weights"):
         mshape = matrix_shape(tuple(w.shape))
         return device_csr.csr_of_mask(w, mask, mshape, lambda nnz: index_dtype(mshape, nnz), name)
     src = Source(name, flat(mask).view(np.uint8), tuple(w.shape), MODE_IDENTITY, role="mask", original=mask)
-    a, _ = build_csr(w, src, _MASK_KEPT_RULE, name=name)
+    a, _, _ = build_csr(w, src, _MASK_KEPT_RULE, name=name)
     return a
 
 
@@ -188,7 +189,7 @@ def to_csr(weights: ArrayLike, mask: ArrayLike | None = None, *, scores: ArrayLi
         rule = select_one(src, round(check_fraction(sparsity, name) * src.size))
     else:  # keep everything: the CSR drops exact zeros only
         rule = Rule(0, 0, src.needs_wide())
-    a, _ = build_csr(w, src, rule, name=name)
+    a, _, _ = build_csr(w, src, rule, name=name)
     return a
 
 

@@ -45,6 +45,7 @@ from ._validate import (
     check_fraction,
     check_threshold,
     flat,
+    is_integer,
     nonfinite_error,
 )
 from .csr import index_dtype, matrix_shape
@@ -59,7 +60,7 @@ _REDUCE = {"mean": cpu_pattern.POOL_MEAN, "max": cpu_pattern.POOL_MAX, "l2": cpu
 
 
 def _int(value, what, lo=None):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not is_integer(value):
         raise TypeError(f"{what} must be an integer, got {value!r}")
     v = int(value)
     if lo is not None and v < lo:

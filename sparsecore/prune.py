@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 from . import _device
 from ._kernels.keys import MODE_ABS, MODE_SQUARE
 from ._source import NORM_KINDS, NORM_NONE
-from ._validate import check_fraction, check_threshold, per_name
+from ._validate import check_fraction, check_threshold, is_integer, per_name
 from .csr import build_csr, csr_of_mask, to_dense
 from .importance import (
     GradientAccumulator,
@@ -22,7 +22,7 @@ from .importance import (
 from .patterns import ELEMENTS, flat_mask, pattern_of
 from .selection import (
     kept_count,
-    mask_from,
+    masked_count,
     norm_inverse,
     row_mask,
     scores_source,
@@ -52,6 +52,14 @@ class TensorSummary:
     def sparsity(self):
         """Fraction of the entries that the selection pruned."""
         return self.pruned / self.size if self.size else 0.0
+
+    @classmethod
+    def of(cls, name, shape, itemsize, kept, a) -> "TensorSummary":
+        """The line of a tensor of ``shape`` (dense entries of ``itemsize``
+        bytes) of which ``kept`` entries were kept, stored as CSR ``a``."""
+        size = int(np.prod(shape, dtype=np.int64))
+        return cls(name, tuple(shape), size, size - int(kept), int(a.nnz), size * int(itemsize),
+                   int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes))
 
 
 @dataclass
@@ -325,9 +333,7 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         csr[n] = a
         out_masks[n] = mask.reshape(w.shape)
         shapes[n] = tuple(w.shape)
-        summary.append(TensorSummary(
-            n, tuple(w.shape), int(w.size), int(w.size) - kept, int(a.nnz), int(w.size * w.dtype.itemsize),
-            int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
+        summary.append(TensorSummary.of(n, w.shape, w.dtype.itemsize, kept, a))
     return PruneResult(csr, out_masks, shapes, summary, ignore, groups)
 
 
@@ -340,7 +346,7 @@ def check_options(sparsity, threshold, scope, normalize, pattern, column_block=N
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r} (or 'row', to rank within each "
                          f"output row)")
     if column_block is not None:
-        if isinstance(column_block, bool) or not isinstance(column_block, (int, np.integer)) or column_block < 1:
+        if not is_integer(column_block) or column_block < 1:
             raise ValueError(f"column_block must be a positive integer, got {column_block!r}")
         if scope != "row":
             raise ValueError("column_block ranks blocks of a row apart: it needs scope='row'")
@@ -467,19 +473,17 @@ def select_tensor(src, w, plan, i, pattern=ELEMENTS, current=None, want_csr=True
     elif plan.row_fractions is not None:
         mask, group = row_mask(src, plan.row_fractions[i], plan.column_block), None
     elif pattern is ELEMENTS and current is None:  # one fused pass: selection, mask and CSR
-        rule = plan.rule(i, src)
-        a, mask = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)
-        kept = kept_count(mask)
-        rule = plan.recapped(i, src, mask.size - kept)
+        a, mask, pruned = build_csr(w, src, plan.rule(i, src), want_mask=True, want_csr=want_csr, name=src.name)
+        rule = plan.recapped(i, src, pruned)
         if rule is not None:
-            a, mask = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)
-            kept = kept_count(mask)
-        return a, mask, None, kept
+            a, mask, pruned = build_csr(w, src, rule, want_mask=True, want_csr=want_csr, name=src.name)
+        return a, mask, None, mask.size - pruned
     else:
-        keep = flat_mask(mask_from(src, plan.rule(i, src)))
-        rule = plan.recapped(i, src, keep.size - kept_count(keep))
+        keep, pruned = masked_count(src, plan.rule(i, src))
+        rule = plan.recapped(i, src, pruned)
         if rule is not None:
-            keep = flat_mask(mask_from(src, rule))
+            keep, _ = masked_count(src, rule)
+        keep = flat_mask(keep)
         group = keep.reshape(src.shape) if pattern.groups else None
         mask = pattern.expand(keep, w.shape)
     kept = kept_count(mask, current)

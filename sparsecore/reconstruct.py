@@ -32,7 +32,7 @@ import scipy.linalg as la
 from numpy.typing import ArrayLike
 
 from ._kernels import cpu_select
-from ._validate import as_float_array, check_fraction, nonfinite_error
+from ._validate import as_float_array, check_fraction, is_integer, nonfinite_error
 from .csr import csr_of_mask
 from .importance import Criterion, register_criterion
 from .patterns import NM, pattern_of
@@ -78,7 +78,7 @@ class HessianAccumulator:
 
     def __init__(self, features: int, *, memory_limit: int = 4 << 30, name: str = "layer",
                  precision: str = "mixed"):
-        if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+        if not is_integer(features) or features < 1:
             raise ValueError(f"features of {name!r} must be a positive integer, got {features!r}")
         if precision not in ("mixed", "float64"):
             raise ValueError(f"precision must be 'mixed' or 'float64', got {precision!r}")
@@ -193,7 +193,7 @@ def unfold_patches(x: ArrayLike, kernel_size, *, stride=1, padding=0, dilation=1
 
 def _pair(v, what, lo=1):
     t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
-    if len(t) != 2 or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < lo for i in t):
+    if len(t) != 2 or any(not is_integer(i) or i < lo for i in t):
         raise ValueError(f"{what} must be an integer >= {lo} or a pair of them, got {v!r}")
     return int(t[0]), int(t[1])
 
@@ -537,7 +537,7 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
 
 
 def _check_blocksize(blocksize):
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+    if not is_integer(blocksize) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
 
 
@@ -568,11 +568,8 @@ def _result(weights, updated, masks):
         a = csr_of_mask(compute, masks[n], name=n)
         csr[n] = a
         shapes[n] = tuple(w.shape)
-        size = int(w.size)
-        kept = int(np.count_nonzero(masks[n]))
-        summary.append(TensorSummary(n, tuple(w.shape), size, size - kept, int(a.nnz),
-                                     int(size * np.asarray(weights[n]).dtype.itemsize),
-                                     int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)))
+        summary.append(TensorSummary.of(n, w.shape, np.asarray(weights[n]).dtype.itemsize,
+                                        np.count_nonzero(masks[n]), a))
     return PruneResult(csr, masks, shapes, summary, [], {})
 
 

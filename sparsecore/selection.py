@@ -369,12 +369,18 @@ def row_mask(src, fraction, column_block=None):
 def mask_from(src, rule):
     """The keep-mask of a source under ``rule``, shaped like the source (on
     the device for a device source)."""
+    return masked_count(src, rule)[0]
+
+
+def masked_count(src, rule):
+    """``(keep-mask shaped like the source, entries the rule prunes)``; on the
+    device the count comes from the pass that checks the scores."""
     if src.on_device:
         from ._cuda import select as device_select
 
         return device_select.mask_of(src, rule)
     mask, _ = apply_rule(src.data, src, rule, mask_nseg(src.size), want_mask=True)
-    return mask.reshape(src.shape)
+    return mask.reshape(src.shape), int(mask.size - np.count_nonzero(mask))
 
 
 def threshold_mask(scores: ArrayLike, threshold: float, *, device: str = "auto") -> np.ndarray:

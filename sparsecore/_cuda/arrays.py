@@ -8,11 +8,6 @@ from .. import _device
 from .._validate import nonfinite_error
 
 
-def to_device(a, dtype=None):
-    """A numba device array of ``a`` (a view of a device array, a host array copied over)."""
-    return _device.to_device(a, dtype)
-
-
 def float_device(a, name):
     """A float32/float64 device array of ``a`` (``TypeError`` naming ``name`` otherwise)."""
     d = _device.to_device(a)

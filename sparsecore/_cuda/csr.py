@@ -86,11 +86,13 @@ MASK_KEPT_RULE_BITS = 0x80000001
 
 
 def csr_of_rule(w, src, rule, mshape, index_dtype, name="weights", want_mask=False):
-    """:class:`DeviceCSR` of device weights ``w`` (2-D view ``mshape``) kept
-    where the source's keys pass ``rule``; non-finite scores are refused."""
-    count_rule(src, rule)
+    """``(DeviceCSR, flat keep-mask or None, entries pruned)`` of device
+    weights ``w`` (2-D view ``mshape``) kept where the source's keys pass
+    ``rule``; non-finite scores are refused by the pass that counts."""
+    pruned = count_rule(src, rule)
     kb, absolute = src.keys(rule.wide)
-    return build(flat(w), kb, absolute, rule, *mshape, index_dtype, name, w, want_mask)
+    got = build(flat(w), kb, absolute, rule, *mshape, index_dtype, name, w, want_mask)
+    return (*got, pruned) if want_mask else (got, None, pruned)
 
 
 def csr_of_mask(w, mask, mshape, index_dtype, name="weights"):

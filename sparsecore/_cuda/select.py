@@ -196,8 +196,9 @@ def rows_of(shape):
 
 
 def mask_of(src, rule):
-    """Device twin of ``selection.mask_from``: the keep-mask of a source
-    under ``rule``, shaped like the source (non-finite scores refused)."""
-    count_rule(src, rule)
+    """Device twin of ``selection.mask_from``: ``(keep-mask shaped like the
+    source, entries the rule prunes)`` (non-finite scores refused); the count
+    comes from the pass that checks the scores, so no second pass counts the mask."""
+    pruned = count_rule(src, rule)
     kb, absolute = src.keys(rule.wide)
-    return rule_mask(kb, absolute, rule, *rows_of(src.shape)).reshape(src.shape)
+    return rule_mask(kb, absolute, rule, *rows_of(src.shape)).reshape(src.shape), pruned
