@@ -7,9 +7,14 @@ User errors print one line (``sparsecore: error: ...``) and exit with status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
+
+from numba.core import event as _numba_event
 
 from . import __version__
 
@@ -225,10 +230,57 @@ def _densify(args):
     return 0
 
 
+class _CompileSafeInterrupt(_numba_event.Listener):
+    """Ctrl-C that waits for Numba to leave its compiler before it interrupts.
+
+    Numba compiles through LLVM, which calls back into Python through ctypes; a
+    ``KeyboardInterrupt`` raised inside that callback is printed as "Exception
+    ignored" with a traceback and then lost, and the run goes on as if nobody had
+    pressed Ctrl-C. While Numba holds its compiler lock (compiling, or loading a
+    kernel from its cache) the handler only notes the signal; the interrupt is
+    raised the moment the lock is released, in plain Python code.
+    """
+
+    kind = "numba:compiler_lock"
+
+    def __init__(self):
+        self.depth = 0
+        self.pending = False
+
+    def on_start(self, event):
+        self.depth += 1
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0 and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def handle(self, signum, frame):
+        if self.depth > 0:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; leave them alone
+            return
+        previous = signal.signal(signal.SIGINT, self.handle)
+        _numba_event.register(self.kind, self)
+        try:
+            yield
+        finally:
+            _numba_event.unregister(self.kind, self)
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv=None):
     """Run the command line with ``argv`` (``sys.argv[1:]`` by default); returns the exit code."""
     try:
-        return _main(argv)
+        with _CompileSafeInterrupt().installed():
+            return _main(argv)
     except KeyboardInterrupt:
         print("sparsecore: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """The command line: commands, one-line errors, and runs killed at random moments."""
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
         # Ctrl-C while Python is still importing the package shows Python's own
         # KeyboardInterrupt traceback; once sparsecore runs, one line
         assert "Traceback" not in err or err.rstrip().endswith("KeyboardInterrupt")
+        assert "Exception ignored" not in err  # never lost inside Numba's compiler
         if out.exists():
             outcomes.add("complete")
             assert sha(out) == sha(ref)  # a finished file, identical to an undisturbed run
@@ -134,6 +136,30 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
             assert not [q for q in tmp_path.iterdir() if q.name.startswith(f".out{i}.")]
         assert sha(src) == before
     assert "absent" in outcomes
+
+
+def test_ctrl_c_inside_numbas_compiler_waits_for_it_to_finish():
+    """A Ctrl-C that lands while Numba holds its compiler lock (LLVM's ctypes
+    callbacks would swallow it) is raised when the lock is released."""
+    from numba.core.compiler_lock import global_compiler_lock
+
+    from sparsecore.cli import _CompileSafeInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    steps = []
+    with _CompileSafeInterrupt().installed():
+        with pytest.raises(KeyboardInterrupt):
+            with global_compiler_lock:
+                with global_compiler_lock:  # re-entered, as compiling a callee does
+                    os.kill(os.getpid(), signal.SIGINT)
+                    steps.append("inner")
+                steps.append("outer")
+            steps.append("after")
+        assert steps == ["inner", "outer"]
+        with pytest.raises(KeyboardInterrupt):  # outside the compiler: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
