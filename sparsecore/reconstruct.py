@@ -31,7 +31,7 @@ import numpy as np
 import scipy.linalg as la
 from numpy.typing import ArrayLike
 
-from ._kernels import cpu_select
+from ._kernels import cpu_reconstruct, cpu_select
 from ._validate import as_float_array, check_fraction, is_integer, nonfinite_error
 from .csr import csr_of_mask
 from .importance import Criterion, register_criterion
@@ -76,6 +76,9 @@ class HessianAccumulator:
            [2., 2., 3.]])
     """
 
+    #: Inputs multiplied in float32 at a time ("mixed" precision) before their product joins the float64 sum.
+    chunk = _CHUNK
+
     def __init__(self, features: int, *, memory_limit: int = 4 << 30, name: str = "layer",
                  precision: str = "mixed"):
         if not is_integer(features) or features < 1:
@@ -89,8 +92,9 @@ class HessianAccumulator:
                              f"memory_limit={memory_limit / 2**20:.1f} MiB; raise memory_limit, or leave the "
                              f"layer out of the reconstruction")
         self.features, self.name = int(features), name
-        self._upper = np.zeros((self.features, self.features), np.float64, order="F")  # upper triangle
+        self._upper = np.zeros((self.features, self.features), np.float64, order="F")  # sum in the upper triangle
         self.count = 0
+        self._memo = {}  # H and its inverse factors, for the layers that share this accumulator
 
     def update(self, x: ArrayLike, mask: ArrayLike | None = None) -> "HessianAccumulator":
         """Add inputs ``x`` of shape ``(..., features)`` (every leading axis
@@ -121,11 +125,34 @@ class HessianAccumulator:
                 else:
                     la.blas.dsyrk(1.0, part.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
         self.count += a.shape[0]
+        self._memo = {}
+        return self
+
+    def update_gram(self, gram: ArrayLike, count: int) -> "HessianAccumulator":
+        """Add ``Σ x xᵀ`` of ``count`` inputs formed elsewhere: by a framework
+        in its own thread pool (the PyTorch adapter does, so that BLAS and
+        the framework do not fight over the cores), or on a GPU, where only
+        the ``d_in²`` product crosses to the host. ``gram`` is symmetric,
+        ``(features, features)``; one triangle is read."""
+        g = as_float_array(gram, self.name, "Gram matrix")
+        if g.shape != (self.features, self.features):
+            raise ValueError(f"the Gram matrix of {self.name!r} has shape {g.shape}; ({self.features}, "
+                             f"{self.features}) needed")
+        if not is_integer(count) or count < 0:
+            raise ValueError(f"count for {self.name!r} must be an integer >= 0, got {count!r}")
+        if not np.isfinite(g).all():
+            bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
+            raise nonfinite_error(self.name, "inputs (their Gram matrix)", g, bad, first)
+        # g is symmetric: add it in the memory order of the sum (Fortran), through its transpose when
+        # it is C-ordered (a strided add runs several times slower); the lower triangle is never read
+        self._upper += g.T if g.flags.c_contiguous else g
+        self.count += int(count)
+        self._memo = {}
         return self
 
     def hessian(self) -> np.ndarray:
         """``Σ x xᵀ`` as a new symmetric float64 array."""
-        u = self._upper  # the strict lower triangle stays zero: syrk writes the upper one only
+        u = np.triu(self._upper)  # only the upper triangle holds the sum
         h = u + u.T
         h[np.diag_indices_from(h)] = np.diag(u)
         return np.ascontiguousarray(h)
@@ -136,6 +163,7 @@ class HessianAccumulator:
             raise ValueError(f"can merge only a HessianAccumulator of {self.features} features into {self.name!r}")
         self._upper += np.triu(other._upper)
         self.count += other.count
+        self._memo = {}
         return self
 
     def state_dict(self) -> dict:
@@ -151,6 +179,7 @@ class HessianAccumulator:
         acc = cls(h.shape[0], memory_limit=memory_limit, name=name)
         acc._upper[...] = np.triu(h)
         acc.count = int(d["count"])
+        acc._memo = {}
         return acc
 
 
@@ -219,10 +248,20 @@ def _back(rows, like, layout):
 
 
 def _hessian_of(h, name, features):
+    """``h`` (an accumulator or an array) as a checked float64 ``(features, features)`` array. An
+    accumulator's is formed once (read-only) for every layer that shares it until it is updated."""
     if isinstance(h, HessianAccumulator):
         if h.count == 0:
             raise ValueError(f"the Hessian of {name!r} has seen no inputs: update it with calibration inputs first")
-        h = h.hessian()
+        if "H" not in h._memo:
+            H = _hessian_of(h.hessian(), name, features)
+            H.flags.writeable = False
+            h._memo["H"] = H
+        H = h._memo["H"]
+        if H.shape != (features, features):
+            raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
+                             f"features: ({features}, {features}) needed")
+        return H
     H = as_float_array(h, name, "Hessian").astype(np.float64)
     if H.shape != (features, features):
         raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
@@ -235,7 +274,7 @@ def _hessian_of(h, name, features):
 
 def _damped(H, damp, name):
     """``H`` with dead inputs (zero diagonal) made independent and ``damp``
-    times its mean diagonal added, and its Cholesky factor (lower)."""
+    times its mean diagonal added, and its dead inputs."""
     H = H.copy()
     dead = np.diag(H) == 0
     H[dead, :] = 0
@@ -244,27 +283,35 @@ def _damped(H, damp, name):
     if damp < 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
     H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
-    try:
-        L = la.cholesky(H, lower=True, check_finite=False)
-    except la.LinAlgError:
-        raise ValueError(f"the Hessian of {name!r} is singular" + (" without damping; pass damp > 0 (e.g. 0.01)"
-                         if damp == 0 else f" even with damp={damp}; raise damp or calibrate on more inputs"))
-    return H, L, dead
+    return H, dead
 
 
-def _inverse(L):
-    """``H⁻¹`` from the lower Cholesky factor of ``H`` (LAPACK potri: a third of a general solve)."""
-    inv, info = la.lapack.dpotri(L, lower=1)
-    if info:
-        raise np.linalg.LinAlgError(f"potri failed ({info})")
-    inv = np.tril(inv)
-    return inv + np.tril(inv, -1).T
+def _inverse_factor(H, damp, name, source=None):
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H`` damped, ``H⁻¹ = UᵀU``),
+    as SparseGPT sweeps with, and the dead inputs; kept on ``source`` (the
+    accumulator of ``H``) for the layers that share it.
 
-
-def _inverse_factor(H, damp, name):
-    """The upper Cholesky factor of ``H⁻¹`` (damped), as SparseGPT sweeps with."""
-    _, L, dead = _damped(H, damp, name)
-    return la.cholesky(_inverse(L), lower=False, check_finite=False), dead
+    Without forming ``H⁻¹``: with ``J`` the reversal of the columns and
+    ``JHJ = MMᵀ`` (Cholesky, ``M`` lower), ``U = J M⁻¹ J`` is upper triangular
+    and ``UᵀU = J M⁻ᵀ M⁻¹ J = H⁻¹``: one Cholesky and one triangular inverse
+    (LAPACK potrf, trtri), half the work of inverting ``H`` and factoring
+    the inverse.
+    """
+    memo = source._memo if isinstance(source, HessianAccumulator) else {}
+    if ("factor", damp) not in memo:
+        Hd, dead = _damped(H, damp, name)
+        try:
+            M = la.cholesky(Hd[::-1, ::-1], lower=True, check_finite=False)
+        except la.LinAlgError:
+            raise ValueError(f"the Hessian of {name!r} is singular" + (" without damping; pass damp > 0 (e.g. 0.01)"
+                             if damp == 0 else f" even with damp={damp}; raise damp or calibrate on more inputs"))
+        Minv, info = la.lapack.dtrtri(M, lower=1)
+        if info:
+            raise np.linalg.LinAlgError(f"trtri failed ({info})")
+        U = np.ascontiguousarray(np.triu(Minv[::-1, ::-1]))
+        U.flags.writeable = False
+        memo["factor", damp] = U, dead
+    return memo["factor", damp]
 
 
 def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str = "oi",
@@ -282,8 +329,8 @@ def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str
     w = as_float_array(weights, name)
     rows = _rows_of(w, layout, name)
     H = _hessian_of(hessian, name, rows.shape[1])
-    _, L, _ = _damped(H, damp, name)
-    hinv_diag = np.diag(_inverse(L))
+    U, _ = _inverse_factor(H, damp, name, hessian)
+    hinv_diag = np.einsum("ij,ij->j", U, U)  # diag(UᵀU)
     return _back(rows ** 2 / hinv_diag[None, :] ** 2, np.empty(w.shape, np.float64), layout)
 
 
@@ -301,6 +348,21 @@ register_criterion(Criterion("obs", _obs_criterion, (), "w**2 / [H^-1]_jj**2 (Op
 
 # --- the OBS sweep --------------------------------------------------------------
 
+def _lowest(sal, k):
+    """Bool, shaped like ``sal``: its ``k`` lowest entries, ties to the lower
+    flat index (as a stable sort would take them), in linear time."""
+    flat = sal.reshape(-1)
+    out = np.zeros(flat.size, np.bool_)
+    if k >= flat.size:
+        out[:] = True
+    elif k > 0:
+        t = np.partition(flat, k - 1)[k - 1]
+        out = flat < t
+        ties = np.flatnonzero(flat == t)
+        out[ties[:k - int(np.count_nonzero(out))]] = True
+    return out.reshape(sal.shape)
+
+
 def _sweep(W, U, prune=None, *, sparsity=None, nm=None, blocksize=128):
     """SparseGPT's sweep over the columns of ``W`` (out, in) with ``U`` the
     upper Cholesky factor of ``H⁻¹``: each column's pruning error spreads
@@ -311,33 +373,21 @@ def _sweep(W, U, prune=None, *, sparsity=None, nm=None, blocksize=128):
     ``(W updated, prune)``."""
     W = W.copy()
     rows, cols = W.shape
-    ger = la.blas.dger
     chosen = np.zeros((rows, cols), np.bool_) if prune is None else prune
+    n, m = nm if nm is not None else (0, 0)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = np.asfortranarray(W[:, i1:i2])  # columns contiguous: the rank-1 updates run in place (BLAS ger)
-        U1 = U[i1:i2, i1:i2]
-        d = np.diag(U1)
+        W1 = np.asfortranarray(W[:, i1:i2])  # columns contiguous for the kernel's inner loops
+        U1 = np.ascontiguousarray(U[i1:i2, i1:i2])
         E1 = np.zeros_like(W1)
+        block = np.ascontiguousarray(chosen[:, i1:i2])
         if prune is None and nm is None:
-            sal = (W1 ** 2 / d[None, :] ** 2).reshape(-1)
-            k = round(sparsity * sal.size)
-            block = np.zeros(sal.size, np.bool_)
-            block[np.argsort(sal, kind="stable")[:k]] = True
-            chosen[:, i1:i2] = block.reshape(W1.shape)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if nm is not None and j % nm[1] == 0:
-                width = min(nm[1], cols - j)
-                sal = W1[:, i:i + width] ** 2 / d[None, i:i + width] ** 2
-                order = np.argsort(sal, axis=1, kind="stable")[:, :nm[1] - nm[0]]
-                np.put_along_axis(chosen[:, j:j + width], order, True, axis=1)
-            q = np.where(chosen[:, j], 0.0, W1[:, i])
-            err = (W1[:, i] - q) / U1[i, i]
-            if err.any():
-                ger(-1.0, err, U1[i, i:], a=W1[:, i:], overwrite_a=1)
-            W1[:, i] = q
-            E1[:, i] = err
+            d = np.diag(U1)
+            block = _lowest(W1 ** 2 / d[None, :] ** 2, round(sparsity * W1.size))
+            chosen[:, i1:i2] = block
+        cpu_reconstruct.sweep_block(W1, U1, block, E1, i1, n, m)
+        if nm is not None:
+            chosen[:, i1:i2] = block
         W[:, i1:i2] = W1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     W[chosen] = 0.0
@@ -476,7 +526,7 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
                              f"keep at least one entry per row, or use method='obs'")
         new = rows
         if method in ("obs", "obs+refit"):
-            U, _ = _inverse_factor(H, damp, n)
+            U, _ = _inverse_factor(H, damp, n, hessians[n])
             new, _ = _sweep(rows, U, prune, blocksize=blocksize)
         if method in ("refit", "obs+refit"):
             new = _refit(rows, H, prune, damp, refit, start=new if method == "obs+refit" else None)
@@ -526,7 +576,7 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
         elif rows.shape[1] % nm[1]:
             raise ValueError(f"{nm[0]}:{nm[1]} pattern of {n!r}: its {rows.shape[1]} input features are not a "
                              f"multiple of {nm[1]}")
-        U, _ = _inverse_factor(H, damp, n)
+        U, _ = _inverse_factor(H, damp, n, hessians[n])
         block = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])  # whole groups per block
         new, prune = _sweep(rows, U, sparsity=s, nm=nm, blocksize=block)
         if refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
@@ -637,9 +687,9 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
     elif method == "wanda":
         scores = {name: np.abs(rows) * np.sqrt(np.diag(H))[None, :]}
     else:
-        scores = {name: obs_saliency(rows, H, damp=damp)}
+        scores = {name: obs_saliency(rows, hessian, damp=damp)}
     kw = dict(pattern=pattern) if pattern is not None else dict(sparsity=sparsity, scope=scope)
     keep = prune({name: rows}, scores, **kw).masks[name]
     masks = {name: _back(keep, np.empty(w.shape, np.bool_), layout)}
-    return reconstruct({name: w}, {name: H}, masks, method=update or "none", damp=damp, blocksize=blocksize,
+    return reconstruct({name: w}, {name: hessian}, masks, method=update or "none", damp=damp, blocksize=blocksize,
                        refit=refit or "auto", layouts=layout)

@@ -225,6 +225,42 @@ def obs_sweep(W, H, prune):
     return W
 
 
+def sparsegpt_sweep(W, H, *, sparsity=None, nm=None, blocksize=128):
+    """SparseGPT with its mask chosen inside the sweep, naively: the OBS
+    saliency of column c is w² / [(H restricted to columns c..)⁻¹]₀₀; per
+    column block (saliencies from the weights at the block's start) the
+    round(sparsity · entries) lowest, or per row at each group of m columns
+    (weights as updated so far; the group cut at the block's end) the m - n
+    lowest; ties to the lower index. Then ``obs_sweep``'s update."""
+    W = np.array(W, np.float64)
+    H = np.asarray(H, np.float64)
+    rows, cols = W.shape
+    prune = np.zeros(W.shape, bool)
+
+    def inv00(c):
+        return np.linalg.inv(H[c:, c:])[0, 0]
+
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        if nm is None:
+            sal = [(W[r, c] ** 2 / inv00(c), (r - 0) * (b1 - b0) + (c - b0), r, c)
+                   for r in range(rows) for c in range(b0, b1)]
+            for _, _, r, c in sorted(sal)[:round(sparsity * rows * (b1 - b0))]:
+                prune[r, c] = True
+        for j in range(b0, b1):
+            if nm is not None and j % nm[1] == 0:
+                group = range(j, min(j + nm[1], b1))
+                for r in range(rows):
+                    order = sorted(group, key=lambda c: (W[r, c] ** 2 / inv00(c), c))
+                    prune[r, order[:nm[1] - nm[0]]] = True
+            Hi = np.linalg.inv(H[j:, j:])
+            for r in range(rows):
+                if prune[r, j]:
+                    W[r, j:] -= W[r, j] / Hi[0, 0] * Hi[0, :]
+    W[prune] = 0.0
+    return W, prune
+
+
 def refit_lstsq(W, X, keep):
     """Per row: the least-squares weights over the kept columns, min ‖X w − X ŵ‖ (X: samples x features)."""
     W = np.asarray(W, np.float64)

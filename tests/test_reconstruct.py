@@ -50,6 +50,40 @@ def test_merged_hessians_equal_one_pass(rng):
     assert back.count == 60
 
 
+def test_gram_updates_equal_input_updates(rng):
+    X = rng.standard_normal((50, 6))
+    want = sc.HessianAccumulator(6).update(X)
+    got = sc.HessianAccumulator(6)
+    for part in (X[:10], X[10:]):
+        g = part.T @ part
+        got.update_gram(g if len(part) == 10 else np.asfortranarray(g), len(part))  # either memory order
+    np.testing.assert_allclose(got.hessian(), want.hessian(), rtol=1e-12)
+    assert got.count == 50
+    acc = sc.HessianAccumulator(6, name="fc")
+    with pytest.raises(ValueError, match=r"Gram matrix of 'fc' has shape \(5, 5\); \(6, 6\) needed"):
+        acc.update_gram(np.eye(5), 3)
+    with pytest.raises(ValueError, match="count for 'fc' must be an integer >= 0, got -1"):
+        acc.update_gram(np.eye(6), -1)
+    bad = np.eye(6)
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"'fc' hold 1 NaN or Inf value \(first: Inf at index \(1, 2\)\)"):
+        acc.update_gram(bad, 2)
+    assert acc.count == 0 and not acc.hessian().any()
+
+
+def test_shared_accumulators_factor_once_and_forget_on_update(rng):
+    X, W = _layer(rng, 4, 8)
+    acc = sc.HessianAccumulator(8).update(X)
+    first = sc.sparsegpt({"a": W}, {"a": acc}, sparsity=0.5)
+    again = sc.sparsegpt({"b": W}, {"b": acc}, sparsity=0.5)  # the memo: the same answer
+    np.testing.assert_array_equal(first.dense("a"), again.dense("b"))
+    acc.update(X[:5] * 3)  # new inputs: H and its factors are formed anew
+    fresh = sc.sparsegpt({"a": W}, {"a": sc.HessianAccumulator(8).update(X).update(X[:5] * 3)}, sparsity=0.5)
+    np.testing.assert_array_equal(sc.sparsegpt({"a": W}, {"a": acc}, sparsity=0.5).dense("a"), fresh.dense("a"))
+    with pytest.raises(ValueError, match="read 5 input features"):
+        sc.sparsegpt({"c": W[:, :5]}, {"c": acc}, sparsity=0.5)
+
+
 def test_padding_tokens_are_left_out(rng):
     x = rng.standard_normal((2, 4, 3))  # (batch, seq, features)
     real = np.array([[True, True, False, False], [True, True, True, False]])
@@ -103,6 +137,33 @@ def test_sweep_equals_naive_obs(rng, blocksize):
     masks = {"fc": ~prune}
     got = sc.reconstruct({"fc": W}, {"fc": X.T @ X}, masks, method="obs", damp=0.0, blocksize=blocksize)
     np.testing.assert_allclose(got.dense("fc"), ref.obs_sweep(W, X.T @ X, prune), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("blocksize, target", [(4, 0.5), (5, 0.3), (128, 0.7), (4, (2, 4)), (6, (2, 4)),
+                                               (128, (1, 3))])
+def test_sparsegpt_chooses_its_mask_as_the_naive_sweep_does(rng, blocksize, target):
+    X, W = _layer(rng, 5, 12)
+    H = X.T @ X
+    kw = dict(pattern=sc.NM(*target)) if isinstance(target, tuple) else dict(sparsity=target)
+    got = sc.sparsegpt({"fc": W}, {"fc": H}, damp=0.0, blocksize=blocksize, **kw)
+    if isinstance(target, tuple):  # sparsegpt rounds its column blocks down to whole groups
+        want, prune = ref.sparsegpt_sweep(W, H, nm=target, blocksize=max(target[1], blocksize // target[1] * target[1]))
+    else:
+        want, prune = ref.sparsegpt_sweep(W, H, sparsity=target, blocksize=blocksize)
+    np.testing.assert_array_equal(~got.masks["fc"], prune)
+    np.testing.assert_allclose(got.dense("fc"), want, rtol=1e-8, atol=1e-8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.data())
+def test_lowest_takes_ties_in_index_order(values, data):
+    from sparsecore.reconstruct import _lowest
+
+    sal = np.array(values, np.float64)
+    k = data.draw(st.integers(0, sal.size))
+    want = np.zeros(sal.size, bool)
+    want[np.argsort(sal, kind="stable")[:k]] = True
+    np.testing.assert_array_equal(_lowest(sal, k), want)
 
 
 def test_identity_hessian_changes_nothing_and_selects_by_magnitude(rng):

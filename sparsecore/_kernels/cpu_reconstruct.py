@@ -1,0 +1,49 @@
+"""The column sweep of SparseGPT (Optimal Brain Surgeon with a Cholesky
+factor of the inverse Hessian) within one block of columns.
+
+Numba rather than a BLAS rank-1 update per column: a column block holds at
+most a few hundred columns, and a BLAS call per column spends more time in
+Python and in waking BLAS threads than in arithmetic.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def sweep_block(W1, U1, chosen, E1, group_start, keep_n, m):
+    """Sweep the columns of ``W1`` (rows, b; column-major) in place.
+
+    ``U1`` (b, b): the block's part of the upper Cholesky factor of ``H⁻¹``.
+    ``chosen`` (rows, b; bool, True = pruned): read, or, when ``m > 0``,
+    filled per row at each group of ``m`` columns (those whose index
+    ``group_start + i`` is a multiple of ``m``; the group cut at the block's
+    end): its ``m - keep_n`` lowest ``w² / U1ᵢᵢ²``, ties to the lower column.
+    Each column's pruned weights go to zero and their error, divided by
+    ``U1ᵢᵢ``, lands in ``E1`` and spreads over the columns to its right.
+    """
+    rows, b = W1.shape
+    for i in range(b):
+        if m > 0 and (group_start + i) % m == 0:
+            width = min(m, b - i)
+            drop = min(m - keep_n, width)
+            for r in range(rows):
+                for _ in range(drop):
+                    best, best_s = -1, np.inf
+                    for c in range(i, i + width):
+                        if not chosen[r, c]:
+                            s = W1[r, c] * W1[r, c] / (U1[c, c] * U1[c, c])
+                            if best < 0 or s < best_s:
+                                best, best_s = c, s
+                    chosen[r, best] = True
+        inv = 1.0 / U1[i, i]
+        for r in range(rows):
+            w = W1[r, i]
+            q = 0.0 if chosen[r, i] else w
+            E1[r, i] = (w - q) * inv
+            W1[r, i] = q
+        for c in range(i + 1, b):
+            u = U1[i, c]
+            if u != 0.0:
+                for r in range(rows):
+                    W1[r, c] -= E1[r, i] * u
