@@ -670,9 +670,10 @@ def _hessian_feed(module, name):
         features = module.in_features
 
         def feed(acc, x, mask):
-            a = _host(x).reshape(-1, features)
-            m = mask.reshape(-1) if mask is not None and mask.size == a.shape[0] else None
-            acc.update(a, mask=m)
+            a = x.detach().reshape(-1, features)
+            if mask is not None and mask.size == a.shape[0]:
+                a = a[torch.as_tensor(mask.reshape(-1), device=a.device)]
+            _add_gram(acc, a)
         return features, feed
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and not isinstance(module.padding, str) \
             and module.padding_mode == "zeros":
@@ -684,18 +685,29 @@ def _hessian_feed(module, name):
         features = module.in_channels * k[0] * k[1]
 
         def feed(acc, x, mask):
-            a = _host(x)
-            if not two:
-                a = a[:, :, None, :]
-            acc.update(sc.unfold_patches(a, k, stride=st, padding=pd, dilation=dl))
+            a = x.detach() if two else x.detach()[:, :, None, :]
+            patches = nn.functional.unfold(a, k, dilation=dl, padding=pd, stride=st)  # (N, C·kh·kw, L)
+            _add_gram(acc, patches.transpose(1, 2).reshape(-1, features))
         return features, feed
     return None
+
+
+def _add_gram(acc, a):
+    """Add ``aᵀa`` to ``acc``, multiplied by PyTorch in its own threads (NumPy's
+    BLAS threads, woken between the layers of a forward pass, would fight
+    PyTorch's over the cores: twice the wall time on two), in float32 unless
+    the inputs are float64, as the accumulator's "mixed" precision does."""
+    if a.dtype != torch.float64:
+        a = a.float()
+    for t0 in range(0, a.shape[0], acc.chunk):
+        part = a[t0:t0 + acc.chunk]
+        acc.update_gram(_host(part.T @ part), part.shape[0])
 
 
 def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
-                     refit: str | None = None, progress=None) -> sc.PruneResult:
+                     refit: str | None = None, order: str = "layer", progress=None) -> sc.PruneResult:
     """Prune a model block by block, each from the inputs that the already
     pruned blocks before it produce, and repair each layer (SparseGPT's
     sequential calibration, for any model).
@@ -705,10 +717,15 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     layers), whose calibration inputs are caught once at the first block and
     then carried from block to block, one block's activations held at a time;
     for other models (MLPs, CNNs) every Linear and convolution in turn, its
-    inputs caught by running the model up to it. For each layer of a block
+    inputs caught by running the model up to it. Within a block the layers go
+    in the order the forward reaches them, each calibrated on what the layers
+    pruned before it give (o_proj on the pruned q/k/v, down_proj on the
+    pruned gate/up; layers fed the very same tensor, q/k/v or gate/up, go
+    together and share one H): the block is run, up to the next group, once
+    per group, and once more for the next block's inputs (``order``). For each layer
     ``H = Σ x xᵀ`` of its inputs (convolutions: unfolded patches; padding
-    tokens of a Hugging Face batch left out) gives the mask and the update;
-    the block is then run again for the next block's inputs.
+    tokens of a Hugging Face batch left out; the products formed by PyTorch)
+    gives the mask and the update.
 
     Parameters
     ----------
@@ -733,6 +750,12 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         Conv1d/Conv2d modules; grouped convolutions are left out).
     damp, blocksize, refit
         As :func:`sparsecore.sparsegpt` and :func:`sparsecore.reconstruct`.
+    order : {"layer", "block"}
+        Within a transformer block, ``"layer"``: each group of layers
+        calibrated on what the ones pruned before it give (one pass of the
+        block per group); ``"block"``: all of the block's layers from one pass
+        of the block as it was before any of them was pruned (as SparseGPT's
+        reference code and llmcompressor do; fewer forward passes).
     progress : callable (done, total, name), optional
 
     Returns
@@ -744,6 +767,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         weights is held meanwhile).
     """
     scope = check_layer_options(method, sparsity, pattern, scope, update)
+    if order not in ("layer", "block"):
+        raise ValueError(f"order must be 'layer' or 'block', got {order!r}")
     chosen = prunable(model, include, exclude)
     leaves = {}
     for mname, m in model.named_modules():
@@ -761,44 +786,58 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     backup, results = {}, []
     total, done = len(leaves), 0
 
-    def prune_block(names, run_block):
-        """Calibrate the layers ``names`` with ``run_block(hooks)`` and replace their weights."""
-        nonlocal done
-        accs = {n: sc.HessianAccumulator(leaves[n][2], name=leaves[n][0]) for n in names}
-        # Layers fed the very same tensor (a transformer's q/k/v, gate/up) share one H: found on the
-        # first batch, when a layer's input is an object another layer of this forward already took.
-        state = {"mask": None, "seen": {}}
-        shares, first = {}, [True]
-        hooks = []
-        for n in names:
-            _, m, features, feed = leaves[n]
+    def calibrate(candidates, run, whole):
+        """Accumulate H for the next group of ``candidates`` (``whole``: for
+        all of them) with ``run(state)``: one pass over the calibration
+        batches, each forward stopped once it has what it needs. A group: the
+        first candidate the forward reaches and the layers fed the very same
+        tensor right after it (a transformer's q/k/v, gate/up), which share its
+        H; found on the first batch. Returns ``(groups, accumulators)``."""
+        groups, accs, member = [], {}, {}
+        state = {"mask": None, "held": None, "formed": False}
 
-            def pre(module, args, n=n, feed=feed, features=features):
-                x = args[0]
-                if n in shares:
+        def pre(module, args, n):
+            x = args[0]
+            if not state["formed"] and n not in member:
+                lead = groups[-1][0] if groups else None
+                if lead is not None and x is state["held"] and isinstance(module, nn.Linear) and \
+                        isinstance(leaves[lead][1], nn.Linear) and leaves[lead][2] == leaves[n][2]:
+                    groups[-1].append(n)
+                    member[n] = len(groups) - 1
+                    accs[n] = accs[lead]
                     return
-                other = state["seen"].get(id(x))
-                if first[0] and other is not None and other[1] is x and isinstance(module, nn.Linear) and \
-                        isinstance(leaves[other[0]][1], nn.Linear) and leaves[other[0]][2] == features:
-                    shares[n] = other[0]
+                if groups and not whole:
+                    raise _Stop
+                groups.append([n])
+                member[n] = len(groups) - 1
+                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0])
+                state["held"] = x  # the tensor held: an id alone can be reused once it is freed
+            elif n not in member:
+                if whole:
                     return
-                state["seen"][id(x)] = (n, x)  # the tensor held: an id alone can be reused once it is freed
-                feed(accs[n], x, state["mask"])
-            hooks.append(m.register_forward_pre_hook(pre))
+                raise _Stop
+            group = groups[member[n]]
+            if n == group[0]:
+                leaves[n][3](accs[n], x, state["mask"])
+            if state["formed"] and not whole and n == group[-1]:
+                raise _Stop  # the group has its inputs: the rest of the forward is not needed
 
         def batch_done():
-            first[0] = False
-            state["seen"] = {}
+            state["formed"] = bool(groups)
+            state["held"] = None
 
         state["batch_done"] = batch_done
+        hooks = [leaves[n][1].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in candidates]
         try:
-            run_block(state)
+            run(state)
         finally:
             for h in hooks:
                 h.remove()
-        for n, other in shares.items():
-            accs[n] = accs[other]
-        for n in names:
+        return groups, accs
+
+    def prune_group(group, accs):
+        nonlocal done
+        for n in group:
             key, m, _, _ = leaves[n]
             p = _param_of(m, "weight")
             w = _host(p)
@@ -813,6 +852,20 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
             done += 1
             if progress is not None:
                 progress(done, total, key)
+
+    def prune_block(names, run):
+        """Prune ``names`` group by group in the order the forward reaches them,
+        each group calibrated on the inputs the groups pruned before it give
+        (``order="block"``: all from one pass)."""
+        remaining = list(names)
+        while remaining:
+            groups, accs = calibrate(remaining, run, order == "block")
+            if not groups:
+                raise ValueError(f"the calibration batches never reach {[leaves[n][0] for n in remaining]}; "
+                                 f"leave these layers out (exclude=)")
+            for group in groups:
+                prune_group(group, accs)
+                remaining = [n for n in remaining if n not in group]
 
     with _preserved(model, "eval"), torch.no_grad():
         try:
@@ -845,7 +898,10 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                     def run_block(state, block=block):
                         for args, kwargs, mask in cache:
                             state["mask"] = mask
-                            block(*args, **kwargs)
+                            try:
+                                block(*args, **kwargs)
+                            except _Stop:
+                                pass
                             state["batch_done"]()
                     if names:
                         prune_block(sorted(names, key=list(leaves).index), run_block)

@@ -172,29 +172,70 @@ def test_transformers_are_pruned_layer_by_layer(rng, kind, target):
     assert err < err_mag
 
 
-def test_later_blocks_are_calibrated_on_the_pruned_earlier_ones(rng):
-    """Layer 1's q_proj reads layer 0's (pruned) outputs: its Hessian, taken
-    from the final model, redoes exactly the weights prune_sequential wrote."""
-    model = _tiny("decoder")
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_every_layer_is_calibrated_on_what_the_layers_pruned_before_it_give(rng, kind):
+    """Each layer reads what every layer before it, in this block and the
+    earlier ones, gives once pruned (o_proj the pruned q/k/v, down_proj the
+    pruned gate/up): its Hessian taken from the final model redoes exactly
+    the weights prune_sequential wrote."""
+    model = _tiny(kind)
     dense = copy.deepcopy(model)
     data = _batches(rng, [10, 14])
-    sct.prune_sequential(model, data, sparsity=0.5)
-    q = model.model.layers[1].self_attn.q_proj
-    acc = sc.HessianAccumulator(q.in_features)
-    current = {}
+    r = sct.prune_sequential(model, data, sparsity=0.5)
+    accs, hooks, current = {}, [], {}
+    for key in r.masks:
+        layer = model.get_submodule(key[:-len(".weight")])
+        accs[key] = sc.HessianAccumulator(layer.in_features)
 
-    def catch(module, args):
-        acc.update(args[0].numpy(), mask=current["mask"])
-
-    h = q.register_forward_pre_hook(catch)
+        def catch(module, args, key=key):
+            accs[key].update(args[0].numpy(), mask=current["mask"])
+        hooks.append(layer.register_forward_pre_hook(catch))
     with torch.no_grad():
         for b in data:
             current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
             model(**b)
-    h.remove()
-    w = dense.model.layers[1].self_attn.q_proj.weight.detach().numpy()
-    redo = sc.sparsegpt({"q": w}, {"q": acc}, sparsity=0.5).dense("q")
-    np.testing.assert_allclose(q.weight.detach().numpy(), redo, rtol=1e-8, atol=1e-10)
+    for h in hooks:
+        h.remove()
+    for key, acc in accs.items():
+        w = dense.get_parameter(key).detach().numpy()
+        redo = sc.sparsegpt({key: w}, {key: acc}, sparsity=0.5).dense(key)
+        np.testing.assert_allclose(model.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
+                                   err_msg=key)
+
+
+def test_block_order_calibrates_a_block_on_its_dense_forward(rng):
+    """order="block": every layer of block i from one pass of block i as it
+    was before any of its layers was pruned (blocks before it pruned)."""
+    model = _tiny("decoder")
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [10, 14])
+    r = sct.prune_sequential(model, data, sparsity=0.5, order="block")
+    for i in range(2):
+        hybrid = copy.deepcopy(dense)
+        for j in range(i):
+            hybrid.model.layers[j].load_state_dict(model.model.layers[j].state_dict())
+        keys = [k for k in r.masks if k.startswith(f"model.layers.{i}.")]
+        accs, hooks, current = {}, [], {}
+        for key in keys:
+            layer = hybrid.get_submodule(key[:-len(".weight")])
+            accs[key] = sc.HessianAccumulator(layer.in_features)
+
+            def catch(module, args, key=key):
+                accs[key].update(args[0].numpy(), mask=current["mask"])
+            hooks.append(layer.register_forward_pre_hook(catch))
+        with torch.no_grad():
+            for b in data:
+                current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
+                hybrid(**b)
+        for h in hooks:
+            h.remove()
+        for key in keys:
+            redo = sc.sparsegpt({key: dense.get_parameter(key).detach().numpy()}, {key: accs[key]},
+                                sparsity=0.5).dense(key)
+            np.testing.assert_allclose(model.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
+                                       err_msg=key)
+    with pytest.raises(ValueError, match="order must be 'layer' or 'block', got 'rows'"):
+        sct.prune_sequential(model, data, sparsity=0.5, order="rows")
 
 
 def test_feature_norms_of_transformers_with_varying_lengths(rng):
