@@ -9,6 +9,7 @@ them, and smaller dense layers, on raw NumPy arrays.
 """
 
 from ._version import __version__
+from .allocation import outlier_allocation
 from .csr import check_csr, csr_matmul, index_dtype, matrix_shape, to_csr, to_dense
 from .importance import (
     Criterion,
@@ -66,6 +67,7 @@ __all__ = [
     "matrix_shape",
     "nm_mask",
     "obs_saliency",
+    "outlier_allocation",
     "pairwise_mi",
     "prune",
     "prune_layer",

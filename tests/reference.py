@@ -283,3 +283,24 @@ def row_keep(scores, fraction, block=None):
             order = sorted(range(part.size), key=lambda i: (part[i], i))[:k]
             keep[r, [c0 + i for i in order]] = False
     return keep.reshape(scores.shape)
+
+
+def owl_sparsities(scores, groups, sparsity, m=5.0, lam=0.08):
+    """OWL's layer-wise sparsities, as its authors' code computes them: per
+    group the fraction of scores above m times their mean, scaled to
+    [0, 2 lam], keep ratios 1 - sparsity + (r - mean r)."""
+    labels = []
+    for n in scores:
+        if groups[n] not in labels:
+            labels.append(groups[n])
+    lod = []
+    for g in labels:
+        s = np.concatenate([np.ravel(scores[n]) for n in scores if groups[n] == g]).astype(np.float64)
+        lod.append(sum(1 for v in s if v > m * s.mean()) / len(s))
+    lod = np.array(lod)
+    if lod.max() > lod.min():
+        r = (lod - lod.min()) * (1 / (lod.max() - lod.min()) * lam * 2)
+    else:
+        r = np.zeros(len(lod))
+    keep = r - np.mean(r) + (1 - sparsity)
+    return {n: 1 - keep[labels.index(groups[n])] for n in scores}
