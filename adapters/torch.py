@@ -707,7 +707,7 @@ def _add_gram(acc, a):
 def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
-                     refit: str | None = None, order: str = "layer", progress=None) -> sc.PruneResult:
+                     refit: str | None = None, order: str = "block", progress=None) -> sc.PruneResult:
     """Prune a model block by block, each from the inputs that the already
     pruned blocks before it produce, and repair each layer (SparseGPT's
     sequential calibration, for any model).
@@ -717,12 +717,12 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     layers), whose calibration inputs are caught once at the first block and
     then carried from block to block, one block's activations held at a time;
     for other models (MLPs, CNNs) every Linear and convolution in turn, its
-    inputs caught by running the model up to it. Within a block the layers go
-    in the order the forward reaches them, each calibrated on what the layers
-    pruned before it give (o_proj on the pruned q/k/v, down_proj on the
-    pruned gate/up; layers fed the very same tensor, q/k/v or gate/up, go
-    together and share one H): the block is run, up to the next group, once
-    per group, and once more for the next block's inputs (``order``). For each layer
+    inputs caught by running the model up to it. Within a block the layers
+    are calibrated on one pass of the block (or, ``order="layer"``, each on
+    what the layers pruned before it give: o_proj on the pruned q/k/v,
+    down_proj on the pruned gate/up); layers fed the very same tensor (q/k/v,
+    gate/up) share one H; the block is run once more for the next block's
+    inputs. For each layer
     ``H = Σ x xᵀ`` of its inputs (convolutions: unfolded patches; padding
     tokens of a Hugging Face batch left out; the products formed by PyTorch)
     gives the mask and the update.
@@ -750,12 +750,14 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         Conv1d/Conv2d modules; grouped convolutions are left out).
     damp, blocksize, refit
         As :func:`sparsecore.sparsegpt` and :func:`sparsecore.reconstruct`.
-    order : {"layer", "block"}
-        Within a transformer block, ``"layer"``: each group of layers
-        calibrated on what the ones pruned before it give (one pass of the
-        block per group); ``"block"``: all of the block's layers from one pass
-        of the block as it was before any of them was pruned (as SparseGPT's
-        reference code and llmcompressor do; fewer forward passes).
+    order : {"block", "layer"}
+        Within a transformer block, ``"block"``: all of the block's layers
+        from one pass of the block as it was before any of them was pruned
+        (as SparseGPT's reference code and llmcompressor do); ``"layer"``:
+        each group of layers calibrated on what the ones pruned before it
+        give (one pass of the block per group: about 1.35 times the time on
+        SmolLM2, where it did better at 50% but worse at 2:4 and 70%; see
+        ``bench/llm.py``).
     progress : callable (done, total, name), optional
 
     Returns

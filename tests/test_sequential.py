@@ -181,7 +181,7 @@ def test_every_layer_is_calibrated_on_what_the_layers_pruned_before_it_give(rng,
     model = _tiny(kind)
     dense = copy.deepcopy(model)
     data = _batches(rng, [10, 14])
-    r = sct.prune_sequential(model, data, sparsity=0.5)
+    r = sct.prune_sequential(model, data, sparsity=0.5, order="layer")
     accs, hooks, current = {}, [], {}
     for key in r.masks:
         layer = model.get_submodule(key[:-len(".weight")])
@@ -209,7 +209,7 @@ def test_block_order_calibrates_a_block_on_its_dense_forward(rng):
     model = _tiny("decoder")
     dense = copy.deepcopy(model)
     data = _batches(rng, [10, 14])
-    r = sct.prune_sequential(model, data, sparsity=0.5, order="block")
+    r = sct.prune_sequential(model, data, sparsity=0.5)  # order="block", the default
     for i in range(2):
         hybrid = copy.deepcopy(dense)
         for j in range(i):
