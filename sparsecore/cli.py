@@ -230,50 +230,61 @@ def _densify(args):
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, schedulers), unwound like Ctrl-C."""
+
+
 class _CompileSafeInterrupt(_numba_event.Listener):
-    """Ctrl-C that waits for Numba to leave its compiler before it interrupts.
+    """Ctrl-C and SIGTERM that wait for Numba to leave its compiler before they interrupt.
 
     Numba compiles through LLVM, which calls back into Python through ctypes; a
     ``KeyboardInterrupt`` raised inside that callback is printed as "Exception
     ignored" with a traceback and then lost, and the run goes on as if nobody had
     pressed Ctrl-C. While Numba holds its compiler lock (compiling, or loading a
     kernel from its cache) the handler only notes the signal; the interrupt is
-    raised the moment the lock is released, in plain Python code.
+    raised the moment the lock is released, in plain Python code. SIGTERM raises
+    :class:`_Terminated`, so that it unwinds (temporary files removed) as Ctrl-C does.
     """
 
     kind = "numba:compiler_lock"
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.depth = 0
-        self.pending = False
+        self.pending = None
+
+    @staticmethod
+    def _raise(signum):
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def on_start(self, event):
         self.depth += 1
 
     def on_end(self, event):
         self.depth -= 1
-        if self.depth == 0 and self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
 
     def handle(self, signum, frame):
         if self.depth > 0:
-            self.pending = True
+            self.pending = signum
         else:
-            raise KeyboardInterrupt
+            self._raise(signum)
 
     @contextlib.contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers belong to the main thread; leave them alone
             return
-        previous = signal.signal(signal.SIGINT, self.handle)
+        previous = {s: signal.signal(s, self.handle) for s in self.signals}
         _numba_event.register(self.kind, self)
         try:
             yield
         finally:
             _numba_event.unregister(self.kind, self)
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def main(argv=None):
@@ -281,9 +292,16 @@ def main(argv=None):
     try:
         with _CompileSafeInterrupt().installed():
             return _main(argv)
+    except _Terminated:
+        print("sparsecore: terminated; no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("sparsecore: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sparsecore info x | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv):
@@ -309,6 +327,8 @@ def _main(argv):
 
         demo(sparsity=args.sparsity, seed=args.seed)
         return 0
+    except BrokenPipeError:
+        raise  # not the user's error: main() ends quietly
     except (UserError, FormatError, ValueError, TypeError, OSError) as exc:
         msg = str(exc).replace("\n", " ")
         print(f"sparsecore: error: {msg}", file=sys.stderr)

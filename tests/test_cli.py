@@ -115,7 +115,7 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
                "--quiet").returncode == 0
     full = time.perf_counter() - t0
     outcomes = set()
-    for i, sig in enumerate([signal.SIGKILL, signal.SIGINT] * 4):
+    for i, sig in enumerate([signal.SIGKILL, signal.SIGINT, signal.SIGTERM] * 3):
         out = tmp_path / f"out{i}.safetensors"
         p = subprocess.Popen([sys.executable, "-m", "sparsecore", "prune", str(src), "-o", str(out), "--sparsity",
                               "0.9", "--scope", "global", "--quiet"], stdout=subprocess.DEVNULL,
@@ -132,10 +132,28 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
             assert sha(out) == sha(ref)  # a finished file, identical to an undisturbed run
         else:
             outcomes.add("absent")
-        if sig == signal.SIGINT:  # Ctrl-C cleans its temporary file up
+        if sig != signal.SIGKILL:  # Ctrl-C and SIGTERM clean their temporary file up
             assert not [q for q in tmp_path.iterdir() if q.name.startswith(f".out{i}.")]
+            if p.returncode not in (0, -sig):  # -sig: the signal came before Python (or the CLI) took it over
+                assert p.returncode == (143 if sig == signal.SIGTERM else 130)
+                assert err.strip().splitlines()[-1] == (
+                    "sparsecore: terminated; no output was written" if sig == signal.SIGTERM
+                    else "sparsecore: interrupted; no output was written")
         assert sha(src) == before
     assert "absent" in outcomes
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, rng):
+    """`sparsecore info x | head -1`: the reader leaves early; no error, no traceback."""
+    src = tmp_path / "many.safetensors"
+    write_st(src, {f"a_rather_long_tensor_name_{i:05d}.weight": np.zeros((2, 2), np.float32) for i in range(3000)})
+    p = subprocess.Popen([sys.executable, "-m", "sparsecore", "info", str(src)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline()
+    p.stdout.close()  # the output is far beyond the pipe's buffer: the next writes fail
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert err == ""
 
 
 def test_ctrl_c_inside_numbas_compiler_waits_for_it_to_finish():

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 
 import h5py
@@ -335,6 +337,25 @@ def test_corrupt_and_unknown_inputs_give_clear_errors_and_no_output(tmp_path, rn
         assert sha(tmp_path / name) == before
     leftovers = [p.name for p in tmp_path.iterdir() if "sparsecore-tmp" in p.name]
     assert leftovers == []
+
+
+def test_outputs_get_the_mode_of_a_plain_write_and_stale_temporaries_go(tmp_path, rng):
+    src = tmp_path / "w.safetensors"
+    _small_safetensors(src, rng)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone: its writer was killed
+    stale = tmp_path / f".o.sparse.h5.{dead.pid}.abc123.sparsecore-tmp"
+    live = tmp_path / f".o.sparse.h5.{os.getpid()}.def456.sparsecore-tmp"  # a writer still running
+    other = tmp_path / f".other.h5.{dead.pid}.x.sparsecore-tmp"  # another target's: not ours to judge
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    old = os.umask(0o027)
+    try:
+        prune_file(src, tmp_path / "o.sparse.h5", sparsity=0.5)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.sparse.h5").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_densify_refuses_dense_files(tmp_path, rng):
