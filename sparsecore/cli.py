@@ -134,6 +134,13 @@ def _info(args):
 
 
 def _report(args):
+    if args.plot:  # asked for a plot: no matplotlib is an error, found before the file is read
+        try:
+            import matplotlib
+        except ImportError:
+            from .io import UserError
+
+            raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
     fmt, rows = _rows(args.file)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
@@ -143,14 +150,9 @@ def _report(args):
             print(f"{name:<48} {str(e.shape):<20} {sp:>9.2%}")
     print(f"{'all float tensors':<48} {'':<20} {zeros / total if total else 0.0:>9.2%}")
     if args.plot:
-        try:
-            import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-            return 0
         names = [n for n, e, _ in rows if e.is_float]
         fig, ax = plt.subplots(figsize=(8, 0.3 * len(names) + 1.5))
         ax.barh(range(len(names)), [sp for _, e, sp in rows if e.is_float])
@@ -168,6 +170,41 @@ def _report(args):
     return 0
 
 
+def _check_prune_flags(args, parser):
+    """Every flag's value, before any file is read; an error names the flag (exit 2)."""
+    import math
+
+    for flag, value in (("--sparsity", args.sparsity), ("--min-sparsity", args.min_sparsity),
+                        ("--max-sparsity", args.max_sparsity)):
+        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+            parser.error(f"prune: {flag} must lie in [0, 1], got {value}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        parser.error(f"prune: --threshold must be a finite number, got {args.threshold}")
+    if args.min_sparsity > args.max_sparsity:
+        parser.error(f"prune: --min-sparsity {args.min_sparsity} exceeds --max-sparsity {args.max_sparsity}")
+    scope = args.scope or "local"
+    if args.sparsity is not None and scope != "global" and \
+            not args.min_sparsity <= args.sparsity <= args.max_sparsity:
+        parser.error(f"prune: --sparsity {args.sparsity} lies outside --min-sparsity {args.min_sparsity} .. "
+                     f"--max-sparsity {args.max_sparsity}; in {scope} scope every tensor is pruned to exactly "
+                     f"--sparsity (the caps bind in --scope global and with --threshold)")
+    if args.criterion is not None:
+        from .importance import get_criterion, list_criteria
+
+        if args.criterion not in list_criteria():
+            parser.error(f"prune: --criterion {args.criterion!r} is not a known criterion; known: "
+                         f"{', '.join(list_criteria())}")
+        if args.scores is None:
+            import numpy as np
+
+            try:  # does it score from the weights alone (magnitude) or need statistics?
+                get_criterion(args.criterion)(np.ones((2, 2), np.float32), {})
+            except (ValueError, KeyError, TypeError):
+                parser.error(f"prune: --criterion {args.criterion} needs statistics that a weight file does not "
+                             f"hold (gradients, activations, Hessians): compute its scores in Python "
+                             f"(sparsecore.get_criterion) and pass them with --scores FILE")
+
+
 def _prune(args, parser):
     from .io import prune_file
 
@@ -183,6 +220,7 @@ def _prune(args, parser):
         parser.error("prune: give an output file with -o (input and output are never the same file)")
     if args.sparsity is None and args.threshold is None:
         parser.error("prune: give --sparsity or --threshold")
+    _check_prune_flags(args, parser)
     tmpdir = None
     out = args.output
     if out is None:

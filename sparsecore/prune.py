@@ -241,7 +241,8 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         Statistics for gradient criteria.
     min_sparsity, max_sparsity : float or mapping name -> float
         Per-tensor caps, so that no layer collapses (global scope and
-        thresholds; a local sparsity is exact by definition).
+        thresholds; a local or per-row sparsity is exact by definition, and
+        one outside its caps is refused).
     normalize : {"none", "l1", "l2", "max"}
         Divide each tensor's scores (block or unit scores under a pattern) by
         their norm before comparing across tensors (raw scores of different
@@ -439,6 +440,7 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
         pass
     elif scope == "row":
         sp_t = per_name(sparsity, names, "sparsity", check_fraction)
+        _check_within_caps(sp_t, lo, hi, scope)
         return SelectionPlan(rules, counts, lo_c, hi_c, False, [sp_t[n] for n in names], column_block)
     elif sparsity is not None:
         if scope == "global":
@@ -457,10 +459,21 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
             counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
             if pattern.clips_counts or done is not None:
                 counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
+            else:
+                _check_within_caps(sp_t, lo, hi, scope)
     else:
         th = per_name(threshold, names, "threshold", check_threshold)
         rules = [threshold_rule(src, th[src.name]) for src in srcs]
     return SelectionPlan(rules, counts, lo_c, hi_c, threshold is not None)
+
+
+def _check_within_caps(sp_t, lo, hi, scope):
+    """A local (or per-row) sparsity is exact: caps that it breaks are refused, not ignored."""
+    for n, v in sp_t.items():
+        if not lo[n] <= v <= hi[n]:
+            raise ValueError(f"sparsity {v} for {n!r} lies outside its caps min_sparsity={lo[n]}, "
+                             f"max_sparsity={hi[n]}; scope={scope!r} prunes each tensor to exactly its sparsity "
+                             f"(the caps bind in scope='global' and with thresholds)")
 
 
 def select_tensor(src, w, plan, i, pattern=ELEMENTS, current=None, want_csr=True):

@@ -78,7 +78,6 @@ def test_report_plot(tmp_path, rng):
     (("prune", "missing.h5", "-o", "x.h5", "--sparsity", "0.5"), "missing.h5: no such file"),
     (("prune", "bad.h5", "-o", "x.h5", "--sparsity", "0.5"), "unknown weight-file format"),
     (("prune", "m.safetensors", "-o", "m.safetensors", "--sparsity", "0.5", "--force"), "overwrite the input"),
-    (("prune", "m.safetensors", "-o", "o.safetensors", "--sparsity", "1.5"), r"must lie in \[0, 1\]"),
     (("info", "bad.h5"), "unknown weight-file format"),
     (("densify", "m.safetensors", "-o", "o.safetensors"), "not a sparsecore sparse file"),
 ])
@@ -99,6 +98,31 @@ def test_user_errors_are_one_line(tmp_path, rng, args, message):
 def test_usage_errors_exit_2(tmp_path):
     assert run("prune", "m.safetensors", cwd=tmp_path).returncode == 2  # no -o
     assert run("nonsense").returncode == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--sparsity", "1.5"), r"--sparsity must lie in \[0, 1\], got 1.5"),
+    (("--sparsity", "0.5", "--criterion", "foo"), r"--criterion 'foo' is not a known criterion; known: fisher"),
+    (("--sparsity", "0.5", "--criterion", "fisher"), r"--criterion fisher needs statistics .* --scores FILE"),
+    (("--sparsity", "0.5", "--criterion", "wanda"), r"--criterion wanda needs statistics"),
+    (("--sparsity", "0.5", "--max-sparsity", "0.3"), r"--sparsity 0.5 lies outside --min-sparsity 0.0 .. "
+                                                      r"--max-sparsity 0.3; in local scope"),
+])
+def test_flags_are_checked_before_any_file_is_read(tmp_path, flags, message):
+    import re
+
+    r = run("prune", "absent.safetensors", "-o", "o.safetensors", *flags, cwd=tmp_path)  # no such file
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparsecore: error: prune: ") and re.search(message, last), last
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_criterion_that_needs_no_statistics_runs_without_scores(tmp_path, rng):
+    write_st(tmp_path / "m.safetensors", {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    r = run("prune", "m.safetensors", "-o", "o.safetensors", "--sparsity", "0.5", "--criterion",
+            "magnitude_squared", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
 
 
 def test_killed_runs_never_leave_partial_output(tmp_path):
@@ -124,9 +148,15 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
         p.send_signal(sig)
         _, err = p.communicate(timeout=300)
         # Ctrl-C while Python is still importing the package shows Python's own
-        # KeyboardInterrupt traceback; once sparsecore runs, one line
-        assert "Traceback" not in err or err.rstrip().endswith("KeyboardInterrupt")
-        assert "Exception ignored" not in err  # never lost inside Numba's compiler
+        # KeyboardInterrupt traceback; once sparsecore runs, one line. Numba sets up
+        # its LLVM target while the package is imported, before any handler of ours
+        # exists: a Ctrl-C in those milliseconds is printed as "Exception ignored" and
+        # lost, and the run completes. After that it is never lost (the CLI defers it
+        # while Numba compiles).
+        if "Exception ignored" in err:
+            assert sig == signal.SIGINT and p.returncode == 0 and out.exists(), (p.returncode, err)
+        else:
+            assert "Traceback" not in err or err.rstrip().endswith("KeyboardInterrupt"), err
         if out.exists():
             outcomes.add("complete")
             assert sha(out) == sha(ref)  # a finished file, identical to an undisturbed run
@@ -135,7 +165,7 @@ def test_killed_runs_never_leave_partial_output(tmp_path):
         if sig != signal.SIGKILL:  # Ctrl-C and SIGTERM clean their temporary file up
             assert not [q for q in tmp_path.iterdir() if q.name.startswith(f".out{i}.")]
             if p.returncode not in (0, -sig):  # -sig: the signal came before Python (or the CLI) took it over
-                assert p.returncode == (143 if sig == signal.SIGTERM else 130)
+                assert p.returncode == (143 if sig == signal.SIGTERM else 130), (p.returncode, err)
                 assert err.strip().splitlines()[-1] == (
                     "sparsecore: terminated; no output was written" if sig == signal.SIGTERM
                     else "sparsecore: interrupted; no output was written")
@@ -178,6 +208,20 @@ def test_ctrl_c_inside_numbas_compiler_waits_for_it_to_finish():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_report_plot_without_matplotlib_is_an_error(tmp_path, rng):
+    src = tmp_path / "m.safetensors"
+    write_st(src, {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    blocker = tmp_path / "blocked" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocked") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "sparsecore", "report", str(src), "--plot", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.strip() == ("sparsecore: error: report --plot needs matplotlib "
+                                                      "(pip install matplotlib); nothing was written")
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):

@@ -62,32 +62,44 @@ def test_offline_refuses_what_prune_refuses(model, tmp_path, rule):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-# The rules the command line can express (argparse refuses the others as usage errors, exit 2).
+# The rules the command line can express: flag values it checks itself before any file is read (exit 2, the
+# flag named), and rules only the selection can judge (exit 1, prune's own message).
 CLI_RULES = {
-    "sparsity above 1": (["--sparsity", "1.5"], dict(sparsity=1.5)),
-    "NaN threshold": (["--threshold", "nan"], dict(threshold=math.nan)),
+    "sparsity above 1": (["--sparsity", "1.5"], dict(sparsity=1.5), "--sparsity"),
+    "NaN threshold": (["--threshold", "nan"], dict(threshold=math.nan), "--threshold"),
     "min above max": (["--sparsity", "0.5", "--min-sparsity", "0.8", "--max-sparsity", "0.2"],
-                      dict(sparsity=0.5, min_sparsity=0.8, max_sparsity=0.2)),
+                      dict(sparsity=0.5, min_sparsity=0.8, max_sparsity=0.2), "--min-sparsity"),
     "min above max, global": (["--sparsity", "0.5", "--scope", "global", "--min-sparsity", "0.8",
                                "--max-sparsity", "0.2"],
-                              dict(sparsity=0.5, scope="global", min_sparsity=0.8, max_sparsity=0.2)),
-    "max above 1": (["--sparsity", "0.5", "--max-sparsity", "1.5"], dict(sparsity=0.5, max_sparsity=1.5)),
+                              dict(sparsity=0.5, scope="global", min_sparsity=0.8, max_sparsity=0.2),
+                              "--min-sparsity"),
+    "max above 1": (["--sparsity", "0.5", "--max-sparsity", "1.5"], dict(sparsity=0.5, max_sparsity=1.5),
+                    "--max-sparsity"),
+    "a local sparsity outside its caps": (["--sparsity", "0.5", "--max-sparsity", "0.3"],
+                                          dict(sparsity=0.5, max_sparsity=0.3), "--max-sparsity"),
     "caps make the target impossible": (["--sparsity", "0.9", "--scope", "global", "--max-sparsity", "0.5"],
-                                        dict(sparsity=0.9, scope="global", max_sparsity=0.5)),
+                                        dict(sparsity=0.9, scope="global", max_sparsity=0.5), None),
 }
 
 
 @pytest.mark.parametrize("rule", CLI_RULES)
 def test_command_line_refuses_what_prune_refuses(model, tmp_path, rule):
     path, weights = model
-    flags, kw = CLI_RULES[rule]
-    want = _message(lambda: sc.prune(weights, **kw))
+    flags, kw, flag = CLI_RULES[rule]
+    want = _message(lambda: sc.prune(weights, **kw))  # the library refuses it too
     out = tmp_path / "out.safetensors"
-    run = subprocess.run([sys.executable, "-m", "sparsecore", "prune", str(path), "-o", str(out), *flags],
-                         capture_output=True, text=True)
-    assert run.returncode == 1, run.stderr
-    assert run.stderr.strip() == f"sparsecore: error: {want}"
-    assert not out.exists()
+    missing = tmp_path / "absent.safetensors"
+    for src in ([path, missing] if flag else [path]):  # a flag error comes before any file is read
+        run = subprocess.run([sys.executable, "-m", "sparsecore", "prune", str(src), "-o", str(out), *flags],
+                             capture_output=True, text=True)
+        lines = run.stderr.strip().splitlines()
+        if flag:
+            assert run.returncode == 2 and lines[-1].startswith("sparsecore: error:") and flag in lines[-1], \
+                run.stderr  # argparse's usage line, then the error
+        else:
+            assert run.returncode == 1, run.stderr
+            assert run.stderr.strip() == f"sparsecore: error: {want}"
+        assert not out.exists()
 
 
 def test_offline_errors_are_user_errors(model, tmp_path):
