@@ -123,13 +123,20 @@ def _rows(path):
     return fmt, rows
 
 
+def _widths(rows):
+    """The name and shape columns, as wide as their longest entry (48 and 20 at least)."""
+    return (max([48] + [len(n) for n, _, _ in rows]), max([20] + [len(str(e.shape)) for _, e, _ in rows]))
+
+
 def _info(args):
     fmt, rows = _rows(args.file)
     print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(os.path.getsize(args.file))} on disk")
-    print(f"{'tensor':<48} {'shape':<20} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  prunable")
+    nw, sw = _widths(rows)
+    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  prunable")
     for name, e, sp in rows:
-        print(f"{name:<48} {str(e.shape):<20} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {'yes' if e.default else ''}")
-    print(f"{'total':<48} {'':<20} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
+        print(f"{name:<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  "
+              f"{'yes' if e.default else ''}")
+    print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
     return 0
 
 
@@ -144,11 +151,12 @@ def _report(args):
     fmt, rows = _rows(args.file)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
-    print(f"{'tensor':<48} {'shape':<20} {'sparsity':>9}")
+    nw, sw = _widths(rows)
+    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'sparsity':>9}")
     for name, e, sp in rows:
         if e.is_float:
-            print(f"{name:<48} {str(e.shape):<20} {sp:>9.2%}")
-    print(f"{'all float tensors':<48} {'':<20} {zeros / total if total else 0.0:>9.2%}")
+            print(f"{name:<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
+    print(f"{'all float tensors':<{nw}} {'':<{sw}} {zeros / total if total else 0.0:>9.2%}")
     if args.plot:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

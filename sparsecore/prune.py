@@ -114,22 +114,26 @@ class PruneResult:
 
 
 def format_table(summary, ignored=()):
-    """A text table of :class:`TensorSummary` lines, with totals."""
-    head = f"{'tensor':<24} {'shape':<16} {'nnz':>10} {'sparsity':>9} {'dense B':>12} {'CSR B':>12} {'ratio':>6}"
+    """A text table of :class:`TensorSummary` lines, with totals; the name and
+    shape columns as wide as their longest entry."""
+    nw = max([24] + [len(s.name) for s in summary] + [len(n) for n in ignored])
+    sw = max([16] + [len(str(s.shape)) for s in summary])
+    head = (f"{'tensor':<{nw}} {'shape':<{sw}} {'nnz':>10} {'sparsity':>9} {'dense B':>12} {'CSR B':>12} "
+            f"{'ratio':>6}")
     lines = [head, "-" * len(head)]
     tot = [0, 0, 0, 0, 0]
     for s in summary:
         ratio = s.csr_bytes / s.dense_bytes if s.dense_bytes else 0.0
-        lines.append(f"{s.name:<24} {str(s.shape):<16} {s.nnz:>10} {s.sparsity:>9.2%} "
+        lines.append(f"{s.name:<{nw}} {str(s.shape):<{sw}} {s.nnz:>10} {s.sparsity:>9.2%} "
                      f"{s.dense_bytes:>12} {s.csr_bytes:>12} {ratio:>6.2f}")
         for i, v in enumerate((s.size, s.pruned, s.nnz, s.dense_bytes, s.csr_bytes)):
             tot[i] += v
     sp_all = tot[1] / tot[0] if tot[0] else 0.0
     ratio = tot[4] / tot[3] if tot[3] else 0.0
     lines.append("-" * len(head))
-    lines.append(f"{'total':<24} {'':<16} {tot[2]:>10} {sp_all:>9.2%} {tot[3]:>12} {tot[4]:>12} {ratio:>6.2f}")
+    lines.append(f"{'total':<{nw}} {'':<{sw}} {tot[2]:>10} {sp_all:>9.2%} {tot[3]:>12} {tot[4]:>12} {ratio:>6.2f}")
     for name in ignored:
-        lines.append(f"{name:<24} (ignored)")
+        lines.append(f"{name:<{nw}} (ignored)")
     return "\n".join(lines)
 
 

@@ -210,6 +210,20 @@ def test_ctrl_c_inside_numbas_compiler_waits_for_it_to_finish():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_long_names_keep_the_columns(tmp_path, rng):
+    long = "model.encoder.layers.11.self_attention.query_key_value_projection.weight"  # 71 characters
+    write_st(tmp_path / "m.safetensors", {long: rng.standard_normal((8, 8)).astype(np.float32),
+                                          "b": rng.standard_normal((8, 8)).astype(np.float32)})
+    for args in (("info", "m.safetensors"), ("report", "m.safetensors"),
+                 ("prune", "m.safetensors", "-o", "o.safetensors", "--sparsity", "0.5")):
+        out = run(*args, cwd=tmp_path).stdout.splitlines()
+        head = next(i for i, line in enumerate(out) if line.startswith("tensor"))
+        rows = [line for line in out[head:] if line.startswith((long, "b ", "tensor"))]
+        assert len(rows) == 3, out
+        starts = {line.index(" (8, 8)") if "(8, 8)" in line else line.index(" shape") for line in rows}
+        assert len(starts) == 1, out  # the shape column starts at one place in every row
+
+
 def test_report_plot_without_matplotlib_is_an_error(tmp_path, rng):
     src = tmp_path / "m.safetensors"
     write_st(src, {"w": rng.standard_normal((8, 8)).astype(np.float32)})

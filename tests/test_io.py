@@ -358,6 +358,25 @@ def test_outputs_get_the_mode_of_a_plain_write_and_stale_temporaries_go(tmp_path
     assert not stale.exists() and live.exists() and other.exists()
 
 
+class _Runs:
+    """A pickle that would run code when loaded unsafely."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_unsafe_pickles_are_refused_in_one_plain_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2, 2), "x": _Runs()}, src)
+    r = subprocess.run([sys.executable, "-m", "sparsecore", "info", str(src)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"sparsecore: error: {src}: refused: the pickle holds print, which is not a tensor; "
+                        f"sparsecore loads PyTorch files with weights_only=True and never runs a pickle's code "
+                        f"(save a plain state dict)\n")
+    assert "\x1b" not in r.stderr and "weights_only` set to `False" not in r.stderr
+
+
 def test_densify_refuses_dense_files(tmp_path, rng):
     src = tmp_path / "w.safetensors"
     _small_safetensors(src, rng)

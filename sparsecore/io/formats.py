@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -382,6 +383,19 @@ def _torch():
     return torch
 
 
+def _torch_load_error(path, exc):
+    """One plain line for a file ``torch.load(weights_only=True)`` refused: what
+    it holds besides tensors, without PyTorch's terminal escapes or its advice
+    to turn the safety off."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{path}: refused: the pickle holds {found.group(1)!s}, which is not a tensor; sparsecore loads "
+                f"PyTorch files with weights_only=True and never runs a pickle's code (save a plain state dict)")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: {first})"
+
+
 class TorchFile(WeightFile):
     """A PyTorch state dict (``.pt``/``.bin``), loaded with ``weights_only=True``."""
     format = "torch"
@@ -395,8 +409,7 @@ class TorchFile(WeightFile):
             except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
                 sd = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise FormatError(f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise FormatError(_torch_load_error(path, exc)) from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
