@@ -172,6 +172,29 @@ def test_transformers_are_pruned_layer_by_layer(rng, kind, target):
     assert err < err_mag
 
 
+def _assert_redone(pruned, dense, run, keys, data):
+    """Each layer's weights in ``pruned`` equal SparseGPT at 50% of its dense weights with the Hessian of
+    the inputs it sees in ``run`` (a model) over ``data``."""
+    accs, hooks, current = {}, [], {}
+    for key in keys:
+        layer = run.get_submodule(key[:-len(".weight")])
+        accs[key] = sc.HessianAccumulator(layer.in_features)
+
+        def catch(module, args, key=key):
+            accs[key].update(args[0].numpy(), mask=current["mask"])
+        hooks.append(layer.register_forward_pre_hook(catch))
+    with torch.no_grad():
+        for b in data:
+            current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
+            run(**b)
+    for h in hooks:
+        h.remove()
+    for key, acc in accs.items():
+        redo = sc.sparsegpt({key: dense.get_parameter(key).detach().numpy()}, {key: acc}, sparsity=0.5).dense(key)
+        np.testing.assert_allclose(pruned.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
+                                   err_msg=key)
+
+
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_every_layer_is_calibrated_on_what_the_layers_pruned_before_it_give(rng, kind):
     """Each layer reads what every layer before it, in this block and the
@@ -182,29 +205,11 @@ def test_every_layer_is_calibrated_on_what_the_layers_pruned_before_it_give(rng,
     dense = copy.deepcopy(model)
     data = _batches(rng, [10, 14])
     r = sct.prune_sequential(model, data, sparsity=0.5, order="layer")
-    accs, hooks, current = {}, [], {}
-    for key in r.masks:
-        layer = model.get_submodule(key[:-len(".weight")])
-        accs[key] = sc.HessianAccumulator(layer.in_features)
-
-        def catch(module, args, key=key):
-            accs[key].update(args[0].numpy(), mask=current["mask"])
-        hooks.append(layer.register_forward_pre_hook(catch))
-    with torch.no_grad():
-        for b in data:
-            current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
-            model(**b)
-    for h in hooks:
-        h.remove()
-    for key, acc in accs.items():
-        w = dense.get_parameter(key).detach().numpy()
-        redo = sc.sparsegpt({key: w}, {key: acc}, sparsity=0.5).dense(key)
-        np.testing.assert_allclose(model.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
-                                   err_msg=key)
+    _assert_redone(model, dense, model, list(r.masks), data)
 
 
 def test_block_order_calibrates_a_block_on_its_dense_forward(rng):
-    """order="block": every layer of block i from one pass of block i as it
+    """order="block" (the default): every layer of block i from one pass of block i as it
     was before any of its layers was pruned (blocks before it pruned)."""
     model = _tiny("decoder")
     dense = copy.deepcopy(model)
@@ -214,26 +219,7 @@ def test_block_order_calibrates_a_block_on_its_dense_forward(rng):
         hybrid = copy.deepcopy(dense)
         for j in range(i):
             hybrid.model.layers[j].load_state_dict(model.model.layers[j].state_dict())
-        keys = [k for k in r.masks if k.startswith(f"model.layers.{i}.")]
-        accs, hooks, current = {}, [], {}
-        for key in keys:
-            layer = hybrid.get_submodule(key[:-len(".weight")])
-            accs[key] = sc.HessianAccumulator(layer.in_features)
-
-            def catch(module, args, key=key):
-                accs[key].update(args[0].numpy(), mask=current["mask"])
-            hooks.append(layer.register_forward_pre_hook(catch))
-        with torch.no_grad():
-            for b in data:
-                current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
-                hybrid(**b)
-        for h in hooks:
-            h.remove()
-        for key in keys:
-            redo = sc.sparsegpt({key: dense.get_parameter(key).detach().numpy()}, {key: accs[key]},
-                                sparsity=0.5).dense(key)
-            np.testing.assert_allclose(model.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
-                                       err_msg=key)
+        _assert_redone(model, dense, hybrid, [k for k in r.masks if k.startswith(f"model.layers.{i}.")], data)
     with pytest.raises(ValueError, match="order must be 'layer' or 'block', got 'rows'"):
         sct.prune_sequential(model, data, sparsity=0.5, order="rows")
 
