@@ -663,18 +663,18 @@ def _token_mask(batch):
 
 
 def _hessian_feed(module, name):
-    """``(features, feed(x, mask))`` adding a module's input ``x`` to a
-    :class:`sparsecore.HessianAccumulator` as the layer sees it (convolutions:
-    unfolded patches); ``None`` for layers the reconstruction leaves out."""
+    """``(features, rows(x, mask))``: a module's input ``x`` as the 2-D rows
+    its weights multiply (convolutions: unfolded patches; padding tokens left
+    out); ``None`` for layers the reconstruction leaves out."""
     if isinstance(module, nn.Linear):
         features = module.in_features
 
-        def feed(acc, x, mask):
+        def rows(x, mask):
             a = x.detach().reshape(-1, features)
             if mask is not None and mask.size == a.shape[0]:
                 a = a[torch.as_tensor(mask.reshape(-1), device=a.device)]
-            _add_gram(acc, a)
-        return features, feed
+            return a
+        return features, rows
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and not isinstance(module.padding, str) \
             and module.padding_mode == "zeros":
         two = isinstance(module, nn.Conv2d)
@@ -684,30 +684,55 @@ def _hessian_feed(module, name):
         dl = module.dilation if two else (1, module.dilation[0])
         features = module.in_channels * k[0] * k[1]
 
-        def feed(acc, x, mask):
+        def rows(x, mask):
             a = x.detach() if two else x.detach()[:, :, None, :]
             patches = nn.functional.unfold(a, k, dilation=dl, padding=pd, stride=st)  # (N, C·kh·kw, L)
-            _add_gram(acc, patches.transpose(1, 2).reshape(-1, features))
-        return features, feed
+            return patches.transpose(1, 2).reshape(-1, features)
+        return features, rows
     return None
 
 
-def _add_gram(acc, a):
-    """Add ``aᵀa`` to ``acc``, multiplied by PyTorch in its own threads (NumPy's
-    BLAS threads, woken between the layers of a forward pass, would fight
-    PyTorch's over the cores: twice the wall time on two), in float32 unless
-    the inputs are float64, as the accumulator's "mixed" precision does."""
-    if a.dtype != torch.float64:
-        a = a.float()
-    for t0 in range(0, a.shape[0], acc.chunk):
-        part = a[t0:t0 + acc.chunk]
-        acc.update_gram(_host(part.T @ part), part.shape[0])
+class _GramSum:
+    """``Σ aᵀa`` of a layer's input rows, formed by PyTorch in its own threads
+    and where the inputs live (NumPy's BLAS threads, woken between the layers
+    of a forward pass, would fight PyTorch's over the cores: twice the wall
+    time on two): in float32 a chunk at a time unless the inputs are float64,
+    summed in float64, as the accumulator's "mixed" precision does; handed to
+    the :class:`sparsecore.HessianAccumulator` (which checks it) once."""
+
+    def __init__(self, acc):
+        self.acc, self.sum, self.cross, self.count = acc, None, None, 0
+
+    def add(self, a, dense=None):
+        """Add rows ``a``; ``dense``: the same rows as the dense model gives
+        them, for the cross term ``Σ (x − x̂) x̂ᵀ``."""
+        single = a.dtype != torch.float64 and (dense is None or dense.dtype != torch.float64)
+        a = a.float() if single else a.double()
+        for t0 in range(0, a.shape[0], self.acc.chunk):
+            part = a[t0:t0 + self.acc.chunk]
+            g = part.T @ part
+            if self.sum is None:
+                self.sum = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+                if dense is not None:
+                    self.cross = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+            self.sum += g
+            if dense is not None:  # the difference first: x − x̂ is small, x xᵀ − x̂ x̂ᵀ would cancel
+                self.cross += (dense[t0:t0 + self.acc.chunk].to(part.dtype) - part).T @ part
+            self.count += part.shape[0]
+
+    def flush(self):
+        if self.sum is not None:
+            self.acc.update_gram(_host(self.sum), self.count,
+                                 None if self.cross is None else _host(self.cross))
+        self.sum, self.cross, self.count = None, None, 0
+        return self.acc
 
 
 def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
-                     refit: str | None = None, order: str = "block", progress=None) -> sc.PruneResult:
+                     refit: str | None = None, order: str = "block", dense_target: float = 0.0,
+                     progress=None) -> sc.PruneResult:
     """Prune a model block by block, each from the inputs that the already
     pruned blocks before it produce, and repair each layer (SparseGPT's
     sequential calibration, for any model).
@@ -758,6 +783,16 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         give (one pass of the block per group: about 1.35 times the time on
         SmolLM2, where it did better at 50% but worse at 2:4 and 70%; see
         ``bench/llm.py``).
+    dense_target : float in [0, 1]
+        What each layer's repair reproduces, from the inputs ``X̂`` the
+        pruned layers before it give: 0, its own outputs ``W X̂``
+        (SparseGPT's objective ``‖W X̂ − Ŵ X̂‖²``); 1, the dense model's
+        outputs ``W X`` (so that each layer also makes up for the errors of
+        those before it); between, ``W X̂ + a·W (X − X̂)``. Above 0 the blocks
+        are also run with their dense weights, beside the pruned ones (about
+        twice the forward passes, a second ``d_in²`` matrix per layer; see
+        :class:`sparsecore.HessianAccumulator`'s ``cross``), and an update is
+        needed (``method="sparsegpt"``, or ``update``).
     progress : callable (done, total, name), optional
 
     Returns
@@ -771,6 +806,12 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     scope = check_layer_options(method, sparsity, pattern, scope, update)
     if order not in ("layer", "block"):
         raise ValueError(f"order must be 'layer' or 'block', got {order!r}")
+    if isinstance(dense_target, bool) or not isinstance(dense_target, (int, float)) or not 0 <= dense_target <= 1:
+        raise ValueError(f"dense_target must be a number in [0, 1], got {dense_target!r}")
+    if dense_target and method != "sparsegpt" and update is None:
+        raise ValueError(f"dense_target reaches toward the dense model's outputs through the update of the kept "
+                         f"weights; method={method!r} needs update= ('obs', 'refit' or 'obs+refit')")
+    cross = dense_target > 0
     chosen = prunable(model, include, exclude)
     leaves = {}
     for mname, m in model.named_modules():
@@ -795,11 +836,14 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         first candidate the forward reaches and the layers fed the very same
         tensor right after it (a transformer's q/k/v, gate/up), which share its
         H; found on the first batch. Returns ``(groups, accumulators)``."""
-        groups, accs, member = [], {}, {}
-        state = {"mask": None, "held": None, "formed": False}
+        groups, accs, member, sums = [], {}, {}, {}
+        state = {"mask": None, "held": None, "formed": False, "phase": "pruned", "dense": {}}
 
         def pre(module, args, n):
             x = args[0]
+            if state["phase"] == "dense":  # the same batch through the dense weights: hold its inputs
+                state["dense"][n] = x
+                return
             if not state["formed"] and n not in member:
                 lead = groups[-1][0] if groups else None
                 if lead is not None and x is state["held"] and isinstance(module, nn.Linear) and \
@@ -812,7 +856,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                     raise _Stop
                 groups.append([n])
                 member[n] = len(groups) - 1
-                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0])
+                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0], cross=cross)
+                sums[n] = _GramSum(accs[n])
                 state["held"] = x  # the tensor held: an id alone can be reused once it is freed
             elif n not in member:
                 if whole:
@@ -820,13 +865,15 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                 raise _Stop
             group = groups[member[n]]
             if n == group[0]:
-                leaves[n][3](accs[n], x, state["mask"])
+                rows = leaves[n][3]
+                sums[n].add(rows(x, state["mask"]), rows(state["dense"][n], state["mask"]) if cross else None)
             if state["formed"] and not whole and n == group[-1]:
                 raise _Stop  # the group has its inputs: the rest of the forward is not needed
 
         def batch_done():
             state["formed"] = bool(groups)
             state["held"] = None
+            state["dense"] = {}
 
         state["batch_done"] = batch_done
         hooks = [leaves[n][1].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in candidates]
@@ -835,6 +882,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         finally:
             for h in hooks:
                 h.remove()
+        for g in sums.values():
+            g.flush()
         return groups, accs
 
     def prune_group(group, accs):
@@ -846,7 +895,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
             if w.dtype == np.float16:
                 w = w.astype(np.float32)
             r = sc.prune_layer(key, w, accs[n], method=method, sparsity=sparsity, pattern=pattern, scope=scope,
-                               update=update, damp=damp, blocksize=blocksize, refit=refit)
+                               update=update, damp=damp, blocksize=blocksize, refit=refit,
+                               dense_target=dense_target or 1.0)
             backup.setdefault(key, p.detach().clone())
             with torch.no_grad():
                 p.copy_(torch.as_tensor(r.dense(key)).to(dtype=p.dtype, device=p.device))
@@ -854,6 +904,33 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
             done += 1
             if progress is not None:
                 progress(done, total, key)
+
+    @contextlib.contextmanager
+    def dense_weights(names):
+        """The original weights of the layers ``names`` already pruned, in
+        place of the pruned ones for the duration (storage swapped, not copied)."""
+        swapped = []
+        try:
+            for n in names:
+                key, m = leaves[n][0], leaves[n][1]
+                if key in backup:
+                    p = _param_of(m, "weight")
+                    swapped.append((p, p.data))
+                    p.data = backup[key]
+            yield
+        finally:
+            for p, pruned in swapped:
+                p.data = pruned
+
+    def dense_pass(state, forward, names):
+        """Run ``forward()`` on the dense weights of ``names``, the Hessian
+        hooks holding the inputs they see; returns its output."""
+        state["phase"] = "dense"
+        try:
+            with dense_weights(names):
+                return forward()
+        finally:
+            state["phase"] = "pruned"
 
     def prune_block(names, run):
         """Prune ``names`` group by group in the order the forward reaches them,
@@ -875,7 +952,7 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                 config.use_cache = False
             if stack is not None:
                 inside = {n for n in leaves if n.startswith(stack_name + ".")}
-                cache = []
+                cache, dense_cache = [], None
 
                 def catch(module, args, kwargs):
                     cache.append([args, kwargs, None])
@@ -890,16 +967,22 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                             cache[-1][2] = _token_mask(batch)
                 finally:
                     h.remove()
+                if cross:  # the dense model's inputs to each block, beside the pruned model's
+                    dense_cache = [list(item) for item in cache]
                 last = max((i for i in range(len(stack)) if any(n.startswith(f"{stack_name}.{i}.") for n in inside)),
                            default=-1)
                 for i, block in enumerate(stack):
                     if i > last:
                         break  # nothing left to prune: no more inputs to carry
                     names = [n for n in inside if n.startswith(f"{stack_name}.{i}.")]
+                    dense_out = {}
 
-                    def run_block(state, block=block):
-                        for args, kwargs, mask in cache:
+                    def run_block(state, block=block, names=names, dense_out=dense_out):
+                        for k, (args, kwargs, mask) in enumerate(cache):
                             state["mask"] = mask
+                            if dense_cache is not None:
+                                a, kw = dense_cache[k][0], dense_cache[k][1]
+                                dense_out[k] = dense_pass(state, lambda: block(*a, **kw), names)
                             try:
                                 block(*args, **kwargs)
                             except _Stop:
@@ -907,13 +990,12 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                             state["batch_done"]()
                     if names:
                         prune_block(sorted(names, key=list(leaves).index), run_block)
-                    for item in cache:  # the next block's inputs: this (pruned) block's outputs
-                        out = block(*item[0], **item[1])
-                        out = out[0] if isinstance(out, tuple) else out
-                        if item[0]:
-                            item[0] = (out,) + tuple(item[0][1:])
-                        else:  # hidden states passed by keyword
-                            item[1] = {**item[1], "hidden_states": out}
+                    # the next block's inputs: this block's outputs, pruned (and dense, from its calibration)
+                    for k, item in enumerate(cache):
+                        _advance(item, block(*item[0], **item[1]))
+                        if dense_cache is not None:
+                            _advance(dense_cache[k], dense_out[k] if k in dense_out else
+                                     block(*dense_cache[k][0], **dense_cache[k][1]))
             # Without a stack (MLPs, CNNs): each layer in turn, the model run up to it. With one,
             # the layers outside it (embeddings, a language model's head) are left alone.
             for n in (list(leaves) if stack is None else []):
@@ -926,6 +1008,11 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                         state["mask"] = _token_mask(batch)
                         h = m.register_forward_pre_hook(stop)  # after the Hessian hook: it sees the input first
                         try:
+                            if cross:
+                                try:
+                                    dense_pass(state, lambda: _forward(model, batch), list(leaves))
+                                except _Stop:
+                                    pass
                             _forward(model, batch)
                         except _Stop:
                             pass
@@ -945,6 +1032,16 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     out = sc.PruneResult.combine(results)
     out.ignored = [leaves[n][0] for n in leaves if leaves[n][0] not in out.masks]
     return out
+
+
+def _advance(item, out):
+    """Make a cached block call ``[args, kwargs, mask]`` the next block's: its
+    hidden states replaced by the block's output ``out``."""
+    out = out[0] if isinstance(out, tuple) else out
+    if item[0]:
+        item[0] = (out,) + tuple(item[0][1:])
+    else:  # hidden states passed by keyword
+        item[1] = {**item[1], "hidden_states": out}
 
 
 def _calibration(data, max_batches):

@@ -63,6 +63,14 @@ class HessianAccumulator:
         16,384 tokens at a time (twice the speed of float64 BLAS), and the
         chunks summed in float64; float64 inputs in float64. ``"float64"``:
         every product in float64.
+    cross : bool
+        Also keep ``G = Σ (x − x̂) x̂ᵀ`` between the inputs ``x̂`` the layer gets
+        in the partly pruned model and the inputs ``x`` it gets in the dense
+        one (``update(x̂, dense=x)``; ``d_in²`` more entries). With it the
+        repair aims at the dense model's outputs, ``‖W X − Ŵ X̂‖²``, rather
+        than at the layer's own outputs on the pruned model's inputs
+        (SparseGPT's ``‖W X̂ − Ŵ X̂‖²``), correcting the errors of the layers
+        pruned before it; see :func:`reconstruct`.
 
     Examples
     --------
@@ -80,29 +88,36 @@ class HessianAccumulator:
     chunk = _CHUNK
 
     def __init__(self, features: int, *, memory_limit: int = 4 << 30, name: str = "layer",
-                 precision: str = "mixed"):
+                 precision: str = "mixed", cross: bool = False):
         if not is_integer(features) or features < 1:
             raise ValueError(f"features of {name!r} must be a positive integer, got {features!r}")
         if precision not in ("mixed", "float64"):
             raise ValueError(f"precision must be 'mixed' or 'float64', got {precision!r}")
+        if not isinstance(cross, (bool, np.bool_)):
+            raise TypeError(f"cross must be True or False, got {cross!r}")
         self.precision = precision
-        need = int(features) ** 2 * 8
+        need = int(features) ** 2 * 8 * (2 if cross else 1)
         if need > memory_limit:
-            raise ValueError(f"the Hessian of {name!r} needs {features}² float64 = {need / 2**20:.1f} MiB, over "
+            what = "and the cross term G need 2 x " if cross else "needs "
+            raise ValueError(f"the Hessian of {name!r} {what}{features}² float64 = {need / 2**20:.1f} MiB, over "
                              f"memory_limit={memory_limit / 2**20:.1f} MiB; raise memory_limit, or leave the "
                              f"layer out of the reconstruction")
         self.features, self.name = int(features), name
         self._upper = np.zeros((self.features, self.features), np.float64, order="F")  # sum in the upper triangle
+        # G = Σ (x − x̂) x̂ᵀ, Fortran-ordered like the sum (None: the objective of SparseGPT)
+        self._cross = np.zeros((self.features, self.features), np.float64, order="F") if cross else None
         self.count = 0
         self._memo = {}  # H and its inverse factors, for the layers that share this accumulator
 
-    def update(self, x: ArrayLike, mask: ArrayLike | None = None) -> "HessianAccumulator":
-        """Add inputs ``x`` of shape ``(..., features)`` (every leading axis
-        is samples or tokens); ``mask`` (shaped like ``x`` without its last
-        axis, True = real) leaves padding tokens out."""
-        a = as_float_array(x, self.name, "inputs")
+    @property
+    def has_cross(self) -> bool:
+        """Whether the accumulator keeps the cross term ``G`` (``cross=True``)."""
+        return self._cross is not None
+
+    def _rows(self, x, mask, what):
+        a = as_float_array(x, self.name, what)
         if a.ndim == 0 or a.shape[-1] != self.features:
-            raise ValueError(f"inputs of {self.name!r} have shape {a.shape}; the last axis must hold "
+            raise ValueError(f"{what} of {self.name!r} have shape {a.shape}; the last axis must hold "
                              f"{self.features} features")
         a = a.reshape(-1, self.features)
         if mask is not None:
@@ -111,12 +126,33 @@ class HessianAccumulator:
                 raise ValueError(f"mask for {self.name!r} must be bool with one entry per token "
                                  f"({a.shape[0]}), got {m.dtype} of shape {m.shape}")
             a = a[m.reshape(-1)]
+        a = np.ascontiguousarray(a)
+        if a.size and not np.isfinite(a).all():
+            bad, first = cpu_select.first_nonfinite(a.reshape(-1))
+            raise nonfinite_error(self.name, what, a, bad, first)
+        return a
+
+    def update(self, x: ArrayLike, mask: ArrayLike | None = None, *, dense: ArrayLike | None = None
+               ) -> "HessianAccumulator":
+        """Add inputs ``x`` of shape ``(..., features)`` (every leading axis
+        is samples or tokens); ``mask`` (shaped like ``x`` without its last
+        axis, True = real) leaves padding tokens out. ``dense``: with
+        ``cross=True`` (and only then), the same inputs as the dense model
+        gives them, shaped like ``x``."""
+        if (dense is None) == self.has_cross:
+            raise ValueError(f"the accumulator of {self.name!r} " + (
+                "keeps the cross term (cross=True): pass dense=, the dense model's inputs" if self.has_cross else
+                "has no cross term: dense= needs HessianAccumulator(..., cross=True)"))
+        a = self._rows(x, mask, "inputs")
+        if dense is not None:
+            d = self._rows(dense, mask, "dense inputs")
+            if d.shape != a.shape:
+                raise ValueError(f"dense inputs of {self.name!r} have {d.shape[0]} tokens, the inputs "
+                                 f"{a.shape[0]}; give the same tokens twice")
         if a.size:
-            a = np.ascontiguousarray(a)
-            if not np.isfinite(a).all():
-                bad, first = cpu_select.first_nonfinite(a.reshape(-1))
-                raise nonfinite_error(self.name, "inputs", a, bad, first)
             single = a.dtype == np.float32 and self.precision == "mixed"
+            if dense is not None:
+                single = single and d.dtype == np.float32
             for t0 in range(0, a.shape[0], _CHUNK):  # copies of bounded size
                 part = np.ascontiguousarray(a[t0:t0 + _CHUNK], np.float32 if single else np.float64)
                 # part.T is Fortran-ordered (features, tokens): syrk forms part.T @ part in the upper triangle
@@ -124,51 +160,77 @@ class HessianAccumulator:
                     self._upper += la.blas.ssyrk(1.0, part.T, trans=0, lower=0)
                 else:
                     la.blas.dsyrk(1.0, part.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+                if dense is not None:  # the difference first: x − x̂ is small, x xᵀ − x̂ x̂ᵀ would cancel
+                    delta = np.asarray(d[t0:t0 + _CHUNK], part.dtype) - part
+                    self._cross += delta.T @ part
         self.count += a.shape[0]
         self._memo = {}
         return self
 
-    def update_gram(self, gram: ArrayLike, count: int) -> "HessianAccumulator":
+    def update_gram(self, gram: ArrayLike, count: int, cross: ArrayLike | None = None) -> "HessianAccumulator":
         """Add ``Σ x xᵀ`` of ``count`` inputs formed elsewhere: by a framework
         in its own thread pool (the PyTorch adapter does, so that BLAS and
         the framework do not fight over the cores), or on a GPU, where only
         the ``d_in²`` product crosses to the host. ``gram`` is symmetric,
-        ``(features, features)``; one triangle is read."""
-        g = as_float_array(gram, self.name, "Gram matrix")
-        if g.shape != (self.features, self.features):
-            raise ValueError(f"the Gram matrix of {self.name!r} has shape {g.shape}; ({self.features}, "
-                             f"{self.features}) needed")
+        ``(features, features)``; one triangle is read. ``cross``: with
+        ``cross=True`` (and only then), ``Σ (x − x̂) x̂ᵀ`` of the same inputs."""
+        g = self._square(gram, "Gram matrix", "inputs (their Gram matrix)")
         if not is_integer(count) or count < 0:
             raise ValueError(f"count for {self.name!r} must be an integer >= 0, got {count!r}")
-        if not np.isfinite(g).all():
-            bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
-            raise nonfinite_error(self.name, "inputs (their Gram matrix)", g, bad, first)
+        if (cross is None) == self.has_cross:
+            raise ValueError(f"the accumulator of {self.name!r} " + (
+                "keeps the cross term (cross=True): pass cross=, the sum of (x_dense - x) x^T" if self.has_cross
+                else "has no cross term: cross= needs HessianAccumulator(..., cross=True)"))
+        c = None if cross is None else self._square(cross, "cross term", "inputs (their cross term)")
         # g is symmetric: add it in the memory order of the sum (Fortran), through its transpose when
         # it is C-ordered (a strided add runs several times slower); the lower triangle is never read
         self._upper += g.T if g.flags.c_contiguous else g
+        if c is not None:
+            self._cross += c
         self.count += int(count)
         self._memo = {}
         return self
 
+    def _square(self, m, what, bad_what):
+        g = as_float_array(m, self.name, what)
+        if g.shape != (self.features, self.features):
+            raise ValueError(f"the {what} of {self.name!r} has shape {g.shape}; ({self.features}, "
+                             f"{self.features}) needed")
+        if not np.isfinite(g).all():
+            bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
+            raise nonfinite_error(self.name, bad_what, g, bad, first)
+        return g
+
     def hessian(self) -> np.ndarray:
         """``Σ x xᵀ`` as a new symmetric float64 array."""
-        u = np.triu(self._upper)  # only the upper triangle holds the sum
-        h = u + u.T
-        h[np.diag_indices_from(h)] = np.diag(u)
-        return np.ascontiguousarray(h)
+        return cpu_reconstruct.symmetric_from_upper(self._upper)  # only the upper triangle holds the sum
+
+    def cross_term(self) -> np.ndarray:
+        """``G = Σ (x − x̂) x̂ᵀ`` as a new float64 array (``cross=True``)."""
+        if self._cross is None:
+            raise ValueError(f"the accumulator of {self.name!r} keeps no cross term (cross=False)")
+        return np.array(self._cross, order="C")
 
     def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
         """Add another accumulator of the same layer (another data shard); returns ``self``."""
         if not isinstance(other, HessianAccumulator) or other.features != self.features:
             raise ValueError(f"can merge only a HessianAccumulator of {self.features} features into {self.name!r}")
+        if other.has_cross != self.has_cross:
+            raise ValueError(f"can merge only accumulators that both keep the cross term, or neither, into "
+                             f"{self.name!r} (cross={self.has_cross})")
         self._upper += np.triu(other._upper)
+        if self._cross is not None:
+            self._cross += other._cross
         self.count += other.count
         self._memo = {}
         return self
 
     def state_dict(self) -> dict:
-        """A plain dict of arrays: ``{"hessian": H, "count": n}``."""
-        return {"hessian": self.hessian(), "count": np.array(self.count, np.int64)}
+        """A plain dict of arrays: ``{"hessian": H, "count": n}``, and ``"cross": G`` when kept."""
+        d = {"hessian": self.hessian(), "count": np.array(self.count, np.int64)}
+        if self._cross is not None:
+            d["cross"] = self.cross_term()
+        return d
 
     @classmethod
     def from_state_dict(cls, d: Mapping, *, memory_limit: int = 4 << 30, name: str = "layer"):
@@ -176,8 +238,13 @@ class HessianAccumulator:
         h = np.asarray(d["hessian"], np.float64)
         if h.ndim != 2 or h.shape[0] != h.shape[1]:
             raise ValueError(f"hessian of {name!r} must be square, got shape {h.shape}")
-        acc = cls(h.shape[0], memory_limit=memory_limit, name=name)
+        acc = cls(h.shape[0], memory_limit=memory_limit, name=name, cross="cross" in d)
         acc._upper[...] = np.triu(h)
+        if "cross" in d:
+            c = np.asarray(d["cross"], np.float64)
+            if c.shape != h.shape:
+                raise ValueError(f"cross of {name!r} must have the Hessian's shape {h.shape}, got {c.shape}")
+            acc._cross[...] = c
         acc.count = int(d["count"])
         acc._memo = {}
         return acc
@@ -272,43 +339,33 @@ def _hessian_of(h, name, features):
     return H
 
 
-def _damped(H, damp, name):
-    """``H`` with dead inputs (zero diagonal) made independent and ``damp``
-    times its mean diagonal added, and its dead inputs."""
-    H = H.copy()
-    dead = np.diag(H) == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1.0
-    if damp < 0 or not math.isfinite(damp):
-        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
-    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
-    return H, dead
-
-
 def _inverse_factor(H, damp, name, source=None):
-    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H`` damped, ``H⁻¹ = UᵀU``),
-    as SparseGPT sweeps with, and the dead inputs; kept on ``source`` (the
-    accumulator of ``H``) for the layers that share it.
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H`` damped: ``damp``
+    times its mean diagonal added, dead inputs (zero diagonal) made
+    independent; ``H⁻¹ = UᵀU``), as SparseGPT sweeps with, and the dead
+    inputs; kept on ``source`` (the accumulator of ``H``) for the layers that
+    share it.
 
     Without forming ``H⁻¹``: with ``J`` the reversal of the columns and
     ``JHJ = MMᵀ`` (Cholesky, ``M`` lower), ``U = J M⁻¹ J`` is upper triangular
     and ``UᵀU = J M⁻ᵀ M⁻¹ J = H⁻¹``: one Cholesky and one triangular inverse
-    (LAPACK potrf, trtri), half the work of inverting ``H`` and factoring
-    the inverse.
+    (LAPACK potrf, trtri, in place on one Fortran-ordered copy), half the
+    work of inverting ``H`` and factoring the inverse.
     """
+    if damp < 0 or not math.isfinite(damp):
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
     memo = source._memo if isinstance(source, HessianAccumulator) else {}
     if ("factor", damp) not in memo:
-        Hd, dead = _damped(H, damp, name)
-        try:
-            M = la.cholesky(Hd[::-1, ::-1], lower=True, check_finite=False)
-        except la.LinAlgError:
+        A, dead = cpu_reconstruct.damped_reversed(np.ascontiguousarray(H), float(damp))
+        M, info = la.lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)
+        if info > 0:
             raise ValueError(f"the Hessian of {name!r} is singular" + (" without damping; pass damp > 0 (e.g. 0.01)"
                              if damp == 0 else f" even with damp={damp}; raise damp or calibrate on more inputs"))
-        Minv, info = la.lapack.dtrtri(M, lower=1)
+        Minv, info = la.lapack.dtrtri(M, lower=1, overwrite_c=1)
         if info:
-            raise np.linalg.LinAlgError(f"trtri failed ({info})")
-        U = np.ascontiguousarray(np.triu(Minv[::-1, ::-1]))
+            raise np.linalg.LinAlgError(f"potrf/trtri of the Hessian of {name!r} failed (LAPACK info {info})")
+        # upper (potrf with clean=1 and trtri leave M's upper part zero), Fortran-ordered like Minv: a plain copy
+        U = np.asfortranarray(Minv[::-1, ::-1])
         U.flags.writeable = False
         memo["factor", damp] = U, dead
     return memo["factor", damp]
@@ -344,6 +401,29 @@ def _obs_criterion(weights, state):
 
 
 register_criterion(Criterion("obs", _obs_criterion, (), "w**2 / [H^-1]_jj**2 (Optimal Brain Surgeon, SparseGPT)"))
+
+
+def _check_dense_target(a):
+    if isinstance(a, bool) or not isinstance(a, (int, float, np.integer, np.floating)) or not 0 <= a <= 1:
+        raise ValueError(f"dense_target must be a number in [0, 1], got {a!r}")
+    return float(a)
+
+
+def _target_rows(rows, source, H, damp, name, a):
+    """The weights the repair aims at: ``rows`` itself, or, when ``source``
+    keeps the cross term ``G = Σ (x − x̂) x̂ᵀ``, the dense layer that best gives
+    the target ``T = W X̂ + a·W (X − X̂)`` (``a = 1``: the dense model's
+    outputs) from the pruned model's inputs, ``W* = W + a·W G (Ĥ + λI)⁻¹``:
+    since ``‖T − Ŵ X̂‖² = ‖(W* − Ŵ) X̂‖² + const`` (normal equations), the
+    sweep and the refit, run on ``W*`` with ``Ĥ``, minimise the error
+    against ``T`` (the asymmetric calibration of GPTAQ, Li et al. 2025,
+    taken out of the sweep; its authors weigh the correction by 0.25)."""
+    if not (isinstance(source, HessianAccumulator) and source.has_cross) or a == 0:
+        return rows
+    U, _ = _inverse_factor(H, damp, name, source)
+    if "G" not in source._memo:
+        source._memo["G"] = source.cross_term()
+    return rows + a * (((rows @ source._memo["G"]) @ U.T) @ U)
 
 
 # --- the OBS sweep --------------------------------------------------------------
@@ -456,7 +536,8 @@ _METHODS = ("obs", "refit", "obs+refit", "none")
 
 def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapping[str, ArrayLike], *,
                 method: str = "obs+refit", damp: float = 0.01, blocksize: int = 128,
-                layouts: Mapping[str, str] | str = "oi", refit: str = "auto") -> PruneResult:
+                layouts: Mapping[str, str] | str = "oi", refit: str = "auto", dense_target: float = 1.0
+                ) -> PruneResult:
     """Update the kept weights of each layer for a given mask, so that its
     outputs on the calibration inputs change as little as possible.
 
@@ -484,6 +565,12 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
     refit : {"auto", "exact", "cg"}
         Per-row Cholesky solves, or batched conjugate gradients (``"auto"``:
         exact while the solves cost under ~2e10 flops).
+    dense_target : float in [0, 1]
+        For a layer whose accumulator keeps the cross term
+        (``HessianAccumulator(..., cross=True)``: its inputs ``X̂`` in the
+        partly pruned model and ``X`` in the dense one), how far the target
+        moves from the layer's own outputs on ``X̂`` (0, SparseGPT's) to the
+        dense model's outputs (1): ``W X̂ + a·W (X − X̂)``. Ignored otherwise.
 
     Returns
     -------
@@ -508,6 +595,7 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
+    dense_target = _check_dense_target(dense_target)
     if refit not in ("auto", "exact", "cg"):
         raise ValueError(f"refit must be 'auto', 'exact' or 'cg', got {refit!r}")
     _check_blocksize(blocksize)
@@ -524,7 +612,10 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
             r = int(np.argmax(prune.all(axis=1)))
             raise ValueError(f"mask {n!r} keeps nothing in output row {r}: the refit has nothing to solve for; "
                              f"keep at least one entry per row, or use method='obs'")
-        new = rows
+        if method == "none" and isinstance(hessians[n], HessianAccumulator) and hessians[n].has_cross:
+            raise ValueError(f"the accumulator of {n!r} keeps the cross term, which only an update uses; pass "
+                             f"method='obs', 'refit' or 'obs+refit'")
+        rows = new = _target_rows(rows, hessians[n], H, damp, n, dense_target)
         if method in ("obs", "obs+refit"):
             U, _ = _inverse_factor(H, damp, n, hessians[n])
             new, _ = _sweep(rows, U, prune, blocksize=blocksize)
@@ -538,7 +629,7 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
 
 def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=None, pattern=None,
               damp: float = 0.01, blocksize: int = 128, layouts: Mapping[str, str] | str = "oi",
-              refit: str | None = None) -> PruneResult:
+              refit: str | None = None, dense_target: float = 1.0) -> PruneResult:
     """SparseGPT: the mask chosen inside the OBS sweep by ``w² / [H⁻¹]ⱼⱼ²``
     (per column block for a sparsity, per row and group for N:M) while the
     kept weights are updated; ``refit`` ("auto", "exact", "cg") adds the exact
@@ -566,6 +657,7 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
         nm = (p.n, p.m)
     if refit not in (None, "auto", "exact", "cg"):
         raise ValueError(f"refit must be None, 'auto', 'exact' or 'cg', got {refit!r}")
+    dense_target = _check_dense_target(dense_target)
     _check_blocksize(blocksize)
     prepared = _prepare(weights, hessians, layouts)
     updated, out_masks = {}, {}
@@ -577,6 +669,7 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
             raise ValueError(f"{nm[0]}:{nm[1]} pattern of {n!r}: its {rows.shape[1]} input features are not a "
                              f"multiple of {nm[1]}")
         U, _ = _inverse_factor(H, damp, n, hessians[n])
+        rows = _target_rows(rows, hessians[n], H, damp, n, dense_target)
         block = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])  # whole groups per block
         new, prune = _sweep(rows, U, sparsity=s, nm=nm, blocksize=block)
         if refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
@@ -650,7 +743,7 @@ def check_layer_options(method, sparsity, pattern, scope, update) -> str:
 
 def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparsegpt", sparsity=None, pattern=None,
                 scope: str | None = None, update: str | None = None, damp: float = 0.01, blocksize: int = 128,
-                refit: str | None = None, layout: str = "oi") -> PruneResult:
+                refit: str | None = None, layout: str = "oi", dense_target: float = 1.0) -> PruneResult:
     """Prune one layer from the Hessian of its inputs and repair it.
 
     ``method``: ``"sparsegpt"`` (the mask chosen inside the OBS sweep, the
@@ -678,10 +771,16 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
         sparsity = sparsity[name]
     if method == "sparsegpt":
         return sparsegpt({name: weights}, {name: hessian}, sparsity=sparsity, pattern=pattern, damp=damp,
-                         blocksize=blocksize, refit=refit, layouts=layout)
+                         blocksize=blocksize, refit=refit, layouts=layout, dense_target=dense_target)
     w = np.asarray(weights)
     rows = _rows_of(w, layout, name)  # (out, in): N:M groups and rows run along the layer's inputs
     H = _hessian_of(hessian, name, rows.shape[1])
+    if isinstance(hessian, HessianAccumulator) and hessian.has_cross:
+        if update is None:
+            raise ValueError(f"the accumulator of {name!r} keeps the cross term, which only an update uses; pass "
+                             f"update='obs', 'refit' or 'obs+refit'")
+        rows = _target_rows(rows, hessian, H, damp, name, _check_dense_target(dense_target))  # select among
+        # the weights the update aims at
     if method == "magnitude":
         scores = None
     elif method == "wanda":
@@ -692,4 +791,4 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
     keep = prune({name: rows}, scores, **kw).masks[name]
     masks = {name: _back(keep, np.empty(w.shape, np.bool_), layout)}
     return reconstruct({name: w}, {name: hessian}, masks, method=update or "none", damp=damp, blocksize=blocksize,
-                       refit=refit or "auto", layouts=layout)
+                       refit=refit or "auto", layouts=layout, dense_target=dense_target)

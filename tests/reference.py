@@ -261,13 +261,15 @@ def sparsegpt_sweep(W, H, *, sparsity=None, nm=None, blocksize=128):
     return W, prune
 
 
-def refit_lstsq(W, X, keep):
-    """Per row: the least-squares weights over the kept columns, min ‖X w − X ŵ‖ (X: samples x features)."""
+def refit_lstsq(W, X, keep, X_hat=None):
+    """Per row: the least-squares weights over the kept columns, min ‖X w − X ŵ‖ (X: samples x features),
+    or, given the inputs ``X_hat`` the pruned model gives, min ‖X w − X_hat ŵ‖."""
     W = np.asarray(W, np.float64)
+    X_hat = X if X_hat is None else X_hat
     out = np.zeros_like(W)
     for r in range(W.shape[0]):
         K = np.flatnonzero(keep[r])
-        out[r, K] = np.linalg.lstsq(X[:, K], X @ W[r], rcond=None)[0]
+        out[r, K] = np.linalg.lstsq(X_hat[:, K], X @ W[r], rcond=None)[0]
     return out
 
 

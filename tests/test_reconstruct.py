@@ -217,6 +217,103 @@ def test_sparsegpt_refit_leaves_rows_the_sweep_emptied_at_zero(rng):
 
 # --- the exact refit ---------------------------------------------------------------
 
+def _drifted(rng, rows=5, cols=10, samples=60):
+    """A layer, its dense-model inputs X and the pruned model's X̂ = X + drift."""
+    X, W = _layer(rng, rows, cols, samples)
+    return X, X + 0.3 * rng.standard_normal(X.shape) * X.std(axis=0), W
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_dense_objective_refit_equals_lstsq_against_the_dense_outputs(rng, solver):
+    X, Xh, W = _drifted(rng)
+    keep = sc.prune({"fc": W}, sparsity=0.5).masks["fc"]
+    acc = sc.HessianAccumulator(W.shape[1], cross=True).update(Xh, dense=X)
+    got = sc.reconstruct({"fc": W}, {"fc": acc}, {"fc": keep}, method="refit", damp=0.0, refit=solver)
+    np.testing.assert_allclose(got.dense("fc"), ref.refit_lstsq(W, X, keep, Xh), rtol=1e-7, atol=1e-7)
+
+
+def test_dense_objective_with_the_same_inputs_changes_nothing(rng):
+    """x̂ = x: the cross term is zero and every repair is the one of SparseGPT's objective, bit for bit."""
+    X, W = _layer(rng)
+    plain = sc.HessianAccumulator(W.shape[1]).update(X)
+    cross = sc.HessianAccumulator(W.shape[1], cross=True).update(X, dense=X)
+    assert not cross.cross_term().any()
+    np.testing.assert_array_equal(sc.sparsegpt({"fc": W}, {"fc": cross}, pattern="2:4").dense("fc"),
+                                  sc.sparsegpt({"fc": W}, {"fc": plain}, pattern="2:4").dense("fc"))
+    np.testing.assert_array_equal(
+        sc.prune_layer("fc", W, cross, method="wanda", sparsity=0.5, update="obs").dense("fc"),
+        sc.prune_layer("fc", W, plain, method="wanda", sparsity=0.5, update="obs").dense("fc"))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 5), cols=st.integers(2, 12), frac=st.floats(0.1, 0.9), seed=st.integers(0, 2**16))
+def test_dense_objective_is_closer_to_the_dense_outputs(rows, cols, frac, seed):
+    """For a given mask, the exact refit aimed at the dense outputs is never further from them than the
+    refit aimed at the layer's own outputs on the drifted inputs (SparseGPT's objective)."""
+    X, Xh, W = _drifted(np.random.default_rng(seed), rows, cols, 3 * cols)
+    keep = sc.prune({"fc": W}, sparsity=frac, scope="row").masks["fc"]
+    keep[:, 0] = True
+    accs = {c: sc.HessianAccumulator(cols, cross=c).update(Xh, **({"dense": X} if c else {})) for c in (False, True)}
+    err = {c: float(np.linalg.norm(X @ W.T - Xh @ sc.reconstruct({"fc": W}, {"fc": a}, {"fc": keep}, method="refit",
+                                                                    damp=0.0, refit="exact").dense("fc").T) ** 2)
+           for c, a in accs.items()}
+    assert err[True] <= err[False] * (1 + 1e-9) + 1e-9
+
+
+def test_cross_terms_merge_save_and_refuse_mixing(rng):
+    X, Xh, W = _drifted(rng, samples=90)
+    one = sc.HessianAccumulator(10, cross=True).update(Xh, dense=X)
+    parts = sc.HessianAccumulator(10, cross=True).update(Xh[:40], dense=X[:40])
+    parts.merge(sc.HessianAccumulator(10, cross=True).update(Xh[40:], dense=X[40:]))
+    np.testing.assert_allclose(parts.cross_term(), one.cross_term(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(one.cross_term(), (X - Xh).T @ Xh, rtol=1e-12, atol=1e-12)
+    gram = sc.HessianAccumulator(10, cross=True).update_gram(Xh.T @ Xh, 90, cross=(X - Xh).T @ Xh)
+    np.testing.assert_allclose(gram.cross_term(), one.cross_term(), rtol=1e-12, atol=1e-12)
+    back = sc.HessianAccumulator.from_state_dict(one.state_dict())
+    assert back.has_cross and np.array_equal(back.cross_term(), one.cross_term())
+    plain = sc.HessianAccumulator(10).update(Xh)
+    assert "cross" not in plain.state_dict() and not plain.has_cross
+    with pytest.raises(ValueError, match="both keep the cross term, or neither"):
+        one.merge(plain)
+    with pytest.raises(ValueError, match="keeps the cross term .cross=True.: pass dense="):
+        one.update(Xh)
+    with pytest.raises(ValueError, match="has no cross term: dense= needs"):
+        plain.update(Xh, dense=X)
+    with pytest.raises(ValueError, match="dense inputs of 'layer' have 89 tokens, the inputs 90"):
+        one.update(Xh, dense=X[1:])
+    with pytest.raises(ValueError, match="keeps the cross term .cross=True.: pass cross="):
+        one.update_gram(Xh.T @ Xh, 90)
+    with pytest.raises(ValueError, match=r"cross term of 'layer' has shape \(3, 3\)"):
+        one.update_gram(Xh.T @ Xh, 90, cross=np.eye(3))
+    with pytest.raises(ValueError, match="keeps no cross term"):
+        plain.cross_term()
+    with pytest.raises(ValueError, match=r"2 x 10² float64"):
+        sc.HessianAccumulator(10, cross=True, memory_limit=1000)
+    keep = sc.prune({"fc": W}, sparsity=0.5).masks
+    with pytest.raises(ValueError, match="keeps the cross term, which only an update uses"):
+        sc.reconstruct({"fc": W}, {"fc": one}, keep, method="none")
+    with pytest.raises(ValueError, match="keeps the cross term, which only an update uses"):
+        sc.prune_layer("fc", W, one, method="magnitude", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"dense_target must be a number in \[0, 1\], got 2"):
+        sc.reconstruct({"fc": W}, {"fc": one}, keep, method="obs", dense_target=2)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.25, 1.0])
+def test_dense_target_weighs_the_target_between_layer_and_dense(rng, a):
+    """dense_target=a: the refit reaches toward T = W X̂ + a·W (X − X̂), as lstsq does."""
+    X, Xh, W = _drifted(rng)
+    keep = sc.prune({"fc": W}, sparsity=0.5).masks["fc"]
+    acc = sc.HessianAccumulator(W.shape[1], cross=True).update(Xh, dense=X)
+    got = sc.reconstruct({"fc": W}, {"fc": acc}, {"fc": keep}, method="refit", damp=0.0, refit="exact",
+                         dense_target=a).dense("fc")
+    T = Xh @ W.T + a * (X - Xh) @ W.T
+    want = np.zeros_like(W)
+    for r in range(W.shape[0]):
+        K = np.flatnonzero(keep[r])
+        want[r, K] = np.linalg.lstsq(Xh[:, K], T[:, r], rcond=None)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-7)
+
+
 def test_refit_equals_lstsq_row_by_row(rng):
     X, W = _layer(rng, 6, 12, 50)
     keep = sc.prune({"fc": W}, sparsity=0.6).masks["fc"]

@@ -172,25 +172,37 @@ def test_transformers_are_pruned_layer_by_layer(rng, kind, target):
     assert err < err_mag
 
 
-def _assert_redone(pruned, dense, run, keys, data):
-    """Each layer's weights in ``pruned`` equal SparseGPT at 50% of its dense weights with the Hessian of
-    the inputs it sees in ``run`` (a model) over ``data``."""
-    accs, hooks, current = {}, [], {}
+def _inputs(model, keys, b):
+    """The inputs each layer ``keys`` sees when ``model`` runs on batch ``b``."""
+    seen, hooks = {}, []
     for key in keys:
-        layer = run.get_submodule(key[:-len(".weight")])
-        accs[key] = sc.HessianAccumulator(layer.in_features)
-
         def catch(module, args, key=key):
-            accs[key].update(args[0].numpy(), mask=current["mask"])
-        hooks.append(layer.register_forward_pre_hook(catch))
-    with torch.no_grad():
-        for b in data:
-            current["mask"] = b["attention_mask"].numpy().astype(bool).reshape(-1)
-            run(**b)
-    for h in hooks:
-        h.remove()
+            seen[key] = args[0].numpy()
+        hooks.append(model.get_submodule(key[:-len(".weight")]).register_forward_pre_hook(catch))
+    try:
+        with torch.no_grad():
+            model(**b) if isinstance(b, dict) else model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _assert_redone(pruned, dense, run, keys, data, target=None, a=1.0, **how):
+    """Each layer's weights in ``pruned`` equal SparseGPT (at 50%, or ``how``) of its dense weights with the
+    Hessian of the inputs it sees in ``run`` (a model) over ``data``; ``target``: a model giving the dense
+    inputs of the cross term (dense_target, weighing it by ``a``)."""
+    how = how or {"sparsity": 0.5}
+    accs = {k: sc.HessianAccumulator(run.get_parameter(k).shape[1], cross=target is not None) for k in keys}
+    for b in data:
+        mask = b["attention_mask"].numpy().astype(bool).reshape(-1) if isinstance(b, dict) else None
+        got = _inputs(run, keys, b)
+        want = _inputs(target, keys, b) if target is not None else {}
+        for key, acc in accs.items():
+            acc.update(got[key], mask=mask, **({"dense": want[key]} if target is not None else {}))
     for key, acc in accs.items():
-        redo = sc.sparsegpt({key: dense.get_parameter(key).detach().numpy()}, {key: acc}, sparsity=0.5).dense(key)
+        redo = sc.sparsegpt({key: dense.get_parameter(key).detach().numpy()}, {key: acc}, dense_target=a,
+                            **how).dense(key)
         np.testing.assert_allclose(pruned.get_parameter(key).detach().numpy(), redo, rtol=1e-8, atol=1e-10,
                                    err_msg=key)
 
@@ -222,6 +234,39 @@ def test_block_order_calibrates_a_block_on_its_dense_forward(rng):
         _assert_redone(model, dense, hybrid, [k for k in r.masks if k.startswith(f"model.layers.{i}.")], data)
     with pytest.raises(ValueError, match="order must be 'layer' or 'block', got 'rows'"):
         sct.prune_sequential(model, data, sparsity=0.5, order="rows")
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_dense_target_aims_every_block_toward_the_dense_model(rng, kind):
+    """dense_target: each layer of block i from the inputs the pruned blocks before it give and, for the
+    cross term, the inputs the dense model gives: redone by hand, the same weights."""
+    model = _tiny(kind)
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [10, 14])
+    r = sct.prune_sequential(model, data, sparsity=0.5, dense_target=0.5)
+    stack = (lambda m: m.model.layers) if kind == "decoder" else (lambda m: m.encoder.layer)
+    for i in range(2):
+        hybrid = copy.deepcopy(dense)
+        for j in range(i):
+            stack(hybrid)[j].load_state_dict(stack(model)[j].state_dict())
+        _assert_redone(model, dense, hybrid, [k for k in r.masks if f"layers.{i}." in k or f"layer.{i}." in k], data,
+                       target=dense, a=0.5)
+
+
+def test_dense_target_on_an_mlp_and_its_refusals(rng):
+    model, data, held = _mlp(rng)
+    dense = copy.deepcopy(model)
+    sct.prune_sequential(model, data, pattern="2:4", dense_target=1.0)
+    for i in (0, 2, 4):  # layer i from the inputs the pruned layers before it give, aimed at the dense model's
+        hybrid = copy.deepcopy(dense)
+        for j in range(i):
+            hybrid[j].load_state_dict(model[j].state_dict())
+        _assert_redone(model, dense, hybrid, [f"{i}.weight"], data, target=dense, pattern="2:4")
+    for bad in (1.5, -0.1, "dense", True):
+        with pytest.raises(ValueError, match=f"dense_target must be a number in \\[0, 1\\], got {bad!r}"):
+            sct.prune_sequential(copy.deepcopy(dense), data, sparsity=0.5, dense_target=bad)
+    with pytest.raises(ValueError, match="method='wanda' needs update="):
+        sct.prune_sequential(copy.deepcopy(dense), data, sparsity=0.5, method="wanda", dense_target=0.5)
 
 
 def test_feature_norms_of_transformers_with_varying_lengths(rng):

@@ -47,3 +47,48 @@ def sweep_block(W1, U1, chosen, E1, group_start, keep_n, m):
             if u != 0.0:
                 for r in range(rows):
                     W1[r, c] -= E1[r, i] * u
+
+
+_TILE = 64  # square tiles of the transposing copies below: both sides stay in cache
+
+
+@njit(cache=True, nogil=True)
+def symmetric_from_upper(upper):
+    """A new C-ordered symmetric matrix from the upper triangle of ``upper``
+    (Fortran-ordered, as the Hessian sums are kept), tile by tile: one pass
+    where ``np.triu(u) + np.triu(u, 1).T`` takes three."""
+    n = upper.shape[0]
+    out = np.empty((n, n), np.float64)
+    for j0 in range(0, n, _TILE):
+        for i0 in range(0, j0 + 1, _TILE):  # the tile (i0.., j0..) of the upper triangle, and its mirror
+            for j in range(j0, min(j0 + _TILE, n)):
+                for i in range(i0, min(i0 + _TILE, j + 1)):
+                    out[j, i] = upper[i, j]
+            for i in range(i0, min(i0 + _TILE, n)):
+                for j in range(max(j0, i), min(j0 + _TILE, n)):
+                    out[i, j] = upper[i, j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def damped_reversed(H, damp):
+    """``J (H + λI) J`` in Fortran order, ready for LAPACK's Cholesky (``J``
+    reverses the order of the inputs; ``H`` symmetric, C-ordered), with
+    ``λ = damp ·`` the mean diagonal; a dead input (zero diagonal) is made
+    independent of the others (its row and column zero, its diagonal 1,
+    before damping). Returns the matrix and the dead inputs."""
+    n = H.shape[0]
+    dead = np.empty(n, np.bool_)
+    total = 0.0
+    for i in range(n):
+        dead[i] = H[i, i] == 0.0
+        total += 1.0 if dead[i] else H[i, i]
+    lam = damp * total / n if n else 0.0
+    out = np.empty((n, n), np.float64).T  # Fortran order: out[:, j] contiguous
+    for j in range(n):
+        jj = n - 1 - j
+        for i in range(n):  # H symmetric: its row jj, read backwards, is column j of the result
+            ii = n - 1 - i
+            out[i, j] = 0.0 if dead[ii] or dead[jj] else H[jj, ii]
+        out[j, j] = (1.0 if dead[jj] else H[jj, jj]) + lam
+    return out, dead
