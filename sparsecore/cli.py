@@ -17,6 +17,7 @@ import threading
 from numba.core import event as _numba_event
 
 from . import __version__
+from .io.offline import HIGH_SPARSITY, SAFE_CAP
 
 _EPILOG = """examples:
   sparsecore prune                                  prune the embedded default model (90%, global)
@@ -72,12 +73,19 @@ def _parser():
     q.add_argument("--scores", help="importance scores file (same tensor names); default: magnitude |w|")
     q.add_argument("--criterion", help="the scores' criterion, recorded in sparse output")
     q.add_argument("--min-sparsity", type=float, default=0.0, help="per-tensor lower cap (default 0)")
-    q.add_argument("--max-sparsity", type=float, default=1.0, help="per-tensor upper cap (default 1)")
+    q.add_argument("--max-sparsity", type=float, default=None,
+                   help=f"per-tensor upper cap (default {SAFE_CAP} in global scope and with --threshold, so "
+                        f"that no tensor is emptied; 1 allows it)")
     q.add_argument("--normalize", choices=["none", "l1", "l2", "max"], default="none",
                    help="divide each tensor's scores by their norm (for global scope)")
     q.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="prune only tensors matching (fnmatch or substring; repeatable)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune these")
+    q.add_argument("--take-all", action="store_true",
+                   help="also prune what the default set leaves out: embeddings, depthwise and recurrent kernels, "
+                        "fixed bases (see 'info')")
+    q.add_argument("--any-rank", action="store_true",
+                   help="also prune 1-D tensors (biases, norms), which are left out otherwise")
     q.add_argument("--sparse", action="store_true", help="write sparse HDF5 whatever the output's name")
     q.add_argument("--compress", choices=["gzip", "lzf"],
                    help="HDF5 filters on the sparse output's CSR arrays (smaller, slower)")
@@ -132,10 +140,11 @@ def _info(args):
     fmt, rows = _rows(args.file)
     print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(os.path.getsize(args.file))} on disk")
     nw, sw = _widths(rows)
-    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  prunable")
+    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  pruned by default")
     for name, e, sp in rows:
-        print(f"{name:<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  "
-              f"{'yes' if e.default else ''}")
+        why = "yes" if e.default else (f"no: {e.left_out}" + ("" if e.left_out == "optimizer state" else
+                                                              " (--take-all)") if e.left_out else "")
+        print(f"{name:<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {why}")
     print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
     return 0
 
@@ -186,6 +195,11 @@ def _check_prune_flags(args, parser):
                         ("--max-sparsity", args.max_sparsity)):
         if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
             parser.error(f"prune: {flag} must lie in [0, 1], got {value}")
+    if args.max_sparsity is None:  # safe by default: where the caps bind, no tensor is emptied
+        args.max_sparsity = SAFE_CAP if (args.scope == "global" or args.threshold is not None) else 1.0
+        if args.scope == "global" and args.sparsity is not None and args.sparsity > SAFE_CAP:
+            parser.error(f"prune: --sparsity {args.sparsity} in global scope is above the default per-tensor cap "
+                         f"{SAFE_CAP}; pass --max-sparsity 1 to allow tensors to be emptied")
     if args.threshold is not None and not math.isfinite(args.threshold):
         parser.error(f"prune: --threshold must be a finite number, got {args.threshold}")
     if args.min_sparsity > args.max_sparsity:
@@ -238,7 +252,8 @@ def _prune(args, parser):
         res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
                          scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
                          min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, normalize=args.normalize,
-                         include=args.include, exclude=args.exclude, sparse=True if args.sparse else None,
+                         include=args.include, exclude=args.exclude, take_all=args.take_all,
+                         any_rank=args.any_rank, sparse=True if args.sparse else None,
                          force=args.force, progress=_Progress(not args.quiet), sync=not args.no_sync,
                          compression=args.compress)
         if not args.quiet:
@@ -258,6 +273,13 @@ def _prune(args, parser):
                     print("the output was not kept: pass -o FILE to write it")
             else:
                 print(f"written: {args.output}")
+        asked = args.sparsity if args.sparsity is not None and args.scope != "global" else None
+        for t in res.summary:  # a tensor far sparser than asked may no longer work: say so, even when quiet
+            sp = t.pruned / t.size if t.size else 0.0
+            if sp >= HIGH_SPARSITY and (asked is None or t.pruned > round(asked * t.size)):
+                print(f"sparsecore: warning: {t.name} ends at {sp:.2%} sparsity"
+                      + (" (emptied)" if sp == 1.0 else f" (cap {args.max_sparsity:g})")
+                      + "; check the model still works, or lower --max-sparsity", file=sys.stderr)
     finally:
         if tmpdir:
             import shutil

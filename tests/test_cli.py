@@ -252,3 +252,63 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert "1/2 layer.a" in err and "2/2 layer.b" in err and err.endswith("\n") and "#" * 30 in err
     _Progress(False)(1, 2, "a")  # --quiet
     assert capsys.readouterr().err == ""
+
+
+# --- safe by default (issue 15) ----------------------------------------------------------
+
+def _mixed_model(path, rng):
+    """Tensors a default prune takes (2-D weights) and leaves out (embedding, depthwise kernel, recurrent
+    kernel, STFT basis, biases), one of them far smaller in magnitude than the rest."""
+    t = {"model.embed_tokens.weight": rng.standard_normal((50, 8)).astype(np.float32),
+         "layers.0.dense.weight": rng.standard_normal((8, 8)).astype(np.float32),
+         "layers.0.dense.bias": rng.standard_normal(8).astype(np.float32),
+         "layers.1.tiny.weight": (1e-4 * rng.standard_normal((8, 8))).astype(np.float32),
+         "layers.1.big.weight": rng.standard_normal((64, 8)).astype(np.float32),
+         "conv.depthwise_kernel": rng.standard_normal((3, 3, 8, 1)).astype(np.float32),
+         "lstm.weight_hh_l0": rng.standard_normal((32, 8)).astype(np.float32),
+         "frontend.stft.forward_basis": rng.standard_normal((18, 1, 16)).astype(np.float32)}
+    write_st(path, t)
+    return t
+
+
+def test_the_default_set_leaves_out_what_users_rarely_mean_to_prune(tmp_path, rng):
+    src = tmp_path / "m.safetensors"
+    _mixed_model(src, rng)
+    with open_weights(src) as r:
+        assert r.select() == ["layers.0.dense.weight", "layers.1.tiny.weight", "layers.1.big.weight"]
+        assert {n: r.entries[n].left_out for n in r.entries if r.entries[n].left_out} == {
+            "model.embed_tokens.weight": "embedding", "conv.depthwise_kernel": "depthwise kernel",
+            "lstm.weight_hh_l0": "recurrent kernel", "frontend.stft.forward_basis": "fixed basis"}
+        assert len(r.select(take_all=True)) == 7
+        assert r.select(["layers.0*"]) == ["layers.0.dense.weight"]  # --include keeps the 2-D rule ...
+        assert r.select(["layers.0*"], any_rank=True) == ["layers.0.dense.weight", "layers.0.dense.bias"]
+        assert r.select(["*embed*"]) == []  # ... and the left-out set: --take-all takes it
+        assert r.select(["*embed*"], take_all=True) == ["model.embed_tokens.weight"]
+    out = run("info", src).stdout
+    assert "no: embedding (--take-all)" in out and "no: fixed basis (--take-all)" in out
+    r = run("prune", src, "-o", tmp_path / "o.safetensors", "--sparsity", "0.5", "--include", "layers.0*")
+    assert r.returncode == 0, r.stderr
+    with open_weights(tmp_path / "o.safetensors") as o:
+        assert np.count_nonzero(o.raw("layers.0.dense.bias")) == 8  # biases untouched despite the pattern
+        assert np.count_nonzero(o.raw("layers.0.dense.weight")) == 32
+
+
+def test_a_global_prune_never_empties_a_tensor_unless_asked(tmp_path, rng):
+    src = tmp_path / "m.safetensors"
+    _mixed_model(src, rng)
+    r = run("prune", src, "-o", tmp_path / "o.safetensors", "--sparsity", "0.8", "--scope", "global")
+    assert r.returncode == 0, r.stderr
+    with open_weights(tmp_path / "o.safetensors") as o:
+        kept = {n: np.count_nonzero(o.raw(n)) for n in o.entries}
+    assert kept["layers.1.tiny.weight"] == 1  # at the default cap 0.99 of 64 entries: one stays
+    assert "warning: layers.1.tiny.weight ends at 98.44% sparsity (cap 0.99)" in r.stderr
+    assert kept["model.embed_tokens.weight"] == 400  # left out
+    r = run("prune", src, "-o", tmp_path / "e.safetensors", "--sparsity", "0.8", "--scope", "global",
+            "--max-sparsity", "1")
+    assert r.returncode == 0 and "warning: layers.1.tiny.weight ends at 100.00% sparsity (emptied)" in r.stderr
+    r = run("prune", src, "-o", tmp_path / "t.safetensors", "--threshold", "0.01", "--quiet")
+    assert r.returncode == 0 and "layers.1.tiny.weight ends at 98.44% sparsity (cap 0.99)" in r.stderr
+    r = run("prune", src, "-o", tmp_path / "l.safetensors", "--sparsity", "0.97", "--quiet")
+    assert r.returncode == 0 and r.stderr == ""  # exactly what was asked, per tensor: no warning
+    r = run("prune", src, "-o", tmp_path / "x.safetensors", "--sparsity", "0.995", "--scope", "global")
+    assert r.returncode == 2 and "--max-sparsity 1" in r.stderr

@@ -51,6 +51,7 @@ class Entry:
     dtype: str  # NumPy dtype name, or "bfloat16"
     is_float: bool
     default: bool  # pruned unless --include/--exclude say otherwise
+    left_out: str = ""  # why a float tensor of 2+ dimensions is not pruned by default ("embedding", ...)
 
     @property
     def size(self):
@@ -63,11 +64,33 @@ class Entry:
         return self.size * (2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize)
 
 
+# Tensors a user rarely means to prune, left out of the default set (by name; ``--take-all`` takes them):
+# pruning an embedding table removes whole tokens' meanings, a depthwise kernel holds each channel's only
+# filter, recurrent kernels compound their error at every time step, and fixed bases (STFT, mel, windows)
+# are not learned at all.
+_LEFT_OUT = [
+    ("embedding", re.compile(r"embed|(^|[./])(wte|wpe|shared)([./]|$)", re.I)),
+    ("depthwise kernel", re.compile(r"depthwise|dw_?conv", re.I)),
+    ("recurrent kernel", re.compile(r"recurrent|weight_hh", re.I)),
+    ("fixed basis", re.compile(r"stft|basis|(^|[._/])window([._/]|$)|mel_?filter|filterbank|fbank", re.I)),
+]
+
+
+def left_out_reason(name):
+    """Why a tensor named ``name`` is left out of the default set, or ``""``."""
+    for reason, pattern in _LEFT_OUT:
+        if pattern.search(name):
+            return reason
+    return ""
+
+
 def entry_of(name, shape, dtype, optimizer=False):
     """The :class:`Entry` of a tensor read from a file (float or not, pruned by default or not)."""
     dt = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
     is_float = dt == "bfloat16" or (np.dtype(dt).kind == "f" and np.dtype(dt).itemsize in (2, 4, 8))
-    return Entry(name, tuple(int(s) for s in shape), dt, is_float, is_float and len(shape) >= 2 and not optimizer)
+    shape = tuple(int(s) for s in shape)
+    reason = "optimizer state" if optimizer else left_out_reason(name) if is_float and len(shape) >= 2 else ""
+    return Entry(name, shape, dt, is_float, is_float and len(shape) >= 2 and not reason, reason)
 
 
 def to_float(raw, entry):
@@ -112,18 +135,23 @@ class WeightFile:
     def __exit__(self, *exc):
         self.close()
 
-    def select(self, include=(), exclude=()):
+    def select(self, include=(), exclude=(), *, take_all=False, any_rank=False):
         """Names to prune: float tensors only; by default those with two or
-        more dimensions outside optimizer state; ``include`` patterns (fnmatch,
-        or a substring) replace the default, ``exclude`` patterns remove."""
+        more dimensions, outside optimizer state and the tensors a user rarely
+        means to prune (embeddings, depthwise and recurrent kernels, fixed
+        bases: :attr:`Entry.left_out`; ``take_all`` takes them, optimizer
+        state excepted); 1-D tensors (biases, norms) too with ``any_rank``.
+        ``include`` patterns (fnmatch, or a substring) narrow that set to the
+        matching tensors, ``exclude`` patterns remove."""
         def hit(name, pats):
             return any(fnmatch.fnmatchcase(name, p) or p in name for p in pats)
         out = []
         for e in self.entries.values():
-            if not e.is_float:
+            if not e.is_float or (len(e.shape) < 2 and not any_rank):
                 continue
-            take = hit(e.name, include) if include else e.default
-            if take and not hit(e.name, exclude):
+            reason = e.left_out or left_out_reason(e.name)
+            take = not reason or (take_all and reason != "optimizer state")
+            if take and (not include or hit(e.name, include)) and not hit(e.name, exclude):
                 out.append(e.name)
         return out
 
@@ -339,7 +367,7 @@ class SafeTensorsFile(WeightFile):
             dtype = "bfloat16" if dt == "BF16" else st.DTYPES[dt]
             e = entry_of(name, shape, dtype)
             if dt.startswith("F8"):
-                e.is_float, e.default = False, False  # 8-bit floats pass through
+                e.is_float, e.default, e.left_out = False, False, ""  # 8-bit floats pass through
             self.entries[name] = e
 
     def raw(self, name):

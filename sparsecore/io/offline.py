@@ -62,6 +62,12 @@ from .sparse import SparseFile, SparseWriter, as_str
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
 
+#: The per-tensor cap where caps bind (global scope, thresholds) unless one is given: no tensor is emptied.
+SAFE_CAP = 0.99
+#: A tensor pruned this far (and further than asked) is reported: it may no longer do its job.
+HIGH_SPARSITY = 0.95
+
+
 class UserError(ValueError):
     """An error in what the user asked for (the command line prints it in one line)."""
 
@@ -166,8 +172,9 @@ def sha256_of(path):
 
 
 def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local", scores=None,
-               criterion: str | None = None, min_sparsity=0.0, max_sparsity=1.0, normalize: str = "none",
+               criterion: str | None = None, min_sparsity=0.0, max_sparsity=None, normalize: str = "none",
                include: Iterable[str] = (), exclude: Iterable[str] = (), tensors: Iterable[str] | None = None,
+               take_all: bool = False, any_rank: bool = False,
                sparse: bool | None = None,
                force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                sync: bool = True, compression: str | None = None) -> FileResult:
@@ -181,15 +188,21 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         HDF5 when ``sparse`` is True (default: when ``dst`` ends in
         ``.sparse.h5``).
     sparsity, threshold, scope, min_sparsity, max_sparsity, normalize
-        As for :func:`sparsecore.prune`.
+        As for :func:`sparsecore.prune`, but ``max_sparsity`` defaults to
+        :data:`SAFE_CAP` (0.99) where caps bind (global scope, thresholds),
+        so that no tensor is emptied unless asked (``max_sparsity=1``).
     scores : path, optional
         A file of importance scores with the weights' names and shapes (any
         readable format, or ``.npz``); magnitude ``|w|`` without one.
     criterion : str, optional
         Names the scores' criterion in the output's provenance.
-    include, exclude : iterable of str
-        Name patterns (fnmatch or substring). By default every float tensor
-        with two or more dimensions is pruned (optimizer state excepted).
+    include, exclude, take_all, any_rank
+        Which tensors (see :meth:`WeightFile.select`): by default every float
+        tensor with two or more dimensions, except optimizer state and what a
+        user rarely means to prune (embeddings, depthwise and recurrent
+        kernels, fixed bases; ``take_all`` takes them); ``any_rank`` adds 1-D
+        tensors; ``include`` name patterns (fnmatch or substring) narrow the
+        set, ``exclude`` patterns remove.
     tensors : iterable of str, optional
         Exact names to prune, instead of ``include``/``exclude``.
     force : bool
@@ -206,6 +219,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     -------
     FileResult
     """
+    if max_sparsity is None:
+        max_sparsity = SAFE_CAP if (scope == "global" or threshold is not None) else 1.0
     try:  # prune()'s own checks and messages, before any file is read
         check_options(sparsity, threshold, scope, normalize, None)
     except (TypeError, ValueError) as exc:
@@ -229,7 +244,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
             if bad:
                 raise UserError(f"{src}: no float tensor named {bad[0]!r}")
         else:
-            names = reader.select(include, exclude)
+            names = reader.select(include, exclude, take_all=take_all, any_rank=any_rank)
         if not names:
             raise UserError(f"{src}: no tensor to prune (float tensors with 2+ dimensions by default; "
                             f"the file has {len(reader.entries)} tensors; see --include)")

@@ -140,7 +140,7 @@ class SparseFile(WeightFile):
                     self.entries[n] = entry_of(n, ds.shape, "bfloat16" if dt == "bfloat16" else ds.dtype)
         for n, g in self.pruned.items():  # pruned tensors report their own dtype
             e = self.entries[n]
-            self.entries[n] = Entry(n, e.shape, as_str(g.attrs["dtype"]), e.is_float, e.default)
+            self.entries[n] = Entry(n, e.shape, as_str(g.attrs["dtype"]), e.is_float, e.default, e.left_out)
 
     def nnz(self, name):
         """Stored entries of a pruned tensor (None for one stored dense)."""
