@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import tempfile
 
 _SUFFIX = ".sparsecore-tmp"
@@ -29,9 +30,13 @@ def _remove_stale(directory, base):
     for name in names:
         m = pattern.match(name)
         if m and not _alive(int(m.group(1))):
+            path = os.path.join(directory, name)
             try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed.append(path)
             except OSError:
                 pass
     return removed
@@ -81,4 +86,63 @@ class AtomicPath:
                 os.unlink(self.tmp)
             except FileNotFoundError:
                 pass
+        return False
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicDir:
+    """``with AtomicDir(dst) as tmp:`` fill the folder ``tmp``; on success its
+    files are fsynced (unless ``sync=False``), it gets a plain folder's mode
+    and is renamed onto ``dst`` (an existing ``dst`` is moved aside first and
+    removed after: at no moment does ``dst`` hold a partial output); on an
+    error it is removed. Stale temporary folders of killed writers are
+    removed by the next write to the same target, as :class:`AtomicPath`
+    does for files."""
+
+    def __init__(self, dst, sync=True):
+        self.dst = os.fspath(dst).rstrip(os.sep) or os.sep
+        self.sync = sync
+
+    def __enter__(self):
+        d = os.path.dirname(os.path.abspath(self.dst))
+        base = os.path.basename(self.dst)
+        _remove_stale(d, base)
+        self.tmp = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=_SUFFIX, dir=d)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if self.sync:
+            for root, _, files in os.walk(self.tmp):
+                for f in files:
+                    with open(os.path.join(root, f), "rb+") as fh:
+                        os.fsync(fh.fileno())
+                _fsync_dir(root)
+        aside = None
+        if os.path.lexists(self.dst):
+            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.{os.getpid()}.old.", suffix=_SUFFIX,
+                                     dir=os.path.dirname(os.path.abspath(self.dst)))
+            os.rmdir(aside)
+            os.rename(self.dst, aside)
+        try:
+            os.rename(self.tmp, self.dst)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, self.dst)  # put the old one back
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if self.sync:
+            _fsync_dir(os.path.dirname(os.path.abspath(self.dst)))
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return False

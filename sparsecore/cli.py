@@ -137,8 +137,10 @@ def _widths(rows):
 
 
 def _info(args):
+    from .io.offline import bytes_of
+
     fmt, rows = _rows(args.file)
-    print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(os.path.getsize(args.file))} on disk")
+    print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
     nw, sw = _widths(rows)
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  pruned by default")
     for name, e, sp in rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 
 from .errors import FormatError
@@ -15,13 +17,19 @@ from .formats import (
     WeightFile,
     detect,
 )
+from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import SparseFile
 
 __all__ = ["open_weights"]
 
 
 def open_weights(path) -> WeightFile:
-    """Open a weight file for reading, whatever its format (see the module doc)."""
+    """Open a weight file for reading, whatever its format (see the module doc);
+    a model folder or its ``*.index.json`` opens as one :class:`ShardedCheckpoint`."""
+    if is_checkpoint_path(path):
+        if not os.path.exists(path):
+            raise FormatError(f"{path}: no such file")
+        return ShardedCheckpoint(path)
     kind = detect(path)
     if kind == "keras":
         return KerasZip(path)

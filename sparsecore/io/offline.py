@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import _version
-from .._atomic import AtomicPath
+from .._atomic import AtomicDir, AtomicPath
 from .._kernels.cpu_pattern import keep_raw
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from .._source import NORM_KINDS, NORM_NONE, Source
@@ -57,6 +58,7 @@ from .formats import (
     write_keras_zip,
     write_torch,
 )
+from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import SparseFile, SparseWriter, as_str
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
@@ -124,11 +126,21 @@ def _float_dtype(entry):
     return np.float32 if entry.dtype in ("bfloat16", "float16") else np.dtype(entry.dtype)
 
 
-def _check_paths(src, dst, force):
+def _check_paths(src, dst, force, folder=False):
+    """``folder``: the output is a model folder (the input is a sharded checkpoint)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise UserError(f"{src}: no such file")
-    if os.path.exists(dst):
+    if folder:
+        src_dir = os.path.abspath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
+        d = os.path.abspath(dst)
+        if d == src_dir or d.startswith(src_dir + os.sep) or src_dir.startswith(d + os.sep):
+            raise UserError(f"{dst}: the output folder would overlap the input folder {src_dir}; give another path")
+        if os.path.exists(dst) and not os.path.isdir(dst):
+            raise UserError(f"{dst}: a file; a sharded checkpoint is written as a folder: give a folder path")
+        if os.path.exists(dst) and not force:
+            raise UserError(f"{dst}: exists; pass --force (force=True) to replace it")
+    elif os.path.exists(dst):
         if os.path.isdir(dst):
             raise UserError(f"{dst}: is a directory; give a file name for the output")
         if os.path.samefile(src, dst):
@@ -225,9 +237,13 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         check_options(sparsity, threshold, scope, normalize, None)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    _check_paths(src, dst, force)
+    sharded = is_checkpoint_path(src)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
+    if sharded and sparse:
+        raise UserError(f"{src}: a sharded checkpoint is written as a folder of the same shards; sparse HDF5 "
+                        f"output takes one weight file")
+    _check_paths(src, dst, force, folder=sharded)
     if compression is not None and not sparse:
         raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
     if compression not in (None, "gzip", "lzf"):
@@ -262,14 +278,23 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                          "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
                          "normalize": normalize}
             result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
-            with AtomicPath(dst, sync) as tmp:
+            with (AtomicDir if sharded else AtomicPath)(dst, sync) as tmp:
                 _write(reader, tmp, plan, result, sparse, attrs, progress, compression)
         finally:
             if score_file is not None:
                 score_file.close()
-    result.input_bytes = os.path.getsize(src)
-    result.output_bytes = os.path.getsize(dst)
+    result.input_bytes = bytes_of(src)
+    result.output_bytes = bytes_of(dst)
     return result
+
+
+def bytes_of(path):
+    """Bytes of a weight file, or of every file in a model folder (an index: its folder)."""
+    path = os.fspath(path)
+    if is_checkpoint_path(path):
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+    return os.path.getsize(path)
 
 
 def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize):
@@ -367,9 +392,31 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None)
     elif isinstance(reader, TorchFile):
         write_torch(((n, step(n, False)[0] if n in pruned else reader.sd[n], reader.entries.get(n))
                      for n in reader.sd), tmp)
+    elif isinstance(reader, ShardedCheckpoint):
+        _write_folder(reader, tmp, lambda n: step(n, False)[0] if n in pruned else reader.raw(n))
     else:
         raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; "
                         f"write sparse HDF5 (an output name ending in .sparse.h5)")
+
+
+def _write_folder(reader, tmp, tensor):
+    """A model folder like ``reader``'s: each shard rewritten under its own name
+    with ``tensor(name)`` (one tensor in memory at a time), the index and the
+    other files (config, tokenizer, ...) copied as streams."""
+    for shard in reader.shards:
+        names = reader.names_in(shard)
+        src = reader.reader(shard)
+        if reader.kind == "safetensors":
+            items = [(n, src.header[n][0], src.header[n][1], lambda n=n: tensor(n)) for n in names]
+            with open(os.path.join(tmp, shard), "wb") as f:
+                st.write(f, items, src.metadata)
+        else:
+            write_torch(((n, tensor(n) if n in reader.entries else src.sd[n], reader.entries.get(n)) for n in src.sd),
+                        os.path.join(tmp, shard))
+    for rel in ([reader.index_name] if reader.index_name else []) + reader.other_files():
+        target = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(reader.folder, rel), target)
 
 
 def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):

@@ -1,0 +1,183 @@
+"""Sharded checkpoints: a Hugging Face model folder read and written as one model.
+
+A model above a few GB is saved as a folder of shards
+(``model-00001-of-00004.safetensors`` ...) with an index,
+``model.safetensors.index.json`` (``pytorch_model.bin.index.json`` for PyTorch
+``.bin`` shards): ``{"metadata": {...}, "weight_map": {tensor: shard}}``.
+:class:`ShardedCheckpoint` opens the folder, its index, or a folder holding a
+single unsharded ``model.safetensors`` / ``pytorch_model.bin``, lists every
+tensor once across the shards (in shard order), reads one tensor at a time
+(each shard's reader opened when first used) and knows the folder's other
+files (``config.json``, the tokenizer), which an output folder carries over.
+
+Tied weights: when ``config.json`` says ``tie_word_embeddings`` (the default
+of most causal LMs), the output head shares the input embedding; if the
+checkpoint stores it anyway, it is marked and left out of the default set
+with the embedding, and never pruned on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import FormatError
+from .formats import SafeTensorsFile, TorchFile, WeightFile
+
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE = ("model.safetensors", "pytorch_model.bin")
+_HEAD = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+def is_checkpoint_path(path) -> bool:
+    """Whether ``path`` names a sharded checkpoint: a folder, or a ``*.index.json``."""
+    path = os.fspath(path)
+    return os.path.isdir(path) or path.endswith(".index.json")
+
+
+class ShardedCheckpoint(WeightFile):
+    """A model folder (or its index) as one weight file; see the module doc."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        path = self.path
+        if os.path.isdir(path):
+            self.folder = path
+            found = [n for n in INDEXES if os.path.isfile(os.path.join(path, n))]
+            if len(found) > 1:
+                raise FormatError(f"{path}: holds both {found[0]} and {found[1]}; open one of them")
+            if found:
+                self.index_name = found[0]
+            else:
+                singles = [n for n in SINGLE if os.path.isfile(os.path.join(path, n))]
+                if not singles:
+                    raise FormatError(f"{path}: a folder without a checkpoint index ({' or '.join(INDEXES)}) or "
+                                      f"a single {' / '.join(SINGLE)}")
+                self.index_name = None
+                weight_map, self.index_metadata = None, None
+                self.shards = [singles[0]]
+        else:
+            self.folder, self.index_name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        if self.index_name is not None:
+            weight_map, self.index_metadata = self._read_index(os.path.join(self.folder, self.index_name))
+            self.shards = list(dict.fromkeys(weight_map.values()))
+        self.kind = "torch" if self.shards[0].endswith(".bin") else "safetensors"
+        self.format = f"sharded-{self.kind}" if self.index_name else f"folder-{self.kind}"
+        self._open = {}
+        self.shard_of = {}
+        for shard in self.shards:
+            reader = self.reader(shard)
+            for name, e in reader.entries.items():
+                if name in self.shard_of:
+                    raise FormatError(f"{path}: tensor {name!r} is stored twice, in {self.shard_of[name]} and "
+                                      f"{shard}")
+                if weight_map is not None and weight_map.get(name) != shard:
+                    raise FormatError(f"{path}: shard {shard} holds {name!r}, which the index "
+                                      + (f"places in {weight_map[name]}" if name in weight_map else "does not list"))
+                self.shard_of[name] = shard
+                self.entries[name] = e
+            if self.kind == "torch":  # a loaded pickle holds its tensors: one shard in memory at a time
+                self._close_shard(shard)
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self.shard_of]
+            if missing:
+                raise FormatError(f"{path}: the index places {missing[0]!r} in {weight_map[missing[0]]}, which "
+                                  f"does not hold it")
+        self.config = self._read_config()
+        self.tied = {}
+        if self.config.get("tie_word_embeddings", True) and self.config:
+            embed = next((n for n in self.entries if n.endswith("embed_tokens.weight") or n.endswith("wte.weight")
+                          or n.endswith("word_embeddings.weight")), None)
+            for head in _HEAD:
+                if head in self.entries and embed is not None:
+                    self.tied[head] = embed
+                    self.entries[head].default = False
+                    self.entries[head].left_out = f"tied to {embed}"
+
+    def _read_index(self, index_path):
+        try:
+            with open(index_path, "rb") as f:
+                if os.fstat(f.fileno()).st_size > 64 << 20:
+                    raise FormatError(f"{index_path}: over 64 MiB, not a checkpoint index")
+                index = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{index_path}: not a readable checkpoint index ({exc})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index_path}: no weight_map (tensor name -> shard file) in the index")
+        kind = None
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise FormatError(f"{index_path}: tensor {name!r} maps to {shard!r}; a shard must be a file name "
+                                  f"in the index's folder")
+            ext = ".bin" if shard.endswith(".bin") else ".safetensors" if shard.endswith(".safetensors") else None
+            if ext is None:
+                raise FormatError(f"{index_path}: shard {shard!r} of {name!r} is neither .safetensors nor .bin")
+            if kind is not None and ext != kind:
+                raise FormatError(f"{index_path}: mixes .safetensors and .bin shards")
+            kind = ext
+            if not os.path.isfile(os.path.join(os.path.dirname(index_path), shard)):
+                raise FormatError(f"{index_path}: shard {shard} (of {name!r}) is missing from the folder")
+        meta = index.get("metadata")
+        return weight_map, meta if isinstance(meta, dict) else None
+
+    def _read_config(self):
+        p = os.path.join(self.folder, "config.json")
+        if not os.path.isfile(p):
+            return {}
+        try:
+            with open(p, "rb") as f:
+                cfg = json.loads(f.read(16 << 20).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
+
+    def reader(self, shard):
+        """The open reader of one shard (opened on first use; for ``.bin``
+        shards only one stays open)."""
+        if shard not in self._open:
+            if self.kind == "torch":
+                for other in list(self._open):
+                    self._close_shard(other)
+            p = os.path.join(self.folder, shard)
+            self._open[shard] = TorchFile(p) if self.kind == "torch" else SafeTensorsFile(p)
+        return self._open[shard]
+
+    def _close_shard(self, shard):
+        r = self._open.pop(shard, None)
+        if r is not None:
+            r.close()
+
+    def names_in(self, shard):
+        """The tensors of one shard, in its file order."""
+        return [n for n in self.entries if self.shard_of[n] == shard]
+
+    def raw(self, name):
+        """The tensor as stored (its own dtype), as a new array."""
+        return self.reader(self.shard_of[name]).raw(name)
+
+    def row_subset(self, name, step):
+        """Every ``step``-th row of a tensor, as floats (read alone where the shard's format allows)."""
+        return self.reader(self.shard_of[name]).row_subset(name, step)
+
+    def other_files(self):
+        """The folder's files that are not weights (config, tokenizer, ...), relative paths; sub-folders too."""
+        skip = set(self.shards) | ({self.index_name} if self.index_name else set())
+        out = []
+        for root, dirs, files in os.walk(self.folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                rel = os.path.relpath(os.path.join(root, f), self.folder)
+                if rel not in skip and not f.startswith("."):
+                    out.append(rel)
+        return out
+
+    def bytes_on_disk(self):
+        """The shards' and the index's bytes."""
+        names = self.shards + ([self.index_name] if self.index_name else [])
+        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in names)
+
+    def close(self):
+        """Release every open shard."""
+        for shard in list(self._open):
+            self._close_shard(shard)
