@@ -34,7 +34,7 @@ def fetch(members):
 
 
 def sequential(model, calib, target, include, *, method="sparsegpt", update=None, refit=None, allocation=None,
-               cap=0.98, order="block"):
+               cap=0.98, order="block", dense_target=0.0):
     """sparsecore's prune_sequential over the weights ``include`` at ``target`` (a fraction or "2:4").
     ``allocation="global"``: one magnitude threshold across the layers, each capped at ``cap``, gives every
     layer its own fraction, to which the sequential sweep then prunes and repairs it."""
@@ -44,4 +44,18 @@ def sequential(model, calib, target, include, *, method="sparsegpt", update=None
         r = sc.prune(w, sparsity=target, scope="global", max_sparsity=cap)
         kw = dict(sparsity={s.name: s.sparsity for s in r.summary})
     return sct.prune_sequential(model, calib, method=method, update=update, refit=refit, include=include,
-                                order=order, **kw)
+                                order=order, dense_target=dense_target, **kw)
+
+
+def warm_up():
+    """Load every kernel a sequential run uses (compiled on the first run ever, from Numba's disk cache in
+    each new process after that) on a tiny model, so that no timed run pays for it."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    data = [torch.randn(16, 8)]
+    for kw in (dict(sparsity=0.5), dict(pattern="2:4"), dict(sparsity=0.5, refit="exact"),
+               dict(sparsity=0.5, dense_target=0.25)):
+        sct.prune_sequential(model, data, **kw)
+    sct.prune_sequential(model, data, sparsity=0.5, method="wanda", update="obs+refit")

@@ -79,9 +79,11 @@ def run_magnitude(model, calib, target, scope="local"):
     sct.apply_masks(model, sc.prune(w, **kw).masks)
 
 
-def run_ours(model, calib, target, method="sparsegpt", update=None, refit=None, allocation=None, order="block"):
+def run_ours(model, calib, target, method="sparsegpt", update=None, refit=None, allocation=None, order="block",
+             dense_target=0.0):
     _common.sequential(model, calib, target, [f"{n}.weight" for n in layer_names(model)], method=method,
-                       update=update, refit=refit, allocation=allocation, cap=0.9, order=order)
+                       update=update, refit=refit, allocation=allocation, cap=0.9, order=order,
+                       dense_target=dense_target)
 
 
 METHODS = {
@@ -92,7 +94,10 @@ METHODS = {
     "sparsecore wanda + OBS update + refit": lambda m, c, t: run_ours(m, c, t, "wanda", "obs+refit"),
     "sparsecore sparsegpt": run_ours,
     "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
+    "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: run_ours(m, c, t, dense_target=0.25),
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
+    "sparsecore sparsegpt + refit, dense_target=0.25":
+        lambda m, c, t: run_ours(m, c, t, refit="auto", dense_target=0.25),
     "sparsecore global allocation + sparsegpt": lambda m, c, t: run_ours(m, c, t, allocation="global"),
 }
 
@@ -117,6 +122,7 @@ def main():
           f"MiniLM-L6, {len(layer_names(model))} Linear layers; calibration 128 sentences, evaluation 1,000",
           flush=True)
     dense = embed(model, ev)
+    _common.warm_up()
     rows = []
     for target in targets:
         for label, fn in METHODS.items():

@@ -128,10 +128,11 @@ def run_llmcompressor(model, calib, target, which):
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
 
 
-def run_ours(model, calib, target, refit=None, order="block"):
+def run_ours(model, calib, target, refit=None, order="block", dense_target=0.0):
     data = [{"input_ids": calib[i:i + 1]} for i in range(calib.shape[0])]
     kw = dict(pattern="2:4") if target == "2:4" else dict(sparsity=target)
-    sct.prune_sequential(model, data, include=layer_names(model), refit=refit, order=order, **kw)
+    sct.prune_sequential(model, data, include=layer_names(model), refit=refit, order=order, dense_target=dense_target,
+                         **kw)
 
 
 def owl_sparsities(model, calib, target):
@@ -168,6 +169,8 @@ METHODS = {
     "llmcompressor Wanda": lambda m, c, t: run_llmcompressor(m, c, t, "wanda"),
     "sparsecore sparsegpt": run_ours,
     "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
+    "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: run_ours(m, c, t, dense_target=0.25),
+    "sparsecore sparsegpt, dense_target=0.5": lambda m, c, t: run_ours(m, c, t, dense_target=0.5),
     "sparsecore OWL allocation + sparsegpt": run_owl,
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
 }
@@ -192,6 +195,7 @@ def main():
           f"evaluation {ev.shape[0]} x {ev.shape[1]} tokens", flush=True)
     dense = perplexity(model, ev)
     print(f"dense perplexity: {dense:.2f}", flush=True)
+    _common.warm_up()
     rows = []
     for target in targets:
         for label, fn in METHODS.items():

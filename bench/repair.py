@@ -103,9 +103,10 @@ def ours_magnitude(model, calib, target, scope):
     sct.apply_masks(model, {k: m.reshape(w[k].shape) for k, m in masks.items()})
 
 
-def ours_sequential(model, calib, target, method="sparsegpt", update=None, refit=None, allocation=None):
+def ours_sequential(model, calib, target, method="sparsegpt", update=None, refit=None, allocation=None,
+                    dense_target=0.0):
     _common.sequential(model, calib, target, [f"{n}.weight" for n in layers_for(target)], method=method,
-                       update=update, refit=refit, allocation=allocation)
+                       update=update, refit=refit, allocation=allocation, dense_target=dense_target)
 
 
 METHODS = {
@@ -116,8 +117,11 @@ METHODS = {
     "sparsecore wanda + OBS update + refit": lambda m, c, t: ours_sequential(m, c, t, "wanda", "obs+refit"),
     "sparsecore sparsegpt": lambda m, c, t: ours_sequential(m, c, t),
     "sparsecore sparsegpt + refit": lambda m, c, t: ours_sequential(m, c, t, refit="auto"),
+    "sparsecore sparsegpt, dense_target=1": lambda m, c, t: ours_sequential(m, c, t, dense_target=1.0),
     "sparsecore global allocation + sparsegpt":
         lambda m, c, t: ours_sequential(m, c, t, allocation="global"),
+    "sparsecore global allocation + sparsegpt, dense_target=1":
+        lambda m, c, t: ours_sequential(m, c, t, allocation="global", dense_target=1.0),
     "sparsecore global allocation + sparsegpt + refit":
         lambda m, c, t: ours_sequential(m, c, t, refit="auto", allocation="global"),
 }
@@ -138,6 +142,7 @@ def main():
           f"MNISTNet, calibration 1,024 training images, evaluation {len(xte):,} test images")
     dense = accuracy(model, xte, yte)
     print(f"dense accuracy: {dense:.4f}")
+    _common.warm_up()
     rows = []
     for target in targets:
         for label, fn in METHODS.items():

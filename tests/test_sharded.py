@@ -10,7 +10,6 @@ import pytest
 
 import sparsecore as sc
 from sparsecore.io import UserError, open_weights, prune_file
-from sparsecore.io import _safetensors as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
