@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 
@@ -37,8 +38,8 @@ from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskCallback", "PruningCallback", "apply_masks", "collect_activations",
-    "collect_gradients", "kernel_name", "layouts", "prunable", "prune_sequential", "save_sparse", "shrink_model",
-    "variables", "weights",
+    "collect_gradients", "file_names", "from_file_names", "kernel_name", "layouts", "prunable", "prune_sequential",
+    "save_sparse", "shrink_model", "to_file_names", "variables", "weights",
 ]
 
 KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
@@ -78,6 +79,67 @@ def variables(model: keras.Model) -> dict:
         for v in layer.weights:
             out[f"{path}/{v.name}"] = v
     return out
+
+
+def _snake(name):
+    """Keras' snake case of a class name (``BatchNormalization`` -> ``batch_normalization``)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def file_names(model: keras.Model) -> dict:
+    """``{adapter name: name in the model's weight files}``: how
+    ``model.save("m.keras")`` and ``model.save_weights("m.weights.h5")`` store
+    each variable, which is how ``sparsecore info``/``prune`` name it
+    (``"dense/kernel"`` -> ``"layers/dense/vars/0"``). Keras names a layer in
+    its files by its class in snake case, numbered in the order of the
+    container's layers (``dense``, ``dense_1``, ...; nested models nest:
+    ``layers/functional/layers/dense/vars/0``), and a variable by its index
+    among the layer's trainable then non-trainable variables."""
+    _check_model(model)
+    out = {}
+
+    def walk(container, path, file_path):
+        used = {}
+        for layer in container.layers:
+            cls = _snake(type(layer).__name__)
+            used[cls] = used.get(cls, -1) + 1
+            fname = f"{file_path}layers/{cls if used[cls] == 0 else f'{cls}_{used[cls]}'}"
+            lpath = f"{path}{layer.name}"
+            if hasattr(layer, "layers"):
+                walk(layer, lpath + "/", fname + "/")
+                continue
+            own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+            for v in layer.weights:
+                i = next((k for k, o in enumerate(own) if o is v), None)
+                if i is not None:
+                    out[f"{lpath}/{v.name}"] = f"{fname}/vars/{i}"
+    walk(model, "", "")
+    return out
+
+
+def to_file_names(model: keras.Model, arrays: Mapping) -> dict:
+    """``arrays`` (scores, masks) keyed by adapter names, keyed by the names
+    the model's weight files use (see :func:`file_names`), e.g. to save
+    scores for ``sparsecore prune m.keras --scores s.npz``."""
+    names = file_names(model)
+    bad = [k for k in arrays if k not in names]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a variable of model {model.name!r}; names look like "
+                         f"{next(iter(names), 'dense/kernel')!r}")
+    return {names[k]: v for k, v in arrays.items()}
+
+
+def from_file_names(model: keras.Model, arrays: Mapping) -> dict:
+    """The inverse of :func:`to_file_names`: arrays keyed by file names (as
+    ``sparsecore`` reads a saved model) keyed by adapter names."""
+    back = {f: a for a, f in file_names(model).items()}
+    bad = [k for k in arrays if k not in back]
+    if bad:
+        raise ValueError(f"{bad[0]!r} names no variable of model {model.name!r} in its weight files; names look "
+                         f"like {next(iter(back), 'layers/dense/vars/0')!r}")
+    return {back[k]: v for k, v in arrays.items()}
 
 
 def kernel_name(model: keras.Model, layer) -> str:

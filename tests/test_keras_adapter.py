@@ -354,3 +354,47 @@ def test_sequential_keras_cnn_and_restoring_on_failure(rng):
     assert sorted(r.masks) == ["c1/kernel", "c2/kernel", "out/kernel"]
     for name, m in r.masks.items():  # N:M along the layer's inputs: the (kh, kw, C) axis of the (in, out) view
         assert sc.is_n_m(m.reshape(-1, m.shape[-1]), 2, 4, axis=0)
+
+
+def test_file_names_map_the_adapter_to_the_saved_files_and_back(tmp_path, rng):
+    """The README's scores workflow: scores named by the adapter, renamed to the file's names, prune the
+    saved .keras with the CLI; every variable of a nested model with a conv, batch norm and dense
+    layers maps to the dataset that holds its values, both ways."""
+    import subprocess
+
+    from sparsecore.io import open_weights
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.layers.Dense(6, name="a"), keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.Dense(4, name="b")], name="inner")
+    inp = keras.Input((5, 5, 2))
+    x = keras.layers.Conv2D(3, 3, name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(2, name="head")(inner(x))
+    model = keras.Model(inp, out, name="m")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    names = sck.file_names(model)
+    assert names["conv/kernel"] == "layers/conv2d/vars/0"
+    assert names["inner/bn/moving_variance"] == "layers/sequential/layers/batch_normalization/vars/3"
+    assert names["head/kernel"] == "layers/dense/vars/0"  # numbered per container, in its layers' order
+    values = {k: keras.ops.convert_to_numpy(v) for k, v in sck.variables(model).items()}
+    with open_weights(path) as r:
+        assert set(names.values()) == set(r.entries)
+        for a, f in names.items():
+            np.testing.assert_array_equal(r.raw(f), values[a], err_msg=a)
+        back = sck.from_file_names(model, {f: r.raw(f) for f in r.entries})
+    assert set(back) == set(values)
+    scores = {k: rng.random(v.shape).astype(np.float32) for k, v in sck.weights(model).items()}
+    np.savez(tmp_path / "s.npz", **sck.to_file_names(model, scores))
+    r = subprocess.run([sys.executable, "-m", "sparsecore", "prune", path, "-o", tmp_path / "p.keras", "--scores",
+                        tmp_path / "s.npz", "--sparsity", "0.5"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    with open_weights(tmp_path / "p.keras") as p:
+        for a, s in scores.items():
+            w = p.raw(names[a])
+            np.testing.assert_array_equal(w == 0, s <= np.sort(s.reshape(-1))[s.size // 2 - 1])
+    with pytest.raises(ValueError, match="'conv/weights' is not a variable of model 'm'"):
+        sck.to_file_names(model, {"conv/weights": 1})
+    with pytest.raises(ValueError, match="'layers/nope/vars/0' names no variable"):
+        sck.from_file_names(model, {"layers/nope/vars/0": 1})

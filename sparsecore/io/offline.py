@@ -310,8 +310,12 @@ def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, m
                                     lambda step, n=n: reader.row_subset(n, step))
             continue
         if n not in score_file.entries:
+            hint = ""
+            if reader.format.startswith("keras") and any("/vars/" not in k for k in score_file.entries):
+                hint = (" (names like 'dense/kernel' are the Keras adapter's: rename them with "
+                        "sparsecore.adapters.keras.to_file_names(model, scores) before saving)")
             raise UserError(f"scores file {score_file.path} has no tensor {n!r}; it needs one per pruned tensor "
-                            f"(same names as the weights)")
+                            f"(same names as the weights){hint}")
         se = score_file.entries[n]
         if se.shape != e.shape:
             raise UserError(f"scores {n!r} have shape {se.shape} but weights {n!r} have shape {e.shape}")
