@@ -29,8 +29,29 @@ _NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"
 _MAX_HEADER = 100 << 20
 
 
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise FormatError(f"the safetensors header names {dup!r} twice")
+    return dict(pairs)
+
+
+def _index(v):
+    """A JSON integer >= 0 (not a float, not a bool), or None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def read_header(path):
-    """``(entries, metadata, data_start, header_bytes)``; entries keep file order."""
+    """``(entries, metadata, data_start, header_bytes)``; entries keep file order.
+
+    Every structural rule of the format is enforced, each refusal naming the
+    file and the tensor: a header length within the file, a JSON object with
+    unique names, ``__metadata__`` a map of strings to strings, a known dtype,
+    a shape of integers >= 0, integer offsets ``[begin, end]`` that hold
+    exactly the bytes the dtype and shape need, and tensors that tile the
+    byte buffer from its start to its end with neither gaps nor overlaps.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -41,28 +62,52 @@ def read_header(path):
             raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: the safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, got {str(meta)[:80]}")
     start = 8 + n
+    buffer = size - start
     entries = {}
     for name, info in header.items():
-        try:
-            dt = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if dt not in DTYPES:
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {str(info)[:120]} (needs "
+                              f"exactly dtype, shape and data_offsets)")
+        dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
-        want = DTYPES[dt].itemsize * int(np.prod(shape, dtype=np.int64))
-        if e - b != want or b < 0 or start + e > size:
-            raise FormatError(f"{path}: tensor {name!r} spans bytes [{b}, {e}) of a {size - start}-byte buffer, "
-                              f"but dtype {dt} and shape {shape} need {want}; the file is truncated or corrupt")
-        entries[name] = (dt, shape, b, e)
+        if not isinstance(shape, list) or any(_index(d) is None for d in shape):
+            raise FormatError(f"{path}: tensor {name!r} has shape {shape!r}; dimensions must be integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(_index(v) is None for v in offsets):
+            raise FormatError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; two integers >= 0 needed")
+        b, e = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        want = DTYPES[dt].itemsize * count
+        if e < b or e - b != want or e > buffer:
+            raise FormatError(f"{path}: tensor {name!r} spans bytes [{b}, {e}) of a {buffer}-byte buffer, "
+                              f"but dtype {dt} and shape {tuple(shape)} need {want}; the file is truncated or "
+                              f"corrupt")
+        entries[name] = (dt, tuple(shape), b, e)
+    end = 0
+    for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if b != end:
+            raise FormatError(f"{path}: tensor {name!r} starts at byte {b} of the buffer, but the tensors before "
+                              f"it end at {end}: " + ("they overlap" if b < end else "a gap") + "; the format "
+                              f"requires tensors that tile the buffer")
+        end = e
+    if end != buffer:
+        raise FormatError(f"{path}: the tensors end at byte {end} of a {buffer}-byte buffer; the format requires "
+                          f"them to cover it exactly")
     return entries, meta, start, raw
 
 

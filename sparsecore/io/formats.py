@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import h5py
@@ -335,20 +336,40 @@ class KerasZip(H5File):
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+_ZIP64 = (1 << 31) - (1 << 20)  # members this large need zip64 records, which must be asked for when streaming
+
+
+def _member_info(info, ctype):
+    """A fresh ZipInfo for writing a copy of member ``info`` with compression ``ctype``."""
+    out = zipfile.ZipInfo(info.filename, info.date_time)
+    out.compress_type, out.external_attr, out.comment = ctype, info.external_attr, info.comment
+    return out
+
+
 def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
-    """A ``.keras`` archive at ``dst_path``: every member of ``src_zip`` (or of
-    ``member_bytes``) in order, with ``model.weights.h5`` taken from
-    ``weights_h5``."""
+    """A ``.keras`` archive at ``dst_path``: every member of ``src_zip`` (or,
+    from ``member_bytes``, ``name -> (size, write(file))``) in order, streamed,
+    with ``model.weights.h5`` taken from ``weights_h5``."""
     with zipfile.ZipFile(dst_path, "w") as out:
         src = zipfile.ZipFile(src_zip) if src_zip else None
         try:
             for name, ctype in members:
                 if name == "model.weights.h5":
                     out.write(weights_h5, name, compress_type=ctype)
-                elif src is not None:
-                    out.writestr(src.getinfo(name), src.read(name), compress_type=ctype)
-                else:
-                    out.writestr(name, member_bytes[name], compress_type=ctype)
+                elif src is not None:  # streamed: a member's size never decides the memory taken
+                    info = src.getinfo(name)
+                    try:
+                        with src.open(info) as fin, out.open(_member_info(info, ctype), "w",
+                                                             force_zip64=info.file_size >= _ZIP64) as fout:
+                            shutil.copyfileobj(fin, fout, 1 << 20)
+                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                        raise FormatError(f"{src_zip}: member {name} cannot be read ({exc}); the archive is "
+                                          f"truncated or corrupt") from None
+                else:  # (size, write(file object)) from a sparse file's copy of the archive
+                    size, write = member_bytes[name]
+                    with out.open(_member_info(zipfile.ZipInfo(name), ctype), "w",
+                                  force_zip64=size >= _ZIP64) as fout:
+                        write(fout)
         finally:
             if src is not None:
                 src.close()

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -445,8 +446,21 @@ def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
                 z = c.create_group("zip")
                 with zipfile.ZipFile(reader.zip_path) as zf:
                     for i, (name, _) in enumerate(reader.members):
-                        if name != "model.weights.h5":
-                            z.create_dataset(str(i), data=np.frombuffer(zf.read(name), np.uint8))
+                        if name != "model.weights.h5":  # streamed into the dataset, 1 MiB at a time
+                            size = zf.getinfo(name).file_size
+                            ds = z.create_dataset(str(i), (size,), np.uint8)
+                            try:
+                                with zf.open(name) as fin:
+                                    done = 0
+                                    while chunk := fin.read(1 << 20):
+                                        if done + len(chunk) > size:
+                                            raise UserError(f"{reader.zip_path}: member {name} holds more bytes "
+                                                            f"than its declared {size}")
+                                        ds[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                                        done += len(chunk)
+                            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                                raise UserError(f"{reader.zip_path}: member {name} cannot be read ({exc}); the "
+                                                f"archive is truncated or corrupt") from None
             return
         kind = "safetensors" if isinstance(reader, SafeTensorsFile) else "torch"
         c.attrs["kind"] = kind
@@ -500,8 +514,8 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
                     with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
                         h5tmp = os.path.join(d, "model.weights.h5")
                         rebuild_h5(c["h5"], h5tmp, replace)
-                        data = {name: c["zip"][str(i)][()].tobytes() for i, (name, _) in enumerate(members)
-                                if name != "model.weights.h5"}
+                        data = {name: (c["zip"][str(i)].shape[0], _dataset_writer(c["zip"][str(i)]))
+                                for i, (name, _) in enumerate(members) if name != "model.weights.h5"}
                         write_keras_zip(members, None, h5tmp, tmp, member_bytes=data)
             elif reader.kind == "safetensors":
                 hdr = json.loads(c["header"][()].tobytes().decode()) if "header" in c else {}
@@ -519,6 +533,14 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     result.input_bytes = os.path.getsize(src)
     result.output_bytes = os.path.getsize(dst)
     return result
+
+
+def _dataset_writer(ds):
+    """``write(file)``: the bytes of a 1-D uint8 dataset, 1 MiB at a time."""
+    def write(f):
+        for i in range(0, ds.shape[0], 1 << 20):
+            f.write(ds[i:i + (1 << 20)].tobytes())
+    return write
 
 
 def tensor_stats(reader: WeightFile, name: str) -> tuple[int, int]:
