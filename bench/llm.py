@@ -170,7 +170,6 @@ METHODS = {
     "sparsecore sparsegpt": run_ours,
     "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
     "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: run_ours(m, c, t, dense_target=0.25),
-    "sparsecore sparsegpt, dense_target=0.5": lambda m, c, t: run_ours(m, c, t, dense_target=0.5),
     "sparsecore OWL allocation + sparsegpt": run_owl,
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
 }

@@ -103,7 +103,7 @@ def read_header(path):
         if b != end:
             raise FormatError(f"{path}: tensor {name!r} starts at byte {b} of the buffer, but the tensors before "
                               f"it end at {end}: " + ("they overlap" if b < end else "a gap") + "; the format "
-                              f"requires tensors that tile the buffer")
+                              "requires tensors that tile the buffer")
         end = e
     if end != buffer:
         raise FormatError(f"{path}: the tensors end at byte {end} of a {buffer}-byte buffer; the format requires "
