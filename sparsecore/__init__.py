@@ -8,6 +8,7 @@ from Hessians of layer inputs) -> canonical CSR weights, the kernels that run
 them, and smaller dense layers, on raw NumPy arrays.
 """
 
+from . import _cache  # noqa: F401  (first: where Numba may cache, before any kernel is defined)
 from ._version import __version__
 from .allocation import outlier_allocation
 from .csr import check_csr, csr_matmul, index_dtype, matrix_shape, to_csr, to_dense

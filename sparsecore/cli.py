@@ -87,6 +87,9 @@ def _parser():
     q.add_argument("--any-rank", action="store_true",
                    help="also prune 1-D tensors (biases, norms), which are left out otherwise")
     q.add_argument("--sparse", action="store_true", help="write sparse HDF5 whatever the output's name")
+    q.add_argument("--format", choices=["safetensors", "torch"],
+                   help="convert the output to this format (default: what the output's name says, .safetensors, "
+                        ".pt/.bin, else the input's format)")
     q.add_argument("--compress", choices=["gzip", "lzf"],
                    help="HDF5 filters on the sparse output's CSR arrays (smaller, slower)")
     q.add_argument("--force", action="store_true", help="replace an existing output")
@@ -255,7 +258,7 @@ def _prune(args, parser):
                          scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
                          min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, normalize=args.normalize,
                          include=args.include, exclude=args.exclude, take_all=args.take_all,
-                         any_rank=args.any_rank, sparse=True if args.sparse else None,
+                         any_rank=args.any_rank, format=args.format, sparse=True if args.sparse else None,
                          force=args.force, progress=_Progress(not args.quiet), sync=not args.no_sync,
                          compression=args.compress)
         if not args.quiet:
@@ -357,6 +360,25 @@ class _CompileSafeInterrupt(_numba_event.Listener):
                 signal.signal(s, handler)
 
 
+class _CompileNotice(_numba_event.Listener):
+    """Says once, on stderr, that kernels are being compiled (a first run, or a
+    new machine or Numba): Numba reports real compilations only, not cache loads."""
+
+    kind = "numba:compile"
+
+    def __init__(self):
+        self.said = False
+
+    def on_start(self, event):
+        if not self.said:
+            self.said = True
+            print("sparsecore: compiling kernels for this machine (first run only: they are cached for the next)",
+                  file=sys.stderr, flush=True)
+
+    def on_end(self, event):
+        pass
+
+
 def main(argv=None):
     """Run the command line with ``argv`` (``sys.argv[1:]`` by default); returns the exit code."""
     try:
@@ -382,6 +404,9 @@ def _main(argv):
         return 0
     from .io import FormatError, UserError
 
+    notice = None if getattr(args, "quiet", False) else _CompileNotice()
+    if notice is not None:
+        _numba_event.register(notice.kind, notice)
     try:
         if args.command == "info":
             return _info(args)
@@ -403,3 +428,6 @@ def _main(argv):
         msg = str(exc).replace("\n", " ")
         print(f"sparsecore: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if notice is not None:
+            _numba_event.unregister(notice.kind, notice)

@@ -312,3 +312,64 @@ def test_a_global_prune_never_empties_a_tensor_unless_asked(tmp_path, rng):
     assert r.returncode == 0 and r.stderr == ""  # exactly what was asked, per tensor: no warning
     r = run("prune", src, "-o", tmp_path / "x.safetensors", "--sparsity", "0.995", "--scope", "global")
     assert r.returncode == 2 and "--max-sparsity 1" in r.stderr
+
+
+def test_the_output_format_follows_its_name_or_format(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    w = {"a.weight": rng.standard_normal((8, 8)).astype(np.float32), "a.bias": np.ones(8, np.float32)}
+    torch.save({k: torch.as_tensor(v) for k, v in w.items()}, tmp_path / "m.pt")
+    r = run("prune", tmp_path / "m.pt", "-o", tmp_path / "o.safetensors", "--sparsity", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "o.safetensors", "rb") as f:
+        assert f.read(2) != b"PK"  # not a torch zip under a safetensors name
+    with open_weights(tmp_path / "o.safetensors") as o:
+        assert o.format == "safetensors" and set(o.entries) == set(w)
+        assert (o.raw("a.weight") == 0).sum() == 32 and np.array_equal(o.raw("a.bias"), w["a.bias"])
+    write_st(tmp_path / "m.safetensors", w)
+    r = run("prune", tmp_path / "m.safetensors", "-o", tmp_path / "o.bin", "--sparsity", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with open_weights(tmp_path / "o.bin") as o:
+        assert o.format == "torch" and (o.raw("a.weight") == 0).sum() == 32
+    r = run("prune", tmp_path / "m.safetensors", "-o", tmp_path / "o.weights", "--sparsity", "0.5", "--quiet",
+            "--format", "torch")
+    assert r.returncode == 0 and open_weights(tmp_path / "o.weights").format == "torch"
+    r = run("prune", tmp_path / "m.safetensors", "-o", tmp_path / "o.keras", "--sparsity", "0.5")
+    assert r.returncode == 1 and "the name says keras, but a safetensors input is written as safetensors" in r.stderr
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_a_read_only_install_still_imports_and_caches_elsewhere(tmp_path):
+    """Neither the package's folder nor $HOME writable (a container): the kernels' cache goes to a
+    writable folder (here the temporary one) and sparsecore runs. As root every path is writable, so
+    the package's folder is declared read-only through os.access; $HOME is a path no one can create."""
+    code = (
+        "import os, sys\n"
+        "real = os.access\n"
+        "os.access = lambda p, m, **k: False if 'sparsecore' in os.fspath(p) and 'sparsecore-' not in "
+        "os.fspath(p) else real(p, m, **k)\n"
+        "import sparsecore, numba\n"
+        "print(numba.config.CACHE_DIR)\n"
+        "from sparsecore.cli import main\n"
+        "sys.exit(main(['prune', '--quiet']))\n")
+    env = {**os.environ, "HOME": "/proc/no-home", "TMPDIR": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    env.pop("XDG_CACHE_HOME", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    chosen = r.stdout.split()[0]
+    assert chosen == str(tmp_path / f"sparsecore-{os.getuid()}")
+    assert any(f.endswith(".nbi") for _, _, fs in os.walk(chosen) for f in fs)  # kernels cached there
+
+
+def test_the_first_run_says_it_is_compiling(tmp_path, rng):
+    write_st(tmp_path / "m.safetensors", {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "sparsecore", "prune", tmp_path / "m.safetensors", "-o", tmp_path / "o.safetensors",
+           "--sparsity", "0.5", "--force"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0 and first.stderr.count("compiling") == 1, first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "compiling" not in again.stderr
+    quiet = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True,
+                           env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "cache2")}, timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -75,3 +75,15 @@ def test_readme_repair_example_runs(capsys):
     assert capsys.readouterr().out.strip() == "True"
     assert scope["sgpt"].masks["fc"].sum() == 32 * 64 // 2
     assert not scope["fixed"].dense("fc")[~scope["masks"]["fc"]].any()
+
+
+def test_readme_sample_output_is_the_real_one():
+    """The output shown under the README's first command is what `sparsecore prune` prints."""
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    shown = re.search(r"```\n(pruned the embedded default model.*?)```", text, re.DOTALL).group(1)
+    r = subprocess.run([sys.executable, "-m", "sparsecore", "prune"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == shown

@@ -187,7 +187,7 @@ def sha256_of(path):
 def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local", scores=None,
                criterion: str | None = None, min_sparsity=0.0, max_sparsity=None, normalize: str = "none",
                include: Iterable[str] = (), exclude: Iterable[str] = (), tensors: Iterable[str] | None = None,
-               take_all: bool = False, any_rank: bool = False,
+               take_all: bool = False, any_rank: bool = False, format: str | None = None,
                sparse: bool | None = None,
                force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                sync: bool = True, compression: str | None = None) -> FileResult:
@@ -221,6 +221,11 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     force : bool
         Replace an existing ``dst``.
     progress : callable (done, total, name), optional
+    format : {None, "safetensors", "torch"}
+        Convert the output to this format; by default the output's name
+        decides (``.safetensors``, ``.pt``/``.pth``/``.bin``; ``.keras`` and
+        ``.h5`` for inputs of those formats) or, without a known extension,
+        the input's format. A name that contradicts what is written is refused.
     compression : {None, "gzip", "lzf"}
         HDF5 filters (with byte shuffling) on the sparse output's CSR arrays:
         about 40% smaller, several times slower to write.
@@ -265,6 +270,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         if not names:
             raise UserError(f"{src}: no tensor to prune (float tensors with 2+ dimensions by default; "
                             f"the file has {len(reader.entries)} tensors; see --include)")
+        kind = None if sparse or sharded else output_kind(dst, reader, format)  # before any tensor is read
         score_file = open_weights(scores) if scores is not None else None
         try:
             plan = _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity,
@@ -279,8 +285,10 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                          "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
                          "normalize": normalize}
             result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
+            if kind is not None:
+                result.format = kind
             with (AtomicDir if sharded else AtomicPath)(dst, sync) as tmp:
-                _write(reader, tmp, plan, result, sparse, attrs, progress, compression)
+                _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
         finally:
             if score_file is not None:
                 score_file.close()
@@ -364,7 +372,47 @@ def _prune_one(reader, sources, plan, i, name, want_csr):
     return raw, a, mask, summary
 
 
-def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None):
+_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+               ".keras": "keras", ".h5": "hdf5", ".hdf5": "hdf5"}
+FORMATS = ("safetensors", "torch")  # what any input converts to (--format)
+
+
+def _native(reader):
+    """The output kind a reader's own writer gives."""
+    if isinstance(reader, KerasZip):
+        return "keras"
+    if isinstance(reader, H5File):
+        return "hdf5"
+    return {"safetensors": "safetensors", "torch": "torch"}.get(reader.format)
+
+
+def output_kind(dst, reader, fmt=None):
+    """What ``dst`` is written as: ``fmt`` if given ("safetensors", "torch"),
+    else what its name says (``.safetensors``, ``.pt``/``.pth``/``.bin``,
+    ``.keras``, ``.h5``), else the input's own format. A name that says a
+    format the input cannot be written as is refused, never contradicted."""
+    native = _native(reader)
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UserError(f"format must be one of {list(FORMATS)} (or sparse HDF5: a name ending in .sparse.h5), "
+                            f"got {fmt!r}")
+        return fmt
+    ext = os.path.splitext(os.fspath(dst))[1].lower()
+    said = _EXTENSIONS.get(ext)
+    if said is None or said == native:
+        if native is None:
+            raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; write "
+                            f"safetensors (--format safetensors) or sparse HDF5 (an output name ending in .sparse.h5)")
+        return native
+    if said in FORMATS:
+        return said
+    like = {"keras": "name the output .keras", "hdf5": "name the output .h5"}.get(native, "keep the input's "
+                                                                                         "extension")
+    raise UserError(f"{dst}: the name says {said}, but a {reader.format} input is written as "
+                    f"{native or 'another format'}; {like}, or pass --format safetensors/torch to convert")
+
+
+def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None, kind=None):
     sources, plan = plan
     index = {n: i for i, n in enumerate(sources)}
     pruned = set(sources)
@@ -380,6 +428,9 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None)
     result.copied = [n for n in reader.entries if n not in pruned]
     if sparse:
         _write_sparse(reader, tmp, step, pruned, attrs, compression)
+        return
+    if kind is not None and kind != _native(reader) and not isinstance(reader, ShardedCheckpoint):
+        _write_converted(reader, tmp, lambda n: step(n, False)[0] if n in pruned else reader.raw(n), kind)
         return
     if isinstance(reader, H5File) and not isinstance(reader, KerasZip):
         by_path = {reader.dataset_path(n): n for n in pruned}
@@ -402,6 +453,25 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None)
     else:
         raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; "
                         f"write sparse HDF5 (an output name ending in .sparse.h5)")
+
+
+def _write_converted(reader, tmp, tensor, kind):
+    """Every tensor of ``reader`` (``tensor(name)``, one at a time) into a
+    safetensors file or a PyTorch state dict under the same names."""
+    entries = reader.entries
+    if kind == "safetensors":
+        items = []
+        for n, e in entries.items():
+            try:
+                dt = "BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype)
+            except TypeError:
+                raise UserError(f"{reader.path}: tensor {n!r} of dtype {e.dtype} has no safetensors dtype; keep the "
+                                f"input's format") from None
+            items.append((n, dt, e.shape, lambda n=n: tensor(n)))
+        with open(tmp, "wb") as f:
+            st.write(f, items)
+    else:
+        write_torch(((n, tensor(n), e) for n, e in entries.items()), tmp)
 
 
 def _write_folder(reader, tmp, tensor):
