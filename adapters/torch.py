@@ -246,7 +246,7 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
                 p_all = {k: v.detach() for k, v in full.items()}
                 p_all.update({keys[k]: v for k, v in sel.items()})
                 out = functional_call(model, (p_all, bufs), (x1.unsqueeze(0),))
-                return loss_fn(out, y1.unsqueeze(0))
+                return _scalar_loss(loss_fn(out, y1.unsqueeze(0)))
 
             per = vmap(grad(loss_one), in_dims=(None, 0, 0))
             for x, y in _batches(data, max_batches):
@@ -257,10 +257,18 @@ def collect_gradients(model: nn.Module, data: Iterable, loss_fn, *, include=None
             for x, y in _batches(data, max_batches):
                 for p in params.values():
                     p.grad = None
-                loss_fn(model(x), y).backward()
+                _scalar_loss(loss_fn(model(x), y)).backward()
                 w = {k: conv(_effective(model, k, p)) for k, p in params.items()} if need_w else None
                 acc.update({k: conv(p.grad) for k, p in params.items()}, weights=w)
     return acc
+
+
+def _scalar_loss(loss):
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn returned {shape}; it must return one number per batch (a loss with "
+                         f"reduction='mean' or 'sum', not 'none')")
+    return loss
 
 
 def collect_activations(model: nn.Module, data: Iterable, modules: Iterable[str] | None = None, *,
@@ -350,10 +358,15 @@ def _collect_on_device(model, data, mods, weight_of, n_classes, bins, unit, pair
 
 def _target(model, name):
     mname, _, pname = name.rpartition(".")
-    m = model.get_submodule(mname) if mname else model
-    p = _param_of(m, pname)
+    try:
+        m = model.get_submodule(mname) if mname else model
+    except AttributeError:
+        m = None
+    p = None if m is None else _param_of(m, pname)
     if p is None:
-        raise ValueError(f"the model has no parameter {name!r}")
+        known = [n for n, _ in model.named_parameters()]
+        raise ValueError(f"the model has no parameter {name!r} (masks are keyed like weights(model): "
+                         f"{known[:4]}{' ...' if len(known) > 4 else ''})")
     return m, pname, p
 
 
@@ -421,6 +434,14 @@ class MaskHold:
 
 def to_torch_csr(a) -> torch.Tensor:
     """``torch.sparse_csr_tensor`` sharing ``a``'s arrays (scipy CSR, int32 or int64 indices)."""
+    import scipy.sparse as sp
+
+    if not (sp.issparse(a) and a.format == "csr"):
+        what = f"{type(a).__name__} of {getattr(a, 'dtype', '?')}"
+        raise TypeError(f"to_torch_csr takes a scipy CSR array (sparsecore.to_csr(weights, mask), or a "
+                        f"PruneResult's csr), got {what}" + (": a mask alone holds no values; pass "
+                                                             "to_csr(weights, mask)" if getattr(a, "dtype", None)
+                                                             == np.bool_ else ""))
     if a.indices.dtype != a.indptr.dtype:
         raise ValueError(f"CSR indices ({a.indices.dtype}) and indptr ({a.indptr.dtype}) must share a dtype")
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"

@@ -420,7 +420,13 @@ class GradientAccumulator:
                 shape, nsamp = tuple(ga.shape), 1
             known = self._shapes.get(name)
             if known is not None and known != shape:
-                raise ValueError(f"gradients {label!r} have shape {shape}, earlier batches {known}")
+                if per_sample and tuple(ga.shape) == known:
+                    raise ValueError(f"per-sample gradients {label!r} of shape {tuple(ga.shape)} lack the leading "
+                                     f"sample axis: with per_sample=True the first axis counts samples, so these "
+                                     f"read as {nsamp} samples of shape {shape}, but the weight's gradients have "
+                                     f"shape {known} (for one sample, pass g[None])")
+                raise ValueError(f"gradients {label!r} have shape {shape}" + (
+                    f" per sample (first axis: {nsamp} samples)" if per_sample else "") + f", earlier batches {known}")
             n = int(np.prod(shape, dtype=np.int64))
             if on_gpu:  # checked in the fused pass below
                 wa = device_arrays.float_array(wmap[name], label, "weights") if need_w else None
@@ -492,9 +498,14 @@ class GradientAccumulator:
         """One tensor's statistics: ``{stat: array shaped like the weight}``
         plus ``"count"`` (samples or batches added). Arrays are copies."""
         key = "" if name is None else name
+        if name is None and key not in self._acc and len(self._acc) == 1:
+            key = next(iter(self._acc))  # one tensor: no name needed
         if key not in self._acc:
             if not self._acc:
                 raise ValueError("the accumulator is empty: call update() first")
+            if name is None:
+                raise ValueError(f"state() needs the tensor's name: the accumulator holds {len(self._acc)} tensors "
+                                 f"{self.names}; call state(name)")
             raise ValueError(f"no statistics for tensor {name!r}; known: {self.names}")
         out = self._sums(key)
         out["count"] = self.count

@@ -305,3 +305,25 @@ def test_collect_gradients_from_a_dataloader():
     assert acc.count == 30
     for k in sct.prunable(model):
         np.testing.assert_allclose(acc.state(k)["g2"], lst.state(k)["g2"], rtol=1e-6)
+
+
+def test_rough_edges_get_plain_errors(rng):
+    """Each of these ended in a raw framework error or a confusing message (issue 15)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    for per_sample in (False, True):
+        with pytest.raises(ValueError, match=r"loss_fn returned \(5,\).*reduction='mean' or 'sum', not 'none'"
+                           if not per_sample else r"loss_fn returned \(1,\)"):
+            sct.collect_gradients(model, data, nn.CrossEntropyLoss(reduction="none"), per_sample=per_sample)
+    with pytest.raises(ValueError, match=r"no parameter 'nope.weight' \(masks are keyed like weights\(model\): "
+                                         r"\['0.weight', '0.bias'\]"):
+        sct.apply_masks(model, {"nope.weight": np.ones((3, 4), bool)})
+    with pytest.raises(TypeError, match="a mask alone holds no values; pass to_csr"):
+        sct.to_torch_csr(np.ones((3, 4), bool))
+    acc = sc.GradientAccumulator().update({"w": np.ones((3, 4))})
+    assert acc.state()["count"] == 1 and acc.state().keys() == acc.state("w").keys()  # one tensor: no name needed
+    two = sc.GradientAccumulator().update({"w": np.ones((3, 4)), "v": np.ones(2)})
+    with pytest.raises(ValueError, match=r"state\(\) needs the tensor's name: the accumulator holds 2 tensors"):
+        two.state()
+    with pytest.raises(ValueError, match="lack the leading sample axis"):
+        acc.update({"w": np.ones((3, 4))}, per_sample=True)
