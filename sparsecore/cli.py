@@ -131,7 +131,14 @@ def _rows(path):
             zeros, size = tensor_stats(r, name)
             rows.append((name, e, zeros / size if size else 0.0))
         fmt = r.format
-    return fmt, rows
+        made = r.provenance() if hasattr(r, "provenance") else {}
+    return fmt, rows, made
+
+
+def _print_provenance(made):
+    """A sparse file's record of how it was made, one line per field."""
+    if made:
+        print("made by " + ", ".join(f"{k}={v}" for k, v in made.items()))
 
 
 def _widths(rows):
@@ -142,8 +149,9 @@ def _widths(rows):
 def _info(args):
     from .io.offline import bytes_of
 
-    fmt, rows = _rows(args.file)
+    fmt, rows, made = _rows(args.file)
     print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
+    _print_provenance(made)
     nw, sw = _widths(rows)
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  pruned by default")
     for name, e, sp in rows:
@@ -162,7 +170,8 @@ def _report(args):
             from .io import UserError
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
-    fmt, rows = _rows(args.file)
+    fmt, rows, made = _rows(args.file)
+    _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
     nw, sw = _widths(rows)

@@ -60,6 +60,10 @@ def test_info_prune_densify_report(tmp_path, rng):
     assert "75.00%" in r.stdout and "written" in r.stdout
     r = run("report", tmp_path / "m.sparse.h5")
     assert r.returncode == 0 and "75.00%" in r.stdout
+    for cmd in ("info", "report"):  # the provenance the sparse file records
+        out = run(cmd, tmp_path / "m.sparse.h5").stdout
+        assert "made by tool_version=" in out and "criterion=magnitude" in out and "sparsity=0.75" in out
+        assert f"source_file={src}" in out and "source_sha256=" + sha(src) in out
     r = run("densify", tmp_path / "m.sparse.h5", "-o", tmp_path / "back.safetensors")
     assert r.returncode == 0, r.stderr
     with open_weights(tmp_path / "back.safetensors") as f:

@@ -108,6 +108,14 @@ class SparseFile(WeightFile):
         except (OSError, KeyError) as exc:
             raise FormatError(f"{path}: a damaged sparsecore sparse file ({exc})") from None
 
+    PROVENANCE = ("tool_version", "created", "source_file", "source_format", "source_sha256", "source_bytes",
+                  "criterion", "scope", "sparsity", "threshold", "normalize")
+
+    def provenance(self) -> dict:
+        """What the file records of how it was made (the root attributes), as strings."""
+        return {k: as_str(self.h5.attrs[k]) if isinstance(self.h5.attrs[k], (bytes, str)) else str(self.h5.attrs[k])
+                for k in self.PROVENANCE if k in self.h5.attrs}
+
     def _list(self):
         h = self.h5
         version = int(h.attrs.get("format_version", -1))
