@@ -423,7 +423,10 @@ def _target_rows(rows, source, H, damp, name, a):
     U, _ = _inverse_factor(H, damp, name, source)
     if "G" not in source._memo:
         source._memo["G"] = source.cross_term()
-    return rows + a * (((rows @ source._memo["G"]) @ U.T) @ U)
+    # (W G)(Uᵀ U) with U triangular: two BLAS trmm, half the work of two full products
+    Z = la.blas.dtrmm(1.0, U, np.asfortranarray(rows @ source._memo["G"]), side=1, lower=0, trans_a=1)
+    Z = la.blas.dtrmm(1.0, U, Z, side=1, lower=0, trans_a=0, overwrite_b=1)
+    return rows + a * Z
 
 
 # --- the OBS sweep --------------------------------------------------------------

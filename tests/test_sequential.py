@@ -253,6 +253,47 @@ def test_dense_target_aims_every_block_toward_the_dense_model(rng, kind):
                        target=dense, a=0.5)
 
 
+def test_dense_batches_form_the_cross_term_on_the_first_batches(rng):
+    """dense_batches=k: H from every batch, the cross term from the first k batches, scaled to all."""
+    model = _tiny("decoder")
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [10, 14, 12])
+    r = sct.prune_sequential(model, data, sparsity=0.5, dense_target=0.5, dense_batches=2)
+    keys = [k for k in r.masks if "layers.0." in k]
+    accs = {k: sc.HessianAccumulator(dense.get_parameter(k).shape[1], cross=True) for k in keys}
+    plain = {k: sc.HessianAccumulator(dense.get_parameter(k).shape[1]) for k in keys}
+    for j, b in enumerate(data):
+        mask = b["attention_mask"].numpy().astype(bool).reshape(-1)
+        got = _inputs(dense, keys, b)
+        for k in keys:
+            if j < 2:
+                accs[k].update(got[k], mask=mask, dense=got[k])  # block 0: the same inputs, zero cross term
+            plain[k].update(got[k], mask=mask)
+    for k in keys:  # block 0's cross term is zero: the weights are SparseGPT's from all batches
+        redo = sc.sparsegpt({k: dense.get_parameter(k).detach().numpy()}, {k: plain[k]}, sparsity=0.5).dense(k)
+        np.testing.assert_allclose(model.get_parameter(k).detach().numpy(), redo, rtol=1e-8, atol=1e-10)
+    later = [k for k in r.masks if "layers.1." in k]
+    hybrid = copy.deepcopy(dense)
+    hybrid.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    accs = {k: sc.HessianAccumulator(dense.get_parameter(k).shape[1], cross=True) for k in later}
+    part = {k: sc.HessianAccumulator(dense.get_parameter(k).shape[1], cross=True) for k in later}
+    for j, b in enumerate(data):
+        mask = b["attention_mask"].numpy().astype(bool).reshape(-1)
+        got, want = _inputs(hybrid, later, b), _inputs(dense, later, b)
+        for k in later:
+            accs[k].update(got[k], mask=mask, dense=got[k])
+            if j < 2:
+                part[k].update(got[k], mask=mask, dense=want[k])
+    for k in later:  # H of all batches, the cross term of the first two scaled by the token counts
+        g = part[k].cross_term() * (accs[k].count / part[k].count)
+        acc = sc.HessianAccumulator(g.shape[0], cross=True).update_gram(accs[k].hessian(), accs[k].count, g)
+        redo = sc.sparsegpt({k: dense.get_parameter(k).detach().numpy()}, {k: acc}, sparsity=0.5,
+                            dense_target=0.5).dense(k)
+        np.testing.assert_allclose(model.get_parameter(k).detach().numpy(), redo, rtol=1e-7, atol=1e-9, err_msg=k)
+    with pytest.raises(ValueError, match="dense_batches must be a positive integer or None, got 0"):
+        sct.prune_sequential(copy.deepcopy(dense), data, sparsity=0.5, dense_target=0.5, dense_batches=0)
+
+
 def test_dense_target_on_an_mlp_and_its_refusals(rng):
     model, data, held = _mlp(rng)
     dense = copy.deepcopy(model)
@@ -296,3 +337,18 @@ class _IdsOnly(nn.Module):
 
     def forward(self, ids):
         return self.model(input_ids=ids).last_hidden_state
+
+
+def test_wide_layers_gram_tiles_give_the_full_hessian(rng):
+    """Inputs wider than a Gram tile (600 features: three tiles, the lower triangle of them formed):
+    the Hessian the adapter hands over is the full Σ x xᵀ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 8)).double()
+    data = [torch.as_tensor(rng.standard_normal((50, 600))) for _ in range(3)]
+    dense = copy.deepcopy(model)
+    sct.prune_sequential(model, data, sparsity=0.5)
+    acc = sc.HessianAccumulator(600)
+    for x in data:
+        acc.update(x.numpy())
+    redo = sc.sparsegpt({"w": dense[0].weight.detach().numpy()}, {"w": acc}, sparsity=0.5).dense("w")
+    np.testing.assert_allclose(model[0].weight.detach().numpy(), redo, rtol=1e-7, atol=1e-9)
