@@ -95,6 +95,7 @@ METHODS = {
     "sparsecore sparsegpt": run_ours,
     "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
     "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: run_ours(m, c, t, dense_target=0.25),
+    "sparsecore sparsegpt, dense_target=1": lambda m, c, t: run_ours(m, c, t, dense_target=1.0),
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
     "sparsecore sparsegpt + refit, dense_target=0.25":
         lambda m, c, t: run_ours(m, c, t, refit="auto", dense_target=0.25),

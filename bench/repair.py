@@ -117,6 +117,7 @@ METHODS = {
     "sparsecore wanda + OBS update + refit": lambda m, c, t: ours_sequential(m, c, t, "wanda", "obs+refit"),
     "sparsecore sparsegpt": lambda m, c, t: ours_sequential(m, c, t),
     "sparsecore sparsegpt + refit": lambda m, c, t: ours_sequential(m, c, t, refit="auto"),
+    "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: ours_sequential(m, c, t, dense_target=0.25),
     "sparsecore sparsegpt, dense_target=1": lambda m, c, t: ours_sequential(m, c, t, dense_target=1.0),
     "sparsecore global allocation + sparsegpt":
         lambda m, c, t: ours_sequential(m, c, t, allocation="global"),
