@@ -288,12 +288,14 @@ def _prune(args, parser):
             else:
                 print(f"written: {args.output}")
         asked = args.sparsity if args.sparsity is not None and args.scope != "global" else None
-        for t in res.summary:  # a tensor far sparser than asked may no longer work: say so, even when quiet
-            sp = t.pruned / t.size if t.size else 0.0
-            if sp >= HIGH_SPARSITY and (asked is None or t.pruned > round(asked * t.size)):
-                print(f"sparsecore: warning: {t.name} ends at {sp:.2%} sparsity"
-                      + (" (emptied)" if sp == 1.0 else f" (cap {args.max_sparsity:g})")
-                      + "; check the model still works, or lower --max-sparsity", file=sys.stderr)
+        high = [t for t in res.summary if t.size and t.pruned / t.size >= HIGH_SPARSITY
+                and (asked is None or t.pruned > round(asked * t.size))]
+        if high:  # tensors far sparser than asked may no longer work: say so, even when quiet
+            shown = ", ".join(f"{t.name} {t.pruned / t.size:.2%}" + (" (emptied)" if t.pruned == t.size else "")
+                              for t in high[:6]) + (f", and {len(high) - 6} more" if len(high) > 6 else "")
+            print(f"sparsecore: warning: {len(high)} tensor{'s end' if len(high) > 1 else ' ends'} at "
+                  f"{HIGH_SPARSITY:.0%} sparsity or more (cap {args.max_sparsity:g}): {shown}; check the model "
+                  f"still works, or lower --max-sparsity", file=sys.stderr)
     finally:
         if tmpdir:
             import shutil

@@ -305,13 +305,13 @@ def test_a_global_prune_never_empties_a_tensor_unless_asked(tmp_path, rng):
     with open_weights(tmp_path / "o.safetensors") as o:
         kept = {n: np.count_nonzero(o.raw(n)) for n in o.entries}
     assert kept["layers.1.tiny.weight"] == 1  # at the default cap 0.99 of 64 entries: one stays
-    assert "warning: layers.1.tiny.weight ends at 98.44% sparsity (cap 0.99)" in r.stderr
+    assert "warning: 1 tensor ends at 95% sparsity or more (cap 0.99): layers.1.tiny.weight 98.44%;" in r.stderr
     assert kept["model.embed_tokens.weight"] == 400  # left out
     r = run("prune", src, "-o", tmp_path / "e.safetensors", "--sparsity", "0.8", "--scope", "global",
             "--max-sparsity", "1")
-    assert r.returncode == 0 and "warning: layers.1.tiny.weight ends at 100.00% sparsity (emptied)" in r.stderr
+    assert r.returncode == 0 and "(cap 1): layers.1.tiny.weight 100.00% (emptied)" in r.stderr
     r = run("prune", src, "-o", tmp_path / "t.safetensors", "--threshold", "0.01", "--quiet")
-    assert r.returncode == 0 and "layers.1.tiny.weight ends at 98.44% sparsity (cap 0.99)" in r.stderr
+    assert r.returncode == 0 and "(cap 0.99): layers.1.tiny.weight 98.44%" in r.stderr
     r = run("prune", src, "-o", tmp_path / "l.safetensors", "--sparsity", "0.97", "--quiet")
     assert r.returncode == 0 and r.stderr == ""  # exactly what was asked, per tensor: no warning
     r = run("prune", src, "-o", tmp_path / "x.safetensors", "--sparsity", "0.995", "--scope", "global")
