@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sparsecore as sc
+import sparsecore.io
 from sparsecore.io import UserError, open_weights, prune_file
 
 torch = pytest.importorskip("torch")
@@ -164,8 +165,6 @@ def test_broken_and_hostile_folders_are_refused(sharded, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="a sharded checkpoint is written as a folder"):
         prune_file(folder, tmp_path / "afile", sparsity=0.5, force=True)
-    with pytest.raises(UserError, match="sparse HDF5 output takes one weight file"):
-        prune_file(folder, tmp_path / "x.sparse.h5", sparsity=0.5)
 
 
 def test_an_existing_output_folder_is_replaced_only_whole(sharded, tmp_path):
@@ -180,3 +179,24 @@ def test_an_existing_output_folder_is_replaced_only_whole(sharded, tmp_path):
     assert [f for f in os.listdir(tmp_path) if "sparsecore-tmp" in f] == []
     got, _ = _weights(out)
     assert (got["model.layers.0.self_attn.q_proj.weight"] == 0).mean() == pytest.approx(0.7, abs=0.01)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_sparse_output_of_a_folder_densifies_back_to_the_folder(sharded, tmp_path, scope):
+    """A sharded checkpoint pruned into one sparse HDF5 file (every shard's tensors as CSR, the layout, the
+    index and the other files kept), then densified: the same folder as a dense prune writes."""
+    _, folder = sharded
+    prune_file(folder, tmp_path / "m.sparse.h5", sparsity=0.6, scope=scope)
+    prune_file(folder, tmp_path / "dense", sparsity=0.6, scope=scope)
+    with open_weights(tmp_path / "m.sparse.h5") as r:
+        assert r.kind == "sharded" and "model.layers.0.mlp.up_proj.weight" in r.pruned
+    res = sc.io.densify_file(tmp_path / "m.sparse.h5", tmp_path / "back")
+    assert res.output_bytes > 0
+    assert sorted(os.listdir(tmp_path / "back")) == sorted(os.listdir(folder))
+    for f in os.listdir(folder):
+        assert (tmp_path / "back" / f).read_bytes() == (tmp_path / "dense" / f).read_bytes(), f
+    with pytest.raises(UserError, match="lies inside the output folder"):
+        sc.io.densify_file(tmp_path / "m.sparse.h5", tmp_path, force=True)
+    r = _cli("densify", tmp_path / "m.sparse.h5", "-o", tmp_path / "back2")
+    assert r.returncode == 0, r.stderr
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back2") is not None

@@ -128,15 +128,19 @@ def _float_dtype(entry):
 
 
 def _check_paths(src, dst, force, folder=False):
-    """``folder``: the output is a model folder (the input is a sharded checkpoint)."""
+    """``folder``: the output is a model folder (the input a sharded checkpoint, or its sparse file)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise UserError(f"{src}: no such file")
     if folder:
         src_dir = os.path.abspath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
         d = os.path.abspath(dst)
-        if d == src_dir or d.startswith(src_dir + os.sep) or src_dir.startswith(d + os.sep):
+        if is_checkpoint_path(src) and (d == src_dir or d.startswith(src_dir + os.sep)
+                                        or src_dir.startswith(d + os.sep)):
             raise UserError(f"{dst}: the output folder would overlap the input folder {src_dir}; give another path")
+        if os.path.abspath(src).startswith(d + os.sep):
+            raise UserError(f"{dst}: the input {src} lies inside the output folder, which is replaced whole; give "
+                            f"another path")
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise UserError(f"{dst}: a file; a sharded checkpoint is written as a folder: give a folder path")
         if os.path.exists(dst) and not force:
@@ -177,10 +181,17 @@ def _background(fn, *args):
 
 
 def sha256_of(path):
+    """SHA-256 of a file, or of a model folder's index and shards in their order (one stream)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    if is_checkpoint_path(path):
+        with ShardedCheckpoint(path) as r:
+            files = [os.path.join(r.folder, n) for n in ([r.index_name] if r.index_name else []) + r.shards]
+    else:
+        files = [path]
+    for p in files:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -246,10 +257,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     sharded = is_checkpoint_path(src)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
-    if sharded and sparse:
-        raise UserError(f"{src}: a sharded checkpoint is written as a folder of the same shards; sparse HDF5 "
-                        f"output takes one weight file")
-    _check_paths(src, dst, force, folder=sharded)
+    _check_paths(src, dst, force, folder=sharded and not sparse)
     if compression is not None and not sparse:
         raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
     if compression not in (None, "gzip", "lzf"):
@@ -280,14 +288,14 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                 attrs = {"tool_version": _version.__version__,
                          "created": datetime.datetime.now(datetime.UTC).isoformat(),
                          "source_file": os.path.abspath(src), "source_format": reader.format,
-                         "source_sha256": _background(sha256_of, src), "source_bytes": os.path.getsize(src),
+                         "source_sha256": _background(sha256_of, src), "source_bytes": bytes_of(src),
                          "criterion": criterion or ("magnitude" if scores is None else "scores file"),
                          "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
                          "normalize": normalize}
             result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
             if kind is not None:
                 result.format = kind
-            with (AtomicDir if sharded else AtomicPath)(dst, sync) as tmp:
+            with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync) as tmp:
                 _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
         finally:
             if score_file is not None:
@@ -494,10 +502,52 @@ def _write_folder(reader, tmp, tensor):
         shutil.copyfile(os.path.join(reader.folder, rel), target)
 
 
+def _json_dataset(group, name, value):
+    """JSON as a uint8 dataset: no 64 KiB limit, as attributes have."""
+    group.create_dataset(name, data=np.frombuffer(json.dumps(value).encode(), np.uint8))
+
+
+def _stream_into(group, name, path):
+    """A file's bytes as a uint8 dataset, 1 MiB at a time."""
+    size = os.path.getsize(path)
+    ds = group.create_dataset(name, (size,), np.uint8)
+    with open(path, "rb") as f:
+        done = 0
+        while chunk := f.read(1 << 20):
+            ds[done:done + len(chunk)] = np.frombuffer(chunk[:size - done], np.uint8)
+            done += len(chunk)
+    return ds
+
+
 def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
     w = SparseWriter(tmp, attrs, compression)
     try:
         c = w.container
+        if isinstance(reader, ShardedCheckpoint):  # one file for the model; densify rebuilds the folder
+            c.attrs["kind"] = "sharded"
+            c.attrs["shard_kind"] = reader.kind
+            _json_dataset(c, "order", list(reader.entries))
+            layout = {}
+            for shard in reader.shards:
+                names = reader.names_in(shard)
+                src = reader.reader(shard)
+                layout[shard] = {"names": names, "metadata": getattr(src, "metadata", None) or None,
+                                 "dtypes": {n: src.header[n][0] for n in names} if reader.kind == "safetensors"
+                                 else None}
+            _json_dataset(c, "shards", layout)
+            files = c.create_group("files")
+            for i, rel in enumerate(([reader.index_name] if reader.index_name else []) + reader.other_files()):
+                _stream_into(files, str(i), os.path.join(reader.folder, rel)).attrs["path"] = rel
+            raw_g = c.create_group("raw")
+            for i, (name, e) in enumerate(reader.entries.items()):
+                if name in pruned:
+                    _, a, mask = step(name, True)
+                    w.add(e, _csr_for_file(a, e), mask)
+                else:
+                    ds = raw_g.create_dataset(str(i), data=reader.raw(name))
+                    ds.attrs["name"] = name
+                    ds.attrs["dtype"] = e.dtype
+            return
         if isinstance(reader, H5File) and reader.format != "sparse":
             c.attrs["kind"] = "keras" if isinstance(reader, KerasZip) else "hdf5"
             by_path = {reader.dataset_path(n): n for n in pruned}
@@ -562,16 +612,18 @@ def _csr_for_file(a, entry):
 def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileResult:
     """Write a sparse HDF5 file back in the format it was pruned from
     (dense, zeros where pruned): bit for bit the masked weights."""
-    _check_paths(src, dst, force)
     with open_weights(src) as reader:
+        _check_paths(src, dst, force, folder=isinstance(reader, SparseFile) and reader.kind == "sharded")
         if not isinstance(reader, SparseFile):
             raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
                             f"output of 'sparsecore prune ... -o X.sparse.h5'")
         result = FileResult(os.fspath(src), os.fspath(dst), reader.kind)
         h = reader.h5
         c = h["container"]
-        with AtomicPath(dst, sync) as tmp:
-            if reader.kind in ("hdf5", "keras"):
+        with (AtomicDir if reader.kind == "sharded" else AtomicPath)(dst, sync) as tmp:
+            if reader.kind == "sharded":
+                _densify_folder(reader, c, tmp)
+            elif reader.kind in ("hdf5", "keras"):
                 paths = {as_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
 
                 def replace(path):
@@ -601,8 +653,33 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
         result.summary = [TensorSummary(n, e.shape, e.size, e.size - int(reader.mask(n).sum()), reader.nnz(n),
                                         e.nbytes, 0) for n, e in reader.entries.items() if n in reader.pruned]
     result.input_bytes = os.path.getsize(src)
-    result.output_bytes = os.path.getsize(dst)
+    result.output_bytes = bytes_of(dst)
     return result
+
+
+def _densify_folder(reader, c, tmp):
+    """The model folder a sharded checkpoint's sparse file was made from: every shard under its
+    own name (safetensors dtypes and metadata as they were), the index and the other files."""
+    layout = json.loads(c["shards"][()].tobytes().decode())
+    for shard, info in layout.items():
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise UserError(f"{reader.path}: shard name {shard!r} is not a plain file name; the file is damaged")
+        target = os.path.join(tmp, shard)
+        if as_str(c.attrs["shard_kind"]) == "safetensors":
+            items = [(n, info["dtypes"][n], reader.entries[n].shape, lambda n=n: reader.raw(n)) for n in info["names"]]
+            with open(target, "wb") as f:
+                st.write(f, items, info["metadata"])
+        else:
+            write_torch(((n, reader.raw(n), reader.entries[n]) for n in info["names"]), target)
+    for key in c["files"]:
+        ds = c["files"][key]
+        rel = as_str(ds.attrs["path"])
+        parts = rel.replace("\\", "/").split("/")
+        if os.path.isabs(rel) or ".." in parts:
+            raise UserError(f"{reader.path}: carried file {rel!r} would leave the output folder; the file is damaged")
+        os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
+        with open(os.path.join(tmp, rel), "wb") as f:
+            _dataset_writer(ds)(f)
 
 
 def _dataset_writer(ds):

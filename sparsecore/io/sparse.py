@@ -134,7 +134,7 @@ class SparseFile(WeightFile):
             self.inner = H5File(self.path, group=c["h5"])
             self.entries = dict(self.inner.entries)
         else:
-            order = json.loads(as_str(c.attrs["order"]))
+            order = json.loads(c["order"][()].tobytes().decode() if "order" in c else as_str(c.attrs["order"]))
             for key in c.get("raw", {}):
                 g = c["raw"][key]
                 self.raw_groups[as_str(g.attrs["name"])] = g
