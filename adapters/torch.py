@@ -775,7 +775,7 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
                      refit: str | None = None, order: str = "block", dense_target: float = 0.0,
-                     dense_batches: int | None = None, progress=None) -> sc.PruneResult:
+                     dense_batches: int | None = None, dense_layers=None, progress=None) -> sc.PruneResult:
     """Prune a model block by block, each from the inputs that the already
     pruned blocks before it produce, and repair each layer (SparseGPT's
     sequential calibration, for any model).
@@ -842,6 +842,11 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         on their tokens (scaled to all of them); ``H`` still comes from every
         batch. Fewer dense forward passes and products, a noisier cross
         term (None: every batch).
+    dense_layers : iterable of str, optional
+        With ``dense_target``: the layers (weight names, fnmatch patterns) whose
+        repair aims toward the dense model; the others keep SparseGPT's
+        objective and skip the cross products (None: all). A group of layers
+        sharing one input follows its first layer.
     progress : callable (done, total, name), optional
 
     Returns
@@ -908,7 +913,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                     raise _Stop
                 groups.append([n])
                 member[n] = len(groups) - 1
-                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0], cross=cross)
+                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0], cross=cross and (
+                    dense_layers is None or any(fnmatch.fnmatchcase(leaves[n][0], p) for p in dense_layers)))
                 sums[n] = _GramSum(accs[n])
                 state["held"] = x  # the tensor held: an id alone can be reused once it is freed
             elif n not in member:
@@ -918,7 +924,7 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
             group = groups[member[n]]
             if n == group[0]:
                 rows = leaves[n][3]
-                dense = state["dense"].get(n)
+                dense = state["dense"].get(n) if accs[n].has_cross else None
                 sums[n].add(rows(x, state["mask"]), None if dense is None else rows(dense, state["mask"]))
             if state["formed"] and not whole and n == group[-1]:
                 raise _Stop  # the group has its inputs: the rest of the forward is not needed

@@ -128,11 +128,12 @@ def run_llmcompressor(model, calib, target, which):
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
 
 
-def run_ours(model, calib, target, refit=None, order="block", dense_target=0.0, dense_batches=None):
+def run_ours(model, calib, target, refit=None, order="block", dense_target=0.0, dense_batches=None,
+             dense_layers=None):
     data = [{"input_ids": calib[i:i + 1]} for i in range(calib.shape[0])]
     kw = dict(pattern="2:4") if target == "2:4" else dict(sparsity=target)
     sct.prune_sequential(model, data, include=layer_names(model), refit=refit, order=order, dense_target=dense_target,
-                         dense_batches=dense_batches, **kw)
+                         dense_batches=dense_batches, dense_layers=dense_layers, **kw)
 
 
 def owl_sparsities(model, calib, target):
@@ -170,6 +171,8 @@ METHODS = {
     "sparsecore sparsegpt": run_ours,
     "sparsecore sparsegpt, order=layer": lambda m, c, t: run_ours(m, c, t, order="layer"),
     "sparsecore sparsegpt, dense_target=0.25": lambda m, c, t: run_ours(m, c, t, dense_target=0.25),
+    "sparsecore sparsegpt, dense_target=0.25 on q/k/v, gate/up":
+        lambda m, c, t: run_ours(m, c, t, dense_target=0.25, dense_layers=["*q_proj*", "*gate_proj*"]),
     "sparsecore sparsegpt, dense_target=0.25 on 8 batches":
         lambda m, c, t: run_ours(m, c, t, dense_target=0.25, dense_batches=8),
     "sparsecore OWL allocation + sparsegpt": run_owl,

@@ -253,6 +253,22 @@ def test_dense_target_aims_every_block_toward_the_dense_model(rng, kind):
                        target=dense, a=0.5)
 
 
+def test_dense_layers_choose_which_layers_aim_at_the_dense_model(rng):
+    """dense_layers=["*q_proj*"]: q/k/v (one group, led by q_proj) aim toward the dense model, the other
+    layers keep SparseGPT's objective; each redone by hand."""
+    model = _tiny("decoder")
+    dense = copy.deepcopy(model)
+    data = _batches(rng, [10, 14])
+    r = sct.prune_sequential(model, data, sparsity=0.5, dense_target=0.5, dense_layers=["*q_proj*"])
+    hybrid = copy.deepcopy(dense)
+    hybrid.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    block = [k for k in r.masks if "layers.1." in k]
+    qkv = [k for k in block if any(p in k for p in ("q_proj", "k_proj", "v_proj"))]
+    assert len(qkv) == 3
+    _assert_redone(model, dense, hybrid, qkv, data, target=dense, a=0.5)
+    _assert_redone(model, dense, hybrid, [k for k in block if k not in qkv], data)
+
+
 def test_dense_batches_form_the_cross_term_on_the_first_batches(rng):
     """dense_batches=k: H from every batch, the cross term from the first k batches, scaled to all."""
     model = _tiny("decoder")
