@@ -17,7 +17,7 @@ import threading
 from numba.core import event as _numba_event
 
 from . import __version__
-from .io.offline import HIGH_SPARSITY, SAFE_CAP
+from .io.offline import HIGH_SPARSITY, SAFE_CAP, default_max_sparsity
 
 _EPILOG = """examples:
   sparsecore prune                                  prune the embedded default model (90%, global)
@@ -210,7 +210,7 @@ def _check_prune_flags(args, parser):
         if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
             parser.error(f"prune: {flag} must lie in [0, 1], got {value}")
     if args.max_sparsity is None:  # safe by default: where the caps bind, no tensor is emptied
-        args.max_sparsity = SAFE_CAP if (args.scope == "global" or args.threshold is not None) else 1.0
+        args.max_sparsity = default_max_sparsity(args.scope, args.threshold)
         if args.scope == "global" and args.sparsity is not None and args.sparsity > SAFE_CAP:
             parser.error(f"prune: --sparsity {args.sparsity} in global scope is above the default per-tensor cap "
                          f"{SAFE_CAP}; pass --max-sparsity 1 to allow tensors to be emptied")

@@ -71,6 +71,12 @@ SAFE_CAP = 0.99
 HIGH_SPARSITY = 0.95
 
 
+def default_max_sparsity(scope, threshold):
+    """The per-tensor cap when none is given: :data:`SAFE_CAP` where caps bind (global scope,
+    thresholds), 1 where each tensor gets exactly the sparsity asked."""
+    return SAFE_CAP if (scope == "global" or threshold is not None) else 1.0
+
+
 class UserError(ValueError):
     """An error in what the user asked for (the command line prints it in one line)."""
 
@@ -180,14 +186,9 @@ def _background(fn, *args):
     return result
 
 
-def sha256_of(path):
-    """SHA-256 of a file, or of a model folder's index and shards in their order (one stream)."""
+def sha256_of(*files):
+    """SHA-256 of a file, or of several read as one stream (a model folder's index and shards)."""
     h = hashlib.sha256()
-    if is_checkpoint_path(path):
-        with ShardedCheckpoint(path) as r:
-            files = [os.path.join(r.folder, n) for n in ([r.index_name] if r.index_name else []) + r.shards]
-    else:
-        files = [path]
     for p in files:
         with open(p, "rb") as f:
             while chunk := f.read(1 << 22):
@@ -249,7 +250,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     FileResult
     """
     if max_sparsity is None:
-        max_sparsity = SAFE_CAP if (scope == "global" or threshold is not None) else 1.0
+        max_sparsity = default_max_sparsity(scope, threshold)
     try:  # prune()'s own checks and messages, before any file is read
         check_options(sparsity, threshold, scope, normalize, None)
     except (TypeError, ValueError) as exc:
@@ -288,7 +289,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                 attrs = {"tool_version": _version.__version__,
                          "created": datetime.datetime.now(datetime.UTC).isoformat(),
                          "source_file": os.path.abspath(src), "source_format": reader.format,
-                         "source_sha256": _background(sha256_of, src), "source_bytes": bytes_of(src),
+                         "source_sha256": _background(sha256_of, *(reader.weight_files() if sharded else [src])),
+                         "source_bytes": bytes_of(src),
                          "criterion": criterion or ("magnitude" if scores is None else "scores file"),
                          "scope": scope, "sparsity": json.dumps(sparsity), "threshold": json.dumps(threshold),
                          "normalize": normalize}
@@ -507,15 +509,16 @@ def _json_dataset(group, name, value):
     group.create_dataset(name, data=np.frombuffer(json.dumps(value).encode(), np.uint8))
 
 
-def _stream_into(group, name, path):
-    """A file's bytes as a uint8 dataset, 1 MiB at a time."""
-    size = os.path.getsize(path)
+def _stream_into(group, name, fin, size, what):
+    """The ``size`` bytes of the open binary file ``fin`` as a uint8 dataset, 1 MiB at a time;
+    more bytes than declared are refused (``what`` names the source)."""
     ds = group.create_dataset(name, (size,), np.uint8)
-    with open(path, "rb") as f:
-        done = 0
-        while chunk := f.read(1 << 20):
-            ds[done:done + len(chunk)] = np.frombuffer(chunk[:size - done], np.uint8)
-            done += len(chunk)
+    done = 0
+    while chunk := fin.read(1 << 20):
+        if done + len(chunk) > size:
+            raise UserError(f"{what} holds more bytes than its declared {size}")
+        ds[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        done += len(chunk)
     return ds
 
 
@@ -537,16 +540,10 @@ def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
             _json_dataset(c, "shards", layout)
             files = c.create_group("files")
             for i, rel in enumerate(([reader.index_name] if reader.index_name else []) + reader.other_files()):
-                _stream_into(files, str(i), os.path.join(reader.folder, rel)).attrs["path"] = rel
-            raw_g = c.create_group("raw")
-            for i, (name, e) in enumerate(reader.entries.items()):
-                if name in pruned:
-                    _, a, mask = step(name, True)
-                    w.add(e, _csr_for_file(a, e), mask)
-                else:
-                    ds = raw_g.create_dataset(str(i), data=reader.raw(name))
-                    ds.attrs["name"] = name
-                    ds.attrs["dtype"] = e.dtype
+                path = os.path.join(reader.folder, rel)
+                with open(path, "rb") as fin:
+                    _stream_into(files, str(i), fin, os.path.getsize(path), path).attrs["path"] = rel
+            _tensors_into(w, c, reader, step, pruned)
             return
         if isinstance(reader, H5File) and reader.format != "sparse":
             c.attrs["kind"] = "keras" if isinstance(reader, KerasZip) else "hdf5"
@@ -567,17 +564,10 @@ def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
                 with zipfile.ZipFile(reader.zip_path) as zf:
                     for i, (name, _) in enumerate(reader.members):
                         if name != "model.weights.h5":  # streamed into the dataset, 1 MiB at a time
-                            size = zf.getinfo(name).file_size
-                            ds = z.create_dataset(str(i), (size,), np.uint8)
                             try:
                                 with zf.open(name) as fin:
-                                    done = 0
-                                    while chunk := fin.read(1 << 20):
-                                        if done + len(chunk) > size:
-                                            raise UserError(f"{reader.zip_path}: member {name} holds more bytes "
-                                                            f"than its declared {size}")
-                                        ds[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
-                                        done += len(chunk)
+                                    _stream_into(z, str(i), fin, zf.getinfo(name).file_size,
+                                                 f"{reader.zip_path}: member {name}")
                             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
                                 raise UserError(f"{reader.zip_path}: member {name} cannot be read ({exc}); the "
                                                 f"archive is truncated or corrupt") from None
@@ -589,17 +579,23 @@ def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
             hdr = reader.header_bytes if isinstance(reader, SafeTensorsFile) else None
             if hdr is not None:
                 c.create_dataset("header", data=np.frombuffer(hdr, np.uint8))
-        raw_g = c.create_group("raw")
-        for i, (name, e) in enumerate(reader.entries.items()):
-            if name in pruned:
-                _, a, mask = step(name, True)
-                w.add(e, _csr_for_file(a, e), mask)
-            else:
-                ds = raw_g.create_dataset(str(i), data=reader.raw(name))
-                ds.attrs["name"] = name
-                ds.attrs["dtype"] = e.dtype
+        _tensors_into(w, c, reader, step, pruned)
     finally:
         w.close()
+
+
+def _tensors_into(w, c, reader, step, pruned):
+    """Every tensor of a flat (non-HDF5) reader, in its order: the pruned ones as CSR, the others
+    as they are stored (``raw/<index>``, named)."""
+    raw_g = c.create_group("raw")
+    for i, (name, e) in enumerate(reader.entries.items()):
+        if name in pruned:
+            _, a, mask = step(name, True)
+            w.add(e, _csr_for_file(a, e), mask)
+        else:
+            ds = raw_g.create_dataset(str(i), data=reader.raw(name))
+            ds.attrs["name"] = name
+            ds.attrs["dtype"] = e.dtype
 
 
 def _csr_for_file(a, entry):

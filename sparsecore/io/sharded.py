@@ -172,10 +172,10 @@ class ShardedCheckpoint(WeightFile):
                     out.append(rel)
         return out
 
-    def bytes_on_disk(self):
-        """The shards' and the index's bytes."""
-        names = self.shards + ([self.index_name] if self.index_name else [])
-        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in names)
+    def weight_files(self):
+        """Paths of the index (if any) and the shards, in that order."""
+        names = ([self.index_name] if self.index_name else []) + self.shards
+        return [os.path.join(self.folder, n) for n in names]
 
     def close(self):
         """Release every open shard."""
