@@ -857,14 +857,9 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         changed is restored before the error is raised (a copy of the pruned
         weights is held meanwhile).
     """
-    scope = check_layer_options(method, sparsity, pattern, scope, update)
+    scope = check_layer_options(method, sparsity, pattern, scope, update, dense_target)
     if order not in ("layer", "block"):
         raise ValueError(f"order must be 'layer' or 'block', got {order!r}")
-    if isinstance(dense_target, bool) or not isinstance(dense_target, (int, float)) or not 0 <= dense_target <= 1:
-        raise ValueError(f"dense_target must be a number in [0, 1], got {dense_target!r}")
-    if dense_target and method != "sparsegpt" and update is None:
-        raise ValueError(f"dense_target reaches toward the dense model's outputs through the update of the kept "
-                         f"weights; method={method!r} needs update= ('obs', 'refit' or 'obs+refit')")
     cross = dense_target > 0
     if dense_batches is not None and (isinstance(dense_batches, bool) or not isinstance(dense_batches, int)
                                       or dense_batches < 1):
@@ -955,7 +950,7 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                 w = w.astype(np.float32)
             r = sc.prune_layer(key, w, accs[n], method=method, sparsity=sparsity, pattern=pattern, scope=scope,
                                update=update, damp=damp, blocksize=blocksize, refit=refit,
-                               dense_target=dense_target or 1.0)
+                               dense_target=dense_target)
             backup.setdefault(key, p.detach().clone())
             with torch.no_grad():
                 p.copy_(torch.as_tensor(r.dense(key)).to(dtype=p.dtype, device=p.device))

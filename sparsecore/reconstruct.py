@@ -324,18 +324,18 @@ def _hessian_of(h, name, features):
             H = _hessian_of(h.hessian(), name, features)
             H.flags.writeable = False
             h._memo["H"] = H
-        H = h._memo["H"]
-        if H.shape != (features, features):
-            raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
-                             f"features: ({features}, {features}) needed")
-        return H
-    H = as_float_array(h, name, "Hessian").astype(np.float64)
-    if H.shape != (features, features):
-        raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
-                         f"features: ({features}, {features}) needed")
+        return _check_shape(h._memo["H"], name, features)  # another layer sharing it may read other features
+    H = _check_shape(as_float_array(h, name, "Hessian").astype(np.float64), name, features)
     if not np.isfinite(H).all():
         bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(H).reshape(-1))
         raise nonfinite_error(name, "Hessian", H, bad, first)
+    return H
+
+
+def _check_shape(H, name, features):
+    if H.shape != (features, features):
+        raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
+                         f"features: ({features}, {features}) needed")
     return H
 
 
@@ -725,10 +725,11 @@ LAYER_METHODS = ("sparsegpt", "wanda", "magnitude", "obs")
 LAYER_UPDATES = (None, "obs", "refit", "obs+refit")
 
 
-def check_layer_options(method, sparsity, pattern, scope, update) -> str:
+def check_layer_options(method, sparsity, pattern, scope, update, dense_target=0.0) -> str:
     """Check the options of a sequential calibration before any layer is
     touched; returns the scope (``"row"`` for wanda, as its authors rank,
-    ``"local"`` otherwise, unless given)."""
+    ``"local"`` otherwise, unless given). ``dense_target`` above 0 works
+    through the update, so a method that selects only needs ``update``."""
     if method not in LAYER_METHODS:
         raise ValueError(f"method must be one of {list(LAYER_METHODS)}, got {method!r}")
     if update not in LAYER_UPDATES:
@@ -741,6 +742,9 @@ def check_layer_options(method, sparsity, pattern, scope, update) -> str:
     if scope not in ("local", "row"):
         raise ValueError(f"scope must be 'local' or 'row' (global allocation needs every layer at once), got "
                          f"{scope!r}")
+    if _check_dense_target(dense_target) and method != "sparsegpt" and update is None:
+        raise ValueError(f"dense_target reaches toward the dense model's outputs through the update of the kept "
+                         f"weights; method={method!r} needs update= ('obs', 'refit' or 'obs+refit')")
     return scope
 
 
