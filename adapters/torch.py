@@ -752,13 +752,6 @@ class _GramSum:
                 self.cross_count += part.shape[0]
             self.count += part.shape[0]
 
-    def gram(self):
-        """The full symmetric sum from its lower triangle of tiles."""
-        full = self.sum + self.sum.T
-        for r0, r1 in self.tiles:  # diagonal tiles were formed whole: undo their doubling
-            full[r0:r1, r0:r1] = self.sum[r0:r1, r0:r1]
-        return full
-
     def flush(self):
         """Hand the sums over; a cross term formed on part of the tokens
         (``dense_batches``) is scaled to all of them."""
@@ -766,7 +759,7 @@ class _GramSum:
             cross = None
             if self.cross is not None:
                 cross = _host(self.cross) * (self.count / self.cross_count if self.cross_count else 0.0)
-            self.acc.update_gram(_host(self.gram()), self.count, cross)
+            self.acc.update_gram(_host(self.sum), self.count, cross, triangle="lower")  # no mirror copy
         self.sum, self.cross, self.count, self.cross_count = None, None, 0, 0
         return self.acc
 

@@ -167,14 +167,30 @@ class HessianAccumulator:
         self._memo = {}
         return self
 
-    def update_gram(self, gram: ArrayLike, count: int, cross: ArrayLike | None = None) -> "HessianAccumulator":
+    def update_gram(self, gram: ArrayLike, count: int, cross: ArrayLike | None = None, *,
+                    triangle: str = "both") -> "HessianAccumulator":
         """Add ``Σ x xᵀ`` of ``count`` inputs formed elsewhere: by a framework
         in its own thread pool (the PyTorch adapter does, so that BLAS and
         the framework do not fight over the cores), or on a GPU, where only
-        the ``d_in²`` product crosses to the host. ``gram`` is symmetric,
-        ``(features, features)``; one triangle is read. ``cross``: with
-        ``cross=True`` (and only then), ``Σ (x − x̂) x̂ᵀ`` of the same inputs."""
-        g = self._square(gram, "Gram matrix", "inputs (their Gram matrix)")
+        the ``d_in²`` product crosses to the host. ``gram``: ``(features,
+        features)``, symmetric (``triangle="both"``: one triangle is read),
+        or only its ``"upper"`` or ``"lower"`` triangle (with the diagonal)
+        holds the sum, as BLAS ``syrk`` leaves it, and the other is not read:
+        no copy is made to mirror it. ``cross``: with ``cross=True`` (and only
+        then), ``Σ (x − x̂) x̂ᵀ`` of the same inputs."""
+        if triangle not in ("both", "upper", "lower"):
+            raise ValueError(f"triangle must be 'both', 'upper' or 'lower', got {triangle!r}")
+        g = self._square(gram, "Gram matrix", None)
+        # the sum is kept in the upper triangle, Fortran-ordered: add gram or its transpose, whichever holds
+        # the sum there, in that memory order when it may choose (a strided add runs several times slower)
+        t = g.T if triangle == "lower" or (triangle == "both" and g.flags.c_contiguous) else g
+        if not np.isfinite(g).all():
+            if triangle != "both":  # only a value in the triangle read is an error
+                g = np.tril(g) if triangle == "lower" else np.triu(g)
+                t = g.T if triangle == "lower" else g
+            if not np.isfinite(g).all():
+                bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
+                raise nonfinite_error(self.name, "inputs (their Gram matrix)", g, bad, first)
         if not is_integer(count) or count < 0:
             raise ValueError(f"count for {self.name!r} must be an integer >= 0, got {count!r}")
         if (cross is None) == self.has_cross:
@@ -182,9 +198,7 @@ class HessianAccumulator:
                 "keeps the cross term (cross=True): pass cross=, the sum of (x_dense - x) x^T" if self.has_cross
                 else "has no cross term: cross= needs HessianAccumulator(..., cross=True)"))
         c = None if cross is None else self._square(cross, "cross term", "inputs (their cross term)")
-        # g is symmetric: add it in the memory order of the sum (Fortran), through its transpose when
-        # it is C-ordered (a strided add runs several times slower); the lower triangle is never read
-        self._upper += g.T if g.flags.c_contiguous else g
+        self._upper += t  # below the diagonal of the sum: never read
         if c is not None:
             self._cross += c
         self.count += int(count)
@@ -192,11 +206,13 @@ class HessianAccumulator:
         return self
 
     def _square(self, m, what, bad_what):
+        """``m`` as a float array of the accumulator's square shape; checked for finite values unless
+        ``bad_what`` is None."""
         g = as_float_array(m, self.name, what)
         if g.shape != (self.features, self.features):
             raise ValueError(f"the {what} of {self.name!r} has shape {g.shape}; ({self.features}, "
                              f"{self.features}) needed")
-        if not np.isfinite(g).all():
+        if bad_what is not None and not np.isfinite(g).all():
             bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
             raise nonfinite_error(self.name, bad_what, g, bad, first)
         return g
@@ -314,37 +330,54 @@ def _back(rows, like, layout):
     return np.ascontiguousarray(a.reshape(like.shape)).astype(like.dtype, copy=False)
 
 
+def _source(h, name, features):
+    """``h`` checked: an accumulator that has seen inputs of ``features``
+    features (its values were checked as they came in; ``H`` is formed only
+    when a step needs it whole), or an array as a checked float64 ``(features,
+    features)`` array."""
+    if isinstance(h, HessianAccumulator):
+        if h.count == 0:
+            raise ValueError(f"the Hessian of {name!r} has seen no inputs: update it with calibration inputs first")
+        _check_shape((h.features, h.features), name, features)  # another layer sharing it may read others
+        return h
+    return _hessian_of(h, name, features)
+
+
 def _hessian_of(h, name, features):
     """``h`` (an accumulator or an array) as a checked float64 ``(features, features)`` array. An
     accumulator's is formed once (read-only) for every layer that shares it until it is updated."""
     if isinstance(h, HessianAccumulator):
-        if h.count == 0:
-            raise ValueError(f"the Hessian of {name!r} has seen no inputs: update it with calibration inputs first")
+        _source(h, name, features)
         if "H" not in h._memo:
-            H = _hessian_of(h.hessian(), name, features)
-            H.flags.writeable = False
-            h._memo["H"] = H
-        return _check_shape(h._memo["H"], name, features)  # another layer sharing it may read other features
-    H = _check_shape(as_float_array(h, name, "Hessian").astype(np.float64), name, features)
+            h._memo["H"] = h.hessian()  # a new array, of values checked on the way in
+            h._memo["H"].flags.writeable = False
+        return h._memo["H"]
+    H = as_float_array(h, name, "Hessian").astype(np.float64)
+    _check_shape(H.shape, name, features)
     if not np.isfinite(H).all():
         bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(H).reshape(-1))
         raise nonfinite_error(name, "Hessian", H, bad, first)
     return H
 
 
-def _check_shape(H, name, features):
-    if H.shape != (features, features):
-        raise ValueError(f"the Hessian of {name!r} has shape {H.shape}, but its weights read {features} input "
+def _full(src, name, features):
+    """The whole ``H`` of a source checked by :func:`_source`."""
+    return _hessian_of(src, name, features) if isinstance(src, HessianAccumulator) else src
+
+
+def _check_shape(shape, name, features):
+    if shape != (features, features):
+        raise ValueError(f"the Hessian of {name!r} has shape {shape}, but its weights read {features} input "
                          f"features: ({features}, {features}) needed")
-    return H
 
 
-def _inverse_factor(H, damp, name, source=None):
+def _inverse_factor(src, damp, name):
     """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H`` damped: ``damp``
     times its mean diagonal added, dead inputs (zero diagonal) made
     independent; ``H⁻¹ = UᵀU``), as SparseGPT sweeps with, and the dead
-    inputs; kept on ``source`` (the accumulator of ``H``) for the layers that
-    share it.
+    inputs; ``src`` checked by :func:`_source`. An accumulator's is kept for
+    the layers that share it, and formed from the triangle of its sum (the
+    whole ``H`` is not needed).
 
     Without forming ``H⁻¹``: with ``J`` the reversal of the columns and
     ``JHJ = MMᵀ`` (Cholesky, ``M`` lower), ``U = J M⁻¹ J`` is upper triangular
@@ -354,9 +387,12 @@ def _inverse_factor(H, damp, name, source=None):
     """
     if damp < 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
-    memo = source._memo if isinstance(source, HessianAccumulator) else {}
+    acc = isinstance(src, HessianAccumulator)
+    memo = src._memo if acc else {}
     if ("factor", damp) not in memo:
-        A, dead = cpu_reconstruct.damped_reversed(np.ascontiguousarray(H), float(damp))
+        # the upper triangle of a Fortran-ordered H: the accumulator's sum, or a symmetric C-ordered H transposed
+        upper = src._upper if acc else np.ascontiguousarray(src).T
+        A, dead = cpu_reconstruct.damped_reversed(upper, float(damp))
         M, info = la.lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)
         if info > 0:
             raise ValueError(f"the Hessian of {name!r} is singular" + (" without damping; pass damp > 0 (e.g. 0.01)"
@@ -385,8 +421,7 @@ def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str
     """
     w = as_float_array(weights, name)
     rows = _rows_of(w, layout, name)
-    H = _hessian_of(hessian, name, rows.shape[1])
-    U, _ = _inverse_factor(H, damp, name, hessian)
+    U, _ = _inverse_factor(_source(hessian, name, rows.shape[1]), damp, name)
     hinv_diag = np.einsum("ij,ij->j", U, U)  # diag(UᵀU)
     return _back(rows ** 2 / hinv_diag[None, :] ** 2, np.empty(w.shape, np.float64), layout)
 
@@ -409,7 +444,7 @@ def _check_dense_target(a):
     return float(a)
 
 
-def _target_rows(rows, source, H, damp, name, a):
+def _target_rows(rows, source, damp, name, a):
     """The weights the repair aims at: ``rows`` itself, or, when ``source``
     keeps the cross term ``G = Σ (x − x̂) x̂ᵀ``, the dense layer that best gives
     the target ``T = W X̂ + a·W (X − X̂)`` (``a = 1``: the dense model's
@@ -420,7 +455,7 @@ def _target_rows(rows, source, H, damp, name, a):
     taken out of the sweep; its authors weigh the correction by 0.25)."""
     if not (isinstance(source, HessianAccumulator) and source.has_cross) or a == 0:
         return rows
-    U, _ = _inverse_factor(H, damp, name, source)
+    U, _ = _inverse_factor(source, damp, name)
     if "G" not in source._memo:
         source._memo["G"] = source.cross_term()
     # (W G)(Uᵀ U) with U triangular: two BLAS trmm, half the work of two full products
@@ -604,7 +639,7 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
     _check_blocksize(blocksize)
     prepared = _prepare(weights, hessians, layouts)
     updated, out_masks = {}, {}
-    for n, (w, rows, H, layout) in prepared.items():
+    for n, (w, rows, src, layout) in prepared.items():
         if n not in masks:
             raise ValueError(f"masks lack tensor {n!r}; give a mask for every layer to reconstruct")
         m = np.asarray(masks[n])
@@ -618,12 +653,13 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
         if method == "none" and isinstance(hessians[n], HessianAccumulator) and hessians[n].has_cross:
             raise ValueError(f"the accumulator of {n!r} keeps the cross term, which only an update uses; pass "
                              f"method='obs', 'refit' or 'obs+refit'")
-        rows = new = _target_rows(rows, hessians[n], H, damp, n, dense_target)
+        rows = new = _target_rows(rows, src, damp, n, dense_target)
         if method in ("obs", "obs+refit"):
-            U, _ = _inverse_factor(H, damp, n, hessians[n])
+            U, _ = _inverse_factor(src, damp, n)
             new, _ = _sweep(rows, U, prune, blocksize=blocksize)
         if method in ("refit", "obs+refit"):
-            new = _refit(rows, H, prune, damp, refit, start=new if method == "obs+refit" else None)
+            new = _refit(rows, _full(src, n, rows.shape[1]), prune, damp, refit,
+                         start=new if method == "obs+refit" else None)
         new = np.where(prune, 0.0, new)
         updated[n] = _back(new, w, layout)
         out_masks[n] = _back(~prune, np.empty(w.shape, np.bool_), layout)
@@ -664,19 +700,19 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
     _check_blocksize(blocksize)
     prepared = _prepare(weights, hessians, layouts)
     updated, out_masks = {}, {}
-    for n, (w, rows, H, layout) in prepared.items():
+    for n, (w, rows, src, layout) in prepared.items():
         s = None
         if nm is None:
             s = check_fraction(sparsity[n] if isinstance(sparsity, Mapping) else sparsity, n)
         elif rows.shape[1] % nm[1]:
             raise ValueError(f"{nm[0]}:{nm[1]} pattern of {n!r}: its {rows.shape[1]} input features are not a "
                              f"multiple of {nm[1]}")
-        U, _ = _inverse_factor(H, damp, n, hessians[n])
-        rows = _target_rows(rows, hessians[n], H, damp, n, dense_target)
+        U, _ = _inverse_factor(src, damp, n)
+        rows = _target_rows(rows, src, damp, n, dense_target)
         block = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])  # whole groups per block
         new, prune = _sweep(rows, U, sparsity=s, nm=nm, blocksize=block)
         if refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
-            new = np.where(prune, 0.0, _refit(rows, H, prune, damp, refit, start=new))
+            new = np.where(prune, 0.0, _refit(rows, _full(src, n, rows.shape[1]), prune, damp, refit, start=new))
         updated[n] = _back(new, w, layout)
         out_masks[n] = _back(~prune, np.empty(w.shape, np.bool_), layout)
     return _result(weights, updated, out_masks)
@@ -703,7 +739,7 @@ def _prepare(weights, hessians, layouts):
         if not np.isfinite(arr).all():
             bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(arr).reshape(-1))
             raise nonfinite_error(n, "weights", arr, bad, first)
-        out[n] = (a, rows, _hessian_of(hessians[n], n, rows.shape[1]), layout)
+        out[n] = (a, rows, _source(hessians[n], n, rows.shape[1]), layout)
     return out
 
 
@@ -781,19 +817,19 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
                          blocksize=blocksize, refit=refit, layouts=layout, dense_target=dense_target)
     w = np.asarray(weights)
     rows = _rows_of(w, layout, name)  # (out, in): N:M groups and rows run along the layer's inputs
-    H = _hessian_of(hessian, name, rows.shape[1])
+    src = _source(hessian, name, rows.shape[1])
     if isinstance(hessian, HessianAccumulator) and hessian.has_cross:
         if update is None:
             raise ValueError(f"the accumulator of {name!r} keeps the cross term, which only an update uses; pass "
                              f"update='obs', 'refit' or 'obs+refit'")
-        rows = _target_rows(rows, hessian, H, damp, name, _check_dense_target(dense_target))  # select among
+        rows = _target_rows(rows, hessian, damp, name, _check_dense_target(dense_target))  # select among
         # the weights the update aims at
     if method == "magnitude":
         scores = None
     elif method == "wanda":
-        scores = {name: np.abs(rows) * np.sqrt(np.diag(H))[None, :]}
+        scores = {name: np.abs(rows) * np.sqrt(np.diag(_full(src, name, rows.shape[1])))[None, :]}
     else:
-        scores = {name: obs_saliency(rows, hessian, damp=damp)}
+        scores = {name: obs_saliency(rows, src, damp=damp)}
     kw = dict(pattern=pattern) if pattern is not None else dict(sparsity=sparsity, scope=scope)
     keep = prune({name: rows}, scores, **kw).masks[name]
     masks = {name: _back(keep, np.empty(w.shape, np.bool_), layout)}

@@ -306,3 +306,15 @@ def owl_sparsities(scores, groups, sparsity, m=5.0, lam=0.08):
         r = np.zeros(len(lod))
     keep = r - np.mean(r) + (1 - sparsity)
     return {n: 1 - keep[labels.index(groups[n])] for n in scores}
+
+
+def damped_reversed(H, damp):
+    """``J (H + λI) J`` with ``λ = damp ·`` mean diagonal (a dead input, zero diagonal, counted as 1 and made
+    independent first), and the dead inputs."""
+    H = np.array(H, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    H[dead, dead] = 1.0
+    lam = damp * float(np.mean(np.diag(H))) if len(H) else 0.0
+    return (H + lam * np.eye(len(H)))[::-1, ::-1], dead

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsecore as sc
+from sparsecore._kernels import cpu_reconstruct
 from sparsecore.io import open_weights, prune_file
 
 from . import reference as ref
@@ -69,6 +70,42 @@ def test_gram_updates_equal_input_updates(rng):
     with pytest.raises(ValueError, match=r"'fc' hold 1 NaN or Inf value \(first: Inf at index \(1, 2\)\)"):
         acc.update_gram(bad, 2)
     assert acc.count == 0 and not acc.hessian().any()
+
+
+@pytest.mark.parametrize("triangle", ["upper", "lower"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_gram_updates_read_one_triangle_only(rng, triangle, order):
+    X = rng.standard_normal((40, 9))
+    want = sc.HessianAccumulator(9).update(X)
+    g = X.T @ X
+    half = np.triu(g) if triangle == "upper" else np.tril(g)
+    other = np.tril(np.ones_like(g), -1) if triangle == "upper" else np.triu(np.ones_like(g), 1)
+    half = np.asarray(np.where(other > 0, np.nan, half), order=order)  # the triangle not read: anything
+    kept = half.copy()
+    got = sc.HessianAccumulator(9, name="fc").update_gram(half, 40, triangle=triangle)
+    np.testing.assert_allclose(got.hessian(), want.hessian(), rtol=1e-12)
+    np.testing.assert_array_equal(half, kept)  # the caller's array untouched
+    assert np.isfinite(got.state_dict()["hessian"]).all()
+    bad = kept.copy()
+    bad[(0, 3) if triangle == "upper" else (3, 0)] = np.inf
+    with pytest.raises(ValueError, match=r"'fc' hold 1 NaN or Inf value \(first: Inf at index \((0, 3|3, 0)\)\)"):
+        got.update_gram(bad, 1, triangle=triangle)
+    with pytest.raises(ValueError, match="triangle must be 'both', 'upper' or 'lower', got 'diag'"):
+        got.update_gram(g, 1, triangle="diag")
+    assert got.count == 40
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 70, 130])
+def test_damped_reversed_matches_its_reference(rng, n):
+    X = rng.standard_normal((3 * n + 1, n))
+    X[:, ::4] = 0.0  # dead inputs: every fourth
+    H = X.T @ X
+    upper = np.asfortranarray(np.triu(H) + np.tril(np.full_like(H, np.nan), -1))  # below the diagonal: not read
+    A, dead = cpu_reconstruct.damped_reversed(upper, 0.01)
+    want, want_dead = ref.damped_reversed(H, 0.01)
+    np.testing.assert_array_equal(dead, want_dead)
+    np.testing.assert_allclose(np.tril(A), np.tril(want), rtol=1e-14, atol=0)  # potrf reads the lower one only
+    assert A.flags.f_contiguous
 
 
 def test_shared_accumulators_factor_once_and_forget_on_update(rng):

@@ -71,24 +71,28 @@ def symmetric_from_upper(upper):
 
 
 @njit(cache=True, nogil=True)
-def damped_reversed(H, damp):
-    """``J (H + λI) J`` in Fortran order, ready for LAPACK's Cholesky (``J``
-    reverses the order of the inputs; ``H`` symmetric, C-ordered), with
-    ``λ = damp ·`` the mean diagonal; a dead input (zero diagonal) is made
-    independent of the others (its row and column zero, its diagonal 1,
-    before damping). Returns the matrix and the dead inputs."""
-    n = H.shape[0]
+def damped_reversed(upper, damp):
+    """The lower triangle of ``J (H + λI) J``, Fortran-ordered, ready for
+    LAPACK's Cholesky (``lower=1``: the strict upper triangle of the result
+    is left unwritten, and potrf does not read it). ``upper``: Fortran-ordered,
+    its upper triangle holds ``H`` (an accumulator's sum as kept, or the
+    transpose of a C-ordered symmetric ``H``); nothing below its diagonal is
+    read. ``J`` reverses the order of the inputs; ``λ = damp ·`` the mean
+    diagonal; a dead input (zero diagonal) is made independent of the others
+    (its row and column zero, its diagonal 1, before damping). Returns the
+    matrix and the dead inputs."""
+    n = upper.shape[0]
     dead = np.empty(n, np.bool_)
     total = 0.0
     for i in range(n):
-        dead[i] = H[i, i] == 0.0
-        total += 1.0 if dead[i] else H[i, i]
+        dead[i] = upper[i, i] == 0.0
+        total += 1.0 if dead[i] else upper[i, i]
     lam = damp * total / n if n else 0.0
     out = np.empty((n, n), np.float64).T  # Fortran order: out[:, j] contiguous
     for j in range(n):
-        jj = n - 1 - j
-        for i in range(n):  # H symmetric: its row jj, read backwards, is column j of the result
-            ii = n - 1 - i
-            out[i, j] = 0.0 if dead[ii] or dead[jj] else H[jj, ii]
-        out[j, j] = (1.0 if dead[jj] else H[jj, jj]) + lam
+        b = n - 1 - j
+        out[j, j] = (1.0 if dead[b] else upper[b, b]) + lam
+        for i in range(j + 1, n):  # below the diagonal: column b of the upper triangle, read backwards
+            a = n - 1 - i
+            out[i, j] = 0.0 if dead[a] or dead[b] else upper[a, b]
     return out, dead
