@@ -68,6 +68,8 @@ def _parser():
     how = q.add_mutually_exclusive_group()
     how.add_argument("--sparsity", type=float, help="fraction to prune, exactly round(s*n) entries")
     how.add_argument("--threshold", type=float, help="prune where the score is below this")
+    how.add_argument("--pattern", metavar="N:M",
+                     help="keep N of every M consecutive entries along each tensor's inputs (axis 1), e.g. 2:4")
     q.add_argument("--scope", choices=["local", "global", "row"], default=None,
                    help="per tensor (default), one threshold across tensors, or within each output row")
     q.add_argument("--scores", help="importance scores file (same tensor names); default: magnitude |w|")
@@ -96,6 +98,13 @@ def _parser():
     q.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     q.add_argument("--no-sync", action="store_true",
                    help="skip the fsync before the rename (faster; still atomic, not durable on power loss)")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--dask", metavar="ADDRESS",
+                       help="run on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786): a sharded "
+                            "checkpoint into a model folder, each shard read and written by a worker; the paths "
+                            "must be the same on every machine (needs: pip install 'sparsecore[dask]')")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run on a new local Dask cluster of N worker processes (as --dask)")
 
     q = sub.add_parser("densify", help="turn a sparse HDF5 file back into its source format")
     q.add_argument("input")
@@ -249,32 +258,43 @@ def _prune(args, parser):
         from ._demo import default_model_path
 
         args.input = default_model_path()
-        if args.sparsity is None and args.threshold is None:
+        if args.sparsity is None and args.threshold is None and args.pattern is None:
             args.sparsity = 0.9
         args.scope = args.scope or "global"
     elif args.output is None:
         parser.error("prune: give an output file with -o (input and output are never the same file)")
-    if args.sparsity is None and args.threshold is None:
-        parser.error("prune: give --sparsity or --threshold")
+    if args.sparsity is None and args.threshold is None and args.pattern is None:
+        parser.error("prune: give --sparsity, --threshold or --pattern")
     _check_prune_flags(args, parser)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"prune: --workers must be 1 or more, got {args.workers}")
+    cluster = None
+    if args.dask is not None or args.workers is not None:
+        from .io import cluster
+
+        cluster.require()  # says what to install, before any file is read
     tmpdir = None
     out = args.output
     if out is None:
         tmpdir = tempfile.mkdtemp(prefix="sparsecore-")
         out = os.path.join(tmpdir, "pruned.safetensors")
     try:
-        res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
-                         scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
-                         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, normalize=args.normalize,
-                         include=args.include, exclude=args.exclude, take_all=args.take_all,
-                         any_rank=args.any_rank, format=args.format, sparse=True if args.sparse else None,
-                         force=args.force, progress=_Progress(not args.quiet), sync=not args.no_sync,
-                         compression=args.compress)
+        with (cluster.connect(args.dask, args.workers) if cluster else contextlib.nullcontext()) as client:
+            res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
+                             scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
+                             min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,
+                             normalize=args.normalize, include=args.include, exclude=args.exclude,
+                             take_all=args.take_all, any_rank=args.any_rank, format=args.format,
+                             sparse=True if args.sparse else None, pattern=args.pattern, force=args.force,
+                             progress=_Progress(not args.quiet), sync=not args.no_sync,
+                             compression=args.compress, client=client)
         if not args.quiet:
             where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
             print(f"pruned {where}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")
             print(res.table())
-            print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format})")
+            print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format})"
+                  + (f"; {_fmt_bytes(res.moved_bytes)} moved between the client and the workers" if client else
+                     ""))
             if embedded:
                 from ._demo import default_test_accuracy
                 from .io import open_weights

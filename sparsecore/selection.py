@@ -65,6 +65,60 @@ def _raise_nonfinite(src, count, first):
     raise nonfinite_error(src.name, src.role, src.errors_index(), count, first)
 
 
+def each_source(sources, fn, per):
+    """``[fn(src, *per[t]) for each source t]``, ``None`` where ``per[t]`` is
+    None: every pass a selection makes over the data goes through here. In
+    this process; or, when ``sources`` offers a ``map`` (the sources of a
+    checkpoint's shards on a Dask cluster), where the data lives, each
+    shard's tensors in one task, only the arguments and results crossing."""
+    mapper = getattr(sources, "map", None)
+    if mapper is not None:
+        return mapper(fn, per)
+    return [None if a is None else fn(src, *a) for src, a in zip(sources, per)]
+
+
+def _hist_part(src, wide, first_level, prefix, shift, bits):
+    """One level of the radix select over one source: its histogram of the ``bits`` digits at ``shift`` of
+    the keys whose higher digits are ``prefix``."""
+    part = np.zeros((_nchunks(src.size), 1 << bits), np.int64)
+    bad, first = cpu_select.hist_level(src.data, src.mode, src.inv, src.scaled, wide, first_level,
+                                       np.uint64(prefix), shift + bits, shift, bits, part)
+    if bad:
+        _raise_nonfinite(src, bad, first)
+    return part.sum(axis=0)
+
+
+def _sample_part(src, mt, wide):
+    """``mt`` keys of one source, evenly strided (fewer from a smaller tensor)."""
+    # A source read from a file offers a cheap subset (every k-th row) to sample.
+    data = src.sample_data(mt) if hasattr(src, "sample_data") else src.data
+    part = np.empty(min(mt, data.size), np.uint64)
+    cpu_select.sample_keys(data, src.mode, src.inv, src.scaled, wide, part)
+    return part
+
+
+def _bracket_cap(size, share):
+    """Room per chunk for the keys inside the bracket: twice the ``share`` of them the sample saw."""
+    return int(2 * share * size / _nchunks(size)) + 1024
+
+
+def _range_part(src, wide, lo_key, hi_key, share):
+    """``(keys below lo_key, the keys in [lo_key, hi_key])`` of one source,
+    or None when a chunk holds more than its room (:func:`_bracket_cap`)."""
+    nchunks = _nchunks(src.size)
+    cap = _bracket_cap(src.size, share)
+    buf = np.empty(cap * nchunks, np.uint64)
+    n_less = np.empty(nchunks, np.int64)
+    n_cand = np.empty(nchunks, np.int64)
+    bad, first = cpu_select.range_pass(src.data, src.mode, src.inv, src.scaled, wide, np.uint64(lo_key),
+                                       np.uint64(hi_key), nchunks, cap, buf, n_less, n_cand)
+    if bad:
+        _raise_nonfinite(src, bad, first)
+    if n_cand.max() > cap:
+        return None
+    return int(n_less.sum()), np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)])
+
+
 def _search(sources, lo, hi, target, wide):
     """Smallest key T whose capped count sum_t clip(#{key_t <= T}, lo_t, hi_t)
     reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
@@ -80,13 +134,8 @@ def _search(sources, lo, hi, target, wide):
     d = 0
     for li, (shift, bits) in enumerate(_levels(wide, ntens)):
         hist = np.zeros((ntens, 1 << bits), np.int64)
-        for t, src in enumerate(sources):
-            part = np.zeros((_nchunks(src.size), 1 << bits), np.int64)
-            bad, first = cpu_select.hist_level(src.data, src.mode, src.inv, src.scaled, wide,
-                                               li == 0, np.uint64(prefix), shift + bits, shift, bits, part)
-            if bad:
-                _raise_nonfinite(src, bad, first)
-            hist[t] = part.sum(axis=0)
+        for t, h in enumerate(each_source(sources, _hist_part, [(wide, li == 0, prefix, shift, bits)] * ntens)):
+            hist[t] = h
         d = cpu_select.pick_digit(hist, below, lo, hi, target)
         prefix = (prefix << bits) | int(d)
     return prefix, below, hist[:, d].copy()
@@ -120,16 +169,19 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     base = np.clip(below, lo, hi)
     room = np.clip(below + ties, lo, hi) - base
     rest = target - int(base.sum())
-    rules = []
-    for t, src in enumerate(sources):
+    rules, own = [], []
+    for t in range(len(sources)):
         extra = min(int(room[t]), rest)
         rest -= extra
         p = int(base[t]) + extra
         if below[t] <= p <= below[t] + ties[t]:
             rules.append(_rule_for(T, int(ties[t]), p - int(below[t]), wide))
+            own.append(None)
         else:  # a cap binds beyond the global threshold: the tensor's own p smallest
-            rules.append(select_one(src, p, wide))
-    return rules
+            rules.append(None)
+            own.append((p, wide))
+    capped = each_source(sources, select_one, own)
+    return [r if r is not None else c for r, c in zip(rules, capped)]
 
 
 def _search_one(src, k, wide):
@@ -154,14 +206,8 @@ def _search_sampled(sources, k, wide):
     if n < _SAMPLE_MIN or n == 0 or sources[0].on_device:
         return None
     m_all = min(max(n // 256, 1024), 1 << 20, n)
-    parts = []
-    for src, size in zip(sources, sizes):
-        mt = min(size, -(-m_all * size // n))  # proportional, at least one of a non-empty tensor
-        part = np.empty(mt, np.uint64)
-        # A source read from a file offers a cheap subset (every k-th row) to sample.
-        data = src.sample_data(mt) if hasattr(src, "sample_data") else src.data
-        cpu_select.sample_keys(data, src.mode, src.inv, src.scaled, wide, part[:min(mt, data.size)])
-        parts.append(part[:min(mt, data.size)])
+    # proportional, at least one of a non-empty tensor
+    parts = each_source(sources, _sample_part, [(min(size, -(-m_all * size // n)), wide) for size in sizes])
     sample = np.concatenate(parts)
     m = sample.size
     q = k / n
@@ -174,27 +220,18 @@ def _search_sampled(sources, k, wide):
     lo_key = sample[j_lo] if j_lo >= 0 else np.uint64(0)
     hi_key = sample[j_hi] if j_hi < m else np.uint64(0xFFFFFFFFFFFFFFFF)
     frac = (min(j_hi, m) - max(j_lo, 0) + 1) / m
-    less = np.zeros(len(sources), np.int64)
-    cands = []
-    for t, src in enumerate(sources):
-        nchunks = _nchunks(src.size)
+    shares = []
+    for src, part in zip(sources, parts):
         # room for twice the share of this tensor's own sample inside the bracket
-        part = parts[t]
-        inside = int(np.count_nonzero((part >= lo_key) & (part <= hi_key))) / max(part.size, 1)
-        cap = int(2 * max(inside, frac) * src.size / nchunks) + 1024
-        if cap * nchunks > max(src.size // 8, 1 << 16):  # the bracket is too wide to pay off
-            return None
-        buf = np.empty(cap * nchunks, np.uint64)
-        n_less = np.empty(nchunks, np.int64)
-        n_cand = np.empty(nchunks, np.int64)
-        bad, first = cpu_select.range_pass(src.data, src.mode, src.inv, src.scaled, wide, lo_key, hi_key,
-                                           nchunks, cap, buf, n_less, n_cand)
-        if bad:
-            _raise_nonfinite(src, bad, first)
-        if n_cand.max() > cap:
-            return None
-        less[t] = n_less.sum()
-        cands.append(np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)]))
+        share = max(int(np.count_nonzero((part >= lo_key) & (part <= hi_key))) / max(part.size, 1), frac)
+        if _bracket_cap(src.size, share) * _nchunks(src.size) > max(src.size // 8, 1 << 16):
+            return None  # the bracket is too wide to pay off
+        shares.append(share)
+    found = each_source(sources, _range_part, [(wide, int(lo_key), int(hi_key), sh) for sh in shares])
+    if any(f is None for f in found):
+        return None
+    less = np.array([f[0] for f in found], np.int64)
+    cands = [f[1] for f in found]
     total_less = int(less.sum())
     cand = np.concatenate(cands)
     if not (total_less < k <= total_less + cand.size):

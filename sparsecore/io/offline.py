@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import threading
 import zipfile
@@ -31,20 +30,17 @@ import numpy as np
 
 from .. import _version
 from .._atomic import AtomicDir, AtomicPath
-from .._kernels.cpu_pattern import keep_raw
-from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
-from .._source import NORM_KINDS, NORM_NONE, Source
-from .._validate import flat
-from ..csr import matrix_shape
+from .._source import NORM_KINDS, NORM_NONE
+from ..patterns import ELEMENTS, NM
 from ..prune import (
     TensorSummary,
     check_options,
     format_table,
     plan_selection,
-    select_tensor,
 )
-from ..selection import norm_inverse
+from ..selection import each_source, norm_inverse
 from . import _safetensors as st
+from . import cluster
 from .files import open_weights
 from .formats import (
     PLACEHOLDER,
@@ -55,12 +51,12 @@ from .formats import (
     WeightFile,
     rebuild_h5,
     rebuild_into,
-    to_float,
     write_keras_zip,
     write_torch,
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import SparseFile, SparseWriter, as_str
+from .tensorwise import UserError, copy_folder_files, lazy_sources, prune_one, write_shard
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -77,10 +73,6 @@ def default_max_sparsity(scope, threshold):
     return SAFE_CAP if (scope == "global" or threshold is not None) else 1.0
 
 
-class UserError(ValueError):
-    """An error in what the user asked for (the command line prints it in one line)."""
-
-
 @dataclass
 class FileResult:
     """What :func:`prune_file` and :func:`densify_file` did."""
@@ -92,45 +84,11 @@ class FileResult:
     copied: list = field(default_factory=list)
     input_bytes: int = 0
     output_bytes: int = 0
+    moved_bytes: int = 0  # on a Dask cluster: pickled arguments and results between client and workers
 
     def table(self):
         """The summary as a text table."""
         return format_table(self.summary, [])
-
-
-class LazySource:
-    """A selection source whose data is read from the file when used, so
-    that only one tensor is in memory at a time."""
-
-    role = "scores"
-    original = None
-    on_device = False
-
-    def __init__(self, name, shape, dtype, load, mode, rows=None):
-        self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
-        self._rows = rows
-        self.inv, self.scaled = 1.0, False
-        self.size = int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def data(self):
-        return flat(self._load())
-
-    def sample_data(self, m):
-        """At least ``m`` scores from evenly spaced rows (read alone when the
-        format allows), for the selection's sample."""
-        if self._rows is None or len(self.shape) < 2 or self.size == 0:
-            return self.data
-        row = self.size // self.shape[0]
-        step = max(1, self.shape[0] // max(1, -(-m // row)))
-        return flat(self._rows(step))
-
-    def needs_wide(self):
-        return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
-
-
-def _float_dtype(entry):
-    return np.float32 if entry.dtype in ("bfloat16", "float16") else np.dtype(entry.dtype)
 
 
 def _check_paths(src, dst, force, folder=False):
@@ -200,9 +158,9 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                criterion: str | None = None, min_sparsity=0.0, max_sparsity=None, normalize: str = "none",
                include: Iterable[str] = (), exclude: Iterable[str] = (), tensors: Iterable[str] | None = None,
                take_all: bool = False, any_rank: bool = False, format: str | None = None,
-               sparse: bool | None = None,
+               sparse: bool | None = None, pattern: str | None = None,
                force: bool = False, progress: Callable[[int, int, str], None] | None = None,
-               sync: bool = True, compression: str | None = None) -> FileResult:
+               sync: bool = True, compression: str | None = None, client=None) -> FileResult:
     """Prune the weight file ``src`` into ``dst``.
 
     Parameters
@@ -230,6 +188,10 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         set, ``exclude`` patterns remove.
     tensors : iterable of str, optional
         Exact names to prune, instead of ``include``/``exclude``.
+    pattern : "N:M", optional
+        Keep ``n`` of every ``m`` consecutive entries along each tensor's
+        axis 1 (its inputs, in PyTorch's ``(out, in, ...)`` layout), instead
+        of a sparsity or threshold.
     force : bool
         Replace an existing ``dst``.
     progress : callable (done, total, name), optional
@@ -244,6 +206,14 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     sync : bool
         fsync the output before renaming it onto ``dst`` (durable across a
         power cut; the rename alone already makes it atomic for a killed run).
+    client : distributed.Client, optional
+        Run on this Dask cluster (``pip install 'sparsecore[dask]'``): a
+        sharded checkpoint pruned into a model folder, each shard read,
+        scored and written by a worker, only histograms, counts, rules and
+        summaries crossing the network; the output is identical, bit for bit,
+        to this function's without a client. The workers must see ``src``,
+        ``scores`` and ``dst``'s folder at the same paths (a shared file
+        system). See :mod:`sparsecore.io.cluster`.
 
     Returns
     -------
@@ -252,13 +222,19 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     if max_sparsity is None:
         max_sparsity = default_max_sparsity(scope, threshold)
     try:  # prune()'s own checks and messages, before any file is read
-        check_options(sparsity, threshold, scope, normalize, None)
+        pattern = check_options(sparsity, threshold, scope, normalize, pattern)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    if pattern is not ELEMENTS and not isinstance(pattern, NM):
+        raise UserError(f"offline pruning takes N:M patterns ('2:4'), got {pattern!r}; select blocks or units in "
+                        f"memory with sparsecore.prune")
     sharded = is_checkpoint_path(src)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
     _check_paths(src, dst, force, folder=sharded and not sparse)
+    if client is not None and not (sharded and not sparse):
+        raise UserError("a Dask cluster prunes a sharded checkpoint (a model folder or its index) into a model "
+                        "folder; run without it for single files and sparse HDF5 output")
     if compression is not None and not sparse:
         raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
     if compression not in (None, "gzip", "lzf"):
@@ -282,8 +258,11 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         kind = None if sparse or sharded else output_kind(dst, reader, format)  # before any tensor is read
         score_file = open_weights(scores) if scores is not None else None
         try:
-            plan = _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity,
-                         normalize)
+            sources = lazy_sources(reader, names, score_file)
+            if client is not None:
+                sources = cluster.ShardSources(client, reader, names, sources, scores)
+            plan = _plan(sources, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize,
+                         pattern)
             attrs = None
             if sparse:
                 attrs = {"tool_version": _version.__version__,
@@ -298,7 +277,11 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
             if kind is not None:
                 result.format = kind
             with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync) as tmp:
-                _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
+                if client is not None:
+                    sources.write(tmp, plan, result, progress)
+                    result.moved_bytes = sources.moved
+                else:
+                    _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
         finally:
             if score_file is not None:
                 score_file.close()
@@ -316,70 +299,24 @@ def bytes_of(path):
     return os.path.getsize(path)
 
 
-def _plan(reader, names, score_file, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize):
-    """``(sources by name, SelectionPlan)``: ``prune``'s own plan over
-    sources read from the file when used (local sparsities are found when
-    each tensor is written, so it is read once)."""
-    entries = reader.entries
-    sources = {}
-    for n in names:
-        e = entries[n]
-        if score_file is None:
-            sources[n] = LazySource(n, e.shape, _float_dtype(e), lambda n=n: reader.floats(n), MODE_ABS,
-                                    lambda step, n=n: reader.row_subset(n, step))
-            continue
-        if n not in score_file.entries:
-            hint = ""
-            if reader.format.startswith("keras") and any("/vars/" not in k for k in score_file.entries):
-                hint = (" (names like 'dense/kernel' are the Keras adapter's: rename them with "
-                        "sparsecore.adapters.keras.to_file_names(model, scores) before saving)")
-            raise UserError(f"scores file {score_file.path} has no tensor {n!r}; it needs one per pruned tensor "
-                            f"(same names as the weights){hint}")
-        se = score_file.entries[n]
-        if se.shape != e.shape:
-            raise UserError(f"scores {n!r} have shape {se.shape} but weights {n!r} have shape {e.shape}")
-        if not se.is_float:
-            raise UserError(f"scores {n!r} have dtype {se.dtype}; scores must be floats")
-        sources[n] = LazySource(n, e.shape, _float_dtype(se), lambda n=n: score_file.floats(n), MODE_IDENTITY,
-                                lambda step, n=n: score_file.row_subset(n, step))
+def _plan(sources, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize, pattern):
+    """``(sources by name, SelectionPlan, pattern)``: ``prune``'s own plan
+    over ``sources`` (local sparsities are found when each tensor is written,
+    so it is read once). Every pass over the data goes through
+    :func:`~sparsecore.selection.each_source`, in this process or on a
+    cluster's workers."""
+    srcs = sources.in_order() if hasattr(sources, "in_order") else [sources[n] for n in names]
     try:
         if NORM_KINDS[normalize] != NORM_NONE:
-            for src in sources.values():
-                src.inv, src.scaled = norm_inverse(src, normalize), True
-        plan = plan_selection([sources[n] for n in names], names, sparsity=sparsity, threshold=threshold,
-                              scope=scope, min_sparsity=min_sparsity, max_sparsity=max_sparsity)
+            for src, inv in zip(srcs, each_source(srcs, norm_inverse, [(normalize,)] * len(srcs))):
+                src.inv, src.scaled = inv, True
+        plan = plan_selection(srcs, names, sparsity=sparsity, threshold=threshold, scope=scope,
+                              min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern)
     except UserError:
         raise
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    return sources, plan
-
-
-def _prune_one(reader, sources, plan, i, name, want_csr):
-    """``(masked raw array, csr or None, flat mask, summary)`` of one tensor."""
-    e = reader.entries[name]
-    raw = reader.raw(name)
-    w = to_float(raw, e)
-    lazy = sources[name]
-    if lazy.mode == MODE_ABS:  # magnitude: the weights just read are the scores
-        src = Source(name, flat(w), e.shape, MODE_ABS, lazy.inv, lazy.scaled, role="weights", original=w)
-    else:
-        s = lazy._load()
-        src = Source(name, flat(s), e.shape, MODE_IDENTITY, lazy.inv, lazy.scaled, original=s)
-    try:
-        a, mask, _, kept = select_tensor(src, w, plan, i, want_csr=want_csr)
-    except ValueError as exc:
-        raise UserError(f"{reader.path}: {exc}") from None
-    mshape = matrix_shape(e.shape)
-    out = raw.reshape(-1)  # our own copy, written in place
-    bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[out.dtype.itemsize])
-    nnz = int(keep_raw(bits, mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts before zeroing
-    if a is not None:
-        csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)
-    else:
-        csr_bytes = nnz * (w.dtype.itemsize + 4) + 4 * (mshape[0] + 1)
-    summary = TensorSummary(name, tuple(e.shape), e.size, e.size - kept, nnz, e.nbytes, csr_bytes)
-    return raw, a, mask, summary
+    return sources, plan, pattern
 
 
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
@@ -423,13 +360,13 @@ def output_kind(dst, reader, fmt=None):
 
 
 def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None, kind=None):
-    sources, plan = plan
+    sources, plan, pattern = plan
     index = {n: i for i, n in enumerate(sources)}
     pruned = set(sources)
     total = len(sources)
 
     def step(name, want_csr):
-        raw, a, mask, summary = _prune_one(reader, sources, plan, index[name], name, want_csr)
+        raw, a, mask, summary = prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
         result.summary.append(summary)
         if progress is not None:
             progress(len(result.summary), total, name)
@@ -489,19 +426,8 @@ def _write_folder(reader, tmp, tensor):
     with ``tensor(name)`` (one tensor in memory at a time), the index and the
     other files (config, tokenizer, ...) copied as streams."""
     for shard in reader.shards:
-        names = reader.names_in(shard)
-        src = reader.reader(shard)
-        if reader.kind == "safetensors":
-            items = [(n, src.header[n][0], src.header[n][1], lambda n=n: tensor(n)) for n in names]
-            with open(os.path.join(tmp, shard), "wb") as f:
-                st.write(f, items, src.metadata)
-        else:
-            write_torch(((n, tensor(n) if n in reader.entries else src.sd[n], reader.entries.get(n)) for n in src.sd),
-                        os.path.join(tmp, shard))
-    for rel in ([reader.index_name] if reader.index_name else []) + reader.other_files():
-        target = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.join(reader.folder, rel), target)
+        write_shard(reader.reader(shard), os.path.join(tmp, shard), tensor)
+    copy_folder_files(reader, tmp)
 
 
 def _json_dataset(group, name, value):

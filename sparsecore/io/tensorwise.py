@@ -1,0 +1,138 @@
+"""The work on one tensor and on one shard that offline pruning does: in
+this process (:mod:`sparsecore.io.offline`) or in a worker of a Dask cluster
+(:mod:`sparsecore.io.cluster`), by the same code, so that both give the same
+bytes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+from .._kernels.cpu_pattern import keep_raw
+from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
+from .._source import Source
+from .._validate import flat
+from ..csr import matrix_shape
+from ..patterns import ELEMENTS
+from ..prune import TensorSummary, select_tensor
+from . import _safetensors as st
+from .formats import SafeTensorsFile, to_float, write_torch
+
+
+class UserError(ValueError):
+    """An error in what the user asked for (the command line prints it in one line)."""
+
+
+class LazySource:
+    """A selection source whose data is read from the file when used, so
+    that only one tensor is in memory at a time."""
+
+    role = "scores"
+    original = None
+    on_device = False
+
+    def __init__(self, name, shape, dtype, load, mode, rows=None):
+        self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
+        self._rows = rows
+        self.inv, self.scaled = 1.0, False
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def data(self):
+        """The scores, flat, read from the file now."""
+        return flat(self._load())
+
+    def sample_data(self, m):
+        """At least ``m`` scores from evenly spaced rows (read alone when the
+        format allows), for the selection's sample."""
+        if self._rows is None or len(self.shape) < 2 or self.size == 0:
+            return self.data
+        row = self.size // self.shape[0]
+        step = max(1, self.shape[0] // max(1, -(-m // row)))
+        return flat(self._rows(step))
+
+    def needs_wide(self):
+        """Whether its keys need 64 bits (float64 scores, normalised, squared)."""
+        return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
+
+
+def float_dtype(entry):
+    """The dtype a tensor's scores are compared in: float32 for 16-bit floats."""
+    return np.float32 if entry.dtype in ("bfloat16", "float16") else np.dtype(entry.dtype)
+
+
+def lazy_sources(reader, names, score_file):
+    """The selection sources of tensors ``names`` of ``reader``, by name: the
+    magnitudes of the weights, or the scores in ``score_file`` (checked
+    against the weights), each read from its file when used."""
+    entries = reader.entries
+    sources = {}
+    for n in names:
+        e = entries[n]
+        if score_file is None:
+            sources[n] = LazySource(n, e.shape, float_dtype(e), lambda n=n: reader.floats(n), MODE_ABS,
+                                    lambda step, n=n: reader.row_subset(n, step))
+            continue
+        if n not in score_file.entries:
+            hint = ""
+            if reader.format.startswith("keras") and any("/vars/" not in k for k in score_file.entries):
+                hint = (" (names like 'dense/kernel' are the Keras adapter's: rename them with "
+                        "sparsecore.adapters.keras.to_file_names(model, scores) before saving)")
+            raise UserError(f"scores file {score_file.path} has no tensor {n!r}; it needs one per pruned tensor "
+                            f"(same names as the weights){hint}")
+        se = score_file.entries[n]
+        if se.shape != e.shape:
+            raise UserError(f"scores {n!r} have shape {se.shape} but weights {n!r} have shape {e.shape}")
+        if not se.is_float:
+            raise UserError(f"scores {n!r} have dtype {se.dtype}; scores must be floats")
+        sources[n] = LazySource(n, e.shape, float_dtype(se), lambda n=n: score_file.floats(n), MODE_IDENTITY,
+                                lambda step, n=n: score_file.row_subset(n, step))
+    return sources
+
+
+def prune_one(reader, sources, plan, i, name, want_csr, pattern=ELEMENTS):
+    """``(masked raw array, csr or None, flat mask, summary)`` of one tensor."""
+    e = reader.entries[name]
+    raw = reader.raw(name)
+    w = to_float(raw, e)
+    lazy = sources[name]
+    if lazy.mode == MODE_ABS:  # magnitude: the weights just read are the scores
+        src = Source(name, flat(w), e.shape, MODE_ABS, lazy.inv, lazy.scaled, role="weights", original=w)
+    else:
+        s = lazy._load()
+        src = Source(name, flat(s), e.shape, MODE_IDENTITY, lazy.inv, lazy.scaled, original=s)
+    try:
+        a, mask, _, kept = select_tensor(src, w, plan, i, pattern, want_csr=want_csr)
+    except ValueError as exc:
+        raise UserError(f"{reader.path}: {exc}") from None
+    mshape = matrix_shape(e.shape)
+    out = raw.reshape(-1)  # our own copy, written in place
+    bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[out.dtype.itemsize])
+    nnz = int(keep_raw(bits, mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts before zeroing
+    if a is not None:
+        csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)
+    else:
+        csr_bytes = nnz * (w.dtype.itemsize + 4) + 4 * (mshape[0] + 1)
+    summary = TensorSummary(name, tuple(e.shape), e.size, e.size - kept, nnz, e.nbytes, csr_bytes)
+    return raw, a, mask, summary
+
+
+def write_shard(src, path, tensor):
+    """One shard ``src`` (its reader) rewritten at ``path`` with
+    ``tensor(name)`` for each of its tensors, one in memory at a time."""
+    if isinstance(src, SafeTensorsFile):
+        items = [(n, dt, shape, lambda n=n: tensor(n)) for n, (dt, shape, _, _) in src.header.items()]
+        with open(path, "wb") as f:
+            st.write(f, items, src.metadata)
+    else:
+        write_torch(((n, tensor(n) if n in src.entries else src.sd[n], src.entries.get(n)) for n in src.sd), path)
+
+
+def copy_folder_files(reader, tmp):
+    """The index and the other files of ``reader``'s folder (config, tokenizer, ...), copied into ``tmp``."""
+    for rel in ([reader.index_name] if reader.index_name else []) + reader.other_files():
+        target = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(reader.folder, rel), target)
