@@ -2,6 +2,7 @@
 prunes them; accumulators combined by a tree of merges; wide pairwise MI in blocks."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,3 +296,19 @@ def test_pairwise_mi_in_blocks_equals_one_call(client, block):
         parallel.pairwise_mi(client, a_in, a_out, block=0)
     with pytest.raises(ValueError, match="inputs hold 500 samples but outputs 499"):
         parallel.pairwise_mi(client, a_in, a_out[:499])
+
+
+def test_the_recipe_with_the_pytorch_adapter_runs(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "dask_calibration.py")
+    r = subprocess.run([sys.executable, example, "--workers", "2", "--shards", "4"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("4 shards on 2 workers"))
+    count, one = (int(v) for v in re.findall(r"Hessian count (\d+) \(one pass (\d+)\)", line)[0])
+    assert count == one > 0
+    hess, fisher = (float(v) for v in re.findall(r"Hessian ([0-9.e+-]+), Fisher ([0-9.e+-]+)", line)[0])
+    assert hess < 1e-12 and fisher < 1e-6
+    acc = float(re.findall(r"SparseGPT on the first layer .*: test accuracy ([0-9.]+)", r.stdout)[0])
+    assert acc > 0.9
