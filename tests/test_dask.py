@@ -312,3 +312,21 @@ def test_the_recipe_with_the_pytorch_adapter_runs(tmp_path):
     assert hess < 1e-12 and fisher < 1e-6
     acc = float(re.findall(r"SparseGPT on the first layer .*: test accuracy ([0-9.]+)", r.stdout)[0])
     assert acc > 0.9
+
+
+def test_bin_shards_on_workers_equal_one_process(client, tmp_path):
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(64, 48, generator=g) * (i + 1) for i in range(6)}
+    sd["layers.0.weight"] = sd["layers.0.weight"].to(torch.bfloat16)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    halves = {"pytorch_model-00001-of-00002.bin": list(sd)[:3], "pytorch_model-00002-of-00002.bin": list(sd)[3:]}
+    for shard, names in halves.items():
+        torch.save({n: sd[n] for n in names}, folder / shard)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: s for s, ns in halves.items() for n in ns}}))
+    one = prune_file(folder, tmp_path / "one", sparsity=0.6, scope="global")
+    many = prune_file(folder, tmp_path / "many", sparsity=0.6, scope="global", client=client)
+    _same_folders(tmp_path / "one", tmp_path / "many")  # torch.save names its archive after the file
+    assert many.summary == one.summary

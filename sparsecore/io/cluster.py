@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import uuid
 
 import numpy as np
@@ -238,11 +239,13 @@ def _write_shard(spec, shard, tmp, items, selection, pattern):
             summaries.append(summary)
             return raw
 
-        part = os.path.join(tmp, f".{shard}.{uuid.uuid4().hex}.part")  # a retried task never meets a half file
+        # a folder of its own, the file under its final name (torch.save records the name in the archive),
+        # renamed into place whole: a retried task never meets a half-written file
+        part = os.path.join(tmp, f".part-{uuid.uuid4().hex}")
+        os.mkdir(part)
         try:
-            write_shard(reader, part, tensor)
-            os.replace(part, os.path.join(tmp, shard))
+            write_shard(reader, os.path.join(part, shard), tensor)
+            os.replace(os.path.join(part, shard), os.path.join(tmp, shard))
         finally:
-            if os.path.exists(part):
-                os.remove(part)
+            shutil.rmtree(part, ignore_errors=True)
         return summaries
