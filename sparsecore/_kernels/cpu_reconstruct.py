@@ -96,3 +96,14 @@ def damped_reversed(upper, damp):
             a = n - 1 - i
             out[i, j] = 0.0 if dead[a] or dead[b] else upper[a, b]
     return out, dead
+
+
+@njit(cache=True, nogil=True)
+def reverse(flat):
+    """Reverse a 1-D array in place: a Fortran-ordered matrix read backwards
+    is the matrix with both its axes reversed, without a second copy."""
+    n = flat.size
+    for i in range(n // 2):
+        t = flat[i]
+        flat[i] = flat[n - 1 - i]
+        flat[n - 1 - i] = t
