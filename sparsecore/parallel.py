@@ -93,13 +93,14 @@ def tree_merge(client, parts: Iterable, *, split_every: int = 8):
     if not level:
         raise ValueError("tree_merge needs at least one accumulator")
     Future = _futures()
+    if len(level) == 1:  # nothing to merge: a checked copy
+        return _merged(level[0].result() if isinstance(level[0], Future) else level[0])
     if not any(isinstance(p, Future) for p in level):
         level = client.scatter(level, hash=False)
     while len(level) > 1:
         level = [client.submit(_merged, *level[i:i + split_every], pure=False)
                  for i in range(0, len(level), split_every)]
-    one = level[0]
-    return _merged(one.result() if isinstance(one, Future) else one)
+    return level[0].result()  # made by a merge task, its own copy
 
 
 def accumulate(client, build: Callable, shards: Iterable, *, split_every: int = 8):

@@ -127,9 +127,7 @@ class HessianAccumulator:
                                  f"({a.shape[0]}), got {m.dtype} of shape {m.shape}")
             a = a[m.reshape(-1)]
         a = np.ascontiguousarray(a)
-        if a.size and not np.isfinite(a).all():
-            bad, first = cpu_select.first_nonfinite(a.reshape(-1))
-            raise nonfinite_error(self.name, what, a, bad, first)
+        _refuse_nonfinite(a, self.name, what)
         return a
 
     def update(self, x: ArrayLike, mask: ArrayLike | None = None, *, dense: ArrayLike | None = None
@@ -183,14 +181,11 @@ class HessianAccumulator:
         g = self._square(gram, "Gram matrix", None)
         # the sum is kept in the upper triangle, Fortran-ordered: add gram or its transpose, whichever holds
         # the sum there, in that memory order when it may choose (a strided add runs several times slower)
-        t = g.T if triangle == "lower" or (triangle == "both" and g.flags.c_contiguous) else g
-        if _any_nonfinite(g):
+        if _any_nonfinite(g):  # one scan when all is finite
             if triangle != "both":  # only a value in the triangle read is an error
                 g = np.tril(g) if triangle == "lower" else np.triu(g)
-                t = g.T if triangle == "lower" else g
-            if not np.isfinite(g).all():
-                bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
-                raise nonfinite_error(self.name, "inputs (their Gram matrix)", g, bad, first)
+            _refuse_nonfinite(g, self.name, "inputs (their Gram matrix)")
+        t = g.T if triangle == "lower" or (triangle == "both" and g.flags.c_contiguous) else g
         if not is_integer(count) or count < 0:
             raise ValueError(f"count for {self.name!r} must be an integer >= 0, got {count!r}")
         if (cross is None) == self.has_cross:
@@ -212,9 +207,8 @@ class HessianAccumulator:
         if g.shape != (self.features, self.features):
             raise ValueError(f"the {what} of {self.name!r} has shape {g.shape}; ({self.features}, "
                              f"{self.features}) needed")
-        if bad_what is not None and not np.isfinite(g).all():
-            bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(g).reshape(-1))
-            raise nonfinite_error(self.name, bad_what, g, bad, first)
+        if bad_what is not None:
+            _refuse_nonfinite(g, self.name, bad_what)
         return g
 
     def hessian(self) -> np.ndarray:
@@ -271,6 +265,14 @@ def _any_nonfinite(a):
     if a.flags.c_contiguous or a.flags.f_contiguous:
         return cpu_select.first_nonfinite(a.ravel(order="K"))[0] > 0  # a view of a contiguous array
     return not np.isfinite(a).all()
+
+
+def _refuse_nonfinite(a, name, what):
+    """A ValueError naming ``name``, ``what`` and the first NaN or Inf of ``a`` (in C order), if it holds
+    one."""
+    if a.size and _any_nonfinite(a):
+        bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(a).reshape(-1))
+        raise nonfinite_error(name, what, a, bad, first)
 
 
 def unfold_patches(x: ArrayLike, kernel_size, *, stride=1, padding=0, dilation=1, layout: str = "nchw"):
@@ -361,9 +363,7 @@ def _hessian_of(h, name, features):
         return h._memo["H"]
     H = as_float_array(h, name, "Hessian").astype(np.float64)
     _check_shape(H.shape, name, features)
-    if not np.isfinite(H).all():
-        bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(H).reshape(-1))
-        raise nonfinite_error(name, "Hessian", H, bad, first)
+    _refuse_nonfinite(H, name, "Hessian")
     return H
 
 
@@ -746,9 +746,7 @@ def _prepare(weights, hessians, layouts):
             raise TypeError(f"weights {n!r} have dtype {a.dtype}; pass floating-point weights")
         arr = as_float_array(a, n)
         rows = _rows_of(arr, layout, n)
-        if not np.isfinite(arr).all():
-            bad, first = cpu_select.first_nonfinite(np.ascontiguousarray(arr).reshape(-1))
-            raise nonfinite_error(n, "weights", arr, bad, first)
+        _refuse_nonfinite(arr, n, "weights")
         out[n] = (a, rows, _source(hessians[n], n, rows.shape[1]), layout)
     return out
 

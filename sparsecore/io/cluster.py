@@ -104,15 +104,11 @@ class ShardSources(list):
     results that crossed between the client and the workers (pickled)."""
 
     def __init__(self, client, reader, names, sources, scores=None):
-        super().__init__(sources[n] for n in names)
+        super().__init__(sources)  # in the order of names
         self.client, self.reader, self.names = client, reader, list(names)
         self.shard_of = [reader.shard_of[n] for n in names]
         self.spec = (reader.folder, None if scores is None else os.path.abspath(os.fspath(scores)))
         self.moved = 0
-
-    def in_order(self):
-        """The sources in the order of the names (the selection's order)."""
-        return self
 
     def _run(self, jobs):
         """Submit ``(function, args)`` jobs, one task each; their results in

@@ -259,10 +259,11 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         score_file = open_weights(scores) if scores is not None else None
         try:
             sources = lazy_sources(reader, names, score_file)
-            if client is not None:
-                sources = cluster.ShardSources(client, reader, names, sources, scores)
-            plan = _plan(sources, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize,
-                         pattern)
+            srcs = [sources[n] for n in names]
+            if client is not None:  # the same sources, their passes run on the workers
+                srcs = cluster.ShardSources(client, reader, names, srcs, scores)
+            plan = (sources, _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity,
+                                   normalize, pattern), pattern)
             attrs = None
             if sparse:
                 attrs = {"tool_version": _version.__version__,
@@ -278,8 +279,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                 result.format = kind
             with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync) as tmp:
                 if client is not None:
-                    sources.write(tmp, plan, result, progress)
-                    result.moved_bytes = sources.moved
+                    srcs.write(tmp, plan, result, progress)
+                    result.moved_bytes = srcs.moved
                 else:
                     _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
         finally:
@@ -299,13 +300,12 @@ def bytes_of(path):
     return os.path.getsize(path)
 
 
-def _plan(sources, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize, pattern):
-    """``(sources by name, SelectionPlan, pattern)``: ``prune``'s own plan
-    over ``sources`` (local sparsities are found when each tensor is written,
-    so it is read once). Every pass over the data goes through
+def _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize, pattern):
+    """``prune``'s own :class:`SelectionPlan` over the sources ``srcs`` of
+    ``names``, in order (local sparsities are found when each tensor is
+    written, so it is read once). Every pass over the data goes through
     :func:`~sparsecore.selection.each_source`, in this process or on a
     cluster's workers."""
-    srcs = sources.in_order() if hasattr(sources, "in_order") else [sources[n] for n in names]
     try:
         if NORM_KINDS[normalize] != NORM_NONE:
             for src, inv in zip(srcs, each_source(srcs, norm_inverse, [(normalize,)] * len(srcs))):
@@ -316,7 +316,7 @@ def _plan(sources, names, sparsity, threshold, scope, min_sparsity, max_sparsity
         raise
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    return sources, plan, pattern
+    return plan
 
 
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
