@@ -1,7 +1,10 @@
 """The ``sparsecore`` command line: info, prune, densify, report, demo.
 
-User errors print one line (``sparsecore: error: ...``) and exit with status
-1 (2 for bad usage, 130 when interrupted); nothing is left half-written.
+Every failure prints one line (``sparsecore: error: ...``) and exits with
+status 1 (2 for bad usage, 130 when interrupted); ``--debug`` shows the
+traceback instead. Nothing is left half-written. Names and strings read from
+files are printed with their control characters escaped (a tensor name
+cannot retitle or clear the terminal) and long strings cut.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -30,6 +34,24 @@ _EPILOG = """examples:
 """
 
 
+# C0 and C1 control characters (terminal escapes among them), and the invisible format characters that
+# reorder or hide text (bidirectional overrides, zero-width marks)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+#: A string from a file (a provenance field) is cut to this many characters when printed.
+LONGEST = 200
+
+
+def _clean(text, limit=None, newlines=False):
+    """``text`` safe to print: control characters shown as escapes (``\\x1b``), newlines too unless
+    ``newlines``; cut to ``limit`` characters, saying how long it was."""
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return (_CONTROL_BUT_NEWLINE if newlines else _CONTROL).sub(
+        lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class _Progress:
     """A one-line progress bar on stderr, only when it is a terminal."""
 
@@ -41,7 +63,7 @@ class _Progress:
             return
         width = 30
         filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {_clean(name, 40):<40}")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -53,12 +75,16 @@ def _parser():
                                 "PyTorch state dicts, and sparsecore's sparse HDF5.",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sparsecore {__version__}")
+    p.add_argument("--debug", action="store_true", help="on a failure, show the traceback instead of one line")
+    debug = argparse.ArgumentParser(add_help=False)  # accepted after the command too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on a failure, show the traceback instead of one line")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("info", help="tensors, shapes, dtypes, sparsity and bytes of a weight file")
+    q = sub.add_parser("info", parents=[debug], help="tensors, shapes, dtypes, sparsity and bytes of a weight file")
     q.add_argument("file")
 
-    q = sub.add_parser("prune", help="prune a weight file (no input: the embedded default model)",
+    q = sub.add_parser("prune", parents=[debug], help="prune a weight file (no input: the embedded default model)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Prune a weight file into the same format (dense, zeros where pruned) or "
                                    "into sparse HDF5 (an output name ending in .sparse.h5, or --sparse). "
@@ -106,17 +132,18 @@ def _parser():
     where.add_argument("--workers", type=int, metavar="N",
                        help="run on a new local Dask cluster of N worker processes (as --dask)")
 
-    q = sub.add_parser("densify", help="turn a sparse HDF5 file back into its source format")
+    q = sub.add_parser("densify", parents=[debug], help="turn a sparse HDF5 file back into its source format")
     q.add_argument("input")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--force", action="store_true")
     q.add_argument("--quiet", action="store_true")
 
-    q = sub.add_parser("report", help="per-tensor sparsity table (and a PNG plot with matplotlib)")
+    q = sub.add_parser("report", parents=[debug], help="per-tensor sparsity table (and a PNG plot with matplotlib)")
     q.add_argument("file")
     q.add_argument("--plot", metavar="PNG", help="write a bar chart of per-tensor sparsity")
 
-    q = sub.add_parser("demo", help="the engine on raw arrays: train, prune by OBD, fine-tune, run CSR")
+    q = sub.add_parser("demo", parents=[debug],
+                       help="the engine on raw arrays: train, prune by OBD, fine-tune, run CSR")
     q.add_argument("--sparsity", type=float, default=0.9)
     q.add_argument("--seed", type=int, default=0)
     return p
@@ -147,26 +174,28 @@ def _rows(path):
 def _print_provenance(made):
     """A sparse file's record of how it was made, one line per field."""
     if made:
-        print("made by " + ", ".join(f"{k}={v}" for k, v in made.items()))
+        print("made by " + ", ".join(f"{k}={_clean(v, LONGEST)}" for k, v in made.items()))
 
 
 def _widths(rows):
     """The name and shape columns, as wide as their longest entry (48 and 20 at least)."""
-    return (max([48] + [len(n) for n, _, _ in rows]), max([20] + [len(str(e.shape)) for _, e, _ in rows]))
+    return (max([48] + [len(_clean(n)) for n, _, _ in rows]), max([20] + [len(str(e.shape)) for _, e, _ in rows]))
 
 
 def _info(args):
     from .io.offline import bytes_of
 
     fmt, rows, made = _rows(args.file)
-    print(f"{args.file}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
+    from .io.formats import EMPTY
+
+    print(f"{_clean(args.file)}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
     _print_provenance(made)
     nw, sw = _widths(rows)
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  pruned by default")
     for name, e, sp in rows:
-        why = "yes" if e.default else (f"no: {e.left_out}" + ("" if e.left_out == "optimizer state" else
+        why = "yes" if e.default else (f"no: {e.left_out}" + ("" if e.left_out in ("optimizer state", EMPTY) else
                                                               " (--take-all)") if e.left_out else "")
-        print(f"{name:<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {why}")
+        print(f"{_clean(name):<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {_clean(why)}")
     print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
     return 0
 
@@ -187,13 +216,13 @@ def _report(args):
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'sparsity':>9}")
     for name, e, sp in rows:
         if e.is_float:
-            print(f"{name:<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
+            print(f"{_clean(name):<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
     print(f"{'all float tensors':<{nw}} {'':<{sw}} {zeros / total if total else 0.0:>9.2%}")
     if args.plot:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [n for n, e, _ in rows if e.is_float]
+        names = [_clean(n, 80) for n, e, _ in rows if e.is_float]
         fig, ax = plt.subplots(figsize=(8, 0.3 * len(names) + 1.5))
         ax.barh(range(len(names)), [sp for _, e, sp in rows if e.is_float])
         ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -271,7 +300,12 @@ def _prune(args, parser):
     cluster = None
     if args.dask is not None or args.workers is not None:
         from .io import cluster
+        from .io.sharded import is_checkpoint_path
 
+        flag = "--dask" if args.dask is not None else "--workers"
+        if not is_checkpoint_path(args.input) or args.sparse or args.output.endswith(".sparse.h5"):
+            parser.error(f"prune: {flag} prunes a sharded checkpoint (a model folder or its index) into a model "
+                         f"folder; {_clean(args.input)} -> {_clean(args.output)} runs without it")
         cluster.require()  # says what to install, before any file is read
     tmpdir = None
     out = args.output
@@ -290,8 +324,8 @@ def _prune(args, parser):
                              compression=args.compress, client=client)
         if not args.quiet:
             where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
-            print(f"pruned {where}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")
-            print(res.table())
+            print(f"pruned {_clean(where)}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")
+            print(_clean(res.table(), newlines=True))
             print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format})"
                   + (f"; {_fmt_bytes(res.moved_bytes)} moved between the client and the workers" if client else
                      ""))
@@ -306,13 +340,14 @@ def _prune(args, parser):
                 if tmpdir:
                     print("the output was not kept: pass -o FILE to write it")
             else:
-                print(f"written: {args.output}")
+                print(f"written: {_clean(args.output)}")
         asked = args.sparsity if args.sparsity is not None and args.scope != "global" else None
         high = [t for t in res.summary if t.size and t.pruned / t.size >= HIGH_SPARSITY
                 and (asked is None or t.pruned > round(asked * t.size))]
         if high:  # tensors far sparser than asked may no longer work: say so, even when quiet
-            shown = ", ".join(f"{t.name} {t.pruned / t.size:.2%}" + (" (emptied)" if t.pruned == t.size else "")
-                              for t in high[:6]) + (f", and {len(high) - 6} more" if len(high) > 6 else "")
+            shown = ", ".join(f"{_clean(t.name, 80)} {t.pruned / t.size:.2%}"
+                              + (" (emptied)" if t.pruned == t.size else "") for t in high[:6]) \
+                + (f", and {len(high) - 6} more" if len(high) > 6 else "")
             print(f"sparsecore: warning: {len(high)} tensor{'s end' if len(high) > 1 else ' ends'} at "
                   f"{HIGH_SPARSITY:.0%} sparsity or more (cap {args.max_sparsity:g}): {shown}; check the model "
                   f"still works, or lower --max-sparsity", file=sys.stderr)
@@ -329,7 +364,7 @@ def _densify(args):
 
     res = densify_file(args.input, args.output, force=args.force)
     if not args.quiet:
-        print(f"{args.input} ({_fmt_bytes(res.input_bytes)}, sparse) -> {args.output} "
+        print(f"{_clean(args.input)} ({_fmt_bytes(res.input_bytes)}, sparse) -> {_clean(args.output)} "
               f"({_fmt_bytes(res.output_bytes)}, {res.format})")
     return 0
 
@@ -427,14 +462,29 @@ def main(argv=None):
         return 128 + signal.SIGPIPE
 
 
+def _failure(exc):
+    """One line for any failure: the message of an error the code raises on purpose (bad input, files);
+    for anything else its kind and message and where to look further."""
+    from .io import FormatError, UserError
+
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, (UserError, FormatError, ValueError, TypeError, OSError)) and msg:
+        return _clean(msg, 2000)
+    if isinstance(exc, MemoryError):
+        return ("out of memory" + (f" ({_clean(msg, 500)})" if msg else "") + "; no output was written (a file "
+                "that declares more than it stores is refused: rerun with --debug and report it)")
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to read; no output was written (--debug shows where)"
+    return (f"{type(exc).__name__}: {_clean(msg, 500)}; no output was written (an unexpected failure: rerun with "
+            f"--debug for the traceback)")
+
+
 def _main(argv):
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from .io import FormatError, UserError
-
     notice = None if getattr(args, "quiet", False) else _CompileNotice()
     if notice is not None:
         _numba_event.register(notice.kind, notice)
@@ -455,9 +505,10 @@ def _main(argv):
         return 0
     except BrokenPipeError:
         raise  # not the user's error: main() ends quietly
-    except (UserError, FormatError, ValueError, TypeError, OSError) as exc:
-        msg = str(exc).replace("\n", " ")
-        print(f"sparsecore: error: {msg}", file=sys.stderr)
+    except Exception as exc:  # the one place that turns a failure into one line
+        if args.debug:
+            raise
+        print(f"sparsecore: error: {_failure(exc)}", file=sys.stderr)
         return 1
     finally:
         if notice is not None:

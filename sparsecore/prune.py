@@ -433,7 +433,10 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
         if lo[n] > hi[n]:
             raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
     lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
-    hi_c = np.array([round(hi[n] * s) for n, s in zip(names, sizes)], np.int64)
+    # a cap below 1 keeps at least one entry, however small the tensor (round(0.99 * n) == n for n <= 50)
+    hi_c = np.array([min(round(hi[n] * s), s - 1) if hi[n] < 1 and s > 0 else round(hi[n] * s)
+                     for n, s in zip(names, sizes)], np.int64)
+    lo_c = np.minimum(lo_c, hi_c)
     lo_c, hi_c = pattern.cap_counts(lo_c, hi_c, sizes)
     if done is not None:
         _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern)

@@ -42,6 +42,15 @@ from .errors import FormatError
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 SPARSE_TAG = "sparsecore-sparse-hdf5"
 
+# Keras' own rule against decompression and shape bombs (CWE-409), for archive members and HDF5 datasets: a
+# member or dataset that declares more than BOMB_FLOOR bytes and more than BOMB_RATIO times what the file
+# stores for it is refused before a byte of it is read or written (DEFLATE cannot pass ~1032:1, Keras and
+# PyTorch store members uncompressed, and real weights barely compress).
+BOMB_FLOOR = 256 << 20
+BOMB_RATIO = 100
+#: Groups nested deeper than this (or a group that holds itself through a hard link) are refused.
+MAX_DEPTH = 256
+
 
 @dataclass
 class Entry:
@@ -77,6 +86,10 @@ _LEFT_OUT = [
 ]
 
 
+#: Why a tensor with no entries is never pruned (nothing to select; copied as it is).
+EMPTY = "no entries"
+
+
 def left_out_reason(name):
     """Why a tensor named ``name`` is left out of the default set, or ``""``."""
     for reason, pattern in _LEFT_OUT:
@@ -91,6 +104,8 @@ def entry_of(name, shape, dtype, optimizer=False):
     is_float = dt == "bfloat16" or (np.dtype(dt).kind == "f" and np.dtype(dt).itemsize in (2, 4, 8))
     shape = tuple(int(s) for s in shape)
     reason = "optimizer state" if optimizer else left_out_reason(name) if is_float and len(shape) >= 2 else ""
+    if is_float and 0 in shape:
+        reason = EMPTY
     return Entry(name, shape, dt, is_float, is_float and len(shape) >= 2 and not reason, reason)
 
 
@@ -130,6 +145,10 @@ class WeightFile:
         """Release the file."""
         pass
 
+    def input_files(self):
+        """Every path the reader reads (a model folder lists its files too)."""
+        return [self.path]
+
     def __enter__(self):
         return self
 
@@ -151,7 +170,7 @@ class WeightFile:
             if not e.is_float or (len(e.shape) < 2 and not any_rank):
                 continue
             reason = e.left_out or left_out_reason(e.name)
-            take = not reason or (take_all and reason != "optimizer state")
+            take = not reason or (take_all and reason not in ("optimizer state", EMPTY))
             if take and (not include or hit(e.name, include)) and not hit(e.name, exclude):
                 out.append(e.name)
         return out
@@ -174,19 +193,67 @@ def _attr_strings(obj, key):
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in vals]
 
 
+def inflated(declared, stored):
+    """Whether ``declared`` bytes from ``stored`` bytes on disk break the bomb rule (:data:`BOMB_RATIO`)."""
+    return declared > BOMB_FLOOR and declared > BOMB_RATIO * stored
+
+
+def check_h5(root, display, placeholders=()):
+    """Refuse an HDF5 file (or group) that would bring other files' bytes into
+    an output or inflate in memory: external links, datasets with external raw
+    storage or a virtual layout (their bytes live in other files), datasets
+    that declare far more than they store (:func:`inflated`; ``placeholders``:
+    paths of datasets left unwritten on purpose), groups nested deeper than
+    :data:`MAX_DEPTH`. Each refusal names the file, the dataset and the rule."""
+    def link(name, lk):
+        if isinstance(lk, h5py.ExternalLink):
+            return (f"{display}: {name!r} is a link to {lk.filename!r}, another file; sparsecore reads only what "
+                    f"the file itself holds")
+        if name.count("/") >= MAX_DEPTH:
+            return f"{display}: {name[:80]!r}... nests groups deeper than {MAX_DEPTH}"
+        return None
+
+    def dataset(name, obj):
+        if not isinstance(obj, h5py.Dataset):
+            return None
+        if obj.is_virtual:
+            return (f"{display}: dataset {name!r} is virtual (its bytes are mapped from other files); refused: "
+                    f"sparsecore reads only what the file itself holds")
+        if obj.external:
+            return (f"{display}: dataset {name!r} keeps its bytes in the external file {obj.external[0][0]!r}; "
+                    f"refused: sparsecore reads only what the file itself holds")
+        if name in placeholders:
+            return None
+        declared = int(np.prod(obj.shape, dtype=np.float64) * obj.dtype.itemsize) if obj.shape else 0
+        stored = obj.id.get_storage_size()
+        if inflated(declared, stored):
+            return (f"{display}: dataset {name!r} declares {declared} bytes but the file stores {stored} for it; "
+                    f"refused as a decompression or shape bomb (over {BOMB_FLOOR} bytes and {BOMB_RATIO}x what "
+                    f"is stored)")
+        return None
+
+    # a visit ends at the first callback that answers something (an exception inside one is not for h5py)
+    problem = root.visititems_links(link) or root.visititems(dataset)
+    if problem:
+        raise FormatError(problem)
+
+
 class H5File(WeightFile):
     """Keras 3 ``.weights.h5``, Keras 2 legacy HDF5, or any HDF5 file (or an
-    HDF5 group laid out like one: ``group=``)."""
+    HDF5 group laid out like one: ``group=``; ``placeholders``: its datasets
+    left unwritten on purpose, see :func:`check_h5`). ``path`` may be an open
+    binary file object."""
 
-    def __init__(self, path, display=None, group=None):
-        super().__init__(path)
+    def __init__(self, path, display=None, group=None, placeholders=()):
+        super().__init__(path if isinstance(path, (str, os.PathLike)) else display)
         try:
-            self.h5 = h5py.File(self.path, "r") if group is None else group
+            self.h5 = h5py.File(path, "r") if group is None else group
         except OSError as exc:
             raise FormatError(f"{display or path}: not a readable HDF5 file ({exc}); the file may be "
                               f"truncated or corrupt") from None
         self.prefix = ""
         try:
+            check_h5(self.h5, display or self.path, placeholders)
             self._list()
         except FormatError:
             self.h5.close()
@@ -256,9 +323,10 @@ PLACEHOLDER = object()
 
 
 def rebuild_h5(src, dst_path, replace):
-    """Write ``dst_path`` with ``src``'s groups, datasets and attributes;
-    the datasets whose path ``replace(path)`` answers with an array get that
-    array instead (same dtype, shape, chunking and filters)."""
+    """Write ``dst_path`` (a path or an open binary file) with ``src``'s groups,
+    datasets and attributes; the datasets whose path ``replace(path)`` answers
+    with an array get that array instead (same dtype, shape, chunking and
+    filters)."""
     with h5py.File(dst_path, "w") as out:
         rebuild_into(src, out, replace)
 
@@ -266,24 +334,25 @@ def rebuild_h5(src, dst_path, replace):
 def rebuild_into(src, out, replace):
     """:func:`rebuild_h5` into an open group ``out``."""
     _copy_attrs(src, out)
-    _rebuild_group(src, out, "", replace)
+    _rebuild_group(src, out, "", replace, 0)
 
 
-def _rebuild_group(g, out, base, replace):
+def _rebuild_group(g, out, base, replace, depth):
+    if depth > MAX_DEPTH:  # a hard link back to an ancestor would recurse forever
+        raise FormatError(f"{base[:80]!r}...: groups nested deeper than {MAX_DEPTH}, or a group that holds itself")
     for key in g:
         link = g.get(key, getlink=True)
         if isinstance(link, h5py.SoftLink):
             out[key] = h5py.SoftLink(link.path)
             continue
-        if isinstance(link, h5py.ExternalLink):
-            out[key] = h5py.ExternalLink(link.filename, link.path)
-            continue
+        if isinstance(link, h5py.ExternalLink):  # check_h5 refuses them on input: never reached
+            raise FormatError(f"{base}{key}: a link to another file")
         obj = g[key]
         path = f"{base}{key}"
         if isinstance(obj, h5py.Group):
             sub = out.create_group(key)
             _copy_attrs(obj, sub)
-            _rebuild_group(obj, sub, path + "/", replace)
+            _rebuild_group(obj, sub, path + "/", replace, depth + 1)
             continue
         new = replace(path)
         if new is None:
@@ -299,41 +368,64 @@ def _rebuild_group(g, out, base, replace):
 
 # --- .keras zip ---------------------------------------------------------------
 
+def check_members(zf, path):
+    """Refuse an archive with a member that inflates far past what it stores (:func:`inflated`, Keras' rule),
+    before anything of it is extracted."""
+    for info in zf.infolist():
+        if inflated(info.file_size, info.compress_size):
+            raise FormatError(f"{path}: member {info.filename!r} declares {info.file_size} bytes but stores "
+                              f"{info.compress_size}; refused as a decompression bomb (over {BOMB_FLOOR} bytes "
+                              f"and {BOMB_RATIO}x its stored size), as Keras refuses it")
+
+
 class KerasZip(H5File):
-    """A Keras 3 ``.keras`` archive; its ``model.weights.h5`` is extracted to
-    a temporary file beside nothing the user owns."""
+    """A Keras 3 ``.keras`` archive; its ``model.weights.h5`` is extracted into
+    an anonymous temporary file (no name on disk: nothing survives the
+    process, even killed), after every member is checked against its stored
+    size (:func:`check_members`)."""
 
     def __init__(self, path):
         self.zip_path = os.fspath(path)
+        self.tmpfile = None
         try:
             with zipfile.ZipFile(self.zip_path) as z:
                 names = z.namelist()
                 if "model.weights.h5" not in names:
                     raise FormatError(f"{path}: a zip archive without model.weights.h5 is not a Keras "
                                       f"3 .keras file (members: {names[:5]})")
+                check_members(z, path)
                 self.members = [(i.filename, i.compress_type) for i in z.infolist()]
-                self.tmpdir = tempfile.mkdtemp(prefix="sparsecore-keras-")
+                self.tmpfile = tempfile.TemporaryFile(prefix="sparsecore-keras-")
                 try:
-                    with z.open("model.weights.h5") as src, open(os.path.join(self.tmpdir, "w.h5"), "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 22)
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                    shutil.rmtree(self.tmpdir, ignore_errors=True)
+                    with z.open("model.weights.h5") as src:
+                        shutil.copyfileobj(src, self.tmpfile, 1 << 22)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
                     raise FormatError(f"{path}: cannot extract model.weights.h5 ({exc}); the archive is "
                                       f"truncated or corrupt") from None
         except zipfile.BadZipFile as exc:
+            self._drop()
             raise FormatError(f"{path}: not a readable zip archive ({exc})") from None
+        except BaseException:
+            self._drop()
+            raise
+        self.tmpfile.seek(0)
         try:
-            super().__init__(os.path.join(self.tmpdir, "w.h5"), display=f"{path} (model.weights.h5)")
-        except FormatError:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            super().__init__(self.tmpfile, display=f"{path} (model.weights.h5)")
+        except BaseException:
+            self._drop()
             raise
         self.path = self.zip_path
         self.format = "keras"
 
+    def _drop(self):
+        if self.tmpfile is not None:
+            self.tmpfile.close()
+            self.tmpfile = None
+
     def close(self):
         """Release the file and the archive's temporary copy."""
         super().close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self._drop()
 
 
 _ZIP64 = (1 << 31) - (1 << 20)  # members this large need zip64 records, which must be asked for when streaming
@@ -349,13 +441,21 @@ def _member_info(info, ctype):
 def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
     """A ``.keras`` archive at ``dst_path``: every member of ``src_zip`` (or,
     from ``member_bytes``, ``name -> (size, write(file))``) in order, streamed,
-    with ``model.weights.h5`` taken from ``weights_h5``."""
+    with ``model.weights.h5`` taken from ``weights_h5`` (an open binary file,
+    read from its start)."""
     with zipfile.ZipFile(dst_path, "w") as out:
         src = zipfile.ZipFile(src_zip) if src_zip else None
         try:
+            if src is not None:
+                check_members(src, src_zip)
             for name, ctype in members:
                 if name == "model.weights.h5":
-                    out.write(weights_h5, name, compress_type=ctype)
+                    weights_h5.seek(0, os.SEEK_END)
+                    size = weights_h5.tell()
+                    weights_h5.seek(0)
+                    with out.open(_member_info(zipfile.ZipInfo(name), ctype), "w",
+                                  force_zip64=size >= _ZIP64) as fout:
+                        shutil.copyfileobj(weights_h5, fout, 1 << 22)
                 elif src is not None:  # streamed: a member's size never decides the memory taken
                     info = src.getinfo(name)
                     try:
@@ -437,12 +537,14 @@ def _torch_load_error(path, exc):
     it holds besides tensors, without PyTorch's terminal escapes or its advice
     to turn the safety off."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return (f"{path}: refused: the pickle holds {found.group(1)!s}, which is not a tensor; sparsecore loads "
                 f"PyTorch files with weights_only=True and never runs a pickle's code (save a plain state dict)")
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: {first})"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and "weights_only" not in ln]
+    first = lines[0].strip() if lines else "the file holds more than tensors"
+    return (f"{path}: PyTorch cannot load it with weights_only=True ({type(exc).__name__}: {first}); sparsecore "
+            f"never turns that safety off")
 
 
 class TorchFile(WeightFile):
@@ -452,11 +554,17 @@ class TorchFile(WeightFile):
     def __init__(self, path):
         super().__init__(path)
         torch = _torch()
-        try:
+        archive = zipfile.is_zipfile(self.path)
+        if archive:  # storages that inflate far past the file are refused before torch reads them
             try:
-                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                sd = torch.load(self.path, map_location="cpu", weights_only=True)
+                with zipfile.ZipFile(self.path) as z:
+                    check_members(z, path)
+            except zipfile.BadZipFile as exc:
+                raise FormatError(f"{path}: not a readable zip archive ({exc})") from None
+        try:
+            # memory-mapped: a tensor's bytes are read when used, one at a time; only the legacy (non-zip)
+            # format cannot be mapped, and only it is loaded whole
+            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=archive)
         except Exception as exc:
             raise FormatError(_torch_load_error(path, exc)) from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -491,7 +599,11 @@ def write_torch(items, dst_path):
             else:
                 value = torch.from_numpy(np.array(value, order="C"))
         out[name] = value
-    torch.save(out, dst_path)
+    try:
+        torch.save(out, dst_path)
+    except RuntimeError as exc:  # PyTorch reports a failed write (a full disk) as a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{dst_path}: PyTorch could not write the file ({first}); nothing was written") from None
 
 
 # --- detection --------------------------------------------------------------------

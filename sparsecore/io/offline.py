@@ -91,20 +91,45 @@ class FileResult:
         return format_table(self.summary, [])
 
 
-def _check_paths(src, dst, force, folder=False):
-    """``folder``: the output is a model folder (the input a sharded checkpoint, or its sparse file)."""
+def _real_outputs(dst):
+    """Where writing ``dst`` lands, links resolved: its folder resolved and its own name (a link there is
+    replaced, not followed), and also the link's target when ``dst`` is a link (never written through, but
+    counted as the output all the same)."""
+    a = os.path.abspath(dst)
+    outs = [os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))]
+    if os.path.islink(a):
+        outs.append(os.path.realpath(a))
+    return outs
+
+
+def _check_overlap(inputs, dst):
+    """Refuse an output that is an input, holds one, or lies inside one: every
+    path compared after resolving its links (the output's folder, the input,
+    the scores, every file a model folder carries)."""
+    outs = _real_outputs(dst)
+    for p in inputs:
+        real = os.path.realpath(p)
+        for o in outs:
+            common = os.path.commonpath([real, o])
+            if common not in (real, o):
+                continue
+            via = "" if real == os.path.abspath(p) and o == os.path.abspath(dst) else " (after resolving links)"
+            if real == o and not os.path.isdir(real):
+                raise UserError(f"{dst}: the output would overwrite the input {p}{via}; give another output path")
+            if common == o and real != o:
+                raise UserError(f"{dst}: the input {p} lies inside the output folder{via}, which is replaced whole; "
+                                f"give another path")
+            raise UserError(f"{dst}: the output would overlap the input folder {p}{via}; give another path")
+
+
+def _check_paths(src, dst, force, folder=False, inputs=()):
+    """``folder``: the output is a model folder (the input a sharded checkpoint, or its sparse file);
+    ``inputs``: other files read (the scores)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise UserError(f"{src}: no such file")
+    _check_overlap([src, *(os.fspath(p) for p in inputs if p is not None)], dst)
     if folder:
-        src_dir = os.path.abspath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
-        d = os.path.abspath(dst)
-        if is_checkpoint_path(src) and (d == src_dir or d.startswith(src_dir + os.sep)
-                                        or src_dir.startswith(d + os.sep)):
-            raise UserError(f"{dst}: the output folder would overlap the input folder {src_dir}; give another path")
-        if os.path.abspath(src).startswith(d + os.sep):
-            raise UserError(f"{dst}: the input {src} lies inside the output folder, which is replaced whole; give "
-                            f"another path")
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise UserError(f"{dst}: a file; a sharded checkpoint is written as a folder: give a folder path")
         if os.path.exists(dst) and not force:
@@ -231,7 +256,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     sharded = is_checkpoint_path(src)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
-    _check_paths(src, dst, force, folder=sharded and not sparse)
+    _check_paths(src, dst, force, folder=sharded and not sparse, inputs=[scores])
     if client is not None and not (sharded and not sparse):
         raise UserError("a Dask cluster prunes a sharded checkpoint (a model folder or its index) into a model "
                         "folder; run without it for single files and sparse HDF5 output")
@@ -242,6 +267,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     include = [include] if isinstance(include, str) else list(include)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     with open_weights(src) as reader:
+        _check_overlap(reader.input_files(), dst)  # every file a model folder carries, links resolved
         if isinstance(reader, SparseFile):
             raise UserError(f"{src}: already a sparsecore sparse file; densify it first "
                             f"('sparsecore densify {src} -o FILE'), then prune that")
@@ -250,6 +276,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
             bad = [n for n in names if n not in reader.entries or not reader.entries[n].is_float]
             if bad:
                 raise UserError(f"{src}: no float tensor named {bad[0]!r}")
+            names = [n for n in names if reader.entries[n].size]  # nothing to select in an empty tensor
         else:
             names = reader.select(include, exclude, take_all=take_all, any_rank=any_rank)
         if not names:
@@ -277,7 +304,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
             result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
             if kind is not None:
                 result.format = kind
-            with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync) as tmp:
+            with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync, replace=force) as tmp:
                 if client is not None:
                     srcs.write(tmp, plan, result, progress)
                     result.moved_bytes = srcs.moved
@@ -383,10 +410,10 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
         by_path = {reader.dataset_path(n): n for n in pruned}
         rebuild_h5(reader.h5, tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
     elif isinstance(reader, KerasZip):
-        h5tmp = os.path.join(reader.tmpdir, "out.h5")
         by_path = {reader.dataset_path(n): n for n in pruned}
-        rebuild_h5(reader.h5, h5tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
-        write_keras_zip(reader.members, reader.zip_path, h5tmp, tmp)
+        with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:  # no name: gone with the process
+            rebuild_h5(reader.h5, h5tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
+            write_keras_zip(reader.members, reader.zip_path, h5tmp, tmp)
     elif isinstance(reader, SafeTensorsFile):
         items = [(n, dt, shape, (lambda n=n: step(n, False)[0]) if n in pruned else (lambda n=n: reader.raw(n)))
                  for n, (dt, shape, _, _) in reader.header.items()]
@@ -536,13 +563,14 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     (dense, zeros where pruned): bit for bit the masked weights."""
     with open_weights(src) as reader:
         _check_paths(src, dst, force, folder=isinstance(reader, SparseFile) and reader.kind == "sharded")
+        _check_overlap(reader.input_files(), dst)
         if not isinstance(reader, SparseFile):
             raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
                             f"output of 'sparsecore prune ... -o X.sparse.h5'")
         result = FileResult(os.fspath(src), os.fspath(dst), reader.kind)
         h = reader.h5
         c = h["container"]
-        with (AtomicDir if reader.kind == "sharded" else AtomicPath)(dst, sync) as tmp:
+        with (AtomicDir if reader.kind == "sharded" else AtomicPath)(dst, sync, replace=force) as tmp:
             if reader.kind == "sharded":
                 _densify_folder(reader, c, tmp)
             elif reader.kind in ("hdf5", "keras"):
@@ -555,8 +583,7 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
                     rebuild_h5(c["h5"], tmp, replace)
                 else:
                     members = [tuple(m) for m in json.loads(as_str(c.attrs["members"]))]
-                    with tempfile.TemporaryDirectory(prefix="sparsecore-") as d:
-                        h5tmp = os.path.join(d, "model.weights.h5")
+                    with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:
                         rebuild_h5(c["h5"], h5tmp, replace)
                         data = {name: (c["zip"][str(i)].shape[0], _dataset_writer(c["zip"][str(i)]))
                                 for i, (name, _) in enumerate(members) if name != "model.weights.h5"}
@@ -582,15 +609,34 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
 def _densify_folder(reader, c, tmp):
     """The model folder a sharded checkpoint's sparse file was made from: every shard under its
     own name (safetensors dtypes and metadata as they were), the index and the other files."""
-    layout = json.loads(c["shards"][()].tobytes().decode())
+    layout = reader.json(c["shards"])
+    kind = as_str(c.attrs["shard_kind"])
+    if not isinstance(layout, dict) or kind not in ("safetensors", "torch"):
+        raise UserError(f"{reader.path}: the shard layout is not a mapping of shards (kind {kind!r}); the file is "
+                        f"damaged")
     for shard, info in layout.items():
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise UserError(f"{reader.path}: shard name {shard!r} is not a plain file name; the file is damaged")
+        names = info.get("names") if isinstance(info, dict) else None
+        dtypes = info.get("dtypes") if kind == "safetensors" else {}
+        if not isinstance(names, list) or not isinstance(dtypes, dict):
+            raise UserError(f"{reader.path}: shard {shard!r} lists no tensor names; the file is damaged")
+        for n in names:
+            if not isinstance(n, str) or n not in reader.entries or (kind == "safetensors" and n not in dtypes):
+                raise UserError(f"{reader.path}: shard {shard!r} names the tensor {n!r}, which the file does not "
+                                f"hold; the file is damaged")
+    carried = [as_str(c["files"][k].attrs["path"]) for k in c["files"]]
+    clash = set(layout) & {os.path.normpath(r) for r in carried} or \
+        {os.path.normpath(r) for r in carried if carried.count(r) > 1}
+    if clash:
+        raise UserError(f"{reader.path}: the carried file {sorted(clash)[0]!r} would overwrite a shard or another "
+                        f"carried file; the file is damaged")
+    for shard, info in layout.items():
         target = os.path.join(tmp, shard)
-        if as_str(c.attrs["shard_kind"]) == "safetensors":
+        if kind == "safetensors":
             items = [(n, info["dtypes"][n], reader.entries[n].shape, lambda n=n: reader.raw(n)) for n in info["names"]]
             with open(target, "wb") as f:
-                st.write(f, items, info["metadata"])
+                st.write(f, items, info.get("metadata"))
         else:
             write_torch(((n, reader.raw(n), reader.entries[n]) for n in info["names"]), target)
     for key in c["files"]:

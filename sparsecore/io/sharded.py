@@ -10,6 +10,13 @@ tensor once across the shards (in shard order), reads one tensor at a time
 (each shard's reader opened when first used) and knows the folder's other
 files (``config.json``, the tokenizer), which an output folder carries over.
 
+Links: a link inside the folder is followed where its target stays inside
+the folder, or where the folder is a Hugging Face cache's snapshot
+(``<repo>/snapshots/<revision>``) and the target a file of that cache's
+``<repo>/blobs/`` (as ``huggingface_hub`` lays them out). Any other link that
+leaves the folder, a link that loops, and anything that is not a regular
+file or folder (a pipe, a device, a dangling link) is refused by name.
+
 Tied weights: when ``config.json`` says ``tie_word_embeddings`` (the default
 of most causal LMs), the output head shares the input embedding; if the
 checkpoint stores it anyway, it is marked and left out of the default set
@@ -41,6 +48,7 @@ class ShardedCheckpoint(WeightFile):
     def __init__(self, path):
         super().__init__(path)
         path = self.path
+        self._real = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
         if os.path.isdir(path):
             self.folder = path
             found = [n for n in INDEXES if os.path.isfile(os.path.join(path, n))]
@@ -59,8 +67,10 @@ class ShardedCheckpoint(WeightFile):
         else:
             self.folder, self.index_name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
         if self.index_name is not None:
-            weight_map, self.index_metadata = self._read_index(os.path.join(self.folder, self.index_name))
+            weight_map, self.index_metadata = self._read_index(self.checked(self.index_name))
             self.shards = list(dict.fromkeys(weight_map.values()))
+        for shard in self.shards:
+            self.checked(shard)
         self.kind = "torch" if self.shards[0].endswith(".bin") else "safetensors"
         self.format = f"sharded-{self.kind}" if self.index_name else f"folder-{self.kind}"
         self._open = {}
@@ -100,6 +110,8 @@ class ShardedCheckpoint(WeightFile):
                 if os.fstat(f.fileno()).st_size > 64 << 20:
                     raise FormatError(f"{index_path}: over 64 MiB, not a checkpoint index")
                 index = json.loads(f.read().decode("utf-8"))
+        except RecursionError:
+            raise FormatError(f"{index_path}: JSON nested too deeply to be a checkpoint index") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{index_path}: not a readable checkpoint index ({exc})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -128,9 +140,27 @@ class ShardedCheckpoint(WeightFile):
         try:
             with open(p, "rb") as f:
                 cfg = json.loads(f.read(16 << 20).decode("utf-8"))
+        except RecursionError:
+            raise FormatError(f"{p}: JSON nested too deeply to be a model config") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
         return cfg if isinstance(cfg, dict) else {}
+
+    def checked(self, rel):
+        """The path of the folder's file ``rel``, refused unless it and its links
+        stay inside the folder or lead, as a Hugging Face cache's snapshot
+        links do, into the cache's ``blobs/`` (see the module doc)."""
+        p = os.path.join(self.folder, rel)
+        real = os.path.realpath(p)
+        if os.path.commonpath([self._real, real]) == self._real:
+            return p
+        parts = self._real.split(os.sep)
+        if "snapshots" in parts[:-1]:
+            repo = os.sep.join(parts[:len(parts) - 1 - parts[::-1].index("snapshots")]) or os.sep
+            if os.path.dirname(real) == os.path.join(repo, "blobs") and os.path.isfile(real):
+                return p
+        raise FormatError(f"{self.folder}: {rel} is a link to {real}, outside the model folder; links out of a "
+                          f"model folder are followed only into a Hugging Face cache's blobs/ (copy the file in)")
 
     def reader(self, shard):
         """The open reader of one shard (opened on first use; for ``.bin``
@@ -163,14 +193,37 @@ class ShardedCheckpoint(WeightFile):
     def other_files(self):
         """The folder's files that are not weights (config, tokenizer, ...), relative paths; sub-folders too."""
         skip = set(self.shards) | ({self.index_name} if self.index_name else set())
-        out = []
-        for root, dirs, files in os.walk(self.folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                rel = os.path.relpath(os.path.join(root, f), self.folder)
-                if rel not in skip and not f.startswith("."):
-                    out.append(rel)
+        out, seen, stack = [], {self._real}, [""]
+        while stack:  # depth first, each folder's files before its sub-folders, by name (as os.walk)
+            top = stack.pop()
+            with os.scandir(os.path.join(self.folder, top)) as it:
+                found = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            subs = []
+            for e in found:
+                rel = os.path.join(top, e.name) if top else e.name
+                if e.is_dir():  # a linked sub-folder is carried when it stays inside (and loops nowhere)
+                    real = os.path.realpath(e.path)
+                    if os.path.commonpath([self._real, real]) != self._real:
+                        raise FormatError(f"{self.folder}: the sub-folder {rel} is a link to {real}, outside the "
+                                          f"model folder; copy it in or remove the link")
+                    if real in seen:
+                        raise FormatError(f"{self.folder}: the sub-folder {rel} is a link back to a folder "
+                                          f"already carried (a loop); remove the link")
+                    seen.add(real)
+                    subs.append(rel)
+                elif e.is_file():
+                    self.checked(rel)
+                    if rel not in skip:
+                        out.append(rel)
+                else:
+                    raise FormatError(f"{self.folder}: {rel} is not a regular file (a dangling link, a pipe, a "
+                                      f"socket or a device); remove it or move it out of the model folder")
+            stack.extend(reversed(subs))
         return out
+
+    def input_files(self):
+        """Every path this checkpoint reads: the folder, its index, shards and other files."""
+        return [self.folder] + self.weight_files() + [os.path.join(self.folder, r) for r in self.other_files()]
 
     def weight_files(self):
         """Paths of the index (if any) and the shards, in that order."""

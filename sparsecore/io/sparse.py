@@ -37,9 +37,11 @@ import h5py
 import numpy as np
 
 from .errors import FormatError
-from .formats import SPARSE_TAG, Entry, H5File, WeightFile, entry_of
+from .formats import SPARSE_TAG, Entry, H5File, WeightFile, check_h5, entry_of
 
 FORMAT_VERSION = 1
+#: The source formats a sparse file rebuilds (its container's ``kind``).
+KINDS = ("hdf5", "keras", "safetensors", "torch", "sharded")
 
 
 def f32_to_bf16(x):
@@ -104,9 +106,29 @@ class SparseFile(WeightFile):
         super().__init__(path)
         try:
             self.h5 = h5py.File(self.path, "r")
-            self._list()
-        except (OSError, KeyError) as exc:
+        except OSError as exc:
             raise FormatError(f"{path}: a damaged sparsecore sparse file ({exc})") from None
+        try:
+            self._list()
+        except FormatError:
+            self.h5.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RecursionError) as exc:
+            self.h5.close()
+            raise FormatError(f"{path}: a damaged sparsecore sparse file ({type(exc).__name__}: {exc})") from None
+
+    def _damaged(self, what):
+        return FormatError(f"{self.path}: a damaged sparsecore sparse file: {what}")
+
+    def json(self, ds):
+        """A JSON dataset (uint8 bytes) or attribute of the container, parsed."""
+        text = ds[()].tobytes().decode() if isinstance(ds, h5py.Dataset) else as_str(ds)
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise self._damaged("JSON nested too deeply") from None
+        except json.JSONDecodeError as exc:
+            raise self._damaged(f"unreadable JSON ({exc})") from None
 
     PROVENANCE = ("tool_version", "created", "source_file", "source_format", "source_sha256", "source_bytes",
                   "criterion", "scope", "sparsity", "threshold", "normalize")
@@ -123,18 +145,31 @@ class SparseFile(WeightFile):
             raise FormatError(f"{self.path}: sparse format version {version}; this sparsecore reads version "
                               f"{FORMAT_VERSION}")
         self.kind = as_str(h["container"].attrs["kind"])
+        if self.kind not in KINDS:
+            raise self._damaged(f"container kind {self.kind!r} is none of {', '.join(KINDS)}")
         self.pruned = {}
         for key in sorted(h["tensors"], key=int):
             g = h["tensors"][key]
             name = as_str(g.attrs["name"])
+            if name in self.pruned:
+                raise self._damaged(f"tensor {name!r} is stored twice")
+            self._check_group(name, g)
             self.pruned[name] = g
         c = h["container"]
+        holes = {as_str(g.attrs["source_path"]) for g in self.pruned.values() if "source_path" in g.attrs}
+        check_h5(h, self.path, {f"container/h5/{p}" for p in holes})  # nothing external, nothing inflated
         self.raw_groups = {}
         if self.kind in ("hdf5", "keras"):
-            self.inner = H5File(self.path, group=c["h5"])
+            self.inner = H5File(self.path, group=c["h5"], placeholders=holes)
             self.entries = dict(self.inner.entries)
+            missing = [n for n, g in self.pruned.items() if as_str(g.attrs.get("source_path", "")) not in holes
+                       or n not in self.entries]
+            if missing:
+                raise self._damaged(f"pruned tensor {missing[0]!r} has no place in the rebuilt file")
         else:
-            order = json.loads(c["order"][()].tobytes().decode() if "order" in c else as_str(c.attrs["order"]))
+            order = self.json(c["order"] if "order" in c else c.attrs["order"])
+            if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+                raise self._damaged("the tensor order is not a list of names")
             for key in c.get("raw", {}):
                 g = c["raw"][key]
                 self.raw_groups[as_str(g.attrs["name"])] = g
@@ -142,13 +177,61 @@ class SparseFile(WeightFile):
                 if n in self.pruned:
                     g = self.pruned[n]
                     self.entries[n] = entry_of(n, tuple(g.attrs["shape"]), as_str(g.attrs["dtype"]))
-                else:
+                elif n in self.raw_groups:
                     ds = self.raw_groups[n]
                     dt = as_str(ds.attrs["dtype"])
                     self.entries[n] = entry_of(n, ds.shape, "bfloat16" if dt == "bfloat16" else ds.dtype)
+                else:
+                    raise self._damaged(f"tensor {n!r} is listed but stored nowhere")
+            if len(self.entries) != len(order) or any(n not in self.entries for n in self.pruned):
+                raise self._damaged("the tensor order lists a name twice or leaves a stored tensor out")
         for n, g in self.pruned.items():  # pruned tensors report their own dtype
             e = self.entries[n]
             self.entries[n] = Entry(n, e.shape, as_str(g.attrs["dtype"]), e.is_float, e.default, e.left_out)
+
+    def _check_group(self, name, g):
+        """A pruned tensor's attributes and dataset shapes agree (read at open: no data read)."""
+        try:
+            shape = tuple(int(v) for v in g.attrs["shape"])
+            rows, cols = (int(v) for v in g.attrs["csr_shape"])
+            nnz, kept = int(g.attrs["nnz"]), int(g.attrs["kept"])
+            dtype = as_str(g.attrs["dtype"])
+            lens = {k: g[k].shape for k in ("data", "indices", "indptr")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(f"tensor {name!r}: {exc}") from None
+        size = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or rows < 0 or cols < 0 or rows * cols != size or \
+                (shape and rows != shape[0]):
+            raise self._damaged(f"tensor {name!r}: CSR shape {(rows, cols)} does not fit shape {shape}")
+        if not (0 <= nnz <= kept <= size) or lens["data"] != (nnz,) or lens["indices"] != (nnz,) or \
+                lens["indptr"] != (rows + 1,):
+            raise self._damaged(f"tensor {name!r}: nnz {nnz}, kept {kept} of {size}, data {lens['data']}, indices "
+                                f"{lens['indices']}, indptr {lens['indptr']} do not agree")
+        if g["indices"].dtype.kind not in "iu" or g["indptr"].dtype.kind not in "iu" or \
+                (dtype != "bfloat16" and np.dtype(dtype).kind != "f") or g["data"].dtype.kind != "f":
+            raise self._damaged(f"tensor {name!r}: dtypes data {g['data'].dtype}, indices {g['indices'].dtype}, "
+                                f"indptr {g['indptr'].dtype} (floats and integers needed), tensor {dtype}")
+        if "mask" in g and g["mask"].shape != ((size + 7) // 8,):
+            raise self._damaged(f"tensor {name!r}: mask of {g['mask'].shape} bytes for {size} entries")
+
+    def _csr_parts(self, g):
+        """``(data, indices, indptr)`` of a pruned tensor, checked: indptr from 0 to nnz without going back,
+        every index in [0, columns) and rising within its row (a negative or too large index would mirror or
+        misplace weights)."""
+        data, indices, indptr = g["data"][()], g["indices"][()], g["indptr"][()]
+        cols = int(g.attrs["csr_shape"][1])
+        name = as_str(g.attrs["name"])
+        if indptr[0] != 0 or indptr[-1] != data.size or (indptr.size > 1 and np.any(np.diff(indptr) < 0)):
+            raise self._damaged(f"tensor {name!r}: row pointers do not run from 0 to {data.size} without going back")
+        if indices.size and (indices.min() < 0 or indices.max() >= cols):
+            raise self._damaged(f"tensor {name!r}: column indices from {indices.min()} to {indices.max()} leave "
+                                f"[0, {cols})")
+        if indices.size > 1:
+            rising = np.diff(indices.astype(np.int64)) > 0
+            rising[indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.size)] - 1] = True  # rows' starts
+            if not rising.all():
+                raise self._damaged(f"tensor {name!r}: column indices repeat or fall within a row")
+        return data, indices, indptr
 
     def nnz(self, name):
         """Stored entries of a pruned tensor (None for one stored dense)."""
@@ -160,19 +243,19 @@ class SparseFile(WeightFile):
         import scipy.sparse as sp
 
         g = self.pruned[name]
-        data = g["data"][()]
+        data, indices, indptr = self._csr_parts(g)
         if data.dtype == np.float16:  # scipy does not take float16
             data = data.astype(np.float32)
-        return sp.csr_array((data, g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"]))
+        return sp.csr_array((data, indices, indptr), shape=tuple(int(v) for v in g.attrs["csr_shape"]))
 
     def _dense(self, g):
         """The stored tensor, dense, in its stored dtype (exactly the stored bits)."""
         shape = tuple(int(s) for s in g.attrs["shape"])
         rows, cols = (int(v) for v in g.attrs["csr_shape"])
-        data = g["data"][()]
-        indptr = g["indptr"][()]
+        data, indices, indptr = self._csr_parts(g)
         out = np.zeros((rows, cols), data.dtype)
-        out[np.repeat(np.arange(rows), np.diff(indptr)), g["indices"][()]] = data
+        if data.size:
+            out[np.repeat(np.arange(rows), np.diff(indptr)), indices] = data
         return out.reshape(shape)
 
     def mask(self, name):
