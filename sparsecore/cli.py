@@ -208,6 +208,10 @@ def _report(args):
             from .io import UserError
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
+    if args.plot:
+        from .io.offline import check_overlap
+
+        check_overlap([args.file], args.plot)  # the plot never replaces what it reports on
     fmt, rows, made = _rows(args.file)
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)

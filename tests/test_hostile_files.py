@@ -121,6 +121,15 @@ def test_a_single_file_through_links_and_the_scores_file(tmp_path, rng):
         prune_file(_folder(tmp_path / "f", rng), tmp_path / "f" / "x.sparse.h5", sparsity=0.5)
 
 
+def test_a_report_plot_never_replaces_its_input(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    m = _st(tmp_path / "m.safetensors", {"w": rng.standard_normal((4, 4)).astype(np.float32)})
+    before = m.read_bytes()
+    os.symlink(".", tmp_path / "pl")
+    code, _, err = _run("report", m, "--plot", tmp_path / "pl" / "m.safetensors")
+    assert code == 1 and "overwrite the input" in err and m.read_bytes() == before
+
+
 def test_a_carried_file_linked_into_the_output_folder_is_refused(tmp_path, rng):
     out = _folder(tmp_path / "out", rng)
     src = _folder(tmp_path / "src", rng, extra=False)

@@ -102,7 +102,7 @@ def _real_outputs(dst):
     return outs
 
 
-def _check_overlap(inputs, dst):
+def check_overlap(inputs, dst):
     """Refuse an output that is an input, holds one, or lies inside one: every
     path compared after resolving its links (the output's folder, the input,
     the scores, every file a model folder carries)."""
@@ -128,7 +128,7 @@ def _check_paths(src, dst, force, folder=False, inputs=()):
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise UserError(f"{src}: no such file")
-    _check_overlap([src, *(os.fspath(p) for p in inputs if p is not None)], dst)
+    check_overlap([src, *(os.fspath(p) for p in inputs if p is not None)], dst)
     if folder:
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise UserError(f"{dst}: a file; a sharded checkpoint is written as a folder: give a folder path")
@@ -267,7 +267,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     include = [include] if isinstance(include, str) else list(include)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     with open_weights(src) as reader:
-        _check_overlap(reader.input_files(), dst)  # every file a model folder carries, links resolved
+        check_overlap(reader.input_files(), dst)  # every file a model folder carries, links resolved
         if isinstance(reader, SparseFile):
             raise UserError(f"{src}: already a sparsecore sparse file; densify it first "
                             f"('sparsecore densify {src} -o FILE'), then prune that")
@@ -563,7 +563,7 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     (dense, zeros where pruned): bit for bit the masked weights."""
     with open_weights(src) as reader:
         _check_paths(src, dst, force, folder=isinstance(reader, SparseFile) and reader.kind == "sharded")
-        _check_overlap(reader.input_files(), dst)
+        check_overlap(reader.input_files(), dst)
         if not isinstance(reader, SparseFile):
             raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
                             f"output of 'sparsecore prune ... -o X.sparse.h5'")
