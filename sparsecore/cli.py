@@ -130,7 +130,8 @@ def _parser():
                             "checkpoint into a model folder, each shard read and written by a worker; the paths "
                             "must be the same on every machine (needs: pip install 'sparsecore[dask]')")
     where.add_argument("--workers", type=int, metavar="N",
-                       help="run on a new local Dask cluster of N worker processes (as --dask)")
+                       help="run on a new local Dask cluster of N worker processes (as --dask); at most one per "
+                            "usable core and one per 320 MiB of available memory")
 
     q = sub.add_parser("densify", parents=[debug], help="turn a sparse HDF5 file back into its source format")
     q.add_argument("input")

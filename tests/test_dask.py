@@ -187,13 +187,18 @@ def test_the_command_line_runs_on_a_local_cluster(model, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "sparsecore", "prune", str(model), *map(str, args)],
                               capture_output=True, text=True, timeout=300)
+    limit = sc_cluster.max_workers()[0]
     a = cli("-o", tmp_path / "one", "--sparsity", "0.7", "--scope", "global", "--quiet")
-    b = cli("-o", tmp_path / "many", "--sparsity", "0.7", "--scope", "global", "--workers", "2")
+    b = cli("-o", tmp_path / "many", "--sparsity", "0.7", "--scope", "global", "--workers", min(2, limit))
     assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
     assert "moved between the client and the workers" in b.stdout
     _same_folders(tmp_path / "one", tmp_path / "many")
     c = cli("-o", tmp_path / "x", "--sparsity", "0.7", "--workers", "0")
     assert c.returncode == 2 and "--workers must be 1 or more" in c.stderr
+    e = cli("-o", tmp_path / "x", "--sparsity", "0.7", "--workers", limit + 1)  # refused before any file is read
+    assert e.returncode == 1 and e.stderr.startswith(
+        f"sparsecore: error: --workers {limit + 1}: this machine can hold at most {limit} worker processes (one per "
+        f"usable core: "), e.stderr
     d = cli("-o", tmp_path / "x", "--sparsity", "0.7", "--dask", "tcp://127.0.0.1:1")
     assert d.returncode != 0 and "--dask tcp://127.0.0.1:1: no Dask scheduler answers there" in d.stderr
     assert not os.path.exists(tmp_path / "x")
