@@ -17,12 +17,11 @@ the same on every run and every thread count.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
 from ._device import is_device_array, resolve
-from ._kernels import cpu_csr, cpu_select
+from ._kernels import cpu_csr, cpu_select, threads_for
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, cut_value, key_of, value_of
 from ._source import NORM_KINDS, NORM_NONE, Rule, Source
 from ._validate import (
@@ -37,14 +36,28 @@ __all__ = ["select_threshold", "sparsity_mask", "threshold_mask"]
 
 # Histogram memory for one level of a global selection, all tensors together.
 _HIST_BUDGET_BYTES = 32 << 20
-_PAR_MIN = 1 << 16  # elements per chunk below which a kernel runs on one thread
 # Tensors from this size on are selected by the one-pass sampled bracket
 # (tests lower it to run that path on small inputs).
 _SAMPLE_MIN = 1 << 18
+# Tensors up to this size are selected from their sorted keys: one read, no
+# histogram (a radix level's histogram row alone holds 2**16 counts). In a
+# global selection their keys are pooled, up to _POOL_BUDGET keys in all
+# (the memory of the histograms); tests change both.
+_SORT_MAX = 1 << 12
+_POOL_BUDGET = _HIST_BUDGET_BYTES // 8
+# Elements per segment of a mask-only rule pass, at least.
+_SEG_MIN = 1 << 16
+
+
+def _sorts(size):
+    """Whether a tensor of ``size`` entries is selected from its sorted keys
+    (the sampled bracket keeps the sizes from ``_SAMPLE_MIN`` on)."""
+    return size <= _SORT_MAX and size < _SAMPLE_MIN
 
 
 def _nchunks(n):
-    return max(1, min(numba.get_num_threads(), n // _PAR_MIN))
+    """Chunks (one per thread) of a pass over ``n`` elements: see ``threads_for``."""
+    return threads_for(n)
 
 
 def _levels(wide, ntensors):
@@ -119,26 +132,100 @@ def _range_part(src, wide, lo_key, hi_key, share):
     return int(n_less.sum()), np.concatenate([buf[c * cap:c * cap + n_cand[c]] for c in range(nchunks)])
 
 
-def _search(sources, lo, hi, target, wide):
+def _sorted_keys(src, wide):
+    """All keys of one (small) source, sorted; its non-finite scores refused."""
+    keys = np.empty(src.size, np.uint64)
+    bad, first = cpu_select.all_keys(src.data, src.mode, src.inv, src.scaled, wide, keys)
+    if bad:
+        _raise_nonfinite(src, bad, first)
+    keys.sort()
+    return keys
+
+
+def _counts_of_sorted(keys, T):
+    """``(keys < T, keys == T)`` of sorted keys."""
+    below = int(np.searchsorted(keys, np.uint64(T), "left"))
+    return below, int(np.searchsorted(keys, np.uint64(T), "right")) - below
+
+
+def _rule_of_sorted(keys, k, wide):
+    """:func:`select_one`'s rule for the ``k`` lowest of sorted ``keys``."""
+    if k <= 0:
+        return Rule(0, 0, wide)
+    T = int(keys[k - 1])
+    below, ties = _counts_of_sorted(keys, T)
+    return _rule_for(T, ties, k - below, wide)
+
+
+def _pool_keys(sources, wide):
+    """``(pooled, keys)``: which sources of a global selection are selected
+    from their sorted keys (those of at most ``_SORT_MAX`` entries, in order,
+    while the keys held stay within ``_POOL_BUDGET``), and those keys (None
+    for the others). One pass over them, the only one before the rules."""
+    ntens = len(sources)
+    pooled = np.zeros(ntens, np.bool_)
+    if not ntens or sources[0].on_device:
+        return pooled, [None] * ntens
+    room = _POOL_BUDGET
+    per = [None] * ntens
+    for t, src in enumerate(sources):
+        if _sorts(src.size) and src.size <= room:
+            pooled[t] = True
+            room -= src.size
+            per[t] = (wide,)
+    if not pooled.any():
+        return pooled, per
+    return pooled, each_source(sources, _sorted_keys, per)
+
+
+def _pool_hist(keys, first, prefix, shift, bits):
+    """One radix level's histogram of pooled keys (see :func:`_hist_part`)."""
+    if not first:
+        keys = keys[(keys >> np.uint64(shift + bits)) == np.uint64(prefix)]
+    digits = (keys >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
+    return np.bincount(digits.astype(np.intp), minlength=1 << bits)
+
+
+def _active(ntens, skip):
+    return [t for t in range(ntens) if skip is None or not skip[t]]
+
+
+def _search(sources, lo, hi, target, wide, pool=None, skip=None):
     """Smallest key T whose capped count sum_t clip(#{key_t <= T}, lo_t, hi_t)
     reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
-    keys < T and == T."""
+    keys < T and == T. ``pool``: keys that count as one more tensor without
+    caps, standing for the sources that ``skip`` marks (their counts are 0
+    here)."""
     if sources and sources[0].on_device:
         from ._cuda import select as device_select
 
         return device_select.search(sources, lo, hi, target, wide)
     ntens = len(sources)
-    below = np.zeros(ntens, np.int64)
+    active = _active(ntens, skip)
+    lo, hi = lo[active], hi[active]
+    if pool is not None:
+        lo, hi = np.append(lo, 0), np.append(hi, pool.size)
+    rows = lo.size
+    below = np.zeros(rows, np.int64)
     prefix = 0
     hist = None
     d = 0
-    for li, (shift, bits) in enumerate(_levels(wide, ntens)):
-        hist = np.zeros((ntens, 1 << bits), np.int64)
-        for t, h in enumerate(each_source(sources, _hist_part, [(wide, li == 0, prefix, shift, bits)] * ntens)):
-            hist[t] = h
+    for li, (shift, bits) in enumerate(_levels(wide, rows)):
+        hist = np.zeros((rows, 1 << bits), np.int64)
+        per = [None] * ntens
+        for t in active:
+            per[t] = (wide, li == 0, prefix, shift, bits)
+        parts = each_source(sources, _hist_part, per)
+        for r, t in enumerate(active):
+            hist[r] = parts[t]
+        if pool is not None:
+            hist[-1] = _pool_hist(pool, li == 0, prefix, shift, bits)
         d = cpu_select.pick_digit(hist, below, lo, hi, target)
         prefix = (prefix << bits) | int(d)
-    return prefix, below, hist[:, d].copy()
+    below_all, ties_all = np.zeros(ntens, np.int64), np.zeros(ntens, np.int64)
+    below_all[active] = below[:len(active)]
+    ties_all[active] = hist[:len(active), d]
+    return prefix, below_all, ties_all
 
 
 def _rule_for(T, ties, extra, wide):
@@ -162,10 +249,29 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     if target == int(lo.sum()):
         return [select_one(src, int(k), wide) for src, k in zip(sources, lo)]
     sizes = np.array([src.size for src in sources], np.int64)
+    # Small tensors are pooled: tensor t's capped count clip(#{key <= T}, lo_t, hi_t) is lo_t plus the
+    # count of its keys of ranks lo_t + 1 .. hi_t that are <= T, so their keys of those ranks, pooled,
+    # count as one tensor without caps, and target drops by their lo_t.
+    pooled, keys = _pool_keys(sources, wide)
+    pool, k = None, target
+    if pooled.any():
+        k -= int(lo[pooled].sum())
+        pool = np.concatenate([keys[t][lo[t]:hi[t]] for t in np.flatnonzero(pooled)])
     found = None
-    if not lo.any() and np.array_equal(hi, sizes):  # no caps: the plain k-th of all keys
-        found = _search_sampled(sources, target, wide)
-    T, below, ties = found if found is not None else _search(sources, lo, hi, target, wide)
+    if pooled.all():  # 1 <= k <= pool.size: the plain k-th of the pool
+        pool.partition(k - 1)
+        found = int(pool[k - 1]), np.zeros(len(sources), np.int64), np.zeros(len(sources), np.int64)
+    else:
+        if pool is not None and pool.size == 0:  # the pooled tensors' caps fix their counts
+            pool = None
+        big = ~pooled
+        if not lo[big].any() and np.array_equal(hi[big], sizes[big]):  # no caps: the plain k-th of all keys
+            found = _search_sampled(sources, k, wide, pool, pooled)
+        if found is None:
+            found = _search(sources, lo, hi, k, wide, pool, pooled)
+    T, below, ties = found
+    for t in np.flatnonzero(pooled):
+        below[t], ties[t] = _counts_of_sorted(keys[t], T)
     base = np.clip(below, lo, hi)
     room = np.clip(below + ties, lo, hi) - base
     rest = target - int(base.sum())
@@ -177,7 +283,10 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
         if below[t] <= p <= below[t] + ties[t]:
             rules.append(_rule_for(T, int(ties[t]), p - int(below[t]), wide))
             own.append(None)
-        else:  # a cap binds beyond the global threshold: the tensor's own p smallest
+        elif pooled[t]:  # a cap binds beyond the global threshold: the tensor's own p smallest
+            rules.append(_rule_of_sorted(keys[t], p, wide))
+            own.append(None)
+        else:
             rules.append(None)
             own.append((p, wide))
     capped = each_source(sources, select_one, own)
@@ -186,6 +295,10 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
 
 def _search_one(src, k, wide):
     """``(T, below, ties)`` of the k-th smallest key (1 <= k <= n) of one tensor."""
+    if not src.on_device and _sorts(src.size):
+        keys = _sorted_keys(src, wide)
+        T = int(keys[k - 1])
+        return (T, *_counts_of_sorted(keys, T))
     found = _search_sampled([src], k, wide)
     if found is None:
         found = _search([src], np.zeros(1, np.int64), np.array([src.size], np.int64), k, wide)
@@ -193,21 +306,32 @@ def _search_one(src, k, wide):
     return T, int(below[0]), int(ties[0])
 
 
-def _search_sampled(sources, k, wide):
+def _search_sampled(sources, k, wide, pool=None, skip=None):
     """The k-th smallest key of all sources together, in one pass instead of
     two to four: bracket it between two quantiles of an evenly strided
     sample, count the keys below the bracket and copy the few inside it,
     then select among those. Returns ``(T, below, ties)`` per source like
     :func:`_search`, or None (the caller falls back to the radix passes)
     when the tensors are small, or the bracket misses or holds more keys
-    than the buffer: adversarial orders, heavy ties."""
-    sizes = [src.size for src in sources]
-    n = sum(sizes)
+    than the buffer: adversarial orders, heavy ties. ``pool`` and ``skip``:
+    as for :func:`_search`."""
+    ntens = len(sources)
+    active = _active(ntens, skip)
+    sizes = [sources[t].size for t in active]
+    psize = 0 if pool is None else pool.size
+    n = sum(sizes) + psize
     if n < _SAMPLE_MIN or n == 0 or sources[0].on_device:
         return None
     m_all = min(max(n // 256, 1024), 1 << 20, n)
     # proportional, at least one of a non-empty tensor
-    parts = each_source(sources, _sample_part, [(min(size, -(-m_all * size // n)), wide) for size in sizes])
+    per = [None] * ntens
+    for t, size in zip(active, sizes):
+        per[t] = (min(size, -(-m_all * size // n)), wide)
+    got = each_source(sources, _sample_part, per)
+    parts = [got[t] for t in active]
+    if psize:
+        mp = min(psize, -(-m_all * psize // n))
+        parts.append(pool[np.arange(mp, dtype=np.int64) * psize // mp])
     sample = np.concatenate(parts)
     m = sample.size
     q = k / n
@@ -220,14 +344,17 @@ def _search_sampled(sources, k, wide):
     lo_key = sample[j_lo] if j_lo >= 0 else np.uint64(0)
     hi_key = sample[j_hi] if j_hi < m else np.uint64(0xFFFFFFFFFFFFFFFF)
     frac = (min(j_hi, m) - max(j_lo, 0) + 1) / m
-    shares = []
-    for src, part in zip(sources, parts):
+    per = [None] * ntens
+    for t, part in zip(active, parts):
         # room for twice the share of this tensor's own sample inside the bracket
         share = max(int(np.count_nonzero((part >= lo_key) & (part <= hi_key))) / max(part.size, 1), frac)
-        if _bracket_cap(src.size, share) * _nchunks(src.size) > max(src.size // 8, 1 << 16):
+        if _bracket_cap(sources[t].size, share) * _nchunks(sources[t].size) > max(sources[t].size // 8, 1 << 16):
             return None  # the bracket is too wide to pay off
-        shares.append(share)
-    found = each_source(sources, _range_part, [(wide, int(lo_key), int(hi_key), sh) for sh in shares])
+        per[t] = (wide, int(lo_key), int(hi_key), share)
+    got = each_source(sources, _range_part, per)
+    found = [got[t] for t in active]
+    if psize:
+        found.append((int(np.count_nonzero(pool < lo_key)), pool[(pool >= lo_key) & (pool <= hi_key)]))
     if any(f is None for f in found):
         return None
     less = np.array([f[0] for f in found], np.int64)
@@ -240,7 +367,10 @@ def _search_sampled(sources, k, wide):
     T = cand[k - total_less - 1]
     below = less + np.array([np.count_nonzero(c < T) for c in cands], np.int64)
     ties = np.array([np.count_nonzero(c == T) for c in cands], np.int64)
-    return int(T), below, ties
+    below_all, ties_all = np.zeros(ntens, np.int64), np.zeros(ntens, np.int64)
+    below_all[active] = below[:len(active)]
+    ties_all[active] = ties[:len(active)]
+    return int(T), below_all, ties_all
 
 
 def select_one(src, k, wide=None):
@@ -327,8 +457,10 @@ def apply_rule(weights_flat, src, rule, nseg, *, want_mask=True, want_csr=False,
 
 
 def mask_nseg(n):
-    """Segments of a mask-only rule pass over ``n`` entries."""
-    return max(1, min(4 * numba.get_num_threads(), n // _PAR_MIN))
+    """Segments of a mask-only rule pass over ``n`` entries: four per thread
+    that the pass gets (see ``threads_for``), each of at least ``_SEG_MIN``."""
+    threads = threads_for(n)
+    return 1 if threads == 1 else max(1, min(4 * threads, n // _SEG_MIN))
 
 
 def scores_source(scores, name="scores", mode=MODE_IDENTITY, role="scores", absolute=False, device="cpu"):

@@ -18,6 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import run, threads_for
 from .keys import cttz, popcount, score_value, specialize
 
 
@@ -80,8 +81,9 @@ def seg_count(w, s, mode, inv, scaled, wide, cut, tie, count_ties, nseg, bitmap,
     row of 64-bit words per segment), their count, the ties (score == ``tie``)
     (all, and with non-zero weight) when ``count_ties``, the non-finite
     weights and scores; and the keep-mask (score >= ``cut``) when ``write_mask``."""
-    _count_kernel(mode, wide, scaled)(w, s, inv, cut, tie, count_ties, nseg, bitmap, kept_nz, tie_total, tie_nz,
-                                      bad_w, bad_s, write_mask, mask)
+    nthreads = min(max(nseg, 1), threads_for(w.size))
+    run(nthreads, _count_kernel(mode, wide, scaled), w, s, inv, cut, tie, count_ties, nseg, bitmap, kept_nz,
+        tie_total, tie_nz, bad_w, bad_s, write_mask, mask)
 
 
 @specialize
@@ -161,8 +163,9 @@ def seg_fill(w, s, mode, inv, scaled, wide, tie, quota, tie_start, tie_total, ns
     """Write the CSR entries of each segment from ``row_start``: the count
     pass's bit set, or a rescan of the rows whose ties at ``T`` are kept
     under a quota (those rows' mask entries are rewritten too)."""
-    _fill_kernel(mode, wide, scaled)(w, s, inv, tie, quota, tie_start, tie_total, nseg, bitmap, row_start,
-                                     write_csr, data, indices, write_mask, mask)
+    nthreads = min(max(nseg, 1), threads_for(w.size))
+    run(nthreads, _fill_kernel(mode, wide, scaled), w, s, inv, tie, quota, tie_start, tie_total, nseg, bitmap,
+        row_start, write_csr, data, indices, write_mask, mask)
 
 
 @njit(cache=True)

@@ -11,6 +11,7 @@ lower index is pruned first.
 import numpy as np
 from numba import njit, prange
 
+from . import run, threads_for
 from .keys import score_value, specialize
 
 POOL_MEAN = 0
@@ -259,11 +260,15 @@ def unit_reduce(mode, wide, scaled):
     return kernel
 
 
-@njit(parallel=True, cache=True)
 def keep_raw(raw, mask, values):
     """Zero the entries of ``raw`` (unsigned integers of the elements' width:
     their bit patterns) that ``mask`` drops, and count the kept non-zero
     ``values``. Zero bits are +0.0 in every float format."""
+    return run(threads_for(raw.size), _keep_raw, raw, mask, values)
+
+
+@njit(parallel=True, cache=True)
+def _keep_raw(raw, mask, values):
     n = raw.size
     nchunks = max(1, min(64, n >> 16))
     counts = np.zeros(nchunks, np.int64)

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import run, threads_for
 from .keys import MODE_SQUARE, NORM_L1, NORM_L2, NORM_MAX, cttz, score_key, specialize
 
 # Elements per block of the deterministic reductions: partial results are
@@ -94,7 +95,8 @@ def hist_level(x, mode, inv, scaled, wide, first, prefix, pshift, shift, bits, h
     counted; later levels count only elements whose ``key >> pshift`` equals
     ``prefix`` (a uint64). Returns ``(n_nonfinite, first_nonfinite_index)``.
     """
-    return _hist_kernel(mode, wide, scaled)(x, inv, first, prefix, pshift, shift, bits, hist)
+    nthreads = min(hist.shape[0], threads_for(x.size))
+    return run(nthreads, _hist_kernel(mode, wide, scaled), x, inv, first, prefix, pshift, shift, bits, hist)
 
 
 @specialize
@@ -114,6 +116,27 @@ def _sample_kernel(mode, wide, scaled):
 def sample_keys(x, mode, inv, scaled, wide, out):
     """Keys of ``out.size`` elements of ``x`` at evenly strided positions."""
     return _sample_kernel(mode, wide, scaled)(x, inv, out)
+
+
+@specialize
+def _keys_kernel(mode, wide, scaled):
+    @njit(cache=True)
+    def kernel(x, inv, out):
+        n = x.size
+        nbad = 0
+        for i in range(n):
+            ok, k = score_key(x[np.uint64(i)], mode, inv, scaled, wide)
+            out[np.uint64(i)] = k
+            nbad += not ok
+        return nbad, _first_bad(x, 0, n, mode, inv, scaled, wide) if nbad else n
+
+    return kernel
+
+
+def all_keys(x, mode, inv, scaled, wide, out):
+    """The key of every element of ``x`` into ``out`` (one thread: for small
+    tensors). Returns ``(n_nonfinite, first_nonfinite_index)``."""
+    return _keys_kernel(mode, wide, scaled)(x, inv, out)
 
 
 @specialize
@@ -162,7 +185,8 @@ def range_pass(x, mode, inv, scaled, wide, lo_key, hi_key, nchunks, cap, buf, n_
     """One pass: per chunk, count keys below ``lo_key`` and copy the keys in
     ``[lo_key, hi_key]`` into ``buf[c*cap:(c+1)*cap]`` (counting past ``cap``
     without writing). Returns ``(n_nonfinite, first_nonfinite_index)``."""
-    return _range_kernel(mode, wide, scaled)(x, inv, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand)
+    nthreads = min(nchunks, threads_for(x.size))
+    return run(nthreads, _range_kernel(mode, wide, scaled), x, inv, lo_key, hi_key, nchunks, cap, buf, n_less, n_cand)
 
 
 @njit(cache=True)
@@ -197,13 +221,17 @@ def pick_digit(hist, below, lo, hi, target):
     return nbuckets - 1
 
 
-@njit(parallel=True, cache=True)
 def score_norm(x, mode, kind):
     """Norm of a tensor's scores: ``kind`` NORM_L1, NORM_L2 or NORM_MAX (of |score|).
 
     Partial sums are per fixed block and added in block order, so the result
     is the same on any thread count.
     """
+    return run(threads_for(x.size), _score_norm, x, mode, kind)
+
+
+@njit(parallel=True, cache=True)
+def _score_norm(x, mode, kind):
     n = x.size
     nblocks = (n + NORM_BLOCK - 1) // NORM_BLOCK
     part = np.zeros(max(nblocks, 1), np.float64)
@@ -235,9 +263,13 @@ def score_norm(x, mode, kind):
     return total
 
 
-@njit(parallel=True, cache=True)
 def first_nonfinite(x):
     """Return ``(count, first_index)`` of the NaN and Inf values in flat ``x``."""
+    return run(threads_for(x.size), _first_nonfinite, x)
+
+
+@njit(parallel=True, cache=True)
+def _first_nonfinite(x):
     n = x.size
     nblocks = (n + REDUCE_BLOCK - 1) // REDUCE_BLOCK
     count = np.zeros(max(nblocks, 1), np.int64)

@@ -23,6 +23,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from . import ready
+
 MODE_IDENTITY = 0
 MODE_ABS = 1
 MODE_SQUARE = 2
@@ -139,9 +141,9 @@ def cut_value(key, wide):
     """The float that splits scores as ``key`` splits keys: a finite score
     ``v`` has ``key(v) >= key`` exactly when ``v >= cut_value(key)`` (keys
     below that of -inf give -inf, keys above that of +inf give +inf)."""
-    if key <= key_of(-np.inf, wide):
+    if key <= _KEY_OF_INF[wide][0]:
         v = -np.inf
-    elif key >= key_of(np.inf, wide):
+    elif key >= _KEY_OF_INF[wide][1]:
         v = np.inf
     else:
         v = value_of(key, wide)
@@ -172,6 +174,10 @@ def value_of(key, wide):
     return float(np.array(b, dtype=np.uint32).view(np.float32))
 
 
+# The keys of -inf and +inf, narrow and wide (``cut_value`` runs once per tensor and rule).
+_KEY_OF_INF = {w: (key_of(-np.inf, w), key_of(np.inf, w)) for w in (False, True)}
+
+
 def specialize(factory):
     """Memoise a kernel factory ``factory(mode, wide, scaled)``.
 
@@ -183,6 +189,7 @@ def specialize(factory):
     cache = {}
 
     def get(mode, wide, scaled):
+        ready()  # the threading layer starts (waiting passively) before a first kernel runs
         key = (int(mode), bool(wide), bool(scaled))
         if key not in cache:
             cache[key] = factory(*key)

@@ -111,12 +111,21 @@ def read_header(path):
     return entries, meta, start, raw
 
 
-def read_tensor(path, entry, start):
+def read_tensor(path, entry, start, fd=None):
+    """One tensor's bytes as a new array; through the open descriptor ``fd`` (positioned reads) when given."""
     dt, shape, b, e = entry
     arr = np.empty(shape, DTYPES[dt])
-    with open(path, "rb") as f:
-        f.seek(start + b)
-        got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+    if fd is None:
+        with open(path, "rb") as f:
+            f.seek(start + b)
+            got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+    else:
+        view, got = memoryview(arr.reshape(-1).view(np.uint8)), 0
+        while got < e - b:  # one call reads at most about 2 GiB
+            n = os.preadv(fd, [view[got:]], start + b + got)
+            if n == 0:
+                break
+            got += n
     if got != e - b:
         raise FormatError(f"{path}: tensor ended after {got} of {e - b} bytes; the file is truncated")
     return arr

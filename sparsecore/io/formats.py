@@ -25,6 +25,7 @@ through and never pruned by default.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import shutil
@@ -66,7 +67,7 @@ class Entry:
     @property
     def size(self):
         """Entries of the tensor."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self):
@@ -491,9 +492,21 @@ class SafeTensorsFile(WeightFile):
                 e.is_float, e.default, e.left_out = False, False, ""  # 8-bit floats pass through
             self.entries[name] = e
 
+        self._fd = None
+
     def raw(self, name):
-        """The tensor as stored (its own dtype), as a new array."""
-        return st.read_tensor(self.path, self.header[name], self.start)
+        """The tensor as stored (its own dtype), as a new array (read through one descriptor, kept open)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return st.read_tensor(self.path, self.header[name], self.start, self._fd)
+
+    def close(self):
+        """Release the file."""
+        fd, self._fd = getattr(self, "_fd", None), None  # also when __init__ failed before opening
+        if fd is not None:
+            os.close(fd)
+
+    __del__ = close  # a reader dropped without close() does not keep its descriptor
 
 
 class NpzFile(WeightFile):

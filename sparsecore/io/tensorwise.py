@@ -5,6 +5,7 @@ bytes."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -37,7 +38,7 @@ class LazySource:
         self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
         self._rows = rows
         self.inv, self.scaled = 1.0, False
-        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.size = math.prod(self.shape)  # a Python int: np.prod costs ~10 us a tensor
 
     @property
     def data(self):
