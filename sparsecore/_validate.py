@@ -87,7 +87,10 @@ def per_name(value, names, what, check):
         if missing:
             raise ValueError(f"{what} misses tensors {missing}; give a value for each, or one number for all")
         return {k: check(value[k], k) for k in names}
-    return {k: check(value, k) for k in names}
+    names = list(names)
+    if not names:
+        return {}
+    return dict.fromkeys(names, check(value, names[0]))  # one number for all: checked once
 
 
 def no_positions_error(name, shape) -> ValueError:

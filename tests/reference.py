@@ -318,3 +318,24 @@ def damped_reversed(H, damp):
     H[dead, dead] = 1.0
     lam = damp * float(np.mean(np.diag(H))) if len(H) else 0.0
     return (H + lam * np.eye(len(H)))[::-1, ::-1], dead
+
+
+def batch_keep(scores_list, rules):
+    """Keep-masks of small tensors one by one: a rule ``("count", k)`` prunes the k lowest scores (ties: lower
+    index first); ``("cut", t, quota, lo, hi)`` prunes scores below ``t`` and the first ``quota`` equal to it,
+    and, when that count leaves ``[lo, hi]``, the clipped count of lowest scores instead."""
+    out = []
+    for s, rule in zip(scores_list, rules):
+        s = np.asarray(s, np.float64).reshape(-1)
+        if rule[0] == "count":
+            out.append(keep_mask_sparsity(s, rule[1]))
+            continue
+        _, t, quota, lo, hi = rule
+        keep = ~(s < t)
+        ties = np.flatnonzero(s == t)[:quota]
+        keep[ties] = False
+        p = int((~keep).sum())
+        if not lo <= p <= hi:
+            keep = keep_mask_sparsity(s, min(max(p, lo), hi))
+        out.append(keep)
+    return out

@@ -287,3 +287,68 @@ def _first_nonfinite(x):
                     break
         count[b] = c
     return count.sum(), first.min()
+
+
+@specialize
+def _batch_kernel(mode, wide, scaled):
+    @njit(cache=True)
+    def kernel(w, s, offs, inv, rule_key, quota, count, lo, hi, capped, raw, kept, nnz, bad):
+        for t in range(offs.size - 1):
+            a = offs[t]
+            n = offs[t + 1] - a
+            keys = np.empty(n, np.uint64)
+            ok_all = True
+            for j in range(n):
+                ok, k = score_key(s[a + j], mode, inv[t], scaled, wide)
+                keys[j] = k
+                ok_all &= ok & np.isfinite(w[a + j])
+            if not ok_all:
+                bad[t] = 1
+                continue
+            keep = np.ones(n, np.bool_)
+            k = count[t]
+            if k < 0:  # a rule: keys below it, and the first ``quota`` ties at it by index
+                left = quota[t]
+                p = 0
+                for j in range(n):
+                    if keys[j] < rule_key[t]:
+                        keep[j] = False
+                        p += 1
+                    elif keys[j] == rule_key[t] and left > 0:
+                        keep[j] = False
+                        p += 1
+                        left -= 1
+                if capped and (p < lo[t] or p > hi[t]):  # the tensor's own lowest, as many as its cap
+                    k = min(max(p, lo[t]), hi[t])
+                    keep[:] = True
+            if k >= 0:  # the ``k`` lowest keys, ties by index (a stable sort)
+                order = np.argsort(keys, kind="mergesort")
+                for j in range(k):
+                    keep[order[j]] = False
+            nz = 0
+            held = 0
+            for j in range(n):
+                if keep[j]:
+                    held += 1
+                    nz += w[a + j] != 0
+                else:
+                    raw[a + j] = 0
+            kept[t] = held
+            nnz[t] = nz
+
+    return kernel
+
+
+def batch_keep(w, s, offs, mode, inv, scaled, wide, rule_key, quota, count, lo, hi, capped, raw, kept, nnz, bad):
+    """Select many small tensors laid end to end (tensor ``t`` is
+    ``[offs[t], offs[t+1])`` of the weights ``w``, scores ``s`` and stored bit
+    patterns ``raw``), one thread, one pass each. Tensor ``t`` prunes its
+    ``count[t]`` lowest score keys (ties: lower index first) or, where
+    ``count[t] < 0``, the keys below ``rule_key[t]`` and the first
+    ``quota[t]`` ties at it; with ``capped``, a rule whose count leaves
+    ``[lo[t], hi[t]]`` gives way to that many lowest keys. Pruned entries of
+    ``raw`` are zeroed in place; ``kept[t]`` and ``nnz[t]`` (kept non-zero
+    weights) are written; ``bad[t]`` is set, and ``t`` left alone, when a
+    weight or score of ``t`` is not finite."""
+    _batch_kernel(mode, wide, scaled)(w, s, offs, inv, rule_key, quota, count, lo, hi, capped, raw, kept, nnz,
+                                      bad)

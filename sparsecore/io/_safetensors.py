@@ -9,6 +9,7 @@ read as its uint16 bit patterns (``raw_float`` widens it to float32 exactly).
 """
 
 import json
+import math
 import os
 import struct
 
@@ -145,7 +146,7 @@ def write(f, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     off = 0
     for name, dt, shape, _ in tensors:
-        nbytes = DTYPES[dt].itemsize * int(np.prod(shape, dtype=np.int64))
+        nbytes = DTYPES[dt].itemsize * math.prod(int(d) for d in shape)
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

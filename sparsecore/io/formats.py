@@ -91,18 +91,41 @@ _LEFT_OUT = [
 EMPTY = "no entries"
 
 
+# One search for all of them (a file may hold 100,000 tensors); the group that matched names the reason.
+_ANY_LEFT_OUT = re.compile("|".join(f"(?P<g{i}>{p.pattern})" for i, (_, p) in enumerate(_LEFT_OUT)), re.I)
+
+
 def left_out_reason(name):
     """Why a tensor named ``name`` is left out of the default set, or ``""``."""
-    for reason, pattern in _LEFT_OUT:
-        if pattern.search(name):
-            return reason
-    return ""
+    m = _ANY_LEFT_OUT.search(name)
+    if m is None:
+        return ""
+    return next(_LEFT_OUT[i][0] for i in range(len(_LEFT_OUT)) if m.group(f"g{i}") is not None)
+
+
+_DTYPES = {}  # dtype -> (name, is float): entry_of is called once per tensor of a file
+
+
+def _dtype_info(dtype):
+    try:
+        return _DTYPES[dtype]
+    except (KeyError, TypeError):
+        pass
+    if dtype == "bfloat16":
+        info = "bfloat16", True
+    else:
+        d = np.dtype(dtype)
+        info = d.name, d.kind == "f" and d.itemsize in (2, 4, 8)
+    try:
+        _DTYPES[dtype] = info
+    except TypeError:  # not hashable
+        pass
+    return info
 
 
 def entry_of(name, shape, dtype, optimizer=False):
     """The :class:`Entry` of a tensor read from a file (float or not, pruned by default or not)."""
-    dt = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
-    is_float = dt == "bfloat16" or (np.dtype(dt).kind == "f" and np.dtype(dt).itemsize in (2, 4, 8))
+    dt, is_float = _dtype_info(dtype)
     shape = tuple(int(s) for s in shape)
     reason = "optimizer state" if optimizer else left_out_reason(name) if is_float and len(shape) >= 2 else ""
     if is_float and 0 in shape:
@@ -137,6 +160,10 @@ class WeightFile:
         """The tensor as float32/float64 (bfloat16 and float16 widened to float32)."""
         return to_float(self.raw(name), self.entries[name])
 
+    def raw_run(self, names):
+        """The tensors ``names`` as stored (one dtype), flat and laid end to end in one new array."""
+        return np.concatenate([self.raw(n).reshape(-1) for n in names])
+
     def row_subset(self, name, step):
         """Every ``step``-th row (first-axis entry) of a tensor, as floats; a
         reader that can read a strided selection reads only those."""
@@ -170,7 +197,7 @@ class WeightFile:
         for e in self.entries.values():
             if not e.is_float or (len(e.shape) < 2 and not any_rank):
                 continue
-            reason = e.left_out or left_out_reason(e.name)
+            reason = e.left_out or (left_out_reason(e.name) if len(e.shape) < 2 else "")
             take = not reason or (take_all and reason not in ("optimizer state", EMPTY))
             if take and (not include or hit(e.name, include)) and not hit(e.name, exclude):
                 out.append(e.name)
@@ -499,6 +526,18 @@ class SafeTensorsFile(WeightFile):
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return st.read_tensor(self.path, self.header[name], self.start, self._fd)
+
+    def raw_run(self, names):
+        """The tensors ``names`` laid end to end: one read where the file holds them so (as tensors written
+        one after the other are), else one read each."""
+        spans = [self.header[n] for n in names]
+        dt = spans[0][0]
+        if any(s[0] != dt for s in spans) or any(a[3] != b[2] for a, b in zip(spans, spans[1:])):
+            return super().raw_run(names)
+        b, e = spans[0][2], spans[-1][3]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return st.read_tensor(self.path, (dt, ((e - b) // st.DTYPES[dt].itemsize,), b, e), self.start, self._fd)
 
     def close(self):
         """Release the file."""

@@ -56,7 +56,7 @@ from .formats import (
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import SparseFile, SparseWriter, as_str
-from .tensorwise import UserError, copy_folder_files, lazy_sources, prune_one, write_shard
+from .tensorwise import SmallBatches, UserError, copy_folder_files, lazy_sources, prune_one, write_shard
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -391,8 +391,18 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
     index = {n: i for i, n in enumerate(sources)}
     pruned = set(sources)
     total = len(sources)
+    # small tensors many at a time, where the output is written in the plan's order (not an HDF5 rebuild,
+    # whose order is the file's groups')
+    rebuilt = isinstance(reader, H5File) and (kind is None or kind == _native(reader))
+    batches = None if sparse or rebuilt else SmallBatches(reader, sources, plan, pattern)
 
     def step(name, want_csr):
+        got = batches.take(name) if batches is not None and not want_csr else None
+        if got is not None:
+            result.summary.append(got[1])
+            if progress is not None:
+                progress(len(result.summary), total, name)
+            return got[0], None, None
         raw, a, mask, summary = prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
         result.summary.append(summary)
         if progress is not None:

@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 
 from .._kernels.cpu_pattern import keep_raw
+from .._kernels.cpu_select import batch_keep
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from .._source import Source
 from .._validate import flat
@@ -118,6 +119,88 @@ def prune_one(reader, sources, plan, i, name, want_csr, pattern=ELEMENTS):
         csr_bytes = nnz * (w.dtype.itemsize + 4) + 4 * (mshape[0] + 1)
     summary = TensorSummary(name, tuple(e.shape), e.size, e.size - kept, nnz, e.nbytes, csr_bytes)
     return raw, a, mask, summary
+
+
+#: Tensors of at most this many entries are pruned in batches (:class:`SmallBatches`).
+SMALL = 1 << 12
+#: Entries of one batch, at most.
+BATCH = 1 << 20
+
+
+class SmallBatches:
+    """Prunes the small tensors of a plan many at a time: what :func:`prune_one`
+    gives each, bit for bit, without its per-tensor cost (a file of 100,000
+    tiny tensors spent most of its time there). A batch is the run of small
+    tensors that follows the one asked for, in the plan's order (the order
+    files are written in), that share their dtype and their scores' form;
+    their bytes are laid end to end and one kernel selects and zeroes them
+    all. Only unstructured selection by whole tensor (no pattern, no row
+    scope) is batched; :meth:`take` answers None for any other tensor."""
+
+    def __init__(self, reader, sources, plan, pattern=ELEMENTS):
+        self.reader, self.sources, self.plan = reader, sources, plan
+        self.names = list(sources)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.on = pattern is ELEMENTS and plan.row_fractions is None
+        self.done = {}
+
+    def _form(self, i):
+        """What a batch shares, or None for a tensor that is not batched."""
+        name = self.names[i]
+        src = self.sources[name]
+        if not self.on or not 0 < src.size <= SMALL:
+            return None
+        rule = self.plan.rules[i]
+        wide = rule.wide if rule is not None else src.needs_wide()
+        return self.reader.entries[name].dtype, src.mode, wide, bool(src.scaled)
+
+    def take(self, name):
+        """``(masked raw array, summary)`` of tensor ``name``, or None when it is not batched."""
+        if name not in self.done:
+            i = self.index[name]
+            form = self._form(i)
+            if form is None:
+                return None
+            batch, total = [i], self.sources[name].size
+            for j in range(i + 1, len(self.names)):
+                size = self.sources[self.names[j]].size
+                if self.names[j] in self.done or self._form(j) != form or total + size > BATCH:
+                    break
+                batch.append(j)
+                total += size
+            self._run(batch, form)
+        return self.done.pop(name)
+
+    def _run(self, batch, form):
+        dtype, mode, wide, scaled = form
+        reader, plan = self.reader, self.plan
+        names = [self.names[i] for i in batch]
+        srcs = [self.sources[n] for n in names]
+        entry = reader.entries[names[0]]
+        raw = reader.raw_run(names)
+        w = to_float(raw, entry)  # aliases ``raw`` for float32/64: the kernel reads an entry before it zeroes it
+        s = w if mode == MODE_ABS else np.concatenate([flat(src._load()) for src in srcs])
+        offs = np.zeros(len(batch) + 1, np.int64)
+        np.cumsum([src.size for src in srcs], out=offs[1:])
+        rules = [plan.rules[i] for i in batch]
+        rule_key = np.array([r.key if r is not None else 0 for r in rules], np.uint64)
+        quota = np.array([r.quota if r is not None else 0 for r in rules], np.int64)
+        count = np.array([-1 if r is not None else plan.counts[i] for i, r in zip(batch, rules)], np.int64)
+        inv = np.array([src.inv for src in srcs], np.float64)
+        kept, nnz, bad = (np.zeros(len(batch), np.int64) for _ in range(3))
+        bits = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[raw.dtype.itemsize])
+        batch_keep(w, s, offs, mode, inv, scaled, wide, rule_key, quota, count, plan.lo[batch], plan.hi[batch],
+                   bool(plan.capped), bits, kept, nnz, bad)
+        if bad.any():  # the one-tensor path names the tensor and the first non-finite entry
+            t = int(np.flatnonzero(bad)[0])
+            prune_one(reader, self.sources, plan, batch[t], names[t], False)
+        item = w.dtype.itemsize + 4
+        for t, name in enumerate(names):
+            e = reader.entries[name]
+            rows = matrix_shape(e.shape)[0]
+            summary = TensorSummary(name, tuple(e.shape), e.size, e.size - int(kept[t]), int(nnz[t]), e.nbytes,
+                                    int(nnz[t]) * item + 4 * (rows + 1))
+            self.done[name] = (raw[offs[t]:offs[t + 1]].reshape(e.shape), summary)
 
 
 def write_shard(src, path, tensor):
