@@ -426,16 +426,20 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
     """The caps and rules of all sources (host, device, or read lazily from a
     file); ``done``: per source, the entries (blocks, units) that current
     masks already prune, or None."""
+    names = list(names)
     sizes = np.array([s.size for s in srcs], np.int64)
     lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
     hi = per_name(max_sparsity, names, "max_sparsity", lambda v, n: check_fraction(v, n, "max_sparsity"))
-    for n in names:
-        if lo[n] > hi[n]:
-            raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
-    lo_c = np.array([round(lo[n] * s) for n, s in zip(names, sizes)], np.int64)
+    lo_f = np.array([lo[n] for n in names], np.float64)
+    hi_f = np.array([hi[n] for n in names], np.float64)
+    for t in np.flatnonzero(lo_f > hi_f)[:1]:
+        n = names[t]
+        raise ValueError(f"min_sparsity {lo[n]} exceeds max_sparsity {hi[n]} for {n!r}")
+    # round(f * size) for every tensor at once (np.rint rounds half to even, as round does)
+    lo_c = np.rint(lo_f * sizes).astype(np.int64)
+    hi_c = np.rint(hi_f * sizes).astype(np.int64)
     # a cap below 1 keeps at least one entry, however small the tensor (round(0.99 * n) == n for n <= 50)
-    hi_c = np.array([min(round(hi[n] * s), s - 1) if hi[n] < 1 and s > 0 else round(hi[n] * s)
-                     for n, s in zip(names, sizes)], np.int64)
+    hi_c = np.where((hi_f < 1) & (sizes > 0), np.minimum(hi_c, sizes - 1), hi_c)
     lo_c = np.minimum(lo_c, hi_c)
     lo_c, hi_c = pattern.cap_counts(lo_c, hi_c, sizes)
     if done is not None:
@@ -463,7 +467,7 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
                 rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c)
         else:
             sp_t = per_name(sparsity, names, "sparsity", check_fraction)
-            counts = [round(sp_t[n] * s) for n, s in zip(names, sizes)]
+            counts = np.rint(np.array([sp_t[n] for n in names], np.float64) * sizes).astype(np.int64).tolist()
             if pattern.clips_counts or done is not None:
                 counts = [min(max(k, int(a)), int(b)) for k, a, b in zip(counts, lo_c, hi_c)]
             else:

@@ -33,6 +33,15 @@ def kth_smallest(scores, k):
     return float(s[k - 1])
 
 
+def cap_counts(lo, hi, sizes):
+    """Per-tensor caps in entries, by definition: ``round(f * n)``, except that a
+    cap ``hi < 1`` keeps at least one entry of a non-empty tensor; ``lo`` never
+    exceeds ``hi``."""
+    his = [min(round(h * n), n - 1) if h < 1 and n > 0 else round(h * n) for h, n in zip(hi, sizes)]
+    los = [min(round(x * n), y) for x, n, y in zip(lo, sizes, his)]
+    return los, his
+
+
 def global_keep_masks(scores_list, target, lo, hi):
     """Global selection with caps, by definition.
 

@@ -205,8 +205,7 @@ def test_block_prune_global_with_caps_matches_reference(rng):
     pooled = [ref.block_pool(np.abs(v), 2, 2, "max") for v in w.values()]
     sizes = [p.size for p in pooled]
     want = ref.global_keep_masks(pooled, round(0.6 * sum(sizes)),
-                                 [round(lo[k] * s) for k, s in zip(w, sizes)],
-                                 [round(hi[k] * s) for k, s in zip(w, sizes)])
+                                 *ref.cap_counts([lo[k] for k in w], [hi[k] for k in w], sizes))
     for k, m in zip(w, want):
         np.testing.assert_array_equal(r.groups[k], m)
 

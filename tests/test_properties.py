@@ -67,8 +67,7 @@ def test_matches_stable_sort_reference(w, s):
 def test_global_with_caps_matches_reference(ws, s, caps):
     names = {f"t{i}": w for i, w in enumerate(ws)}
     sizes = [w.size for w in ws]
-    lo = [round(caps[0] * n) for n in sizes]
-    hi = [round(caps[1] * n) for n in sizes]
+    lo, hi = ref.cap_counts([caps[0]] * len(sizes), [caps[1]] * len(sizes), sizes)
     target = round(s * sum(sizes))
     if not sum(lo) <= target <= sum(hi):
         with pytest.raises(ValueError, match="caps allow"):

@@ -110,8 +110,7 @@ def test_global_caps_match_reference(rng, kind, lo, hi):
     scores = {f"t{i}": make(rng, s, np.float64, kind) * (10.0 ** i) for i, s in enumerate(shapes)}
     weights = {k: np.ones_like(v) for k, v in scores.items()}
     sizes = [v.size for v in scores.values()]
-    los = [round(lo * s) for s in sizes]
-    his = [round(hi * s) for s in sizes]
+    los, his = ref.cap_counts([lo] * len(sizes), [hi] * len(sizes), sizes)
     n = sum(sizes)
     for sparsity in (0.3, 0.5, 0.65):
         target = round(sparsity * n)
