@@ -49,6 +49,13 @@ def _remove_stale(directory, base):
     return removed
 
 
+def remove_stale(dst):
+    """What killed writers of ``dst`` left beside it: temporaries removed, an old output they had moved aside
+    put back where nothing replaced it (see :class:`AtomicPath`, :class:`AtomicDir`)."""
+    dst = os.fspath(dst).rstrip(os.sep) or os.sep
+    return _remove_stale(os.path.dirname(os.path.abspath(dst)), os.path.basename(dst))
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -183,5 +190,8 @@ class AtomicDir:
         if self.sync:
             _fsync_dir(os.path.dirname(os.path.abspath(self.dst)))
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+            if os.path.islink(aside):  # the old output was a link: the link goes, never what it points at
+                os.unlink(aside)
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
         return False

@@ -180,7 +180,8 @@ def _print_provenance(made):
 
 def _widths(rows):
     """The name and shape columns, as wide as their longest entry (48 and 20 at least)."""
-    return (max([48] + [len(_clean(n)) for n, _, _ in rows]), max([20] + [len(str(e.shape)) for _, e, _ in rows]))
+    return (max([48] + [len(_clean(n, LONGEST)) for n, _, _ in rows]),
+            max([20] + [len(str(e.shape)) for _, e, _ in rows]))
 
 
 def _info(args):
@@ -196,7 +197,8 @@ def _info(args):
     for name, e, sp in rows:
         why = "yes" if e.default else (f"no: {e.left_out}" + ("" if e.left_out in ("optimizer state", EMPTY) else
                                                               " (--take-all)") if e.left_out else "")
-        print(f"{_clean(name):<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  {_clean(why)}")
+        print(f"{_clean(name, LONGEST):<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  "
+              f"{_clean(why, LONGEST)}")
     print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
     return 0
 
@@ -210,9 +212,12 @@ def _report(args):
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
     if args.plot:
+        from .io import open_weights
         from .io.offline import check_overlap
 
-        check_overlap([args.file], args.plot)  # the plot never replaces what it reports on
+        check_overlap([args.file], args.plot)  # the plot never replaces what it reports on, nor any file of it
+        with open_weights(args.file) as r:
+            check_overlap(r.input_files(), args.plot)
     fmt, rows, made = _rows(args.file)
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
@@ -221,7 +226,7 @@ def _report(args):
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'sparsity':>9}")
     for name, e, sp in rows:
         if e.is_float:
-            print(f"{_clean(name):<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
+            print(f"{_clean(name, LONGEST):<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
     print(f"{'all float tensors':<{nw}} {'':<{sw}} {zeros / total if total else 0.0:>9.2%}")
     if args.plot:
         matplotlib.use("Agg")
@@ -285,7 +290,10 @@ def _check_prune_flags(args, parser):
 
 
 def _prune(args, parser):
+    import dataclasses
+
     from .io import prune_file
+    from .prune import format_table
 
     embedded = args.input is None
     if embedded:
@@ -330,7 +338,8 @@ def _prune(args, parser):
         if not args.quiet:
             where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
             print(f"pruned {_clean(where)}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")
-            print(_clean(res.table(), newlines=True))
+            print(_clean(format_table([dataclasses.replace(t, name=_clean(t.name, LONGEST)) for t in res.summary]),
+                         newlines=True))
             print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format})"
                   + (f"; {_fmt_bytes(res.moved_bytes)} moved between the client and the workers" if client else
                      ""))

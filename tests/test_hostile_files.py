@@ -128,6 +128,22 @@ def test_a_report_plot_never_replaces_its_input(tmp_path, rng):
     os.symlink(".", tmp_path / "pl")
     code, _, err = _run("report", m, "--plot", tmp_path / "pl" / "m.safetensors")
     assert code == 1 and "overwrite the input" in err and m.read_bytes() == before
+    folder = _folder(tmp_path / "f", rng)  # nor any file of a model folder
+    before = _tree(folder)
+    code, _, err = _run("report", folder, "--plot", folder / "config.json")
+    assert code == 1 and "overlap the input folder" in err and _tree(folder) == before
+
+
+def test_a_scores_checkpoint_is_an_input_too(tmp_path, rng):
+    m = _st(tmp_path / "m.safetensors", {"layers.0.w": rng.standard_normal((16, 8)).astype(np.float32)})
+    scores = _folder(tmp_path / "scores", rng)
+    with open(scores / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"layers.0.w": "model.safetensors", "layers.1.w": "model.safetensors"}}, f)
+    before = _tree(scores)
+    with pytest.raises(UserError, match="overlap the input folder"):  # the index names the scores; a shard is hit
+        prune_file(m, scores / "model.safetensors", sparsity=0.5, scores=scores / "model.safetensors.index.json",
+                   force=True)
+    assert _tree(scores) == before
 
 
 def test_a_carried_file_linked_into_the_output_folder_is_refused(tmp_path, rng):
@@ -158,13 +174,17 @@ def test_links_out_of_a_model_folder_only_into_a_hugging_face_cache(tmp_path, rn
     os.unlink(src / "sub")
     os.makedirs(src / "real")
     (src / "real" / "a.txt").write_text("a")
-    os.symlink("real", src / "inner")  # a linked sub-folder inside is carried, said or not
+    os.symlink("real", src / "inner")  # a linked sub-folder inside is carried as a copy
     os.mkfifo(src / "pipe")
     with pytest.raises(FormatError, match="pipe is not a regular file"):
         prune_file(src, tmp_path / "o", sparsity=0.5)
     os.unlink(src / "pipe")
-    with pytest.raises(FormatError, match="a link back to a folder already carried"):
-        prune_file(src, tmp_path / "o", sparsity=0.5)
+    prune_file(src, tmp_path / "o", sparsity=0.5)
+    assert (tmp_path / "o" / "inner" / "a.txt").read_text() == "a" and not os.path.islink(tmp_path / "o" / "inner")
+    os.symlink("..", src / "real" / "up")  # a loop
+    with pytest.raises(FormatError, match="a loop"):
+        prune_file(src, tmp_path / "o2", sparsity=0.5)
+    os.unlink(src / "real" / "up")
     os.unlink(src / "inner")
 
     # a Hugging Face cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
@@ -182,6 +202,9 @@ def test_links_out_of_a_model_folder_only_into_a_hugging_face_cache(tmp_path, rn
     prune_file(snap, tmp_path / "pruned", sparsity=0.5)
     assert not os.path.islink(tmp_path / "pruned" / "config.json")
     assert (tmp_path / "pruned" / "config.json").read_bytes() == (blobs / "h-config.json").read_bytes()
+    os.rename(tmp_path / "hub" / "models--org--m", tmp_path / "hub" / "plain")  # not a hub cache's name
+    with pytest.raises(FormatError, match="outside the model folder"):
+        prune_file(tmp_path / "hub" / "plain" / "snapshots" / "abc123", tmp_path / "p2", sparsity=0.5)
 
 
 @pytest.mark.parametrize("kind", ["external", "virtual", "link"])
@@ -507,3 +530,96 @@ def test_the_default_cap_keeps_a_weight_of_every_tensor(tmp_path, rng, n):
     assert all(t.pruned < t.size for t in res.summary)
     r = sc.prune(w, "magnitude", threshold=1e9, max_sparsity=1.0)  # asked: emptied
     assert all(m.sum() == 0 for m in r.masks.values())
+
+
+def test_many_members_or_datasets_each_under_the_floor_are_refused_together(tmp_path, monkeypatch):
+    from sparsecore.io import formats
+
+    monkeypatch.setattr(formats, "BOMB_FLOOR", 1 << 20)  # the rule's shape at a test's size
+    src = tmp_path / "many.h5"
+    with h5py.File(src, "w") as h:
+        h["layers/dense/vars/0"] = np.ones((4, 8), np.float32)
+        for i in range(4):  # 4 x 0.9 MiB declared, none written: each under the floor, together over it
+            h.create_dataset(f"layers/d{i}/vars/0", (480, 480), np.float32, chunks=(16, 16))
+    with pytest.raises(FormatError, match="declare .* bytes in all"):
+        open_weights(src)
+    arch = tmp_path / "many.zip"
+    with zipfile.ZipFile(arch, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(4):
+            z.writestr(f"m{i}", bytes(900 << 10))
+    with zipfile.ZipFile(arch) as z, pytest.raises(FormatError, match="declare .* bytes in all"):
+        formats.check_members(z, str(arch))
+
+
+def test_a_linked_old_output_is_unlinked_not_followed(tmp_path, rng):
+    src = _folder(tmp_path / "m", rng)
+    real = tmp_path / "realout"
+    os.makedirs(real)
+    (real / "keep.txt").write_text("mine")
+    os.symlink(real, tmp_path / "outlink")
+    prune_file(src, tmp_path / "outlink", sparsity=0.5, force=True)
+    assert (real / "keep.txt").read_text() == "mine"  # the link was replaced, not what it pointed at
+    assert os.path.isdir(tmp_path / "outlink") and not os.path.islink(tmp_path / "outlink")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".sparsecore-tmp")]
+
+
+def test_an_interrupted_force_run_is_undone_before_the_next_run_checks(tmp_path, rng):
+    src = _folder(tmp_path / "m", rng)
+    out = tmp_path / "outx"
+    prune_file(src, out, sparsity=0.5)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    os.rename(out, tmp_path / f".outx.{p.pid}.old.abc123.sparsecore-tmp")  # killed mid-swap
+    with pytest.raises(UserError, match="exists; pass --force"):  # the old output is back, and protected
+        prune_file(src, out, sparsity=0.6)
+    assert out.is_dir()
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("dtype", "damaged sparsecore sparse file"),
+    ("deep", "damaged sparsecore sparse file"),
+    ("meta", "damaged sparsecore sparse file"),
+])
+def test_a_damaged_container_is_one_line_naming_the_file(tmp_path, rng, damage, what):
+    kind = "sharded" if damage == "meta" else "safetensors"
+    if kind == "sharded":
+        out = _sparse(tmp_path, rng, "sharded")
+    else:
+        out = _sparse(tmp_path, rng)
+    with h5py.File(out, "r+") as h:
+        if damage == "meta":
+            layout = json.loads(h["container/shards"][()].tobytes())
+            layout["model.safetensors"]["metadata"] = ["not", "a", "map"]
+            del h["container/shards"]
+            h["container/shards"] = np.frombuffer(json.dumps(layout).encode(), np.uint8)
+        else:
+            hdr = json.loads(h["container/header"][()].tobytes()) if damage == "dtype" else None
+            text = "[" * 100_000 + "]" * 100_000 if damage == "deep" else None
+            if damage == "dtype":
+                hdr["w"]["dtype"] = "ZZ"
+                text = json.dumps(hdr)
+            del h["container/header"]
+            h["container/header"] = np.frombuffer(text.encode(), np.uint8)
+    code, _, err = _run("densify", out, "-o", tmp_path / "back.out")
+    assert code == 1 and err.count("\n") == 1 and what in err and str(out) in err, err
+    assert not (tmp_path / "back.out").exists()
+
+
+def test_long_names_are_cut_in_every_table(tmp_path, rng):
+    long = "n" * 100_000
+    tensors = {long: rng.standard_normal((4, 8)).astype(np.float32)}
+    tensors.update({f"t{i}": rng.standard_normal((4, 8)).astype(np.float32) for i in range(20)})
+    src = _st(tmp_path / "l.safetensors", tensors)
+    for args in (("info", src), ("report", src), ("prune", src, "-o", tmp_path / "o.safetensors", "--sparsity",
+                                                     "0.5")):
+        code, out, err = _run(*args)
+        assert code == 0, err
+        assert len(out) < 30_000 and "(100000 characters)" in out
+
+
+def test_a_shape_past_any_array_is_refused_by_name(tmp_path):
+    src = tmp_path / "huge.safetensors"
+    header = json.dumps({"z": {"dtype": "F32", "shape": [1 << 62, 1 << 62, 0], "data_offsets": [0, 0]}}).encode()
+    src.write_bytes(len(header).to_bytes(8, "little") + header)
+    code, _, err = _run("info", src)
+    assert code == 1 and "'z'" in err and "2**62" in err

@@ -90,9 +90,13 @@ def read_header(path):
         if not isinstance(offsets, list) or len(offsets) != 2 or any(_index(v) is None for v in offsets):
             raise FormatError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; two integers >= 0 needed")
         b, e = offsets
-        count = 1
+        count, span = 1, DTYPES[dt].itemsize
         for d in shape:
             count *= d
+            span *= max(d, 1)
+        if count == 0 and span >= 1 << 62:  # even an empty array of it cannot be made
+            raise FormatError(f"{path}: tensor {name!r} has shape {tuple(shape)}; its dimensions multiply past "
+                              f"2**62 bytes")
         want = DTYPES[dt].itemsize * count
         if e < b or e - b != want or e > buffer:
             raise FormatError(f"{path}: tensor {name!r} spans bytes [{b}, {e}) of a {buffer}-byte buffer, "

@@ -254,6 +254,7 @@ def check_h5(root, display, placeholders=()):
             return None
         declared = int(np.prod(obj.shape, dtype=np.float64) * obj.dtype.itemsize) if obj.shape else 0
         stored = obj.id.get_storage_size()
+        total[0] += declared
         if inflated(declared, stored):
             return (f"{display}: dataset {name!r} declares {declared} bytes but the file stores {stored} for it; "
                     f"refused as a decompression or shape bomb (over {BOMB_FLOOR} bytes and {BOMB_RATIO}x what "
@@ -261,9 +262,15 @@ def check_h5(root, display, placeholders=()):
         return None
 
     # a visit ends at the first callback that answers something (an exception inside one is not for h5py)
+    total = [0]
     problem = root.visititems_links(link) or root.visititems(dataset)
     if problem:
         raise FormatError(problem)
+    size = root.file.id.get_filesize()
+    if inflated(total[0], size):  # many datasets each under the floor
+        raise FormatError(f"{display}: its datasets declare {total[0]} bytes in all from a {size}-byte file; "
+                          f"refused as a decompression or shape bomb (over {BOMB_FLOOR} bytes and {BOMB_RATIO}x "
+                          f"the file)")
 
 
 class H5File(WeightFile):
@@ -367,7 +374,8 @@ def rebuild_into(src, out, replace):
 
 def _rebuild_group(g, out, base, replace, depth):
     if depth > MAX_DEPTH:  # a hard link back to an ancestor would recurse forever
-        raise FormatError(f"{base[:80]!r}...: groups nested deeper than {MAX_DEPTH}, or a group that holds itself")
+        raise FormatError(f"{g.file.filename}: {base[:80]!r}...: groups nested deeper than {MAX_DEPTH}, or a "
+                          f"group that holds itself")
     for key in g:
         link = g.get(key, getlink=True)
         if isinstance(link, h5py.SoftLink):
@@ -399,11 +407,17 @@ def _rebuild_group(g, out, base, replace, depth):
 def check_members(zf, path):
     """Refuse an archive with a member that inflates far past what it stores (:func:`inflated`, Keras' rule),
     before anything of it is extracted."""
+    total = 0
     for info in zf.infolist():
         if inflated(info.file_size, info.compress_size):
             raise FormatError(f"{path}: member {info.filename!r} declares {info.file_size} bytes but stores "
                               f"{info.compress_size}; refused as a decompression bomb (over {BOMB_FLOOR} bytes "
                               f"and {BOMB_RATIO}x its stored size), as Keras refuses it")
+        total += info.file_size
+    size = os.path.getsize(path)
+    if inflated(total, size):  # many members each under the floor
+        raise FormatError(f"{path}: its members declare {total} bytes in all from a {size}-byte archive; refused "
+                          f"as a decompression bomb (over {BOMB_FLOOR} bytes and {BOMB_RATIO}x the archive)")
 
 
 class KerasZip(H5File):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import _version
-from .._atomic import AtomicDir, AtomicPath
+from .._atomic import AtomicDir, AtomicPath, remove_stale
 from .._source import NORM_KINDS, NORM_NONE
 from ..patterns import ELEMENTS, NM
 from ..prune import (
@@ -41,6 +41,7 @@ from ..prune import (
 from ..selection import each_source, norm_inverse
 from . import _safetensors as st
 from . import cluster
+from .errors import FormatError
 from .files import open_weights
 from .formats import (
     PLACEHOLDER,
@@ -128,6 +129,7 @@ def _check_paths(src, dst, force, folder=False, inputs=()):
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise UserError(f"{src}: no such file")
+    remove_stale(dst)  # a killed run's leftovers first: an old output it had moved aside comes back
     check_overlap([src, *(os.fspath(p) for p in inputs if p is not None)], dst)
     if folder:
         if os.path.exists(dst) and not os.path.isdir(dst):
@@ -285,6 +287,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         kind = None if sparse or sharded else output_kind(dst, reader, format)  # before any tensor is read
         score_file = open_weights(scores) if scores is not None else None
         try:
+            if score_file is not None:
+                check_overlap(score_file.input_files(), dst)  # a scores checkpoint's every file too
             sources = lazy_sources(reader, names, score_file)
             srcs = [sources[n] for n in names]
             if client is not None:  # the same sources, their passes run on the workers
@@ -580,35 +584,44 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
         result = FileResult(os.fspath(src), os.fspath(dst), reader.kind)
         h = reader.h5
         c = h["container"]
-        with (AtomicDir if reader.kind == "sharded" else AtomicPath)(dst, sync, replace=force) as tmp:
-            if reader.kind == "sharded":
-                _densify_folder(reader, c, tmp)
-            elif reader.kind in ("hdf5", "keras"):
-                paths = {as_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
+        try:
+            with (AtomicDir if reader.kind == "sharded" else AtomicPath)(dst, sync, replace=force) as tmp:
+                if reader.kind == "sharded":
+                    _densify_folder(reader, c, tmp)
+                elif reader.kind in ("hdf5", "keras"):
+                    paths = {as_str(g.attrs["source_path"]): n for n, g in reader.pruned.items()}
 
-                def replace(path):
-                    return reader.raw(paths[path]) if path in paths else None
+                    def replace(path):
+                        return reader.raw(paths[path]) if path in paths else None
 
-                if reader.kind == "hdf5":
-                    rebuild_h5(c["h5"], tmp, replace)
+                    if reader.kind == "hdf5":
+                        rebuild_h5(c["h5"], tmp, replace)
+                    else:
+                        members = [tuple(m) for m in reader.json(c.attrs["members"])]
+                        with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:
+                            rebuild_h5(c["h5"], h5tmp, replace)
+                            data = {name: (c["zip"][str(i)].shape[0], _dataset_writer(c["zip"][str(i)]))
+                                    for i, (name, _) in enumerate(members) if name != "model.weights.h5"}
+                            write_keras_zip(members, None, h5tmp, tmp, member_bytes=data)
+                elif reader.kind == "safetensors":
+                    hdr = reader.json(c["header"]) if "header" in c else {}
+                    meta = hdr.pop("__metadata__", None)
+                    items = []
+                    for n, e in reader.entries.items():
+                        dt = hdr[n]["dtype"] if n in hdr else \
+                            ("BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype))
+                        items.append((n, dt, e.shape, lambda n=n: reader.raw(n)))
+                    with open(tmp, "wb") as f:
+                        st.write(f, items, meta)
                 else:
-                    members = [tuple(m) for m in json.loads(as_str(c.attrs["members"]))]
-                    with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:
-                        rebuild_h5(c["h5"], h5tmp, replace)
-                        data = {name: (c["zip"][str(i)].shape[0], _dataset_writer(c["zip"][str(i)]))
-                                for i, (name, _) in enumerate(members) if name != "model.weights.h5"}
-                        write_keras_zip(members, None, h5tmp, tmp, member_bytes=data)
-            elif reader.kind == "safetensors":
-                hdr = json.loads(c["header"][()].tobytes().decode()) if "header" in c else {}
-                meta = hdr.pop("__metadata__", None)
-                items = []
-                for n, e in reader.entries.items():
-                    dt = hdr[n]["dtype"] if n in hdr else ("BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype))
-                    items.append((n, dt, e.shape, lambda n=n: reader.raw(n)))
-                with open(tmp, "wb") as f:
-                    st.write(f, items, meta)
-            else:
-                write_torch(((n, reader.raw(n), e) for n, e in reader.entries.items()), tmp)
+                    write_torch(((n, reader.raw(n), e) for n, e in reader.entries.items()), tmp)
+        except (UserError, FormatError):
+            raise
+        except (KeyError, AttributeError, TypeError, IndexError, NotImplementedError, RecursionError, ValueError,
+                zipfile.BadZipFile) as exc:  # a damaged container, whatever part of it: one line naming the file
+            msg = " ".join(str(exc).split())[:300]
+            raise UserError(f"{src}: a damaged sparsecore sparse file ({type(exc).__name__}: {msg}); nothing was "
+                            f"written") from None
         result.summary = [TensorSummary(n, e.shape, e.size, e.size - int(reader.mask(n).sum()), reader.nnz(n),
                                         e.nbytes, 0) for n, e in reader.entries.items() if n in reader.pruned]
     result.input_bytes = os.path.getsize(src)

@@ -12,8 +12,9 @@ files (``config.json``, the tokenizer), which an output folder carries over.
 
 Links: a link inside the folder is followed where its target stays inside
 the folder, or where the folder is a Hugging Face cache's snapshot
-(``<repo>/snapshots/<revision>``) and the target a file of that cache's
-``<repo>/blobs/`` (as ``huggingface_hub`` lays them out). Any other link that
+(``models--<org>--<name>/snapshots/<revision>``, or a folder below it) and
+the target a file of that repository's ``blobs/`` (as ``huggingface_hub``
+lays them out). Any other link that
 leaves the folder, a link that loops, and anything that is not a regular
 file or folder (a pipe, a device, a dangling link) is refused by name.
 
@@ -34,6 +35,7 @@ from .formats import SafeTensorsFile, TorchFile, WeightFile
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE = ("model.safetensors", "pytorch_model.bin")
 _HEAD = ("lm_head.weight", "embed_out.weight", "output.weight")
+_HUB_REPOS = ("models--", "datasets--", "spaces--")  # how huggingface_hub names a repository's cache folder
 
 
 def is_checkpoint_path(path) -> bool:
@@ -155,9 +157,11 @@ class ShardedCheckpoint(WeightFile):
         if os.path.commonpath([self._real, real]) == self._real:
             return p
         parts = self._real.split(os.sep)
-        if "snapshots" in parts[:-1]:
-            repo = os.sep.join(parts[:len(parts) - 1 - parts[::-1].index("snapshots")]) or os.sep
-            if os.path.dirname(real) == os.path.join(repo, "blobs") and os.path.isfile(real):
+        if "snapshots" in parts[:-1]:  # <cache>/models--org--name/snapshots/<revision>[/sub-folder]
+            at = len(parts) - 1 - parts[::-1].index("snapshots")
+            repo = os.sep.join(parts[:at]) or os.sep
+            if parts[at - 1].startswith(_HUB_REPOS) and os.path.dirname(real) == os.path.join(repo, "blobs") \
+                    and os.path.isfile(real):
                 return p
         raise FormatError(f"{self.folder}: {rel} is a link to {real}, outside the model folder; links out of a "
                           f"model folder are followed only into a Hugging Face cache's blobs/ (copy the file in)")
@@ -208,15 +212,18 @@ class ShardedCheckpoint(WeightFile):
             subs = []
             for e in found:
                 rel = os.path.join(top, e.name) if top else e.name
-                if e.is_dir():  # a linked sub-folder is carried when it stays inside (and loops nowhere)
-                    real = os.path.realpath(e.path)
-                    if os.path.commonpath([self._real, real]) != self._real:
-                        raise FormatError(f"{self.folder}: the sub-folder {rel} is a link to {real}, outside the "
-                                          f"model folder; copy it in or remove the link")
-                    if real in seen:
-                        raise FormatError(f"{self.folder}: the sub-folder {rel} is a link back to a folder "
-                                          f"already carried (a loop); remove the link")
-                    seen.add(real)
+                if e.is_dir():  # a linked sub-folder is carried (a copy) when it stays inside and loops nowhere
+                    if e.is_symlink():
+                        real = os.path.realpath(e.path)
+                        if os.path.commonpath([self._real, real]) != self._real:
+                            raise FormatError(f"{self.folder}: the sub-folder {rel} is a link to {real}, outside "
+                                              f"the model folder; copy it in or remove the link")
+                        if real in seen or os.path.commonpath([real, os.path.realpath(os.path.dirname(e.path))]) \
+                                == real:
+                            raise FormatError(f"{self.folder}: the sub-folder {rel} is a link to a folder that holds "
+                                              f"it or that another link brought in already (a loop or a twin); "
+                                              f"remove the link")
+                        seen.add(real)
                     subs.append(rel)
                 elif e.is_file():
                     self.checked(rel)
