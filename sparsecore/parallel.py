@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 
 from ._validate import is_integer
 from .importance import GradientAccumulator
+from .io.cluster import submit_in_share, tasks_per_host
 from .mutual_info import PairwiseMIAccumulator, UnitMIAccumulator
 from .mutual_info import pairwise_mi as _pairwise_mi_here
 from .reconstruct import HessianAccumulator
@@ -97,8 +98,9 @@ def tree_merge(client, parts: Iterable, *, split_every: int = 8):
         return _merged(level[0].result() if isinstance(level[0], Future) else level[0])
     if not any(isinstance(p, Future) for p in level):
         level = client.scatter(level, hash=False)
+    hosts = tasks_per_host(client)
     while len(level) > 1:
-        level = [client.submit(_merged, *level[i:i + split_every], pure=False)
+        level = [submit_in_share(client, hosts, _merged, *level[i:i + split_every])
                  for i in range(0, len(level), split_every)]
     return level[0].result()  # made by a merge task, its own copy
 
@@ -109,7 +111,8 @@ def accumulate(client, build: Callable, shards: Iterable, *, split_every: int = 
     which data to read), then :func:`tree_merge`. ``build`` is pickled and
     sent: a function of a module the workers import, or a closure."""
     _check_split(split_every)
-    futures = [client.submit(build, s, pure=False) for s in shards]
+    hosts = tasks_per_host(client)  # each task's Numba kernels on its share of its machine's cores
+    futures = [submit_in_share(client, hosts, build, s) for s in shards]
     return tree_merge(client, futures, split_every=split_every)
 
 
@@ -143,7 +146,8 @@ def pairwise_mi(client, acts_in: ArrayLike, acts_out: ArrayLike, bins: int | str
     # meets the data of the last, released under it
     cells = [(o0, min(o0 + bo, ao.shape[1]), i0, min(i0 + bi, ai.shape[1]))
              for o0 in range(0, ao.shape[1], bo) for i0 in range(0, ai.shape[1], bi)]
-    futures = [client.submit(_pairwise_block, fi, fo, i0, i1, o0, o1, kw, pure=False) for o0, o1, i0, i1 in cells]
+    hosts = tasks_per_host(client)
+    futures = [submit_in_share(client, hosts, _pairwise_block, fi, fo, i0, i1, o0, o1, kw) for o0, o1, i0, i1 in cells]
     out = np.empty((ao.shape[1], ai.shape[1]))
     for (o0, o1, i0, i1), part in zip(cells, client.gather(futures)):
         out[o0:o1, i0:i1] = part

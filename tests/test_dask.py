@@ -278,6 +278,22 @@ def test_tree_merges_equal_one_pass(client):
     np.testing.assert_array_equal(p.mi(), whole_p.mi())
 
 
+def _hessian_on_its_share(seed):
+    import numba
+
+    from sparsecore.io.cluster import _numba_share, _usable_cores
+
+    want = min(_numba_share(_usable_cores(), 2), numba.config.NUMBA_NUM_THREADS)  # 2 one-thread workers
+    if numba.get_num_threads() != want:
+        raise RuntimeError(f"a calibration task ran Numba on {numba.get_num_threads()} threads, not {want}")
+    return _hessian(seed)
+
+
+def test_calibration_tasks_run_numba_on_their_share_of_the_cores(client):
+    h = parallel.accumulate(client, _hessian_on_its_share, list(range(4)), split_every=2)
+    assert h.count == 1200
+
+
 def test_tree_merge_refuses_what_it_cannot_merge(client):
     with pytest.raises(ValueError, match="split_every must be an integer >= 2, got 1"):
         parallel.tree_merge(client, [_hessian(0)], split_every=1)

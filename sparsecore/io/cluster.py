@@ -71,7 +71,8 @@ from .files import open_weights
 from .formats import SafeTensorsFile, TorchFile
 from .tensorwise import UserError, copy_folder_files, lazy_sources, prune_one, write_shard
 
-__all__ = ["NO_WORKER_GRACE", "ShardSources", "WORKER_MEMORY", "connect", "max_workers", "require"]
+__all__ = ["NO_WORKER_GRACE", "ShardSources", "WORKER_MEMORY", "connect", "max_workers", "require",
+           "submit_in_share", "tasks_per_host"]
 
 INSTALL = "pip install 'sparsecore[dask]'"
 
@@ -233,11 +234,7 @@ class ShardSources(list):
         self.moved = 0
 
     def _tasks_per_host(self):
-        """``{host: tasks it runs at once}``: the threads of the workers on each machine."""
-        per = {}
-        for w in self.client.scheduler_info()["workers"].values():
-            per[w["host"]] = per.get(w["host"], 0) + w["nthreads"]
-        return per
+        return tasks_per_host(self.client)
 
     def _run(self, jobs):
         """Submit ``(function, args)`` jobs, one task each; their results in
@@ -361,6 +358,21 @@ def _parts_folder(tmp):
     if not stem:
         stem, dot, suffix = suffix, "", ""
     return tempfile.mkdtemp(prefix=f"{stem}-parts-", suffix=dot + suffix, dir=os.path.dirname(tmp))
+
+
+def tasks_per_host(client):
+    """``{host: tasks it runs at once}``: the threads of the workers on each machine."""
+    per = {}
+    for w in client.scheduler_info()["workers"].values():
+        per[w["host"]] = per.get(w["host"], 0) + w["nthreads"]
+    return per
+
+
+def submit_in_share(client, hosts, fn, *args):
+    """``client.submit(fn, *args)`` (never cached: ``pure=False``), run with the task thread's Numba threads
+    set to its share of its machine's cores (``hosts``: :func:`tasks_per_host`)."""
+    return client.submit(_in_share, hosts, fn, *args, key=f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}",
+                         pure=False)
 
 
 # --- on the workers ---------------------------------------------------------------
