@@ -116,21 +116,16 @@ def read_header(path):
     return entries, meta, start, raw
 
 
-def read_tensor(path, entry, start, fd=None):
-    """One tensor's bytes as a new array; through the open descriptor ``fd`` (positioned reads) when given."""
+def read_tensor(path, entry, start, fd):
+    """One tensor's bytes as a new array, by positioned reads through the open descriptor ``fd`` of ``path``."""
     dt, shape, b, e = entry
     arr = np.empty(shape, DTYPES[dt])
-    if fd is None:
-        with open(path, "rb") as f:
-            f.seek(start + b)
-            got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
-    else:
-        view, got = memoryview(arr.reshape(-1).view(np.uint8)), 0
-        while got < e - b:  # one call reads at most about 2 GiB
-            n = os.preadv(fd, [view[got:]], start + b + got)
-            if n == 0:
-                break
-            got += n
+    view, got = memoryview(arr.reshape(-1).view(np.uint8)), 0
+    while got < e - b:  # one call reads at most about 2 GiB
+        n = os.preadv(fd, [view[got:]], start + b + got)
+        if n == 0:
+            break
+        got += n
     if got != e - b:
         raise FormatError(f"{path}: tensor ended after {got} of {e - b} bytes; the file is truncated")
     return arr

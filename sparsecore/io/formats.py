@@ -537,9 +537,12 @@ class SafeTensorsFile(WeightFile):
 
     def raw(self, name):
         """The tensor as stored (its own dtype), as a new array (read through one descriptor, kept open)."""
+        return st.read_tensor(self.path, self.header[name], self.start, self._descriptor())
+
+    def _descriptor(self):
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return st.read_tensor(self.path, self.header[name], self.start, self._fd)
+        return self._fd
 
     def raw_run(self, names):
         """The tensors ``names`` laid end to end: one read where the file holds them so (as tensors written
@@ -549,9 +552,8 @@ class SafeTensorsFile(WeightFile):
         if any(s[0] != dt for s in spans) or any(a[3] != b[2] for a, b in zip(spans, spans[1:])):
             return super().raw_run(names)
         b, e = spans[0][2], spans[-1][3]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return st.read_tensor(self.path, (dt, ((e - b) // st.DTYPES[dt].itemsize,), b, e), self.start, self._fd)
+        return st.read_tensor(self.path, (dt, ((e - b) // st.DTYPES[dt].itemsize,), b, e), self.start,
+                              self._descriptor())
 
     def close(self):
         """Release the file."""

@@ -109,16 +109,23 @@ def prune_one(reader, sources, plan, i, name, want_csr, pattern=ELEMENTS):
         a, mask, _, kept = select_tensor(src, w, plan, i, pattern, want_csr=want_csr)
     except ValueError as exc:
         raise UserError(f"{reader.path}: {exc}") from None
-    mshape = matrix_shape(e.shape)
-    out = raw.reshape(-1)  # our own copy, written in place
-    bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[out.dtype.itemsize])
-    nnz = int(keep_raw(bits, mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts before zeroing
-    if a is not None:
-        csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)
-    else:
-        csr_bytes = nnz * (w.dtype.itemsize + 4) + 4 * (mshape[0] + 1)
-    summary = TensorSummary(name, tuple(e.shape), e.size, e.size - kept, nnz, e.nbytes, csr_bytes)
-    return raw, a, mask, summary
+    nnz = int(keep_raw(_bits(raw.reshape(-1)), mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts
+    # before zeroing; ``raw`` is our own copy, written in place
+    csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes) if a is not None else None
+    return raw, a, mask, _summary(e, kept, nnz, w.dtype.itemsize, csr_bytes)
+
+
+def _bits(flat_raw):
+    """The stored values as unsigned integers of their width (their bit patterns), a view."""
+    return flat_raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[flat_raw.dtype.itemsize])
+
+
+def _summary(entry, kept, nnz, itemsize, csr_bytes=None):
+    """A pruned tensor's summary line; ``csr_bytes`` when no CSR was built: what int32 indices and
+    ``itemsize``-byte values of its 2-D view would take."""
+    if csr_bytes is None:
+        csr_bytes = nnz * (itemsize + 4) + 4 * (matrix_shape(entry.shape)[0] + 1)
+    return TensorSummary(entry.name, tuple(entry.shape), entry.size, entry.size - kept, nnz, entry.nbytes, csr_bytes)
 
 
 #: Tensors of at most this many entries are pruned in batches (:class:`SmallBatches`).
@@ -188,19 +195,15 @@ class SmallBatches:
         count = np.array([-1 if r is not None else plan.counts[i] for i, r in zip(batch, rules)], np.int64)
         inv = np.array([src.inv for src in srcs], np.float64)
         kept, nnz, bad = (np.zeros(len(batch), np.int64) for _ in range(3))
-        bits = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[raw.dtype.itemsize])
         batch_keep(w, s, offs, mode, inv, scaled, wide, rule_key, quota, count, plan.lo[batch], plan.hi[batch],
-                   bool(plan.capped), bits, kept, nnz, bad)
+                   bool(plan.capped), _bits(raw), kept, nnz, bad)
         if bad.any():  # the one-tensor path names the tensor and the first non-finite entry
             t = int(np.flatnonzero(bad)[0])
             prune_one(reader, self.sources, plan, batch[t], names[t], False)
-        item = w.dtype.itemsize + 4
         for t, name in enumerate(names):
             e = reader.entries[name]
-            rows = matrix_shape(e.shape)[0]
-            summary = TensorSummary(name, tuple(e.shape), e.size, e.size - int(kept[t]), int(nnz[t]), e.nbytes,
-                                    int(nnz[t]) * item + 4 * (rows + 1))
-            self.done[name] = (raw[offs[t]:offs[t + 1]].reshape(e.shape), summary)
+            self.done[name] = (raw[offs[t]:offs[t + 1]].reshape(e.shape),
+                               _summary(e, int(kept[t]), int(nnz[t]), w.dtype.itemsize))
 
 
 def write_shard(src, path, tensor):
