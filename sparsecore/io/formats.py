@@ -275,11 +275,10 @@ def check_h5(root, display, placeholders=()):
 
 class H5File(WeightFile):
     """Keras 3 ``.weights.h5``, Keras 2 legacy HDF5, or any HDF5 file (or an
-    HDF5 group laid out like one: ``group=``; ``placeholders``: its datasets
-    left unwritten on purpose, see :func:`check_h5`). ``path`` may be an open
-    binary file object."""
+    HDF5 group laid out like one: ``group=``, which whoever opened its file
+    has held to :func:`check_h5`). ``path`` may be an open binary file object."""
 
-    def __init__(self, path, display=None, group=None, placeholders=()):
+    def __init__(self, path, display=None, group=None):
         super().__init__(path if isinstance(path, (str, os.PathLike)) else display)
         try:
             self.h5 = h5py.File(path, "r") if group is None else group
@@ -288,7 +287,8 @@ class H5File(WeightFile):
                               f"truncated or corrupt") from None
         self.prefix = ""
         try:
-            check_h5(self.h5, display or self.path, placeholders)
+            if group is None:
+                check_h5(self.h5, display or self.path)
             self._list()
         except FormatError:
             self.h5.close()

@@ -160,7 +160,7 @@ class SparseFile(WeightFile):
         check_h5(h, self.path, {f"container/h5/{p}" for p in holes})  # nothing external, nothing inflated
         self.raw_groups = {}
         if self.kind in ("hdf5", "keras"):
-            self.inner = H5File(self.path, group=c["h5"], placeholders=holes)
+            self.inner = H5File(self.path, group=c["h5"])  # held to check_h5 with the whole file above
             self.entries = dict(self.inner.entries)
             missing = [n for n, g in self.pruned.items() if as_str(g.attrs.get("source_path", "")) not in holes
                        or n not in self.entries]
