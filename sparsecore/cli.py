@@ -36,8 +36,9 @@ _EPILOG = """examples:
 
 # C0 and C1 control characters (terminal escapes among them), and the invisible format characters that
 # reorder or hide text (bidirectional overrides, zero-width marks)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_HIDDEN = r"\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+_CONTROL = re.compile(rf"[\x00-\x1f{_HIDDEN}]")
+_CONTROL_BUT_NEWLINE = re.compile(rf"[\x00-\x09\x0b-\x1f{_HIDDEN}]")
 #: A string from a file (a provenance field) is cut to this many characters when printed.
 LONGEST = 200
 
@@ -158,12 +159,16 @@ def _fmt_bytes(n):
     return f"{n} B"
 
 
-def _rows(path):
+def _rows(path, plot=None):
+    """``(format, [(name, entry, sparsity)], provenance)`` of a weight file; ``plot``: a path that must not
+    be any file the reader reads (checked before anything is written)."""
     from .io import open_weights
-    from .io.offline import tensor_stats
+    from .io.offline import check_overlap, tensor_stats
 
     rows = []
     with open_weights(path) as r:
+        if plot is not None:
+            check_overlap(r.input_files(), plot)  # the plot never replaces what it reports on, nor any file of it
         for name, e in r.entries.items():
             zeros, size = tensor_stats(r, name)
             rows.append((name, e, zeros / size if size else 0.0))
@@ -211,14 +216,7 @@ def _report(args):
             from .io import UserError
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
-    if args.plot:
-        from .io import open_weights
-        from .io.offline import check_overlap
-
-        check_overlap([args.file], args.plot)  # the plot never replaces what it reports on, nor any file of it
-        with open_weights(args.file) as r:
-            check_overlap(r.input_files(), args.plot)
-    fmt, rows, made = _rows(args.file)
+    fmt, rows, made = _rows(args.file, args.plot)
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
@@ -479,10 +477,8 @@ def main(argv=None):
 def _failure(exc):
     """One line for any failure: the message of an error the code raises on purpose (bad input, files);
     for anything else its kind and message and where to look further."""
-    from .io import FormatError, UserError
-
     msg = " ".join(str(exc).split())
-    if isinstance(exc, (UserError, FormatError, ValueError, TypeError, OSError)) and msg:
+    if isinstance(exc, (ValueError, TypeError, OSError)) and msg:  # UserError and FormatError among them
         return _clean(msg, 2000)
     if isinstance(exc, MemoryError):
         return ("out of memory" + (f" ({_clean(msg, 500)})" if msg else "") + "; no output was written (a file "

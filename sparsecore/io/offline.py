@@ -403,11 +403,9 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
     def step(name, want_csr):
         got = batches.take(name) if batches is not None and not want_csr else None
         if got is not None:
-            result.summary.append(got[1])
-            if progress is not None:
-                progress(len(result.summary), total, name)
-            return got[0], None, None
-        raw, a, mask, summary = prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
+            (raw, summary), a, mask = got, None, None
+        else:
+            raw, a, mask, summary = prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
         result.summary.append(summary)
         if progress is not None:
             progress(len(result.summary), total, name)
@@ -577,7 +575,6 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     (dense, zeros where pruned): bit for bit the masked weights."""
     with open_weights(src) as reader:
         _check_paths(src, dst, force, folder=isinstance(reader, SparseFile) and reader.kind == "sharded")
-        check_overlap(reader.input_files(), dst)
         if not isinstance(reader, SparseFile):
             raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
                             f"output of 'sparsecore prune ... -o X.sparse.h5'")
