@@ -486,10 +486,8 @@ def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
     with ``model.weights.h5`` taken from ``weights_h5`` (an open binary file,
     read from its start)."""
     with zipfile.ZipFile(dst_path, "w") as out:
-        src = zipfile.ZipFile(src_zip) if src_zip else None
+        src = zipfile.ZipFile(src_zip) if src_zip else None  # held to check_members when it was opened
         try:
-            if src is not None:
-                check_members(src, src_zip)
             for name, ctype in members:
                 if name == "model.weights.h5":
                     weights_h5.seek(0, os.SEEK_END)
