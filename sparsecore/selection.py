@@ -158,14 +158,16 @@ def _rule_of_sorted(keys, k, wide):
 
 
 def _pool_keys(sources, wide):
-    """``(pooled, keys)``: which sources of a global selection are selected
-    from their sorted keys (those of at most ``_SORT_MAX`` entries, in order,
-    while the keys held stay within ``_POOL_BUDGET``), and those keys (None
-    for the others). One pass over them, the only one before the rules."""
+    """``(pooled, keys, offs)``: which sources of a global selection are
+    selected from their sorted keys (those of at most ``_SORT_MAX`` entries,
+    in order, while the keys held stay within ``_POOL_BUDGET``), and those
+    keys, each pooled source's sorted and laid end to end in ``keys``, the
+    ``i``-th pooled source's at ``[offs[i], offs[i+1])``. One pass over them,
+    the only one before the rules."""
     ntens = len(sources)
     pooled = np.zeros(ntens, np.bool_)
     if not ntens or sources[0].on_device:
-        return pooled, [None] * ntens
+        return pooled, None, None
     room = _POOL_BUDGET
     per = [None] * ntens
     for t, src in enumerate(sources):
@@ -174,8 +176,40 @@ def _pool_keys(sources, wide):
             room -= src.size
             per[t] = (wide,)
     if not pooled.any():
-        return pooled, per
-    return pooled, each_source(sources, _sorted_keys, per)
+        return pooled, None, None
+    taken = [sources[t] for t in np.flatnonzero(pooled)]
+    offs = np.zeros(len(taken) + 1, np.int64)
+    np.cumsum([src.size for src in taken], out=offs[1:])
+    if getattr(sources, "map", None) is not None:  # a cluster's sources: each shard's keys where it lives
+        keys = np.concatenate([k for k in each_source(sources, _sorted_keys, per) if k is not None])
+        return pooled, keys, offs
+    keys = np.empty(int(offs[-1]), np.uint64)
+    start = 0
+    while start < len(taken):  # runs of sources whose keys one kernel call makes (a file's tiny tensors)
+        form = _run_form(taken[start])
+        end, total = start + 1, taken[start].size
+        while end < len(taken) and _run_form(taken[end]) == form and total + taken[end].size <= _RUN_MAX:
+            total += taken[end].size
+            end += 1
+        run = taken[start:end]
+        joined = getattr(run[0], "joined_data", None)  # a file's sources read their run at once
+        data = joined(run) if joined is not None else np.concatenate([src.data for src in run])
+        inv = np.array([src.inv for src in run], np.float64)
+        bad = cpu_select.sorted_keys_runs(data, offs[start:end + 1] - offs[start], run[0].mode, inv,
+                                          bool(run[0].scaled), wide, keys[offs[start]:offs[end]])
+        if bad >= 0:
+            _sorted_keys(run[bad], wide)  # names the tensor and its first non-finite score
+        start = end
+    return pooled, keys, offs
+
+
+#: Entries of one run of small sources whose keys are made at once, at most.
+_RUN_MAX = 1 << 20
+
+
+def _run_form(src):
+    """What the sources of one run share: their data's dtype, their scores' form."""
+    return src.dtype, src.mode, bool(src.scaled)
 
 
 def _pool_hist(keys, first, prefix, shift, bits):
@@ -252,11 +286,13 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     # Small tensors are pooled: tensor t's capped count clip(#{key <= T}, lo_t, hi_t) is lo_t plus the
     # count of its keys of ranks lo_t + 1 .. hi_t that are <= T, so their keys of those ranks, pooled,
     # count as one tensor without caps, and target drops by their lo_t.
-    pooled, keys = _pool_keys(sources, wide)
+    pooled, keys, offs = _pool_keys(sources, wide)
     pool, k = None, target
     if pooled.any():
         k -= int(lo[pooled].sum())
-        pool = np.concatenate([keys[t][lo[t]:hi[t]] for t in np.flatnonzero(pooled)])
+        sizes_p = np.diff(offs)  # each pooled tensor's keys of ranks lo_t + 1 .. hi_t
+        rank = np.arange(offs[-1]) - np.repeat(offs[:-1], sizes_p)
+        pool = keys[(rank >= np.repeat(lo[pooled], sizes_p)) & (rank < np.repeat(hi[pooled], sizes_p))]
     found = None
     if pooled.all():  # 1 <= k <= pool.size: the plain k-th of the pool
         pool.partition(k - 1)
@@ -270,21 +306,26 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
         if found is None:
             found = _search(sources, lo, hi, k, wide, pool, pooled)
     T, below, ties = found
-    for t in np.flatnonzero(pooled):
-        below[t], ties[t] = _counts_of_sorted(keys[t], T)
+    slot = np.full(len(sources), -1, np.int64)  # a pooled tensor's place among the pooled
+    if pooled.any():
+        slot[pooled] = np.arange(len(offs) - 1)
+        below_p, ties_p = np.empty(len(offs) - 1, np.int64), np.empty(len(offs) - 1, np.int64)
+        cpu_select.counts_in_runs(keys, offs, np.uint64(T), below_p, ties_p)
+        below[pooled], ties[pooled] = below_p, ties_p
     base = np.clip(below, lo, hi)
     room = np.clip(below + ties, lo, hi) - base
     rest = target - int(base.sum())
     rules, own = [], []
-    for t in range(len(sources)):
-        extra = min(int(room[t]), rest)
+    # Python ints, not NumPy scalars: this loop runs once per tensor, and a file may hold 100,000
+    for t, (b, r, bl, n_t) in enumerate(zip(base.tolist(), room.tolist(), below.tolist(), ties.tolist())):
+        extra = min(r, rest)
         rest -= extra
-        p = int(base[t]) + extra
-        if below[t] <= p <= below[t] + ties[t]:
-            rules.append(_rule_for(T, int(ties[t]), p - int(below[t]), wide))
+        p = b + extra
+        if bl <= p <= bl + n_t:
+            rules.append(_rule_for(T, n_t, p - bl, wide))
             own.append(None)
         elif pooled[t]:  # a cap binds beyond the global threshold: the tensor's own p smallest
-            rules.append(_rule_of_sorted(keys[t], p, wide))
+            rules.append(_rule_of_sorted(keys[offs[slot[t]]:offs[slot[t] + 1]], p, wide))
             own.append(None)
         else:
             rules.append(None)

@@ -348,3 +348,21 @@ def batch_keep(scores_list, rules):
             keep = keep_mask_sparsity(s, min(max(p, lo), hi))
         out.append(keep)
     return out
+
+
+def sorted_scores(scores_list, mode, invs, scaled, wide):
+    """Each tensor's scores (transformed by ``mode``, times ``inv`` when ``scaled``), sorted ascending: float64
+    when ``wide``, else float32."""
+    out = []
+    for s, inv in zip(scores_list, invs):
+        v = transform(s, mode)
+        if wide:
+            out.append(np.sort(v * inv if scaled else v))
+        else:
+            out.append(np.sort(transform(np.asarray(s, np.float32), mode).astype(np.float32)))
+    return out
+
+
+def below_and_ties(sorted_list, v):
+    """Per sorted array: how many entries are below ``v``, how many equal it."""
+    return [int((s < v).sum()) for s in sorted_list], [int((s == v).sum()) for s in sorted_list]

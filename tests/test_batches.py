@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from sparsecore._kernels import cpu_select
-from sparsecore._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
+from sparsecore._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE, key_of, value_of
+from sparsecore.io import UserError, open_weights, prune_file, tensorwise
 from sparsecore.io import _safetensors as st
-from sparsecore.io import open_weights, prune_file, tensorwise
 
 from . import reference as ref
 
@@ -76,6 +76,42 @@ def test_batch_keep_flags_non_finite_tensors_and_leaves_them():
     np.testing.assert_array_equal(got[0], weights[0])
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("mode", [MODE_IDENTITY, MODE_ABS, MODE_SQUARE])
+@settings(max_examples=30, deadline=None)
+@given(data=st_.data())
+def test_sorted_keys_runs_and_counts_against_the_reference(dtype, mode, data):
+    rng = np.random.default_rng(data.draw(st_.integers(0, 2**32 - 1)))
+    sizes = [data.draw(st_.integers(0, 30)) for _ in range(data.draw(st_.integers(1, 6)))]  # empty runs too
+    scores = [rng.integers(-3, 4, n).astype(dtype) * dtype(0.5) for n in sizes]  # ties, -0.0 and 0.0
+    scaled = data.draw(st_.booleans())
+    wide = scaled or dtype == np.float64 or data.draw(st_.booleans())
+    invs = rng.uniform(0.5, 2.0, len(sizes))
+    offs = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offs[1:])
+    x = np.concatenate(scores) if scores else np.zeros(0, dtype)
+    x = x.astype(np.float32) if dtype == np.float16 else x  # the kernels read float32/float64
+    keys = np.zeros(x.size, np.uint64)
+    assert cpu_select.sorted_keys_runs(x, offs, mode, invs, scaled, wide, keys) == -1
+    want = ref.sorted_scores(scores, mode, invs, scaled, wide)
+    for t in range(len(sizes)):
+        got = [value_of(int(k), wide) for k in keys[offs[t]:offs[t + 1]]]
+        np.testing.assert_array_equal(got, want[t])
+    if x.size:
+        probe = keys[int(rng.integers(x.size))]
+        below, ties = np.zeros(len(sizes), np.int64), np.zeros(len(sizes), np.int64)
+        cpu_select.counts_in_runs(keys, offs, probe, below, ties)
+        assert (list(below), list(ties)) == ref.below_and_ties(want, value_of(int(probe), wide))
+
+
+@pytest.mark.kernel
+def test_sorted_keys_runs_stops_at_the_first_tensor_with_a_non_finite_score():
+    x = np.array([1, 2, 3, np.inf, 1, np.nan], np.float32)
+    offs = np.array([0, 2, 4, 6], np.int64)
+    assert cpu_select.sorted_keys_runs(x, offs, MODE_ABS, np.ones(3), False, False, np.zeros(6, np.uint64)) == 1
+
+
 def _file(path, rng, n=300):
     tensors = {f"t{i}.w": (rng.standard_normal((4, 8)) * rng.choice([1e-3, 1, 1e3])).astype(np.float32)
                for i in range(n)}
@@ -120,3 +156,60 @@ def test_a_non_finite_small_tensor_is_named_as_one_at_a_time(tmp_path, rng):
     with pytest.raises(ValueError, match="'b'"):
         prune_file(src, tmp_path / "o.safetensors", sparsity=0.5)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(sparsity=0.4, normalize="l2"),
+                                dict(sparsity=0.5, min_sparsity=0.2, max_sparsity=0.7)])
+def test_global_keys_of_a_files_tiny_tensors_come_from_one_read_per_run(tmp_path, rng, monkeypatch, kw):
+    """The pooled keys of a global selection over a file's tiny tensors are made a run at a time (one read of
+    the file per run of one stored dtype), and select what the in-memory engine selects from the same floats."""
+    from sparsecore import prune
+    from sparsecore.io.formats import SafeTensorsFile
+
+    tensors = {}
+    for i in range(240):
+        dt = ("F32", "F16", "BF16")[(i // 80) % 3]  # three runs, one per stored dtype
+        v = (rng.standard_normal((4, 8)) * rng.choice([0.01, 1.0, 100.0])).astype(np.float32)
+        if i % 7 == 0:
+            v = np.round(v)  # ties
+        tensors[f"t{i}.w"] = (dt, {"F32": v, "F16": v.astype(np.float16),
+                                   "BF16": (v.view(np.uint32) >> 16).astype(np.uint16)}[dt])
+    src = tmp_path / "m.safetensors"
+    with open(src, "wb") as f:
+        st.write(f, [(k, dt, v.shape, lambda v=v: v) for k, (dt, v) in tensors.items()])
+    floats = {k: v.astype(np.float32) if dt == "F16" else st.bf16_to_f32(v) if dt == "BF16" else v
+              for k, (dt, v) in tensors.items()}
+    reads = {"run": 0, "one": 0}
+    for name, key in (("raw_run", "run"), ("raw", "one")):
+        def spy(self, *a, _real=getattr(SafeTensorsFile, name), _key=key):
+            reads[_key] += 1
+            return _real(self, *a)
+        monkeypatch.setattr(SafeTensorsFile, name, spy)
+    got = prune_file(src, tmp_path / "o.safetensors", scope="global", **kw)
+    assert reads["run"] == 3 + 3  # the keys, then the batched writes
+    assert reads["one"] == (len(tensors) if "normalize" in kw else 0)  # each tensor's norm is its own pass
+    kw.setdefault("max_sparsity", 0.99)  # prune_file's default where caps bind
+    want = prune(floats, scope="global", **kw)
+    with open_weights(tmp_path / "o.safetensors") as r:
+        for name in tensors:
+            kept = want.masks[name] & (floats[name] != 0)  # a kept zero reads as pruned
+            np.testing.assert_array_equal(r.floats(name) != 0, kept, err_msg=name)
+    assert [s.pruned for s in got.summary] == [s.pruned for s in want.summary]
+
+
+def test_prune_file_gives_the_cycle_collector_back_as_it_found_it(tmp_path, rng):
+    import gc
+
+    src = _file(tmp_path / "m.safetensors", rng, n=20)
+    assert gc.isenabled()
+    prune_file(src, tmp_path / "a.safetensors", sparsity=0.5)
+    assert gc.isenabled()
+    with pytest.raises(UserError):
+        prune_file(src, tmp_path / "b.safetensors", sparsity=0.5, include=["no such tensor"])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        prune_file(src, tmp_path / "c.safetensors", sparsity=0.5)
+        assert not gc.isenabled()  # a caller that turned it off keeps it off
+    finally:
+        gc.enable()

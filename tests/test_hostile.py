@@ -46,6 +46,9 @@ BUF = bytes(96)
       "b": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, "they overlap"),
     ({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
       "b": {"dtype": "F32", "shape": [6], "data_offsets": [32, 56]}}, "a gap"),
+    ({"b": {"dtype": "F32", "shape": [6], "data_offsets": [24, 48]},  # out of order: checked once sorted
+      "a": {"dtype": "F32", "shape": [12], "data_offsets": [0, 48]}}, "they overlap"),
+    ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, True]}}, "two integers >= 0 needed"),
     ({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, "cover it exactly"),
     ({"__metadata__": {"k": 3}, "a": {"dtype": "F32", "shape": [24], "data_offsets": [0, 96]}},
      "__metadata__ must map strings to strings"),
@@ -63,6 +66,17 @@ def test_every_structural_rule_of_safetensors_is_enforced(tmp_path, header, mess
     assert str(path) in str(err.value)
     if isinstance(header, dict) and "a" in header and "metadata" not in message and "twice" not in message:
         assert "'a'" in str(err.value) or "'b'" in str(err.value) or "cover" in message
+
+
+def test_tensors_listed_out_of_their_byte_order_are_read_as_placed(tmp_path):
+    buf = np.arange(24, dtype=np.float32)
+    path = _header_file(tmp_path / "ok.safetensors", {"b": {"dtype": "F32", "shape": [2, 9], "data_offsets": [24, 96]},
+                                                      "a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}},
+                        buf.tobytes())
+    with open_weights(path) as r:
+        assert list(r.entries) == ["b", "a"]
+        np.testing.assert_array_equal(r.raw("a"), buf[:6])
+        np.testing.assert_array_equal(r.raw("b"), buf[6:].reshape(2, 9))
 
 
 def test_the_safetensors_library_agrees_on_valid_files(tmp_path, rng):

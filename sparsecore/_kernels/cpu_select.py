@@ -352,3 +352,39 @@ def batch_keep(w, s, offs, mode, inv, scaled, wide, rule_key, quota, count, lo, 
     weight or score of ``t`` is not finite."""
     _batch_kernel(mode, wide, scaled)(w, s, offs, inv, rule_key, quota, count, lo, hi, capped, raw, kept, nnz,
                                       bad)
+
+
+@specialize
+def _sorted_keys_kernel(mode, wide, scaled):
+    @njit(cache=True)
+    def kernel(x, offs, inv, keys):
+        for t in range(offs.size - 1):
+            a, b = offs[t], offs[t + 1]
+            for i in range(a, b):
+                ok, k = score_key(x[i], mode, inv[t], scaled, wide)
+                if not ok:
+                    return t
+                keys[i] = k
+            keys[a:b].sort()
+        return -1
+
+    return kernel
+
+
+def sorted_keys_runs(x, offs, mode, inv, scaled, wide, keys):
+    """The keys of many small tensors laid end to end (tensor ``t`` is
+    ``[offs[t], offs[t+1])`` of ``x``, scaled by ``inv[t]``), each tensor's
+    sorted in place in ``keys``, one thread. Returns the first tensor with a
+    non-finite score (its keys are left unwritten), or -1."""
+    return int(_sorted_keys_kernel(mode, wide, scaled)(x, offs, inv, keys))
+
+
+@njit(cache=True)
+def counts_in_runs(keys, offs, key, below, ties):
+    """Per run ``t`` of sorted ``keys`` (``[offs[t], offs[t+1])``): how many
+    are below ``key`` and how many equal it, into ``below`` and ``ties``."""
+    for t in range(offs.size - 1):
+        run = keys[offs[t]:offs[t + 1]]
+        lo = np.searchsorted(run, key, "left")
+        below[t] = lo
+        ties[t] = np.searchsorted(run, key, "right") - lo

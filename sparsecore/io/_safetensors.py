@@ -8,6 +8,8 @@ Tensors are little-endian and C-ordered. ``BF16`` has no NumPy dtype: it is
 read as its uint16 bit patterns (``raw_float`` widens it to float32 exactly).
 """
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -30,17 +32,31 @@ _NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"
 _MAX_HEADER = 100 << 20
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cycle collector held off for a block that builds many objects and no cycles (a header of
+    100,000 tensors): each collection it would start walks every object built so far, and that made parsing
+    such a header take twice as long, and vary as much."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
+    """``dict(pairs)``, refusing a name given twice (JSON allows it; the last would silently win).
+
+    Called once per JSON object (a header of 100,000 tensors has 100,001), so the common case is one ``dict``
+    and one length comparison."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        keys = [k for k, _ in pairs]
         dup = next(k for k in keys if keys.count(k) > 1)
         raise FormatError(f"the safetensors header names {dup!r} twice")
-    return dict(pairs)
-
-
-def _index(v):
-    """A JSON integer >= 0 (not a float, not a bool), or None."""
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    return d
 
 
 def read_header(path):
@@ -62,6 +78,12 @@ def read_header(path):
         if n > min(_MAX_HEADER, size - 8):
             raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
         raw = f.read(n)
+    with gc_paused():
+        return _parse(path, raw, size, n)
+
+
+def _parse(path, raw, size, n):
+    """:func:`read_header`'s parse and checks of the ``n`` header bytes ``raw`` of a file of ``size`` bytes."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -78,38 +100,45 @@ def read_header(path):
     start = 8 + n
     buffer = size - start
     entries = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    ordered, end = True, 0  # tensors written one after the other need no sort to check the tiling
+    for name, info in header.items():  # exact types (``type(x) is int`` also refuses True and 1.0): it runs
+        # once per tensor, and a file may hold 100,000
+        if type(info) is not dict or len(info) != 3 or not {"dtype", "shape", "data_offsets"}.issuperset(info):
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {str(info)[:120]} (needs "
                               f"exactly dtype, shape and data_offsets)")
         dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dt, str) or dt not in DTYPES:
+        item = DTYPES.get(dt) if type(dt) is str else None
+        if item is None:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
-        if not isinstance(shape, list) or any(_index(d) is None for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise FormatError(f"{path}: tensor {name!r} has shape {shape!r}; dimensions must be integers >= 0")
-        if not isinstance(offsets, list) or len(offsets) != 2 or any(_index(v) is None for v in offsets):
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or offsets[0] < 0):
             raise FormatError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; two integers >= 0 needed")
         b, e = offsets
-        count, span = 1, DTYPES[dt].itemsize
-        for d in shape:
-            count *= d
-            span *= max(d, 1)
-        if count == 0 and span >= 1 << 62:  # even an empty array of it cannot be made
-            raise FormatError(f"{path}: tensor {name!r} has shape {tuple(shape)}; its dimensions multiply past "
+        shape = tuple(shape)
+        count = math.prod(shape)
+        if count == 0 and item.itemsize * math.prod(max(d, 1) for d in shape) >= 1 << 62:  # even an empty
+            # array of it cannot be made
+            raise FormatError(f"{path}: tensor {name!r} has shape {shape}; its dimensions multiply past "
                               f"2**62 bytes")
-        want = DTYPES[dt].itemsize * count
+        want = item.itemsize * count
         if e < b or e - b != want or e > buffer:
             raise FormatError(f"{path}: tensor {name!r} spans bytes [{b}, {e}) of a {buffer}-byte buffer, "
-                              f"but dtype {dt} and shape {tuple(shape)} need {want}; the file is truncated or "
+                              f"but dtype {dt} and shape {shape} need {want}; the file is truncated or "
                               f"corrupt")
-        entries[name] = (dt, tuple(shape), b, e)
-    end = 0
-    for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        entries[name] = (dt, shape, b, e)
         if b != end:
-            raise FormatError(f"{path}: tensor {name!r} starts at byte {b} of the buffer, but the tensors before "
-                              f"it end at {end}: " + ("they overlap" if b < end else "a gap") + "; the format "
-                              "requires tensors that tile the buffer")
+            ordered = False
         end = e
+    if not ordered:
+        end = 0
+        for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if b != end:
+                raise FormatError(f"{path}: tensor {name!r} starts at byte {b} of the buffer, but the tensors "
+                                  f"before it end at {end}: " + ("they overlap" if b < end else "a gap") +
+                                  "; the format requires tensors that tile the buffer")
+            end = e
     if end != buffer:
         raise FormatError(f"{path}: the tensors end at byte {end} of a {buffer}-byte buffer; the format requires "
                           f"them to cover it exactly")
@@ -145,18 +174,21 @@ def write(f, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     off = 0
     for name, dt, shape, _ in tensors:
-        nbytes = DTYPES[dt].itemsize * math.prod(int(d) for d in shape)
-        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        shape = list(map(int, shape))
+        nbytes = DTYPES[dt].itemsize * math.prod(shape)
+        header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the buffer to 8 bytes
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name, dt, shape, produce in tensors:
-        arr = np.asarray(produce(), order="C")
+        arr = produce()
+        if type(arr) is not np.ndarray or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         if arr.shape != tuple(shape) or arr.dtype.itemsize != DTYPES[dt].itemsize:
             raise ValueError(f"tensor {name!r}: got {arr.dtype} {arr.shape}, header says {dt} {tuple(shape)}")
-        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        f.write(arr.data if arr.ndim else arr.reshape(1).data)  # its bytes, in C order
 
 
 def dtype_name(dtype):

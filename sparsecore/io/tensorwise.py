@@ -16,7 +16,6 @@ from .._kernels.cpu_select import batch_keep
 from .._kernels.keys import MODE_ABS, MODE_IDENTITY, MODE_SQUARE
 from .._source import Source
 from .._validate import flat
-from ..csr import matrix_shape
 from ..patterns import ELEMENTS
 from ..prune import TensorSummary, select_tensor
 from . import _safetensors as st
@@ -29,40 +28,61 @@ class UserError(ValueError):
 
 class LazySource:
     """A selection source whose data is read from the file when used, so
-    that only one tensor is in memory at a time."""
+    that only one tensor is in memory at a time: the floats of tensor
+    ``name`` of the open reader ``file`` (the weights, or a scores file)."""
 
     role = "scores"
     original = None
     on_device = False
+    __slots__ = ("name", "shape", "dtype", "file", "mode", "inv", "scaled", "size")  # one per tensor of a file
 
-    def __init__(self, name, shape, dtype, load, mode, rows=None):
-        self.name, self.shape, self.dtype, self._load, self.mode = name, tuple(shape), np.dtype(dtype), load, mode
-        self._rows = rows
+    def __init__(self, name, shape, dtype, file, mode):
+        self.name, self.shape, self.dtype, self.file, self.mode = name, shape, dtype, file, mode
         self.inv, self.scaled = 1.0, False
-        self.size = math.prod(self.shape)  # a Python int: np.prod costs ~10 us a tensor
+        self.size = math.prod(shape)  # a Python int: np.prod costs ~10 us a tensor
+
+    def load(self):
+        """The scores, in their shape, read from the file now."""
+        return self.file.floats(self.name)
 
     @property
     def data(self):
         """The scores, flat, read from the file now."""
-        return flat(self._load())
+        return flat(self.load())
+
+    def joined_data(self, run):
+        """The scores of the sources ``run`` (this one first), flat and laid end to end: one read for each
+        stretch of them that are tensors of one file in one stored dtype."""
+        f, entries = self.file, self.file.entries
+        if any(src.file is not f for src in run):
+            return np.concatenate([src.data for src in run])
+        parts, start = [], 0
+        for t in range(1, len(run) + 1):
+            if t == len(run) or entries[run[t].name].dtype != entries[run[start].name].dtype:
+                parts.append(to_float(f.raw_run([src.name for src in run[start:t]]), entries[run[start].name]))
+                start = t
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def sample_data(self, m):
         """At least ``m`` scores from evenly spaced rows (read alone when the
         format allows), for the selection's sample."""
-        if self._rows is None or len(self.shape) < 2 or self.size == 0:
+        if len(self.shape) < 2 or self.size == 0:
             return self.data
         row = self.size // self.shape[0]
         step = max(1, self.shape[0] // max(1, -(-m // row)))
-        return flat(self._rows(step))
+        return flat(self.file.row_subset(self.name, step))
 
     def needs_wide(self):
         """Whether its keys need 64 bits (float64 scores, normalised, squared)."""
         return self.dtype == np.float64 or self.scaled or self.mode == MODE_SQUARE
 
 
+_WIDENED = {"bfloat16": np.dtype(np.float32), "float16": np.dtype(np.float32)}
+
+
 def float_dtype(entry):
     """The dtype a tensor's scores are compared in: float32 for 16-bit floats."""
-    return np.float32 if entry.dtype in ("bfloat16", "float16") else np.dtype(entry.dtype)
+    return _WIDENED.get(entry.dtype) or np.dtype(entry.dtype)
 
 
 def lazy_sources(reader, names, score_file):
@@ -71,12 +91,14 @@ def lazy_sources(reader, names, score_file):
     against the weights), each read from its file when used."""
     entries = reader.entries
     sources = {}
+    if score_file is None:
+        with st.gc_paused():  # one object per tensor, and no cycles
+            for n in names:
+                e = entries[n]
+                sources[n] = LazySource(n, e.shape, float_dtype(e), reader, MODE_ABS)
+        return sources
     for n in names:
         e = entries[n]
-        if score_file is None:
-            sources[n] = LazySource(n, e.shape, float_dtype(e), lambda n=n: reader.floats(n), MODE_ABS,
-                                    lambda step, n=n: reader.row_subset(n, step))
-            continue
         if n not in score_file.entries:
             hint = ""
             if reader.format.startswith("keras") and any("/vars/" not in k for k in score_file.entries):
@@ -89,8 +111,7 @@ def lazy_sources(reader, names, score_file):
             raise UserError(f"scores {n!r} have shape {se.shape} but weights {n!r} have shape {e.shape}")
         if not se.is_float:
             raise UserError(f"scores {n!r} have dtype {se.dtype}; scores must be floats")
-        sources[n] = LazySource(n, e.shape, float_dtype(se), lambda n=n: score_file.floats(n), MODE_IDENTITY,
-                                lambda step, n=n: score_file.row_subset(n, step))
+        sources[n] = LazySource(n, e.shape, float_dtype(se), score_file, MODE_IDENTITY)
     return sources
 
 
@@ -103,7 +124,7 @@ def prune_one(reader, sources, plan, i, name, want_csr, pattern=ELEMENTS):
     if lazy.mode == MODE_ABS:  # magnitude: the weights just read are the scores
         src = Source(name, flat(w), e.shape, MODE_ABS, lazy.inv, lazy.scaled, role="weights", original=w)
     else:
-        s = lazy._load()
+        s = lazy.load()
         src = Source(name, flat(s), e.shape, MODE_IDENTITY, lazy.inv, lazy.scaled, original=s)
     try:
         a, mask, _, kept = select_tensor(src, w, plan, i, pattern, want_csr=want_csr)
@@ -123,9 +144,10 @@ def _bits(flat_raw):
 def _summary(entry, kept, nnz, itemsize, csr_bytes=None):
     """A pruned tensor's summary line; ``csr_bytes`` when no CSR was built: what int32 indices and
     ``itemsize``-byte values of its 2-D view would take."""
-    if csr_bytes is None:
-        csr_bytes = nnz * (itemsize + 4) + 4 * (matrix_shape(entry.shape)[0] + 1)
-    return TensorSummary(entry.name, tuple(entry.shape), entry.size, entry.size - kept, nnz, entry.nbytes, csr_bytes)
+    shape, size = entry.shape, entry.size
+    if csr_bytes is None:  # rows of the 2-D view (csr.matrix_shape): the first axis, or one row
+        csr_bytes = nnz * (itemsize + 4) + 4 * ((shape[0] if len(shape) >= 2 else 1) + 1)
+    return TensorSummary(entry.name, shape, size, size - kept, nnz, entry.nbytes, csr_bytes)
 
 
 #: Tensors of at most this many entries are pruned in batches (:class:`SmallBatches`).
@@ -186,7 +208,7 @@ class SmallBatches:
         entry = reader.entries[names[0]]
         raw = reader.raw_run(names)
         w = to_float(raw, entry)  # aliases ``raw`` for float32/64: the kernel reads an entry before it zeroes it
-        s = w if mode == MODE_ABS else np.concatenate([flat(src._load()) for src in srcs])
+        s = w if mode == MODE_ABS else np.concatenate([flat(src.load()) for src in srcs])
         offs = np.zeros(len(batch) + 1, np.int64)
         np.cumsum([src.size for src in srcs], out=offs[1:])
         rules = [plan.rules[i] for i in batch]
@@ -200,10 +222,10 @@ class SmallBatches:
         if bad.any():  # the one-tensor path names the tensor and the first non-finite entry
             t = int(np.flatnonzero(bad)[0])
             prune_one(reader, self.sources, plan, batch[t], names[t], False)
-        for t, name in enumerate(names):
-            e = reader.entries[name]
-            self.done[name] = (raw[offs[t]:offs[t + 1]].reshape(e.shape),
-                               _summary(e, int(kept[t]), int(nnz[t]), w.dtype.itemsize))
+        entries, item = reader.entries, w.dtype.itemsize
+        for name, b, end, k, z in zip(names, offs.tolist(), offs[1:].tolist(), kept.tolist(), nnz.tolist()):
+            e = entries[name]
+            self.done[name] = raw[b:end].reshape(e.shape), _summary(e, k, z, item)
 
 
 def write_shard(src, path, tensor):
