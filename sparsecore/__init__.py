@@ -21,6 +21,7 @@ from .importance import (
     register_criterion,
 )
 from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
+from .packed import PackedMatrix, pack, packed_matmul
 from .patterns import NM, Blocks, NMCompact, Units, block_mask, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
 from .reconstruct import (
@@ -46,6 +47,7 @@ __all__ = [
     "Layer",
     "NM",
     "NMCompact",
+    "PackedMatrix",
     "PairwiseMIAccumulator",
     "PolynomialDecay",
     "PruneResult",
@@ -69,6 +71,8 @@ __all__ = [
     "nm_mask",
     "obs_saliency",
     "outlier_allocation",
+    "pack",
+    "packed_matmul",
     "pairwise_mi",
     "prune",
     "prune_layer",

@@ -366,3 +366,76 @@ def sorted_scores(scores_list, mode, invs, scaled, wide):
 def below_and_ties(sorted_list, v):
     """Per sorted array: how many entries are below ``v``, how many equal it."""
     return [int((s < v).sum()) for s in sorted_list], [int((s == v).sum()) for s in sorted_list]
+
+
+def packed_delta8(dense2d):
+    """(row offsets, uint8 steps, values) of the delta8 encoding, entry by entry:
+    each non-zero's column step from the previous one (from column 0), gaps
+    over 255 bridged by fillers of step 255 and value 0."""
+    ptr, deltas, vals = [0], [], []
+    for row in np.asarray(dense2d):
+        prev = 0
+        for c in np.flatnonzero(row):
+            gap = int(c) - prev
+            while gap > 255:
+                deltas.append(255)
+                vals.append(0.0)
+                gap -= 255
+            deltas.append(gap)
+            vals.append(row[c])
+            prev = int(c)
+        ptr.append(len(deltas))
+    return np.array(ptr, np.int64), np.array(deltas, np.uint8), np.array(vals, np.float64)
+
+
+def packed_bitmask(dense2d):
+    """(uint64 words, row by row, bit j of word w for column 64*w + j; values in order)."""
+    d = np.asarray(dense2d)
+    rows, cols = d.shape
+    words = np.zeros((rows, -(-cols // 64)), np.uint64)
+    for r in range(rows):
+        for c in np.flatnonzero(d[r]):
+            words[r, c // 64] |= np.uint64(1) << np.uint64(c % 64)
+    return words, d[d != 0].astype(np.float64)
+
+
+def packed_nm(dense2d, n, m):
+    """(uint64 words, values) of the N:M encoding: per group of m columns, the
+    kept values in column order padded to n with zeros at position 0, each
+    position in ceil(log2 m) bits, 64 // (n * bits) groups to a word."""
+    d = np.asarray(dense2d)
+    rows, cols = d.shape
+    bits = max(1, int(np.ceil(np.log2(m))))
+    gpw = 64 // (n * bits)
+    groups = -(-cols // m)
+    words = np.zeros((rows, -(-groups // gpw)), np.uint64)
+    vals = np.zeros((rows, groups, n))
+    for r in range(rows):
+        for g in range(groups):
+            kept = np.flatnonzero(d[r, g * m:(g + 1) * m])
+            assert len(kept) <= n
+            for s, pos in enumerate(kept):
+                vals[r, g, s] = d[r, g * m + pos]
+                shift = ((g % gpw) * n + s) * bits
+                words[r, g // gpw] |= np.uint64(pos) << np.uint64(shift)
+    return words, vals.reshape(-1)
+
+
+def half_bits(x, dtype):
+    """IEEE half or bfloat16 bits (uint16) of float values, rounded to nearest even, one by one."""
+    out = []
+    for v in np.asarray(x, np.float32).reshape(-1):
+        if dtype == "float16":
+            out.append(int(np.float16(v).view(np.uint16)))
+        else:
+            b = int(np.float32(v).view(np.uint32))
+            out.append(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF)
+    return np.array(out, np.uint16).reshape(np.shape(x))
+
+
+def half_value(bits, dtype):
+    """float64 of half or bfloat16 bits."""
+    b = np.asarray(bits, np.uint16)
+    if dtype == "float16":
+        return b.view(np.float16).astype(np.float64)
+    return (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)

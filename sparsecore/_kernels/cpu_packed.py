@@ -1,0 +1,524 @@
+"""Packed sparse matrices: encoders from CSR, decoders back, and products.
+
+Three encodings of the kept entries of each row, all with the values packed
+row by row in one array (``vals``; float32, float64, or the bits of float16 /
+bfloat16 as uint16) and ``ptr[r]`` the row's first value:
+
+- **delta8**: ``deltas[p]`` (uint8) is the column step from the previous
+  entry of the row (from column 0 for the first). A step over 255 is taken
+  by filler entries of step 255 and value 0.
+- **bitmask**: ``words[r, w]`` (uint64) holds bit ``j`` for column
+  ``64 w + j``; the set bits' values are packed in column order.
+- **nm**: every group of ``m`` columns stores exactly ``n`` values (zero
+  padded) and their in-group positions, ``b = ceil(log2 m)`` bits each,
+  ``gpw = 64 // (n b)`` groups to a uint64 word (``words[r, w]``); the row's
+  values start at ``r * groups * n``.
+
+Products accumulate in float32 (float64 for float64 values) in four partial
+sums, so that the additions do not wait on one another; each value is
+widened to float32 as it is read. Rows are split into ranges of about equal
+stored entries (``cpu_csr.row_bounds``). Kernels specialise on the value
+kind (and ``n, m``) as closure constants (``by_kind``).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from . import ready
+from .cpu_csr import row_bounds
+from .keys import cttz, popcount
+
+KIND_F32 = 0
+KIND_F64 = 1
+KIND_F16 = 2  # IEEE half, stored as its uint16 bits
+KIND_BF16 = 3  # bfloat16, stored as its uint16 bits
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, u):
+    """float32 of IEEE-half bits (uint16): LLVM's ``fpext`` (F16C's ``vcvtph2ps`` where the CPU has it)."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        h = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(h, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bf16_bits_to_f32(typingctx, u):
+    """float32 of bfloat16 bits (uint16): the bits moved to the top half of a float32 (exact)."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def by_kind(factory):
+    """Memoise a kernel factory ``factory(kind, *more)`` on its constants."""
+    cache = {}
+
+    def get(*key):
+        ready()
+        if key not in cache:
+            cache[key] = factory(*key)
+        return cache[key]
+
+    get.__doc__ = factory.__doc__
+    get.__name__ = factory.__name__
+    return get
+
+
+def _reader(kind):
+    """A jitted ``value(vals, p)``: the stored value at ``p`` as float32 (float64 for float64)."""
+    if kind == KIND_F16:
+        @njit(inline="always", cache=True)
+        def value(vals, p):
+            return _half_bits_to_f32(vals[p])
+    elif kind == KIND_BF16:
+        @njit(inline="always", cache=True)
+        def value(vals, p):
+            return _bf16_bits_to_f32(vals[p])
+    else:
+        @njit(inline="always", cache=True)
+        def value(vals, p):
+            return vals[p]
+    return value
+
+
+# ---------------------------------------------------------------- encoders
+
+@njit(parallel=True, cache=True)
+def delta8_counts(indptr, indices, counts):
+    """Entries per row of the delta8 encoding of a canonical CSR (fillers included)."""
+    rows = indptr.size - 1
+    for r in prange(rows):
+        prev = 0
+        c = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            col = indices[p]
+            gap = col - prev
+            if gap > 255:
+                c += (gap - 1) // 255
+            c += 1
+            prev = col
+        counts[r] = c
+
+
+@njit(parallel=True, cache=True)
+def delta8_fill(indptr, indices, data, ptr, deltas, vals):
+    """Write the delta8 steps and values (``vals`` has the CSR data's dtype)."""
+    rows = indptr.size - 1
+    for r in prange(rows):
+        q = ptr[r]
+        prev = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            col = indices[p]
+            gap = col - prev
+            while gap > 255:
+                deltas[q] = 255
+                vals[q] = 0
+                q += 1
+                gap -= 255
+            deltas[q] = gap
+            vals[q] = data[p]
+            q += 1
+            prev = col
+
+
+@njit(parallel=True, cache=True)
+def bitmask_fill(indptr, indices, words):
+    """Set the bit of every stored column of a canonical CSR (``words`` zeroed)."""
+    rows = indptr.size - 1
+    for r in prange(rows):
+        for p in range(indptr[r], indptr[r + 1]):
+            col = indices[p]
+            words[r, col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+
+
+@njit(cache=True)
+def nm_first_overfull(indptr, indices, n, m):
+    """``(row, group, count)`` of the first group holding more than ``n``
+    stored entries, or ``(-1, -1, 0)``."""
+    rows = indptr.size - 1
+    for r in range(rows):
+        g = -1
+        c = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            gg = indices[p] // m
+            if gg != g:
+                g = gg
+                c = 0
+            c += 1
+            if c > n:
+                more = c
+                q = p + 1
+                while q < indptr[r + 1] and indices[q] // m == g:
+                    more += 1
+                    q += 1
+                return r, g, more
+    return -1, -1, 0
+
+
+@njit(parallel=True, cache=True)
+def nm_fill(indptr, indices, data, n, m, bits, gpw, groups, words, vals):
+    """Positions (``bits`` each, ``gpw`` groups to a word) and values of an
+    N:M CSR; the unused slots of a group are value 0 at position 0 (``vals``
+    and ``words`` zeroed)."""
+    rows = indptr.size - 1
+    for r in prange(rows):
+        base = r * groups * n
+        g = -1
+        slot = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            col = indices[p]
+            gg = col // m
+            if gg != g:
+                g = gg
+                slot = 0
+            e = g * n + slot  # entry of the row
+            vals[base + e] = data[p]
+            w = g // gpw
+            shift = ((g % gpw) * n + slot) * bits
+            words[r, w] |= np.uint64(col - g * m) << np.uint64(shift)
+            slot += 1
+
+
+# ---------------------------------------------------------------- decoders (to CSR)
+
+@njit(parallel=True, cache=True)
+def kept_counts(ptr_lo, ptr_hi, vals, counts):
+    """Non-zero values of each row ``[ptr_lo[r], ptr_hi[r])`` (fillers and padding are zero)."""
+    for r in prange(counts.size):
+        c = 0
+        for p in range(ptr_lo[r], ptr_hi[r]):
+            c += vals[p] != 0
+        counts[r] = c
+
+
+@njit(parallel=True, cache=True)
+def delta8_to_csr(ptr, deltas, vals, indptr, indices, data):
+    for r in prange(indptr.size - 1):
+        q = indptr[r]
+        col = 0
+        for p in range(ptr[r], ptr[r + 1]):
+            col += deltas[p]
+            if vals[p] != 0:
+                indices[q] = col
+                data[q] = vals[p]
+                q += 1
+
+
+@njit(parallel=True, cache=True)
+def bitmask_to_csr(ptr, words, vals, indptr, indices, data):
+    one = np.uint64(1)
+    for r in prange(indptr.size - 1):
+        q = indptr[r]
+        p = ptr[r]
+        for w in range(words.shape[1]):
+            bits = words[r, w]
+            while bits:
+                j = cttz(bits)
+                if vals[p] != 0:
+                    indices[q] = 64 * w + np.int64(j)
+                    data[q] = vals[p]
+                    q += 1
+                p += 1
+                bits &= bits - one
+
+
+@njit(parallel=True, cache=True)
+def nm_to_csr(words, vals, n, m, bits, gpw, groups, indptr, indices, data):
+    pm = np.uint64((1 << bits) - 1)
+    for r in prange(indptr.size - 1):
+        q = indptr[r]
+        base = r * groups * n
+        for g in range(groups):
+            word = words[r, g // gpw]
+            for s in range(n):
+                v = vals[base + g * n + s]
+                if v != 0:
+                    shift = np.uint64(((g % gpw) * n + s) * bits)
+                    indices[q] = g * m + np.int64((word >> shift) & pm)
+                    data[q] = v
+                    q += 1
+
+
+@njit(cache=True)
+def nm_positions_distinct(words, vals, n, m, bits, gpw, groups, cols):
+    """``(row, group)`` of the first group whose non-zero values share a
+    position or lie past the last column, or ``(-1, -1)`` (a file's words are
+    not trusted)."""
+    pm = np.uint64((1 << bits) - 1)
+    for r in range(words.shape[0]):
+        base = r * groups * n
+        for g in range(groups):
+            word = words[r, g // gpw]
+            seen = 0
+            for s in range(n):
+                if vals[base + g * n + s] != 0:
+                    pos = np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
+                    if pos >= m or g * m + pos >= cols or (seen >> pos) & 1:
+                        return r, g
+                    seen |= 1 << pos
+    return -1, -1
+
+
+# ---------------------------------------------------------------- products
+
+@by_kind
+def delta8_matvec(kind):
+    value = _reader(kind)
+    acc = np.float64 if kind == KIND_F64 else np.float32
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(ptr, deltas, vals, x, out, nchunks):
+        bounds = row_bounds(ptr, nchunks)
+        four = np.uint64(4)
+        for c in prange(nchunks):
+            for r in range(bounds[c], bounds[c + 1]):
+                p = np.uint64(ptr[r])
+                hi = np.uint64(ptr[r + 1])
+                col = np.uint64(0)
+                a0 = acc(0)
+                a1 = acc(0)
+                a2 = acc(0)
+                a3 = acc(0)
+                while p + four <= hi:
+                    c0 = col + np.uint64(deltas[p])
+                    c1 = c0 + np.uint64(deltas[p + np.uint64(1)])
+                    c2 = c1 + np.uint64(deltas[p + np.uint64(2)])
+                    c3 = c2 + np.uint64(deltas[p + np.uint64(3)])
+                    a0 += value(vals, p) * x[c0]
+                    a1 += value(vals, p + np.uint64(1)) * x[c1]
+                    a2 += value(vals, p + np.uint64(2)) * x[c2]
+                    a3 += value(vals, p + np.uint64(3)) * x[c3]
+                    col = c3
+                    p += four
+                while p < hi:
+                    col += np.uint64(deltas[p])
+                    a0 += value(vals, p) * x[col]
+                    p += np.uint64(1)
+                out[r] = (a0 + a1) + (a2 + a3)
+
+    return kernel
+
+
+@by_kind
+def bitmask_matvec(kind):
+    value = _reader(kind)
+    acc = np.float64 if kind == KIND_F64 else np.float32
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(ptr, words, vals, x, out, nchunks):
+        bounds = row_bounds(ptr, nchunks)
+        one = np.uint64(1)
+        nw = words.shape[1]
+        for c in prange(nchunks):
+            for r in range(bounds[c], bounds[c + 1]):
+                p = np.uint64(ptr[r])
+                a0 = acc(0)
+                a1 = acc(0)
+                a2 = acc(0)
+                a3 = acc(0)
+                for w in range(nw):
+                    bits = words[r, w]
+                    base = np.uint64(64 * w)
+                    k = popcount(bits)
+                    while k >= np.uint64(4):
+                        j0 = cttz(bits)
+                        bits &= bits - one
+                        j1 = cttz(bits)
+                        bits &= bits - one
+                        j2 = cttz(bits)
+                        bits &= bits - one
+                        j3 = cttz(bits)
+                        bits &= bits - one
+                        a0 += value(vals, p) * x[base + j0]
+                        a1 += value(vals, p + one) * x[base + j1]
+                        a2 += value(vals, p + np.uint64(2)) * x[base + j2]
+                        a3 += value(vals, p + np.uint64(3)) * x[base + j3]
+                        p += np.uint64(4)
+                        k -= np.uint64(4)
+                    while bits:
+                        a0 += value(vals, p) * x[base + cttz(bits)]
+                        bits &= bits - one
+                        p += one
+                out[r] = (a0 + a1) + (a2 + a3)
+
+    return kernel
+
+
+@by_kind
+def nm_matvec(kind, n, m, bits, gpw):
+    value = _reader(kind)
+    acc = np.float64 if kind == KIND_F64 else np.float32
+    per_word = gpw * n  # entries of a full word
+    pm = np.uint64((1 << bits) - 1)
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(words, vals, x, out, groups, cols, nchunks):
+        rows = out.size
+        full = groups // gpw  # words whose groups all lie inside the row
+        for c in prange(nchunks):
+            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+                p = np.uint64(r * groups * n)
+                a0 = acc(0)
+                a1 = acc(0)
+                a2 = acc(0)
+                a3 = acc(0)
+                for w in range(full):
+                    word = words[r, w]
+                    base = np.uint64(w * gpw * m)
+                    e = 0
+                    while e + 4 <= per_word:  # constant trip counts: unrolled
+                        c0 = base + np.uint64((e // n) * m) + ((word >> np.uint64(e * bits)) & pm)
+                        c1 = base + np.uint64(((e + 1) // n) * m) + ((word >> np.uint64((e + 1) * bits)) & pm)
+                        c2 = base + np.uint64(((e + 2) // n) * m) + ((word >> np.uint64((e + 2) * bits)) & pm)
+                        c3 = base + np.uint64(((e + 3) // n) * m) + ((word >> np.uint64((e + 3) * bits)) & pm)
+                        a0 += value(vals, p + np.uint64(e)) * x[c0]
+                        a1 += value(vals, p + np.uint64(e + 1)) * x[c1]
+                        a2 += value(vals, p + np.uint64(e + 2)) * x[c2]
+                        a3 += value(vals, p + np.uint64(e + 3)) * x[c3]
+                        e += 4
+                    while e < per_word:
+                        a0 += value(vals, p + np.uint64(e)) * x[base + np.uint64((e // n) * m)
+                                                                + ((word >> np.uint64(e * bits)) & pm)]
+                        e += 1
+                    p += np.uint64(per_word)
+                # The last word's groups, up to the row's end (a partial group is
+                # bounded by the columns: its padding reads column 0 of the group).
+                for g in range(full * gpw, groups):
+                    word = words[r, g // gpw]
+                    for s in range(n):
+                        pos = np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
+                        col = g * m + pos
+                        if col < cols:
+                            a0 += value(vals, p) * x[col]
+                        p += np.uint64(1)
+                out[r] = (a0 + a1) + (a2 + a3)
+
+    return kernel
+
+
+@by_kind
+def delta8_matmat(kind):
+    value = _reader(kind)
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(ptr, deltas, vals, x, out, nchunks):
+        k = x.shape[1]
+        bounds = row_bounds(ptr, nchunks)
+        four = np.uint64(4)
+        for c in prange(nchunks):
+            for r in range(bounds[c], bounds[c + 1]):
+                o = out[r]
+                o[:] = 0
+                p = np.uint64(ptr[r])
+                hi = np.uint64(ptr[r + 1])
+                col = np.uint64(0)
+                while p + four <= hi:
+                    c0 = col + np.uint64(deltas[p])
+                    c1 = c0 + np.uint64(deltas[p + np.uint64(1)])
+                    c2 = c1 + np.uint64(deltas[p + np.uint64(2)])
+                    c3 = c2 + np.uint64(deltas[p + np.uint64(3)])
+                    v0 = value(vals, p)
+                    v1 = value(vals, p + np.uint64(1))
+                    v2 = value(vals, p + np.uint64(2))
+                    v3 = value(vals, p + np.uint64(3))
+                    r0, r1, r2, r3 = x[c0], x[c1], x[c2], x[c3]
+                    for j in range(k):
+                        o[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
+                    col = c3
+                    p += four
+                while p < hi:
+                    col += np.uint64(deltas[p])
+                    v = value(vals, p)
+                    row = x[col]
+                    for j in range(k):
+                        o[j] += v * row[j]
+                    p += np.uint64(1)
+
+    return kernel
+
+
+@by_kind
+def bitmask_matmat(kind):
+    value = _reader(kind)
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(ptr, words, vals, x, out, nchunks):
+        k = x.shape[1]
+        bounds = row_bounds(ptr, nchunks)
+        one = np.uint64(1)
+        for c in prange(nchunks):
+            for r in range(bounds[c], bounds[c + 1]):
+                o = out[r]
+                o[:] = 0
+                p = np.uint64(ptr[r])
+                for w in range(words.shape[1]):
+                    bits = words[r, w]
+                    base = np.uint64(64 * w)
+                    while popcount(bits) >= np.uint64(4):
+                        j0 = cttz(bits)
+                        bits &= bits - one
+                        j1 = cttz(bits)
+                        bits &= bits - one
+                        j2 = cttz(bits)
+                        bits &= bits - one
+                        j3 = cttz(bits)
+                        bits &= bits - one
+                        v0 = value(vals, p)
+                        v1 = value(vals, p + one)
+                        v2 = value(vals, p + np.uint64(2))
+                        v3 = value(vals, p + np.uint64(3))
+                        r0, r1, r2, r3 = x[base + j0], x[base + j1], x[base + j2], x[base + j3]
+                        for j in range(k):
+                            o[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
+                        p += np.uint64(4)
+                    while bits:
+                        v = value(vals, p)
+                        row = x[base + cttz(bits)]
+                        for j in range(k):
+                            o[j] += v * row[j]
+                        bits &= bits - one
+                        p += one
+
+    return kernel
+
+
+@by_kind
+def nm_matmat(kind, n, m, bits, gpw):
+    value = _reader(kind)
+    pm = np.uint64((1 << bits) - 1)
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def kernel(words, vals, x, out, groups, cols, nchunks):
+        rows = out.shape[0]
+        k = x.shape[1]
+        for c in prange(nchunks):
+            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+                o = out[r]
+                o[:] = 0
+                p = np.uint64(r * groups * n)
+                for g in range(groups):
+                    word = words[r, g // gpw]
+                    for s in range(n):
+                        pos = np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
+                        col = g * m + pos
+                        v = value(vals, p)
+                        if v != 0 and col < cols:
+                            row = x[col]
+                            for j in range(k):
+                                o[j] += v * row[j]
+                        p += np.uint64(1)
+
+    return kernel

@@ -1,0 +1,397 @@
+"""Packed sparse matrices: fewer bytes than CSR, and products that read them.
+
+A product of a sparse matrix with a vector (the decode step of a language
+model: each weight read once per token) is bound by the bytes it reads. CSR
+with int32 indices reads 8 bytes per kept float32 weight: at 50% sparsity as
+many as the dense matrix. The encodings here read less:
+
+======== ================================================= =============================
+format   stores                                            bytes per kept fp32 weight
+======== ================================================= =============================
+delta8   each kept column's step from the previous one as   5 (+ a filler entry per
+         a uint8 (steps over 255 take filler entries)       255 columns of gap)
+bitmask  one bit per column, the kept values packed         4 + 1/8 per column
+nm       N values in every group of M columns and their     4 (+ padding) + n*b/8 per group
+         positions, ``b = ceil(log2 M)`` bits each (2:4:    of m columns
+         2 bits)
+======== ================================================= =============================
+
+Values keep the dtype they came in (float32, float64, float16, bfloat16;
+the half types as their uint16 bits). ``format="auto"`` takes the encoding
+with the fewest bytes (:attr:`PackedMatrix.nbytes`, what a product reads).
+Every encoding converts back to the canonical CSR exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import ArrayLike
+
+from ._kernels import cpu_packed as K
+from ._kernels import run, threads_for
+from ._validate import as_float_array
+from .csr import check_csr, csr_of_mask, index_dtype, matrix_shape
+from .patterns import NM, NMCompact
+
+__all__ = ["FORMATS", "PackedMatrix", "pack", "packed_matmul"]
+
+FORMATS = ("delta8", "bitmask", "nm")
+# Value dtypes: the stored array's dtype and the kernels' kind.
+_KINDS = {"float32": (np.dtype(np.float32), K.KIND_F32), "float64": (np.dtype(np.float64), K.KIND_F64),
+          "float16": (np.dtype(np.uint16), K.KIND_F16), "bfloat16": (np.dtype(np.uint16), K.KIND_BF16)}
+_ITEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+# Stored entries a thread must have before a product is shared between threads:
+# about 30 us of work, far above the wake-up of a passively waiting thread.
+_PAR_ENTRIES = 1 << 15
+# When several formats read the same bytes: the fastest first (bench/decode.py).
+_SPEED_ORDER = ("nm", "delta8", "bitmask")
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMatrix:
+    """A sparse matrix in one of :data:`FORMATS` (build it with :func:`pack`).
+
+    Attributes
+    ----------
+    format : str
+    shape : tuple of int
+        ``(rows, cols)``; N-D weights are packed as ``matrix_shape(shape)``.
+    dtype : str
+        ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``.
+    vals : numpy.ndarray
+        The packed values (uint16 bits for the half types).
+    ptr : numpy.ndarray or None
+        int64, ``rows + 1``: each row's first entry (delta8, bitmask).
+    deltas : numpy.ndarray or None
+        uint8 column steps (delta8).
+    words : numpy.ndarray or None
+        uint64, one row per matrix row: bits (bitmask) or positions (nm).
+    n, m : int
+        The N:M pattern (nm), else 0.
+    """
+
+    format: str
+    shape: tuple
+    dtype: str
+    vals: np.ndarray
+    ptr: np.ndarray | None = None
+    deltas: np.ndarray | None = None
+    words: np.ndarray | None = None
+    n: int = 0
+    m: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads: values, indices and row offsets (not ``x``)."""
+        return sum(a.nbytes for a in (self.vals, self.ptr, self.deltas, self.words) if a is not None)
+
+    @property
+    def nnz(self) -> int:
+        """Stored non-zero values (fillers and padding excluded)."""
+        return int(np.count_nonzero(self.vals))
+
+    @property
+    def _nm_layout(self):
+        bits = max(1, math.ceil(math.log2(self.m)))
+        gpw = 64 // (self.n * bits)
+        groups = -(-self.shape[1] // self.m)
+        return bits, gpw, groups
+
+    def to_csr(self) -> sp.csr_array:
+        """The canonical CSR (float32 data for float32 and the half types, float64 for float64)."""
+        rows, cols = self.shape
+        if self.format == "nm":
+            bits, gpw, groups = self._nm_layout
+            per = groups * self.n
+            lo = np.arange(rows, dtype=np.int64) * per
+            counts = np.empty(rows, np.int64)
+            K.kept_counts(lo, lo + per, self.vals, counts)
+        else:
+            counts = np.empty(rows, np.int64)
+            K.kept_counts(self.ptr[:-1], self.ptr[1:], self.vals, counts)
+        indptr64 = np.zeros(rows + 1, np.int64)
+        np.cumsum(counts, out=indptr64[1:])
+        nnz = int(indptr64[-1])
+        it = index_dtype(self.shape, nnz)
+        indptr = indptr64.astype(it)
+        indices = np.empty(nnz, it)
+        data = np.empty(nnz, self.vals.dtype)
+        if self.format == "delta8":
+            K.delta8_to_csr(self.ptr, self.deltas, self.vals, indptr, indices, data)
+        elif self.format == "bitmask":
+            K.bitmask_to_csr(self.ptr, self.words, self.vals, indptr, indices, data)
+        else:
+            bits, gpw, groups = self._nm_layout
+            K.nm_to_csr(self.words, self.vals, self.n, self.m, bits, gpw, groups, indptr, indices, data)
+        a = sp.csr_array((_widen(data, self.dtype), indices, indptr), shape=self.shape, copy=False)
+        a.has_sorted_indices = True
+        a.has_canonical_format = True
+        return a
+
+    def toarray(self) -> np.ndarray:
+        """The dense matrix (float32, or float64 for float64 values)."""
+        return self.to_csr().toarray()
+
+    def __matmul__(self, x):
+        return packed_matmul(self, x)
+
+    def __repr__(self):
+        nm = f" {self.n}:{self.m}" if self.format == "nm" else ""
+        return (f"PackedMatrix({self.format}{nm}, shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, "
+                f"nbytes={self.nbytes})")
+
+
+def _widen(v, dtype):
+    """float32 of uint16 half/bfloat16 bits (exact); other values as they are."""
+    if dtype == "float16":
+        return v.view(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return (v.astype(np.uint32) << 16).view(np.float32)
+    return v
+
+
+def _narrow(data, dtype):
+    """``data`` (float32/float64) as the stored values of ``dtype``; half
+    types round to nearest even (exact for values that came from them)."""
+    if dtype == "float16":
+        return data.astype(np.float16).view(np.uint16)
+    if dtype == "bfloat16":
+        b = np.ascontiguousarray(data, np.float32).view(np.uint32)
+        rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        nan = np.isnan(data)
+        out = rounded.astype(np.uint16)
+        out[nan] = (b[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x40)  # stays a NaN
+        return out
+    return np.asarray(data, _KINDS[dtype][0])
+
+
+def _dtype_name(dt, name):
+    name_of = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
+    if isinstance(dt, str) and dt in _KINDS:
+        return dt
+    try:
+        d = np.dtype(dt)
+    except TypeError:
+        d = None
+    if d is not None and d in name_of:
+        return name_of[d]
+    if d is not None and d.name == "bfloat16" and d.itemsize == 2:  # ml_dtypes / JAX bfloat16
+        return "bfloat16"
+    raise TypeError(f"packed values of {name!r} cannot have dtype {dt!r}; choose one of {sorted(_KINDS)}")
+
+
+def _as_csr(a, mask, name):
+    """``(canonical CSR with float32/float64 data, dtype name of the input, matrix shape)``."""
+    if sp.issparse(a):
+        if mask is not None:
+            raise ValueError(f"pack for {name!r}: a mask has no use with a sparse matrix")
+        if a.format != "csr":
+            raise TypeError(f"pack for {name!r}: expected a CSR matrix, got {a.format.upper()}; "
+                            f"convert it with .tocsr()")
+        check_csr(a, full=True)
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"pack for {name!r}: CSR data must be float32 or float64, got {a.dtype}")
+        return a, _dtype_name(a.dtype, name), a.shape
+    arr = np.asarray(a)
+    if arr.dtype.name == "bfloat16" and arr.dtype.itemsize == 2:
+        dense = (np.ascontiguousarray(arr).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        kind = "bfloat16"
+    else:
+        dense = as_float_array(arr, name)
+        kind = _dtype_name(arr.dtype, name)
+    shape = matrix_shape(dense.shape)
+    if mask is None:
+        m = dense != 0
+    else:
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ or m.shape != dense.shape:
+            raise ValueError(f"mask for {name!r} must be bool of shape {dense.shape}, got {m.dtype} {m.shape}")
+    return csr_of_mask(dense, m, name=name), kind, shape
+
+
+def _nm_bytes(shape, n, m, item):
+    rows, cols = shape
+    bits = max(1, math.ceil(math.log2(m)))
+    gpw = 64 // (n * bits)
+    groups = -(-cols // m)
+    return rows * groups * n * item + rows * (-(-groups // gpw)) * 8
+
+
+def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, n: int | None = None,
+         m: int | None = None, name: str = "weights") -> PackedMatrix:
+    """Pack a sparse matrix for fast products.
+
+    Parameters
+    ----------
+    a : scipy.sparse CSR, :class:`sparsecore.NMCompact` or array_like
+        A canonical CSR; an N:M-compressed weight (grouped along its last
+        axis); or a dense weight (float16/32/64, or a ``bfloat16`` array of
+        ml_dtypes) whose non-zeros, or ``mask``, are kept. N-D weights are
+        packed as ``(shape[0], prod(shape[1:]))``.
+    format : {"auto", "delta8", "bitmask", "nm"}
+        ``"auto"`` takes the fewest bytes among delta8, bitmask and, where the
+        kept entries fit it, N:M (``n:m`` if given, else 2:4); on equal bytes
+        nm, then delta8, then bitmask (the faster kernels first).
+    mask : array_like of bool, optional
+        Keep-mask of a dense ``a``.
+    dtype : {"float32", "float64", "float16", "bfloat16"}, optional
+        The stored values' dtype; the input's by default (a CSR's data
+        dtype). A narrower one rounds to nearest even.
+    n, m : int, optional
+        The N:M pattern of ``format="nm"`` (groups of ``m`` consecutive
+        columns along each row); 2:4 by default.
+    name : str
+        Names the matrix in error messages.
+
+    Returns
+    -------
+    PackedMatrix
+
+    Raises
+    ------
+    TypeError, ValueError
+        A non-canonical CSR, a mask of the wrong shape, an unknown format or
+        dtype, or rows that do not fit the N:M pattern asked for.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> w = np.array([[0.0, 1.5, 0.0, -2.0], [3.0, 0.0, 0.0, 0.0]], np.float32)
+    >>> p = sc.pack(w, "delta8")
+    >>> p.deltas, p.vals
+    (array([1, 2, 0], dtype=uint8), array([ 1.5, -2. ,  3. ], dtype=float32))
+    >>> p @ np.ones(4, np.float32)
+    array([-0.5,  3. ], dtype=float32)
+    >>> bool((p.toarray() == w).all())
+    True
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"pack for {name!r}: unknown format {format!r}; choose 'auto' or one of {FORMATS}")
+    if isinstance(a, NMCompact):
+        if mask is not None:
+            raise ValueError(f"pack for {name!r}: a mask has no use with an NMCompact")
+        if (n is not None and n != a.n) or (m is not None and m != a.m):
+            raise ValueError(f"pack for {name!r}: the NMCompact is {a.n}:{a.m}, not {n}:{m}")
+        if a.axis != len(a.shape) - 1:
+            raise ValueError(f"pack for {name!r}: the NMCompact groups axis {a.axis} of a {len(a.shape)}-D "
+                             f"weight; the nm format groups the last (the columns of each row)")
+        n, m = a.n, a.m
+        a = a.dense()
+    if (n is None) != (m is None):
+        raise ValueError(f"pack for {name!r}: give both n and m, or neither")
+    csr, kind, shape = _as_csr(a, mask, name)
+    kind = kind if dtype is None else _dtype_name(dtype, name)
+    item = _ITEM[kind]
+    rows, cols = shape
+    indptr = csr.indptr.astype(np.int64, copy=False)
+    indices = csr.indices.astype(np.int64, copy=False)
+    pattern = NM(2, 4) if n is None else NM(n, m)  # checks 1 <= n < m
+    nm = (pattern.n, pattern.m)
+    if format == "nm" or format == "auto":
+        bad = K.nm_first_overfull(indptr, indices, nm[0], nm[1])
+        if bad[0] >= 0 and format == "nm":
+            raise ValueError(f"pack for {name!r}: row {bad[0]} holds {bad[2]} entries in its group {bad[1]} of "
+                             f"{nm[1]} columns; the {nm[0]}:{nm[1]} format keeps at most {nm[0]}")
+        fits_nm = bad[0] < 0
+    nw = -(-cols // 64)
+    counts = None
+    if format == "auto":
+        counts = np.empty(rows, np.int64)
+        K.delta8_counts(indptr, indices, counts)
+        offsets = 8 * (rows + 1)  # delta8 and bitmask; nm finds its rows by arithmetic
+        sizes = {"delta8": int(counts.sum()) * (item + 1) + offsets,
+                 "bitmask": csr.nnz * item + rows * nw * 8 + offsets}
+        if fits_nm:
+            sizes["nm"] = _nm_bytes(shape, nm[0], nm[1], item)
+        format = min(sizes, key=lambda f: (sizes[f], _SPEED_ORDER.index(f)))
+    data = _narrow(csr.data, kind)
+    if format == "delta8":
+        if counts is None:
+            counts = np.empty(rows, np.int64)
+            K.delta8_counts(indptr, indices, counts)
+        ptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        deltas = np.empty(int(ptr[-1]), np.uint8)
+        vals = np.empty(int(ptr[-1]), data.dtype)
+        K.delta8_fill(indptr, indices, data, ptr, deltas, vals)
+        return PackedMatrix("delta8", shape, kind, vals, ptr=ptr, deltas=deltas)
+    if format == "bitmask":
+        words = np.zeros((rows, nw), np.uint64)
+        K.bitmask_fill(indptr, indices, words)
+        return PackedMatrix("bitmask", shape, kind, np.ascontiguousarray(data), ptr=indptr.copy(), words=words)
+    n_, m_ = nm
+    bits = max(1, math.ceil(math.log2(m_)))
+    if n_ * bits > 64:
+        raise ValueError(f"pack for {name!r}: an {n_}:{m_} group's positions need {n_ * bits} bits; "
+                         f"the nm format holds at most 64")
+    gpw = 64 // (n_ * bits)
+    groups = -(-cols // m_)
+    words = np.zeros((rows, -(-groups // gpw)), np.uint64)
+    vals = np.zeros(rows * groups * n_, data.dtype)
+    K.nm_fill(indptr, indices, data, n_, m_, bits, gpw, groups, words, vals)
+    return PackedMatrix("nm", shape, kind, vals, words=words, n=n_, m=m_)
+
+
+def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
+    """``p @ x`` for a packed matrix and a dense vector or matrix.
+
+    Accumulates in float32 (float64 for float64 values), four partial sums
+    per row for vectors; ``x`` is converted to that dtype. Rows are split
+    between threads by stored entries (one thread below ``2**16`` of them).
+
+    Parameters
+    ----------
+    p : PackedMatrix
+    x : array_like, shape (cols,) or (cols, k)
+    out : numpy.ndarray, optional
+        Preallocated C-contiguous result: float32 (float64 for float64
+        values), shape ``(rows,)`` or ``(rows, k)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Equal to the masked dense product within the rounding of the
+        accumulation dtype. Stored fillers and padding are zeros: a NaN or
+        Inf in ``x`` reaches a row only where the dense product's would.
+    """
+    if not isinstance(p, PackedMatrix):
+        raise TypeError(f"expected a PackedMatrix, got {type(p).__name__}")
+    rows, cols = p.shape
+    xa = np.asarray(x)
+    if xa.ndim not in (1, 2) or xa.shape[0] != cols:
+        raise ValueError(f"x has shape {xa.shape}; a packed matrix of shape {p.shape} needs ({cols},) or "
+                         f"({cols}, k)")
+    if xa.dtype.kind not in "fiu":
+        raise TypeError(f"x has dtype {xa.dtype}; pass a float array")
+    dt = np.dtype(np.float64 if p.dtype == "float64" else np.float32)
+    xc = np.ascontiguousarray(xa, dtype=dt)
+    shape = (rows,) if xa.ndim == 1 else (rows, xa.shape[1])
+    if out is None:
+        out = np.empty(shape, dt)
+    elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
+        raise ValueError(f"out must be a {dt} ndarray of shape {shape}")
+    elif not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if rows == 0:
+        return out
+    if cols == 0 or (xa.ndim == 2 and xa.shape[1] == 0):
+        out[...] = 0
+        return out
+    kind = _KINDS[p.dtype][1]
+    nthreads = threads_for(p.vals.size, _PAR_ENTRIES)
+    vec = xa.ndim == 1
+    if p.format == "delta8":
+        kern = (K.delta8_matvec if vec else K.delta8_matmat)(kind)
+        run(nthreads, kern, p.ptr, p.deltas, p.vals, xc, out, nthreads)
+    elif p.format == "bitmask":
+        kern = (K.bitmask_matvec if vec else K.bitmask_matmat)(kind)
+        run(nthreads, kern, p.ptr, p.words, p.vals, xc, out, nthreads)
+    else:
+        bits, gpw, groups = p._nm_layout
+        kern = (K.nm_matvec if vec else K.nm_matmat)(kind, p.n, p.m, bits, gpw)
+        run(nthreads, kern, p.words, p.vals, xc, out, groups, cols, nthreads)
+    return out
