@@ -31,6 +31,7 @@ import copy
 import fnmatch
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -45,9 +46,9 @@ from sparsecore.reconstruct import check_layer_options
 from ._common import batches as _batches
 
 __all__ = [
-    "ActivationStats", "MaskHold", "SparseLinear", "apply_masks", "collect_activations", "collect_gradients",
-    "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable", "prune_sequential", "save_sparse",
-    "shrink_model", "swap_sparse_linear", "to_torch_csr", "weights",
+    "ActivationStats", "MaskHold", "PackedLinear", "SparseLinear", "apply_masks", "collect_activations",
+    "collect_gradients", "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable",
+    "prune_sequential", "save_sparse", "shrink_model", "sparsify", "swap_sparse_linear", "to_torch_csr", "weights",
 ]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -498,6 +499,154 @@ class SparseLinear(nn.Module):
     def extra_repr(self):
         """Shape and stored entries, for ``print(model)``."""
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight._nnz()}"
+
+
+class PackedLinear(nn.Module):
+    """A drop-in ``nn.Linear`` (or Hugging Face ``Conv1D``) whose weight is a
+    :class:`sparsecore.PackedMatrix`: ``y = x @ W.T + b`` with sparsecore's
+    packed kernels, on the CPU.
+
+    One token (batch 1: the decode step) is one product with a vector; more
+    rows of ``x`` are one product with a matrix. The input is read as float32
+    (float64 for float64 weights) and the output given back in the input's
+    dtype. Inference only: the weight is not a parameter, and an input that
+    requires a gradient (with gradients enabled) is refused.
+    """
+
+    def __init__(self, packed: sc.PackedMatrix, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(packed, sc.PackedMatrix):
+            raise TypeError(f"packed must be a sparsecore.PackedMatrix, got {type(packed).__name__}")
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, mask=None, *, format: str = "auto") -> PackedLinear:
+        """A :class:`PackedLinear` of an ``nn.Linear`` or ``Conv1D``, kept where
+        ``mask`` is True (its non-zeros without one); values keep the weight's dtype."""
+        w, dtype = _weight_matrix(linear)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if _is_conv1d(linear):
+                mask = mask.T
+        return cls(sc.pack(w, format, mask=mask, dtype=dtype), linear.bias)
+
+    def forward(self, x):
+        """``x @ W.T + b`` with the packed weight."""
+        if x.device.type != "cpu":
+            raise RuntimeError(f"PackedLinear runs on the CPU; the input is on {x.device}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("PackedLinear is for inference: run it under torch.no_grad() or "
+                               "torch.inference_mode()")
+        lead = x.shape[:-1]
+        work = torch.float64 if self.packed.dtype == "float64" else torch.float32
+        x2 = x.reshape(-1, self.in_features).to(work).numpy()
+        if x2.shape[0] == 1:
+            y = sc.packed_matmul(self.packed, x2[0])[None]
+        else:
+            y = sc.packed_matmul(self.packed, x2.T).T
+        y = torch.from_numpy(y).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self):
+        """Shape, format and bytes, for ``print(model)``."""
+        p = self.packed
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={p.format}, "
+                f"dtype={p.dtype}, nnz={p.nnz}, nbytes={p.nbytes}")
+
+
+def _is_conv1d(m):
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def _weight_matrix(m):
+    """``(weight as (out, in) host array, packed dtype name)``; bfloat16 kept as its bits' dtype name."""
+    w = m.weight.detach()
+    if w.device.type != "cpu":
+        w = w.cpu()
+    if _is_conv1d(m):
+        w = w.T
+    if w.dtype == torch.bfloat16:
+        return w.contiguous().float().numpy(), "bfloat16"  # float32 of bfloat16 values: exact
+    if w.dtype not in (torch.float16, torch.float32, torch.float64):
+        raise TypeError(f"weight of {type(m).__name__} has dtype {w.dtype}; PackedLinear takes float16, bfloat16, "
+                        f"float32 or float64")
+    return w.contiguous().numpy(), str(w.dtype).removeprefix("torch.")
+
+
+def _median_seconds(fn, repeats):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def sparsify(model: nn.Module, format: str = "auto", *, include: Iterable[str] | None = None,
+             measure: bool = True, min_speedup: float = 1.0, repeats: int = 9) -> dict:
+    """Swap each pruned ``nn.Linear`` (and ``Conv1D``) for a :class:`PackedLinear`
+    where that is faster, in place; the rest stays dense.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        On the CPU.
+    format : {"auto", "delta8", "bitmask", "nm"}
+        The packed format of every swapped layer; ``"auto"`` takes each
+        weight's fewest bytes (:func:`sparsecore.pack`).
+    include : iterable of str, optional
+        Module names (``fnmatch`` patterns) to consider; all by default.
+    measure : bool
+        Time each layer's batch-1 product both ways (median of ``repeats``
+        after a warm-up, on the threads the process has) and swap where the
+        packed one is at least ``min_speedup`` times faster. Without it, swap
+        where the packed weight reads fewer bytes than the dense one
+        ``min_speedup`` times over.
+    min_speedup : float
+        The speed-up (or byte ratio) a layer must reach to be swapped.
+
+    Returns
+    -------
+    dict
+        Module name -> ``{"format", "nbytes", "dense_nbytes", "speedup",
+        "swapped"}`` for every layer considered (``speedup`` is ``None``
+        without ``measure``). Layers without a zero weight are not
+        considered.
+    """
+    chosen = {}
+    for name, m in list(model.named_modules()):
+        if not (isinstance(m, nn.Linear) or _is_conv1d(m)):
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+            continue
+        if m.weight.device.type != "cpu":
+            raise ValueError(f"sparsify: {name!r} is on {m.weight.device}; the packed kernels run on the CPU")
+        if bool(torch.count_nonzero(m.weight.detach()) == m.weight.numel()):
+            continue  # nothing pruned: nothing to gain
+        new = PackedLinear.from_linear(m, format=format)
+        dense_nbytes = m.weight.numel() * m.weight.element_size()
+        speedup = None
+        with torch.no_grad():
+            if measure:
+                x = torch.randn(1, new.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight.dtype)
+                t_dense = _median_seconds(lambda: m(x), repeats)
+                t_packed = _median_seconds(lambda: new(x), repeats)
+                speedup = t_dense / t_packed
+                swap = speedup >= min_speedup
+            else:
+                swap = dense_nbytes >= min_speedup * new.packed.nbytes
+        chosen[name] = {"format": new.packed.format, "nbytes": new.packed.nbytes, "dense_nbytes": dense_nbytes,
+                        "speedup": speedup, "swapped": swap}
+        if swap:
+            _set_module(model, name, new)
+    return chosen
 
 
 def _set_module(model, name, new):

@@ -36,34 +36,48 @@ KIND_F16 = 2  # IEEE half, stored as its uint16 bits
 KIND_BF16 = 3  # bfloat16, stored as its uint16 bits
 
 
-@intrinsic
-def _half_bits_to_f32(typingctx, u):
-    """float32 of IEEE-half bits (uint16): LLVM's ``fpext`` (F16C's ``vcvtph2ps`` where the CPU has it)."""
-    if u != types.uint16:
-        return None
+def _widening_intrinsic(convert, doc):
+    """An intrinsic taking uint16 bits to float32 by ``convert``, and any
+    float unchanged (so that every branch of ``_read`` types for every
+    value array; the branch a kernel takes is folded at compile time)."""
 
-    def codegen(context, builder, signature, args):
-        h = builder.bitcast(args[0], ir.HalfType())
-        return builder.fpext(h, ir.FloatType())
+    def impl(typingctx, u):
+        if u in (types.float32, types.float64):
+            return u(u), lambda context, builder, signature, args: args[0]
+        if u != types.uint16:
+            return None
 
-    return types.float32(types.uint16), codegen
+        def codegen(context, builder, signature, args):
+            return convert(builder, args[0])
+
+        return types.float32(types.uint16), codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
 
 
-@intrinsic
-def _bf16_bits_to_f32(typingctx, u):
-    """float32 of bfloat16 bits (uint16): the bits moved to the top half of a float32 (exact)."""
-    if u != types.uint16:
-        return None
+_half_bits_to_f32 = _widening_intrinsic(
+    lambda b, u: b.fpext(b.bitcast(u, ir.HalfType()), ir.FloatType()),
+    "float32 of IEEE-half bits: LLVM's ``fpext`` (F16C's ``vcvtph2ps`` where the CPU has it).")
+_bf16_bits_to_f32 = _widening_intrinsic(
+    lambda b, u: b.bitcast(b.shl(b.zext(u, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)), ir.FloatType()),
+    "float32 of bfloat16 bits: the bits moved to the top half of a float32 (exact).")
 
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
 
-    return types.float32(types.uint16), codegen
+@njit(inline="always", cache=True)
+def _read(vals, p, kind):
+    """The stored value at ``p`` as float32 (float64 values as they are);
+    ``kind`` is a kernel's compile-time constant."""
+    v = vals[p]
+    if kind == KIND_F16:
+        return _half_bits_to_f32(v)
+    return _bf16_bits_to_f32(v)
 
 
 def by_kind(factory):
-    """Memoise a kernel factory ``factory(kind, *more)`` on its constants."""
+    """Memoise a kernel factory ``factory(kind, *more)`` on its constants
+    (ints, and the accumulator's NumPy type): the closure constants key
+    Numba's on-disk cache, so each variant compiles once per machine."""
     cache = {}
 
     def get(*key):
@@ -75,23 +89,6 @@ def by_kind(factory):
     get.__doc__ = factory.__doc__
     get.__name__ = factory.__name__
     return get
-
-
-def _reader(kind):
-    """A jitted ``value(vals, p)``: the stored value at ``p`` as float32 (float64 for float64)."""
-    if kind == KIND_F16:
-        @njit(inline="always", cache=True)
-        def value(vals, p):
-            return _half_bits_to_f32(vals[p])
-    elif kind == KIND_BF16:
-        @njit(inline="always", cache=True)
-        def value(vals, p):
-            return _bf16_bits_to_f32(vals[p])
-    else:
-        @njit(inline="always", cache=True)
-        def value(vals, p):
-            return vals[p]
-    return value
 
 
 # ---------------------------------------------------------------- encoders
@@ -276,7 +273,6 @@ def nm_positions_distinct(words, vals, n, m, bits, gpw, groups, cols):
 
 @by_kind
 def delta8_matvec(kind):
-    value = _reader(kind)
     acc = np.float64 if kind == KIND_F64 else np.float32
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -297,15 +293,15 @@ def delta8_matvec(kind):
                     c1 = c0 + np.uint64(deltas[p + np.uint64(1)])
                     c2 = c1 + np.uint64(deltas[p + np.uint64(2)])
                     c3 = c2 + np.uint64(deltas[p + np.uint64(3)])
-                    a0 += value(vals, p) * x[c0]
-                    a1 += value(vals, p + np.uint64(1)) * x[c1]
-                    a2 += value(vals, p + np.uint64(2)) * x[c2]
-                    a3 += value(vals, p + np.uint64(3)) * x[c3]
+                    a0 += _read(vals, p, kind) * x[c0]
+                    a1 += _read(vals, p + np.uint64(1), kind) * x[c1]
+                    a2 += _read(vals, p + np.uint64(2), kind) * x[c2]
+                    a3 += _read(vals, p + np.uint64(3), kind) * x[c3]
                     col = c3
                     p += four
                 while p < hi:
                     col += np.uint64(deltas[p])
-                    a0 += value(vals, p) * x[col]
+                    a0 += _read(vals, p, kind) * x[col]
                     p += np.uint64(1)
                 out[r] = (a0 + a1) + (a2 + a3)
 
@@ -314,7 +310,6 @@ def delta8_matvec(kind):
 
 @by_kind
 def bitmask_matvec(kind):
-    value = _reader(kind)
     acc = np.float64 if kind == KIND_F64 else np.float32
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -342,14 +337,14 @@ def bitmask_matvec(kind):
                         bits &= bits - one
                         j3 = cttz(bits)
                         bits &= bits - one
-                        a0 += value(vals, p) * x[base + j0]
-                        a1 += value(vals, p + one) * x[base + j1]
-                        a2 += value(vals, p + np.uint64(2)) * x[base + j2]
-                        a3 += value(vals, p + np.uint64(3)) * x[base + j3]
+                        a0 += _read(vals, p, kind) * x[base + j0]
+                        a1 += _read(vals, p + one, kind) * x[base + j1]
+                        a2 += _read(vals, p + np.uint64(2), kind) * x[base + j2]
+                        a3 += _read(vals, p + np.uint64(3), kind) * x[base + j3]
                         p += np.uint64(4)
                         k -= np.uint64(4)
                     while bits:
-                        a0 += value(vals, p) * x[base + cttz(bits)]
+                        a0 += _read(vals, p, kind) * x[base + cttz(bits)]
                         bits &= bits - one
                         p += one
                 out[r] = (a0 + a1) + (a2 + a3)
@@ -359,7 +354,6 @@ def bitmask_matvec(kind):
 
 @by_kind
 def nm_matvec(kind, n, m, bits, gpw):
-    value = _reader(kind)
     acc = np.float64 if kind == KIND_F64 else np.float32
     per_word = gpw * n  # entries of a full word
     pm = np.uint64((1 << bits) - 1)
@@ -384,13 +378,13 @@ def nm_matvec(kind, n, m, bits, gpw):
                         c1 = base + np.uint64(((e + 1) // n) * m) + ((word >> np.uint64((e + 1) * bits)) & pm)
                         c2 = base + np.uint64(((e + 2) // n) * m) + ((word >> np.uint64((e + 2) * bits)) & pm)
                         c3 = base + np.uint64(((e + 3) // n) * m) + ((word >> np.uint64((e + 3) * bits)) & pm)
-                        a0 += value(vals, p + np.uint64(e)) * x[c0]
-                        a1 += value(vals, p + np.uint64(e + 1)) * x[c1]
-                        a2 += value(vals, p + np.uint64(e + 2)) * x[c2]
-                        a3 += value(vals, p + np.uint64(e + 3)) * x[c3]
+                        a0 += _read(vals, p + np.uint64(e), kind) * x[c0]
+                        a1 += _read(vals, p + np.uint64(e + 1), kind) * x[c1]
+                        a2 += _read(vals, p + np.uint64(e + 2), kind) * x[c2]
+                        a3 += _read(vals, p + np.uint64(e + 3), kind) * x[c3]
                         e += 4
                     while e < per_word:
-                        a0 += value(vals, p + np.uint64(e)) * x[base + np.uint64((e // n) * m)
+                        a0 += _read(vals, p + np.uint64(e), kind) * x[base + np.uint64((e // n) * m)
                                                                 + ((word >> np.uint64(e * bits)) & pm)]
                         e += 1
                     p += np.uint64(per_word)
@@ -402,7 +396,7 @@ def nm_matvec(kind, n, m, bits, gpw):
                         pos = np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
                         col = g * m + pos
                         if col < cols:
-                            a0 += value(vals, p) * x[col]
+                            a0 += _read(vals, p, kind) * x[col]
                         p += np.uint64(1)
                 out[r] = (a0 + a1) + (a2 + a3)
 
@@ -411,7 +405,6 @@ def nm_matvec(kind, n, m, bits, gpw):
 
 @by_kind
 def delta8_matmat(kind):
-    value = _reader(kind)
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
     def kernel(ptr, deltas, vals, x, out, nchunks):
@@ -430,10 +423,10 @@ def delta8_matmat(kind):
                     c1 = c0 + np.uint64(deltas[p + np.uint64(1)])
                     c2 = c1 + np.uint64(deltas[p + np.uint64(2)])
                     c3 = c2 + np.uint64(deltas[p + np.uint64(3)])
-                    v0 = value(vals, p)
-                    v1 = value(vals, p + np.uint64(1))
-                    v2 = value(vals, p + np.uint64(2))
-                    v3 = value(vals, p + np.uint64(3))
+                    v0 = _read(vals, p, kind)
+                    v1 = _read(vals, p + np.uint64(1), kind)
+                    v2 = _read(vals, p + np.uint64(2), kind)
+                    v3 = _read(vals, p + np.uint64(3), kind)
                     r0, r1, r2, r3 = x[c0], x[c1], x[c2], x[c3]
                     for j in range(k):
                         o[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
@@ -441,7 +434,7 @@ def delta8_matmat(kind):
                     p += four
                 while p < hi:
                     col += np.uint64(deltas[p])
-                    v = value(vals, p)
+                    v = _read(vals, p, kind)
                     row = x[col]
                     for j in range(k):
                         o[j] += v * row[j]
@@ -452,7 +445,6 @@ def delta8_matmat(kind):
 
 @by_kind
 def bitmask_matmat(kind):
-    value = _reader(kind)
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
     def kernel(ptr, words, vals, x, out, nchunks):
@@ -476,16 +468,16 @@ def bitmask_matmat(kind):
                         bits &= bits - one
                         j3 = cttz(bits)
                         bits &= bits - one
-                        v0 = value(vals, p)
-                        v1 = value(vals, p + one)
-                        v2 = value(vals, p + np.uint64(2))
-                        v3 = value(vals, p + np.uint64(3))
+                        v0 = _read(vals, p, kind)
+                        v1 = _read(vals, p + one, kind)
+                        v2 = _read(vals, p + np.uint64(2), kind)
+                        v3 = _read(vals, p + np.uint64(3), kind)
                         r0, r1, r2, r3 = x[base + j0], x[base + j1], x[base + j2], x[base + j3]
                         for j in range(k):
                             o[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
                         p += np.uint64(4)
                     while bits:
-                        v = value(vals, p)
+                        v = _read(vals, p, kind)
                         row = x[base + cttz(bits)]
                         for j in range(k):
                             o[j] += v * row[j]
@@ -497,7 +489,6 @@ def bitmask_matmat(kind):
 
 @by_kind
 def nm_matmat(kind, n, m, bits, gpw):
-    value = _reader(kind)
     pm = np.uint64((1 << bits) - 1)
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -514,7 +505,7 @@ def nm_matmat(kind, n, m, bits, gpw):
                     for s in range(n):
                         pos = np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
                         col = g * m + pos
-                        v = value(vals, p)
+                        v = _read(vals, p, kind)
                         if v != 0 and col < cols:
                             row = x[col]
                             for j in range(k):
