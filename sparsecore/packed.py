@@ -18,7 +18,9 @@ nm       N values in every group of M columns and their     4 (+ padding) + n*b/
 
 Values keep the dtype they came in (float32, float64, float16, bfloat16;
 the half types as their uint16 bits). ``format="auto"`` takes the encoding
-with the fewest bytes (:attr:`PackedMatrix.nbytes`, what a product reads).
+with the fewest bytes (:attr:`PackedMatrix.nbytes`, what a product reads),
+counting formats within 20% of the fewest as ties that the faster kernel
+wins (measured: nm, then delta8, then bitmask).
 Every encoding converts back to the canonical CSR exactly.
 """
 
@@ -47,8 +49,43 @@ _ITEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 # Stored entries a thread must have before a product is shared between threads:
 # about 30 us of work, far above the wake-up of a passively waiting thread.
 _PAR_ENTRIES = 1 << 15
-# When several formats read the same bytes: the fastest first (bench/decode.py).
+# ``auto``: formats within this fraction of the fewest bytes tie, and the tie
+# goes to the fastest kernel, in this order. Measured with bench/decode.py on
+# 2-core AMD EPYC (AVX2): the bitmask product is bound by instructions (about
+# 50 cycles per 64 columns) where delta8's is near its bytes, so delta8 ran
+# faster at 50-90% though it reads up to 18% more; nm beat both at 2:4.
+_TIE = 0.2
 _SPEED_ORDER = ("nm", "delta8", "bitmask")
+# Values stored past a bitmask's last one (zeros): the AVX2 product loads eight at a time.
+_PAD = 8
+
+
+def _avx2():
+    """Whether the bitmask product may use its AVX2 kernel: an x86-64 CPU
+    with AVX2 and FMA, compiled for the host (no ``NUMBA_CPU_NAME`` /
+    ``NUMBA_CPU_FEATURES`` asking for a portable target)."""
+    global _AVX2
+    if _AVX2 is None:
+        import os
+        import platform
+
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+        _AVX2 = (platform.machine().lower() in ("x86_64", "amd64") and bool(features.get("avx2"))
+                 and bool(features.get("fma")) and not os.environ.get("NUMBA_CPU_NAME")
+                 and not os.environ.get("NUMBA_CPU_FEATURES"))
+    return _AVX2
+
+
+_AVX2 = None
+_PERM = []  # the AVX2 bitmask product's table, built on first use
+
+
+def _perm():
+    if not _PERM:
+        _PERM.append(K.permutation_table())
+    return _PERM[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,8 +271,9 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
         packed as ``(shape[0], prod(shape[1:]))``.
     format : {"auto", "delta8", "bitmask", "nm"}
         ``"auto"`` takes the fewest bytes among delta8, bitmask and, where the
-        kept entries fit it, N:M (``n:m`` if given, else 2:4); on equal bytes
-        nm, then delta8, then bitmask (the faster kernels first).
+        kept entries fit it, N:M (``n:m`` if given, else 2:4); formats
+        within 20% of the fewest tie, and nm, then delta8, then bitmask
+        win ties (the faster kernels first).
     mask : array_like of bool, optional
         Keep-mask of a dense ``a``.
     dtype : {"float32", "float64", "float16", "bfloat16"}, optional
@@ -307,7 +345,8 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
                  "bitmask": csr.nnz * item + rows * nw * 8 + offsets}
         if fits_nm:
             sizes["nm"] = _nm_bytes(shape, nm[0], nm[1], item)
-        format = min(sizes, key=lambda f: (sizes[f], _SPEED_ORDER.index(f)))
+        fewest = min(sizes.values())
+        format = min((f for f in sizes if sizes[f] <= (1 + _TIE) * fewest), key=_SPEED_ORDER.index)
     data = _narrow(csr.data, kind)
     if format == "delta8":
         if counts is None:
@@ -322,7 +361,9 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
     if format == "bitmask":
         words = np.zeros((rows, nw), np.uint64)
         K.bitmask_fill(indptr, indices, words)
-        return PackedMatrix("bitmask", shape, kind, np.ascontiguousarray(data), ptr=indptr.copy(), words=words)
+        vals = np.zeros(data.size + _PAD, data.dtype)  # zeros past the end: see _PAD
+        vals[:data.size] = data
+        return PackedMatrix("bitmask", shape, kind, vals, ptr=indptr.copy(), words=words)
     n_, m_ = nm
     bits = max(1, math.ceil(math.log2(m_)))
     if n_ * bits > 64:
@@ -388,6 +429,11 @@ def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) 
         kern = (K.delta8_matvec if vec else K.delta8_matmat)(kind)
         run(nthreads, kern, p.ptr, p.deltas, p.vals, xc, out, nthreads)
     elif p.format == "bitmask":
+        if vec and kind != K.KIND_F64 and p.vals.size >= p.ptr[-1] + _PAD - 1 and _avx2():
+            xp = np.zeros(p.words.shape[1] * 64, np.float32)  # whole words of x: the kernel reads them
+            xp[:cols] = xc
+            run(nthreads, K.bitmask_matvec_avx2(kind), p.ptr, p.words, p.vals, xp, out, nthreads, _perm())
+            return out
         kern = (K.bitmask_matvec if vec else K.bitmask_matmat)(kind)
         run(nthreads, kern, p.ptr, p.words, p.vals, xc, out, nthreads)
     else:

@@ -1,6 +1,8 @@
 """Packed sparse matrices: encodings against the entry-by-entry references,
 exact round trips to CSR, products against the masked dense product."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -15,6 +17,11 @@ from . import reference as ref
 pytestmark = pytest.mark.kernel
 
 VALUE_DTYPES = ["float32", "float64", "float16", "bfloat16"]
+# CI's bounds-checked pass compiles every kernel variant afresh: there the
+# index arithmetic (the same for every value dtype) is checked on float32 and
+# on the 16-bit path (bfloat16) only.
+if os.environ.get("NUMBA_BOUNDSCHECK") == "1":
+    VALUE_DTYPES = ["float32", "bfloat16"]
 SHAPES = [(0, 5), (4, 0), (1, 1), (1, 17), (17, 1), (7, 13), (9, 300), (3, 1000), (130, 64)]
 
 
@@ -67,7 +74,8 @@ def test_delta8_and_bitmask_match_reference(rng, dtype, shape, kind):
     b = sc.pack(w, "bitmask", dtype=dtype)
     words, bvals = ref.packed_bitmask(d)
     np.testing.assert_array_equal(b.words, words)
-    np.testing.assert_array_equal(_stored(b.vals, dtype), bvals)
+    np.testing.assert_array_equal(_stored(b.vals[:b.ptr[-1]], dtype), bvals)
+    assert b.vals.size == b.ptr[-1] + packed._PAD and not b.vals[b.ptr[-1]:].any()  # the AVX2 kernel's slack
     for q in (p, b):
         assert q.dtype == dtype
         assert q.nnz == np.count_nonzero(d)
@@ -93,9 +101,14 @@ def _nm_dense(rng, shape, n, m, fewer):
     return np.where(keep, d, 0)
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 8), (1, 2), (3, 16)])
+# 2:4 in every value dtype; the other patterns (each a kernel variant to compile) in one dtype each
+NM_CASES = [(2, 4, dt) for dt in VALUE_DTYPES] + [(n, m, dt) for n, m, dt in [
+    (1, 4, "float32"), (4, 8, "bfloat16"), (2, 8, "float32"), (1, 2, "float16"), (3, 16, "float64")]
+    if dt in VALUE_DTYPES]
+
+
+@pytest.mark.parametrize("n,m,dtype", NM_CASES)
 @pytest.mark.parametrize("shape", [(5, 64), (3, 10), (1, 3), (0, 8), (6, 0), (2, 1030)])
-@pytest.mark.parametrize("dtype", VALUE_DTYPES)
 def test_nm_matches_reference(rng, n, m, shape, dtype):
     d = _nm_dense(rng, shape, n, m, fewer=True)
     p = sc.pack(_as(d, dtype), "nm", n=n, m=m, dtype=dtype)
@@ -112,17 +125,22 @@ def test_nm_matches_reference(rng, n, m, shape, dtype):
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("k", [None, 1, 2, 5, 64, 300])
-def test_products_match_masked_dense(rng, fmt, dtype, shape, k):
+def test_products_match_masked_dense(rng, fmt, dtype, shape, k, monkeypatch):
+    if k is not None and dtype == "float16":
+        pytest.skip("the matrix products read float16 as bfloat16 does but for one conversion: tested by vectors")
     d = _dense(rng, shape, "rows")
     p = sc.pack(_as(d, dtype), fmt, dtype=dtype)
     x = _x(rng, shape[1], k)
-    y = sc.packed_matmul(p, x)
-    assert y.dtype == (np.float64 if dtype == "float64" else np.float32)
-    assert y.shape == ((shape[0],) if k is None else (shape[0], k))
-    # within float32 rounding of the accumulation: relative to sum |w| |x|
-    scale = np.abs(d) @ np.abs(x.astype(np.float64)) + 1e-30
-    err = np.abs(y - ref.matmul(d, x)) / scale
-    assert err.size == 0 or err.max() < (1e-13 if dtype == "float64" else 4e-6)
+    # the bitmask's vector product: the AVX2 kernel where the CPU has it, and the portable one
+    for avx2 in ([None, False] if fmt == "bitmask" and k is None else [None]):
+        monkeypatch.setattr(packed, "_AVX2", avx2)
+        y = sc.packed_matmul(p, x)
+        assert y.dtype == (np.float64 if dtype == "float64" else np.float32)
+        assert y.shape == ((shape[0],) if k is None else (shape[0], k))
+        # within float32 rounding of the accumulation: relative to sum |w| |x|
+        scale = np.abs(d) @ np.abs(x.astype(np.float64)) + 1e-30
+        err = np.abs(y - ref.matmul(d, x)) / scale
+        assert err.size == 0 or err.max() < (1e-13 if dtype == "float64" else 4e-6)
 
 
 def test_products_split_between_threads(rng, monkeypatch):
@@ -162,17 +180,21 @@ def test_bfloat16_rounds_to_nearest_even():
     p = sc.pack(vals.reshape(1, -1), "delta8", dtype="bfloat16")
     np.testing.assert_array_equal(p.vals, ref.half_bits(vals, "bfloat16"))
     h = sc.pack(vals[:3].reshape(1, -1), "bitmask", dtype="float16")
-    np.testing.assert_array_equal(h.vals, ref.half_bits(vals[:3], "float16"))
+    np.testing.assert_array_equal(h.vals[:3], ref.half_bits(vals[:3], "float16"))
 
 
 def test_auto_takes_the_fewest_bytes(rng):
     rows, cols = 64, 512
-    for sparsity, want in [(0.5, "bitmask"), (0.97, "delta8")]:
-        d = np.where(rng.random((rows, cols)) < sparsity, 0, 1.0).astype(np.float32)
+    # float16 30% sparse: bitmask reads far fewer bytes (38%); float32 70%: delta8 within 20% of the
+    # bitmask, and faster; 97%: delta8 the fewest
+    for sparsity, dtype, want in [(0.3, np.float16, "bitmask"), (0.7, np.float32, "delta8"),
+                                  (0.97, np.float32, "delta8")]:
+        d = np.where(rng.random((rows, cols)) < sparsity, 0, 1.0).astype(dtype)
         sizes = {f: sc.pack(d, f).nbytes for f in ("delta8", "bitmask")}
         p = sc.pack(d)
-        assert p.format == min(sizes, key=sizes.get) == want
-        assert p.nbytes == sizes[want]
+        assert p.format == want
+        assert p.nbytes == sizes[want] <= (1 + packed._TIE) * min(sizes.values())
+    assert sizes["delta8"] < sizes["bitmask"]
     nm = _nm_dense(rng, (rows, cols), 2, 4, fewer=False).astype(np.float32)
     assert sc.pack(nm).format == "nm"  # 2:4 fits: fewer bytes than a bitmask (no row offsets)
     assert sc.pack(nm).nbytes < sc.pack(nm, "bitmask").nbytes

@@ -513,3 +513,113 @@ def nm_matmat(kind, n, m, bits, gpw):
                         p += np.uint64(1)
 
     return kernel
+
+
+# ---------------------------------------------------------------- bitmask products with AVX2
+
+def permutation_table():
+    """int32 ``(256, 16)``: for each byte of a bitmask, lanes ``0..7`` say
+    which packed value lane ``i`` takes, ``popcount(byte & ((1 << i) - 1))``
+    (0 where bit ``i`` is clear), and lanes ``8..15`` are all ones where bit
+    ``i`` is set, zero where it is clear."""
+    t = np.zeros((256, 16), np.int32)
+    for b in range(256):
+        rank = 0
+        for i in range(8):
+            if b >> i & 1:
+                t[b, i] = rank
+                t[b, 8 + i] = -1
+                rank += 1
+    return t
+
+
+def _word_dot(half_kind):
+    """An intrinsic ``(vals, p, word, x, base, perm) -> float32``: the dot
+    product of one 64-column bitmask word with ``x[base:base + 64]``.
+
+    For each byte of the word: eight packed values loaded from ``vals[p]``
+    (float32, or half/bfloat16 bits widened: ``half_kind``), moved to their
+    columns by ``vpermps`` with the byte's row of ``perm`` and zeroed where the
+    byte's bit is clear (a mask from the same row), multiplied by eight entries of ``x`` and added into
+    one of two vector sums (fused multiply-add); ``p`` advances by the byte's
+    popcount. No branch and no gather. It reads up to 7 values past the
+    word's last one and ``x`` up to ``base + 64``: the wrapper pads both.
+    """
+
+    def impl(typingctx, vals, p, word, x, base, perm):
+        if not (isinstance(vals, types.Array) and vals.dtype in (types.float32, types.uint16)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+            vals_a = context.make_array(signature.args[0])(context, builder, args[0])
+            x_a = context.make_array(signature.args[3])(context, builder, args[3])
+            perm_a = context.make_array(signature.args[5])(context, builder, args[5])
+            p, word, base = args[1], args[2], args[4]
+            permps = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i]))
+            fma = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
+            ctpop = builder.module.declare_intrinsic("llvm.ctpop", [i64])
+            zero = ir.Constant(v8f, [0.0] * 8)
+            sums = [zero, zero]
+            for i in range(8):
+                byte = builder.and_(builder.lshr(word, ir.Constant(i64, 8 * i)), ir.Constant(i64, 255))
+                at = builder.gep(vals_a.data, [p])
+                if signature.args[0].dtype == types.float32:
+                    v = builder.load(builder.bitcast(at, v8f.as_pointer()), align=4)
+                else:
+                    raw = builder.load(builder.bitcast(at, ir.VectorType(i16, 8).as_pointer()), align=2)
+                    if half_kind == KIND_F16:
+                        v = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), v8f)
+                    else:
+                        v = builder.bitcast(builder.shl(builder.zext(raw, v8i), ir.Constant(v8i, [16] * 8)), v8f)
+                row = builder.gep(perm_a.data, [builder.shl(byte, ir.Constant(i64, 4))])
+                idx = builder.load(builder.bitcast(row, v8i.as_pointer()), align=4)
+                lanes_on = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 8)]), v8i.as_pointer()),
+                                        align=4)
+                moved = builder.call(permps, [v, idx])
+                moved = builder.bitcast(builder.and_(builder.bitcast(moved, v8i), lanes_on), v8f)
+                xat = builder.gep(x_a.data, [builder.add(base, ir.Constant(i64, 8 * i))])
+                xv = builder.load(builder.bitcast(xat, v8f.as_pointer()), align=4)
+                sums[i % 2] = builder.call(fma, [moved, xv, sums[i % 2]])
+                p = builder.add(p, builder.call(ctpop, [byte]))
+            s = builder.fadd(sums[0], sums[1])
+            lanes = [builder.extract_element(s, ir.Constant(i32, i)) for i in range(8)]
+            while len(lanes) > 1:
+                lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+            return lanes[0]
+
+        return types.float32(vals, types.uint64, types.uint64, x, types.uint64, perm), codegen
+
+    impl.__doc__ = _word_dot.__doc__
+    return intrinsic(impl)
+
+
+_word_dot_f16 = _word_dot(KIND_F16)
+_word_dot_bf16 = _word_dot(KIND_BF16)  # float32 values: the same code in both (no widening)
+
+
+@njit(inline="always", cache=True)
+def _dot(vals, p, word, x, base, perm, kind):
+    if kind == KIND_F16:
+        return _word_dot_f16(vals, p, word, x, base, perm)
+    return _word_dot_bf16(vals, p, word, x, base, perm)
+
+
+@by_kind
+def bitmask_matvec_avx2(kind):
+    @njit(parallel=True, cache=True)
+    def kernel(ptr, words, vals, x, out, nchunks, perm):
+        bounds = row_bounds(ptr, nchunks)
+        nw = words.shape[1]
+        for c in prange(nchunks):
+            for r in range(bounds[c], bounds[c + 1]):
+                p = np.uint64(ptr[r])
+                s = np.float32(0)
+                for w in range(nw):
+                    word = words[r, w]
+                    s += _dot(vals, p, word, x, np.uint64(64 * w), perm, kind)
+                    p += popcount(word)
+                out[r] = s
+
+    return kernel
