@@ -520,6 +520,10 @@ class PackedLinear(nn.Module):
         self.packed = packed
         self.out_features, self.in_features = packed.shape
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # the products without their checks (forward checks once): a decode step calls each layer once
+        self._vector, self._matrix = packed.product(True), packed.product(False)
+        self._work = torch.float64 if packed.dtype == "float64" else torch.float32
+        self._bias = None if self.bias is None else self.bias.to(self._work).numpy()  # the buffer, as NumPy
 
     @classmethod
     def from_linear(cls, linear: nn.Module, mask=None, *, format: str = "auto") -> PackedLinear:
@@ -540,16 +544,20 @@ class PackedLinear(nn.Module):
             raise RuntimeError("PackedLinear is for inference: run it under torch.no_grad() or "
                                "torch.inference_mode()")
         lead = x.shape[:-1]
-        work = torch.float64 if self.packed.dtype == "float64" else torch.float32
-        x2 = x.reshape(-1, self.in_features).to(work).numpy()
-        if x2.shape[0] == 1:
-            y = sc.packed_matmul(self.packed, x2[0])[None]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"PackedLinear takes inputs of {self.in_features} features, got shape {tuple(x.shape)}")
+        xn = (x if x.dtype == self._work else x.to(self._work)).detach().numpy().reshape(-1, self.in_features)
+        tokens = xn.shape[0]
+        if tokens == 1:  # one token: the product with a vector
+            y = self._vector(np.ascontiguousarray(xn[0]), np.empty(self.out_features, xn.dtype))[None]
+        elif tokens == 0 or self.in_features == 0 or self.out_features == 0:
+            y = np.zeros((tokens, self.out_features), xn.dtype)
         else:
-            y = sc.packed_matmul(self.packed, x2.T).T
-        y = torch.from_numpy(y).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            y = self._matrix(np.ascontiguousarray(xn.T), np.empty((self.out_features, tokens), xn.dtype)).T
+        if self._bias is not None:
+            y += self._bias  # NumPy's add: a torch op costs microseconds more per call
+        y = torch.from_numpy(y.reshape(*lead, self.out_features))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self):
         """Shape, format and bytes, for ``print(model)``."""

@@ -169,6 +169,64 @@ class PackedMatrix:
         a.has_canonical_format = True
         return a
 
+    def product(self, vector: bool = True):
+        """The product as a callable ``f(x, out) -> out`` that checks nothing:
+        for hot loops (a layer called once per token), where
+        :func:`packed_matmul`'s checks would cost as much as a small product.
+
+        ``x`` must be C-contiguous in the accumulation dtype (float32, or
+        float64 for float64 values), shaped ``(cols,)`` when ``vector`` else
+        ``(cols, k)`` with ``k >= 1``; ``out`` C-contiguous, same dtype,
+        ``(rows,)`` or ``(rows, k)``. The threads are chosen when it is made.
+        """
+        rows, cols = self.shape
+        kind = _KINDS[self.dtype][1]
+        nthreads = threads_for(self.vals.size, _PAR_ENTRIES)
+        par = nthreads > 1
+        if rows == 0 or cols == 0:
+            def nothing(x, out):
+                out[...] = 0
+                return out
+
+            return nothing
+        if self.format == "delta8":
+            kern = (K.delta8_matvec if vector else K.delta8_matmat)(kind, par)
+            head, tail = (self.ptr, self.deltas, self.vals), (nthreads,)
+        elif self.format == "bitmask":
+            if vector and kind != K.KIND_F64 and self.vals.size >= self.ptr[-1] + _PAD - 1 and _avx2():
+                kern, words = K.bitmask_matvec_avx2(kind, par), self.words
+                ptr, vals, perm, width = self.ptr, self.vals, _perm(), words.shape[1] * 64
+
+                def avx2(x, out):
+                    xp = np.zeros(width, np.float32)  # whole words of x: the kernel reads them
+                    xp[:cols] = x
+                    if par:
+                        run(nthreads, kern, ptr, words, vals, xp, out, nthreads, perm)
+                    else:
+                        kern(ptr, words, vals, xp, out, 1, perm)
+                    return out
+
+                return avx2
+            kern = (K.bitmask_matvec if vector else K.bitmask_matmat)(kind, par)
+            head, tail = (self.ptr, self.words, self.vals), (nthreads,)
+        else:
+            bits, gpw, groups = self._nm_layout
+            kern = (K.nm_matvec if vector else K.nm_matmat)(kind, self.n, self.m, bits, gpw, par)
+            head, tail = (self.words, self.vals), (groups, cols, nthreads)
+
+        if not par:
+            def serial(x, out):
+                kern(*head, x, out, *tail)
+                return out
+
+            return serial
+
+        def call(x, out):
+            run(nthreads, kern, *head, x, out, *tail)
+            return out
+
+        return call
+
     def toarray(self) -> np.ndarray:
         """The dense matrix (float32, or float64 for float64 values)."""
         return self.to_csr().toarray()
@@ -377,7 +435,8 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
     return PackedMatrix("nm", shape, kind, vals, words=words, n=n_, m=m_)
 
 
-def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
+def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None, *,
+                  device: str = "auto") -> np.ndarray:
     """``p @ x`` for a packed matrix and a dense vector or matrix.
 
     Accumulates in float32 (float64 for float64 values), four partial sums
@@ -391,6 +450,10 @@ def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) 
     out : numpy.ndarray, optional
         Preallocated C-contiguous result: float32 (float64 for float64
         values), shape ``(rows,)`` or ``(rows, k)``.
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` (or ``"auto"`` with a GPU ``x`` or a packed matrix already
+        on the GPU, ``sparsecore._cuda.packed.to_device``) multiplies on the
+        GPU and returns a numba device array (``out`` then a device array).
 
     Returns
     -------
@@ -399,6 +462,12 @@ def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) 
         accumulation dtype. Stored fillers and padding are zeros: a NaN or
         Inf in ``x`` reaches a row only where the dense product's would.
     """
+    from ._device import is_device_array, resolve
+
+    if is_device_array(getattr(p, "vals", None)) or resolve(device, x) == "cuda":
+        from ._cuda import packed as device_packed
+
+        return device_packed.matmul(p, x, out)
     if not isinstance(p, PackedMatrix):
         raise TypeError(f"expected a PackedMatrix, got {type(p).__name__}")
     rows, cols = p.shape
@@ -422,22 +491,4 @@ def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None) 
     if cols == 0 or (xa.ndim == 2 and xa.shape[1] == 0):
         out[...] = 0
         return out
-    kind = _KINDS[p.dtype][1]
-    nthreads = threads_for(p.vals.size, _PAR_ENTRIES)
-    vec = xa.ndim == 1
-    if p.format == "delta8":
-        kern = (K.delta8_matvec if vec else K.delta8_matmat)(kind)
-        run(nthreads, kern, p.ptr, p.deltas, p.vals, xc, out, nthreads)
-    elif p.format == "bitmask":
-        if vec and kind != K.KIND_F64 and p.vals.size >= p.ptr[-1] + _PAD - 1 and _avx2():
-            xp = np.zeros(p.words.shape[1] * 64, np.float32)  # whole words of x: the kernel reads them
-            xp[:cols] = xc
-            run(nthreads, K.bitmask_matvec_avx2(kind), p.ptr, p.words, p.vals, xp, out, nthreads, _perm())
-            return out
-        kern = (K.bitmask_matvec if vec else K.bitmask_matmat)(kind)
-        run(nthreads, kern, p.ptr, p.words, p.vals, xc, out, nthreads)
-    else:
-        bits, gpw, groups = p._nm_layout
-        kern = (K.nm_matvec if vec else K.nm_matmat)(kind, p.n, p.m, bits, gpw)
-        run(nthreads, kern, p.words, p.vals, xc, out, groups, cols, nthreads)
-    return out
+    return p.product(xa.ndim == 1)(xc, out)

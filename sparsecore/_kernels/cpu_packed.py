@@ -14,9 +14,12 @@ bfloat16 as uint16) and ``ptr[r]`` the row's first value:
   ``gpw = 64 // (n b)`` groups to a uint64 word (``words[r, w]``); the row's
   values start at ``r * groups * n``.
 
-Products accumulate in float32 (float64 for float64 values) in four partial
-sums, so that the additions do not wait on one another; each value is
-widened to float32 as it is read. Rows are split into ranges of about equal
+Each product compiles twice: parallel over ranges of rows, and serial for
+products too small to share (no parallel region to enter and leave: a few
+microseconds that a decode step pays per layer). Products accumulate in
+float32 (float64 for float64 values) in four partial sums, so that the
+additions do not wait on one another; each value is widened to float32 as it
+is read. Rows are split into ranges of about equal
 stored entries (``cpu_csr.row_bounds``). Kernels specialise on the value
 kind (and ``n, m``) as closure constants (``by_kind``).
 """
@@ -272,11 +275,12 @@ def nm_positions_distinct(words, vals, n, m, bits, gpw, groups, cols):
 # ---------------------------------------------------------------- products
 
 @by_kind
-def delta8_matvec(kind):
+def delta8_matvec(kind, parallel):
     acc = np.float64 if kind == KIND_F64 else np.float32
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(ptr, deltas, vals, x, out, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         bounds = row_bounds(ptr, nchunks)
         four = np.uint64(4)
         for c in prange(nchunks):
@@ -309,11 +313,12 @@ def delta8_matvec(kind):
 
 
 @by_kind
-def bitmask_matvec(kind):
+def bitmask_matvec(kind, parallel):
     acc = np.float64 if kind == KIND_F64 else np.float32
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(ptr, words, vals, x, out, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         bounds = row_bounds(ptr, nchunks)
         one = np.uint64(1)
         nw = words.shape[1]
@@ -353,13 +358,14 @@ def bitmask_matvec(kind):
 
 
 @by_kind
-def nm_matvec(kind, n, m, bits, gpw):
+def nm_matvec(kind, n, m, bits, gpw, parallel):
     acc = np.float64 if kind == KIND_F64 else np.float32
     per_word = gpw * n  # entries of a full word
     pm = np.uint64((1 << bits) - 1)
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(words, vals, x, out, groups, cols, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         rows = out.size
         full = groups // gpw  # words whose groups all lie inside the row
         for c in prange(nchunks):
@@ -404,10 +410,11 @@ def nm_matvec(kind, n, m, bits, gpw):
 
 
 @by_kind
-def delta8_matmat(kind):
+def delta8_matmat(kind, parallel):
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(ptr, deltas, vals, x, out, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         k = x.shape[1]
         bounds = row_bounds(ptr, nchunks)
         four = np.uint64(4)
@@ -444,10 +451,11 @@ def delta8_matmat(kind):
 
 
 @by_kind
-def bitmask_matmat(kind):
+def bitmask_matmat(kind, parallel):
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(ptr, words, vals, x, out, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         k = x.shape[1]
         bounds = row_bounds(ptr, nchunks)
         one = np.uint64(1)
@@ -488,11 +496,12 @@ def bitmask_matmat(kind):
 
 
 @by_kind
-def nm_matmat(kind, n, m, bits, gpw):
+def nm_matmat(kind, n, m, bits, gpw, parallel):
     pm = np.uint64((1 << bits) - 1)
 
-    @njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
     def kernel(words, vals, x, out, groups, cols, nchunks):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         rows = out.shape[0]
         k = x.shape[1]
         for c in prange(nchunks):
@@ -607,9 +616,10 @@ def _dot(vals, p, word, x, base, perm, kind):
 
 
 @by_kind
-def bitmask_matvec_avx2(kind):
-    @njit(parallel=True, cache=True)
+def bitmask_matvec_avx2(kind, parallel):
+    @njit(parallel=parallel, cache=True)
     def kernel(ptr, words, vals, x, out, nchunks, perm):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
         bounds = row_bounds(ptr, nchunks)
         nw = words.shape[1]
         for c in prange(nchunks):
