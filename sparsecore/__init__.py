@@ -21,7 +21,7 @@ from .importance import (
     register_criterion,
 )
 from .mutual_info import Bins, PairwiseMIAccumulator, UnitMIAccumulator, fit_bins, pairwise_mi, unit_mi
-from .packed import PackedMatrix, pack, packed_matmul
+from .packed import PackedMatrix, check_packed, pack, packed_matmul
 from .patterns import NM, Blocks, NMCompact, Units, block_mask, block_scores, is_n_m, nm_mask, to_bsr, unit_scores
 from .prune import PruneResult, TensorSummary, prune
 from .reconstruct import (
@@ -60,6 +60,7 @@ __all__ = [
     "block_mask",
     "block_scores",
     "check_csr",
+    "check_packed",
     "csr_matmul",
     "fit_bins",
     "get_criterion",

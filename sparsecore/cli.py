@@ -122,7 +122,10 @@ def _parser():
                    help="convert the output to this format (default: what the output's name says, .safetensors, "
                         ".pt/.bin, else the input's format)")
     q.add_argument("--compress", choices=["gzip", "lzf"],
-                   help="HDF5 filters on the sparse output's CSR arrays (smaller, slower)")
+                   help="HDF5 filters on the sparse output's arrays (smaller, slower)")
+    q.add_argument("--encoding", choices=["auto", "csr", "delta8", "bitmask", "nm"], default="auto",
+                   help="how a sparse output stores each pruned tensor: the packed format of fewest bytes (auto), "
+                        "one named (nm: 2:4), or CSR (default: %(default)s)")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     q.add_argument("--no-sync", action="store_true",
@@ -176,7 +179,8 @@ def _rows(path, plot=None):
             rows.append((name, e, zeros / size if size else 0.0))
         fmt = r.format
         made = r.provenance() if hasattr(r, "provenance") else {}
-    return fmt, rows, made
+        stored = {n: (r.encoding(n), r.stored_bytes(n)) for n in r.pruned} if hasattr(r, "pruned") else {}
+    return fmt, rows, made, stored
 
 
 def _print_provenance(made):
@@ -194,19 +198,24 @@ def _widths(rows):
 def _info(args):
     from .io.offline import bytes_of
 
-    fmt, rows, made = _rows(args.file)
+    fmt, rows, made, stored = _rows(args.file)
     from .io.formats import EMPTY
 
     print(f"{_clean(args.file)}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
     _print_provenance(made)
     nw, sw = _widths(rows)
-    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12} {'sparsity':>9}  pruned by default")
+    # a sparse file: how each pruned tensor is stored (encoding) and its arrays' bytes; dense tensors as stored
+    enc = (f" {'stored as':<9} {'stored':>12}") if stored else ""
+    print(f"{'tensor':<{nw}} {'shape':<{sw}} {'dtype':<9} {'bytes':>12}{enc} {'sparsity':>9}  pruned by default")
     for name, e, sp in rows:
         why = "yes" if e.default else (f"no: {e.left_out}" + ("" if e.left_out in ("optimizer state", EMPTY) else
                                                               " (--take-all)") if e.left_out else "")
-        print(f"{_clean(name, LONGEST):<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12} {sp:>9.2%}  "
+        how, nbytes = stored.get(name, ("dense", e.nbytes))
+        col = f" {how:<9} {nbytes:>12}" if stored else ""
+        print(f"{_clean(name, LONGEST):<{nw}} {str(e.shape):<{sw}} {e.dtype:<9} {e.nbytes:>12}{col} {sp:>9.2%}  "
               f"{_clean(why, LONGEST)}")
-    print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}")
+    total = f" {'':<9} {sum(stored.get(n, ('', e.nbytes))[1] for n, e, _ in rows):>12}" if stored else ""
+    print(f"{'total':<{nw}} {'':<{sw}} {'':<9} {sum(e.nbytes for _, e, _ in rows):>12}{total}")
     return 0
 
 
@@ -218,7 +227,7 @@ def _report(args):
             from .io import UserError
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
-    fmt, rows, made = _rows(args.file, args.plot)
+    fmt, rows, made, _ = _rows(args.file, args.plot)
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
@@ -334,7 +343,7 @@ def _prune(args, parser):
                              take_all=args.take_all, any_rank=args.any_rank, format=args.format,
                              sparse=True if args.sparse else None, pattern=args.pattern, force=args.force,
                              progress=_Progress(not args.quiet), sync=not args.no_sync,
-                             compression=args.compress, client=client)
+                             compression=args.compress, encoding=args.encoding, client=client)
         if not args.quiet:
             where = "the embedded default model (MLP 64-128-10)" if embedded else args.input
             print(f"pruned {_clean(where)}: {len(res.summary)} tensors, {len(res.copied)} copied unchanged")

@@ -39,7 +39,7 @@ from ._validate import as_float_array
 from .csr import check_csr, csr_of_mask, index_dtype, matrix_shape
 from .patterns import NM, NMCompact
 
-__all__ = ["FORMATS", "PackedMatrix", "pack", "packed_matmul"]
+__all__ = ["FORMATS", "PackedMatrix", "check_packed", "pack", "packed_matmul"]
 
 FORMATS = ("delta8", "bitmask", "nm")
 # Value dtypes: the stored array's dtype and the kernels' kind.
@@ -327,11 +327,12 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
         axis); or a dense weight (float16/32/64, or a ``bfloat16`` array of
         ml_dtypes) whose non-zeros, or ``mask``, are kept. N-D weights are
         packed as ``(shape[0], prod(shape[1:]))``.
-    format : {"auto", "delta8", "bitmask", "nm"}
+    format : {"auto", "smallest", "delta8", "bitmask", "nm"}
         ``"auto"`` takes the fewest bytes among delta8, bitmask and, where the
         kept entries fit it, N:M (``n:m`` if given, else 2:4); formats
         within 20% of the fewest tie, and nm, then delta8, then bitmask
-        win ties (the faster kernels first).
+        win ties (the faster kernels first). ``"smallest"``: the fewest
+        bytes, no ties (for files).
     mask : array_like of bool, optional
         Keep-mask of a dense ``a``.
     dtype : {"float32", "float64", "float16", "bfloat16"}, optional
@@ -365,8 +366,9 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
     >>> bool((p.toarray() == w).all())
     True
     """
-    if format != "auto" and format not in FORMATS:
-        raise ValueError(f"pack for {name!r}: unknown format {format!r}; choose 'auto' or one of {FORMATS}")
+    if format not in ("auto", "smallest") and format not in FORMATS:
+        raise ValueError(f"pack for {name!r}: unknown format {format!r}; choose 'auto', 'smallest' or one of "
+                         f"{FORMATS}")
     if isinstance(a, NMCompact):
         if mask is not None:
             raise ValueError(f"pack for {name!r}: a mask has no use with an NMCompact")
@@ -387,7 +389,8 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
     indices = csr.indices.astype(np.int64, copy=False)
     pattern = NM(2, 4) if n is None else NM(n, m)  # checks 1 <= n < m
     nm = (pattern.n, pattern.m)
-    if format == "nm" or format == "auto":
+    choose = format in ("auto", "smallest")
+    if format == "nm" or choose:
         bad = K.nm_first_overfull(indptr, indices, nm[0], nm[1])
         if bad[0] >= 0 and format == "nm":
             raise ValueError(f"pack for {name!r}: row {bad[0]} holds {bad[2]} entries in its group {bad[1]} of "
@@ -395,7 +398,7 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
         fits_nm = bad[0] < 0
     nw = -(-cols // 64)
     counts = None
-    if format == "auto":
+    if choose:
         counts = np.empty(rows, np.int64)
         K.delta8_counts(indptr, indices, counts)
         offsets = 8 * (rows + 1)  # delta8 and bitmask; nm finds its rows by arithmetic
@@ -404,7 +407,8 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
         if fits_nm:
             sizes["nm"] = _nm_bytes(shape, nm[0], nm[1], item)
         fewest = min(sizes.values())
-        format = min((f for f in sizes if sizes[f] <= (1 + _TIE) * fewest), key=_SPEED_ORDER.index)
+        tie = _TIE if format == "auto" else 0.0
+        format = min((f for f in sizes if sizes[f] <= (1 + tie) * fewest), key=_SPEED_ORDER.index)
     data = _narrow(csr.data, kind)
     if format == "delta8":
         if counts is None:
@@ -433,6 +437,99 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
     vals = np.zeros(rows * groups * n_, data.dtype)
     K.nm_fill(indptr, indices, data, n_, m_, bits, gpw, groups, words, vals)
     return PackedMatrix("nm", shape, kind, vals, words=words, n=n_, m=m_)
+
+
+def check_packed(p: PackedMatrix, name: str = "packed matrix") -> PackedMatrix:
+    """Check that ``p`` is a well-formed packed matrix (every array, O(size)).
+
+    Everything a product or a conversion reads is checked before it reads
+    it: array dtypes and lengths, row offsets from 0 without going back,
+    columns inside the matrix and rising within each row, bitmask rows whose
+    set bits match their offsets, N:M positions inside their group and
+    distinct. A matrix from :func:`pack` passes; one built from a file's
+    arrays must pass before it is used.
+
+    Returns
+    -------
+    PackedMatrix
+        ``p`` itself.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``name``, the rule broken and the offending value.
+    """
+    def bad(rule, detail):
+        raise ValueError(f"{name}: {rule} ({detail})")
+
+    if not isinstance(p, PackedMatrix):
+        raise TypeError(f"{name}: expected a PackedMatrix, got {type(p).__name__}")
+    if p.format not in FORMATS:
+        bad("unknown format", repr(p.format))
+    if p.dtype not in _KINDS:
+        bad("unknown value dtype", repr(p.dtype))
+    if len(p.shape) != 2 or any(not isinstance(v, (int, np.integer)) or v < 0 for v in p.shape):
+        bad("the shape must be two non-negative integers", repr(p.shape))
+    rows, cols = (int(v) for v in p.shape)
+    want = _KINDS[p.dtype][0]
+    if not isinstance(p.vals, np.ndarray) or p.vals.dtype != want or p.vals.ndim != 1:
+        bad(f"values must be a 1-D {want} array", f"got {getattr(p.vals, 'dtype', type(p.vals))} "
+            f"{getattr(p.vals, 'shape', '')}")
+    if p.format in ("delta8", "bitmask"):
+        ptr = p.ptr
+        if not isinstance(ptr, np.ndarray) or ptr.dtype != np.int64 or ptr.shape != (rows + 1,):
+            bad("row offsets must be int64 of rows + 1 entries", f"got {getattr(ptr, 'dtype', type(ptr))} "
+                f"{getattr(ptr, 'shape', '')} for {rows} rows")
+        steps = np.diff(ptr)
+        if ptr[0] != 0 or (steps.size and steps.min() < 0):
+            bad("row offsets must run from 0 without going back", f"first {ptr[0]}, smallest step "
+                f"{steps.min() if steps.size else 0}")
+    if p.format == "delta8":
+        d = p.deltas
+        if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or d.shape != p.vals.shape or ptr[-1] != d.size:
+            bad("delta8 steps must be uint8, one per value, as many as the row offsets end at",
+                f"{getattr(d, 'dtype', type(d))} {getattr(d, 'shape', '')}, {p.vals.size} values, end {ptr[-1]}")
+        if d.size:
+            first = np.zeros(d.size, bool)
+            first[ptr[:-1][steps > 0]] = True
+            if np.any(d[~first] == 0):
+                at = int(np.flatnonzero(~first & (d == 0))[0])
+                bad("columns must rise within a row", f"a step of 0 at entry {at}")
+            cs = np.cumsum(d, dtype=np.int64)
+            full = steps > 0
+            last = cs[ptr[1:][full] - 1] - np.where(ptr[:-1][full] > 0, cs[ptr[:-1][full] - 1], 0)
+            if last.size and last.max() >= cols:
+                bad("columns must lie in [0, columns)", f"column {int(last.max())} with {cols} columns")
+    elif p.format == "bitmask":
+        w = p.words
+        nw = -(-cols // 64)
+        if not isinstance(w, np.ndarray) or w.dtype != np.uint64 or w.shape != (rows, nw):
+            bad("bitmask words must be uint64 of shape (rows, ceil(cols / 64))",
+                f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')} for {(rows, cols)}")
+        if ptr[-1] > p.vals.size:
+            bad("the row offsets end past the values", f"{ptr[-1]} > {p.vals.size}")
+        counts = np.bitwise_count(w).sum(axis=1, dtype=np.int64) if w.size else np.zeros(rows, np.int64)
+        if np.any(counts != steps):
+            r = int(np.argmax(counts != steps))
+            bad("each row's set bits must match its offsets", f"row {r}: {counts[r]} bits, {steps[r]} values")
+        if cols % 64 and rows and np.any(w[:, -1] >> np.uint64(cols % 64)):
+            bad("no bit may be set past the last column", f"{cols} columns")
+    else:
+        if not (isinstance(p.n, (int, np.integer)) and isinstance(p.m, (int, np.integer)) and 1 <= p.n < p.m):
+            bad("an N:M format needs 1 <= n < m", f"{p.n}:{p.m}")
+        bits, gpw, groups = p._nm_layout
+        if p.n * bits > 64:
+            bad("an N:M group's positions must fit in 64 bits", f"{p.n}:{p.m} needs {p.n * bits}")
+        w = p.words
+        if not isinstance(w, np.ndarray) or w.dtype != np.uint64 or w.shape != (rows, -(-groups // gpw)):
+            bad("N:M words must be uint64 of shape (rows, ceil(groups / groups per word))",
+                f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+        if p.vals.size != rows * groups * p.n:
+            bad("an N:M matrix stores n values per group", f"{p.vals.size} values for {rows} x {groups} groups")
+        r, g = K.nm_positions_distinct(w, p.vals, int(p.n), int(p.m), bits, gpw, groups, cols)
+        if r >= 0:
+            bad("N:M positions must lie inside their group and differ", f"row {r}, group {g}")
+    return p
 
 
 def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None, *,

@@ -439,3 +439,58 @@ def half_value(bits, dtype):
     if dtype == "float16":
         return b.view(np.float16).astype(np.float64)
     return (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def unpack(encoding, shape, vals, ptr=None, deltas=None, words=None, n=0, m=0):
+    """Dense float64 matrix of packed arrays, entry by entry (values already widened to floats);
+    ``None`` where the arrays do not describe a matrix of ``shape`` (an index out of range, a
+    column repeated or falling within a row, a count that does not add up)."""
+    rows, cols = shape
+    out = np.zeros(shape)
+    vals = np.asarray(vals, np.float64)
+    if encoding in ("delta8", "bitmask"):
+        if len(ptr) != rows + 1 or ptr[0] != 0 or any(ptr[r + 1] < ptr[r] for r in range(rows)):
+            return None
+    if encoding == "delta8":
+        if ptr[-1] != len(deltas) or len(deltas) != len(vals):
+            return None
+        for r in range(rows):
+            col = 0
+            for i, p in enumerate(range(ptr[r], ptr[r + 1])):
+                if i and deltas[p] == 0:
+                    return None
+                col += int(deltas[p])
+                if col >= cols:
+                    return None
+                out[r, col] = vals[p]
+    elif encoding == "bitmask":
+        if ptr[-1] > len(vals) or np.shape(words) != (rows, -(-cols // 64)):
+            return None
+        for r in range(rows):
+            p = ptr[r]
+            for c in range(np.shape(words)[1] * 64):
+                if int(words[r, c // 64]) >> (c % 64) & 1:
+                    if c >= cols or p >= ptr[r + 1]:
+                        return None
+                    out[r, c] = vals[p]
+                    p += 1
+            if p != ptr[r + 1]:
+                return None
+    else:
+        bits = max(1, int(np.ceil(np.log2(m))))
+        gpw = 64 // (n * bits)
+        groups = -(-cols // m)
+        if len(vals) != rows * groups * n or np.shape(words) != (rows, -(-groups // gpw)):
+            return None
+        for r in range(rows):
+            for g in range(groups):
+                seen = set()
+                for s in range(n):
+                    v = vals[(r * groups + g) * n + s]
+                    pos = int(words[r, g // gpw]) >> (((g % gpw) * n + s) * bits) & ((1 << bits) - 1)
+                    if v != 0:
+                        if pos >= m or g * m + pos >= cols or pos in seen:
+                            return None
+                        seen.add(pos)
+                        out[r, g * m + pos] = v
+    return out

@@ -16,6 +16,7 @@ from hypothesis import strategies as st_
 
 import sparsecore as sc
 from sparsecore.io import FormatError, UserError, densify_file, open_weights, prune_file
+from sparsecore.io.sparse import SparseFile
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -132,12 +133,13 @@ def test_keras_files_prune_load_and_round_trip(keras_files, tmp_path, fmt, scope
         assert h.attrs["format"] == "sparsecore-sparse-hdf5" and h.attrs["source_sha256"] == before
         assert h.attrs["criterion"] == "magnitude" and h.attrs["scope"] == scope
         assert h.attrs["tool_version"] == sc.__version__
+        assert h.attrs["format_version"] == 2
         g = h["tensors/0"]
-        a = sc.check_csr  # the stored CSR is canonical
-        import scipy.sparse as sp
-
-        a(sp.csr_array((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g.attrs["csr_shape"])),
-          full=True)
+        assert g.attrs["encoding"] in ("delta8", "bitmask")  # packed: the fewest bytes (2:4 tensors: nm)
+        name = g.attrs["name"]
+    with SparseFile(sp_path) as f:
+        sc.check_csr(f.csr(name), full=True)  # what it stores reads back as a canonical CSR
+        sc.check_packed(f.packed(name))
 
 
 def test_legacy_split_attributes_bytes_and_empty_layers(tmp_path, rng):
@@ -432,12 +434,66 @@ def test_compressed_sparse_output_round_trips(tmp_path, rng):
     prune_file(src, plain, sparsity=0.8)
     prune_file(src, packed, sparsity=0.8, compression="gzip")
     with h5py.File(packed) as h:
-        assert h["tensors/0/indices"].compression == "gzip"
+        assert h["tensors/0/vals"].compression == "gzip"
     densify_file(plain, tmp_path / "p.safetensors")
     densify_file(packed, tmp_path / "c.safetensors")
     assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
     with pytest.raises(UserError, match="compression applies to sparse HDF5"):
         prune_file(src, tmp_path / "x.safetensors", sparsity=0.5, compression="gzip")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16", np.float64])
+def test_every_encoding_densifies_bit_exactly_and_packed_files_are_small(tmp_path, rng, dtype):
+    """Version 2 stores packed encodings: densify gives the masked weights bit for bit whatever the
+    encoding, and a 50% / 70% float32 file takes about a half / a third of the dense bytes."""
+    stn = pytest.importorskip("safetensors.numpy")
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    src = tmp_path / "m.safetensors"
+    if dtype == "bfloat16":
+        from sparsecore.io import _safetensors
+
+        with open(src, "wb") as f:
+            _safetensors.write(f, [("w", "BF16", w.shape, lambda: (w.view(np.uint32) >> 16).astype(np.uint16))])
+    else:
+        stn.save_file({"w": w.astype(dtype)}, str(src))
+    dense_bytes = os.path.getsize(src)
+    for sparsity, most in ((0.5, 0.58), (0.7, 0.40)):
+        outs = {}
+        for enc in ("auto", "csr", "delta8", "bitmask"):
+            out = tmp_path / f"{enc}.sparse.h5"
+            prune_file(src, out, sparsity=sparsity, encoding=enc, force=True)
+            back = tmp_path / f"{enc}.safetensors"
+            densify_file(out, back, force=True)
+            outs[enc] = (os.path.getsize(out), back.read_bytes())
+            with SparseFile(out) as f:
+                assert f.encoding("w") == (enc if enc != "auto" else f.encoding("w"))
+                assert f.encoding("w") in ("delta8", "bitmask") or enc == "csr"
+        assert len({b for _, b in outs.values()}) == 1  # the same dense file from every encoding
+        if dtype == np.float32:
+            assert outs["auto"][0] <= most * dense_bytes, (sparsity, outs["auto"][0], dense_bytes)
+            assert outs["auto"][0] < outs["csr"][0]
+    with pytest.raises(UserError, match="an encoding applies to sparse HDF5"):
+        prune_file(src, tmp_path / "x.safetensors", sparsity=0.5, encoding="delta8")
+
+
+def test_version_1_files_still_read(tmp_path, rng):
+    """A version 1 file (CSR only, no encoding attribute) reads as before."""
+    stn = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "m.safetensors"
+    stn.save_file({"w": rng.standard_normal((8, 16)).astype(np.float32)}, str(src))
+    out = tmp_path / "m.sparse.h5"
+    prune_file(src, out, sparsity=0.5, encoding="csr")
+    with h5py.File(out, "r+") as h:
+        h.attrs["format_version"] = 1
+        del h["tensors/0"].attrs["encoding"]
+    densify_file(out, tmp_path / "back.safetensors")
+    w = stn.load_file(str(src))["w"]
+    got = stn.load_file(str(tmp_path / "back.safetensors"))["w"]
+    np.testing.assert_array_equal(got, np.where(sc.sparsity_mask(np.abs(w), 0.5), w, 0))
+    with h5py.File(out, "r+") as h:
+        h.attrs["format_version"] = 3
+    with pytest.raises(FormatError, match="reads versions 1, 2"):
+        densify_file(out, tmp_path / "again.safetensors")
 
 
 @settings(max_examples=300, deadline=None)

@@ -262,3 +262,40 @@ def test_property_round_trip_and_product(rows, cols, density, seed, fmt, dtype):
     x = _x(rng, cols, None)
     scale = np.abs(d) @ np.abs(x.astype(np.float64)) + 1e-30
     assert rows == 0 or (np.abs(p @ x - ref.matmul(d, x)) / scale).max() < 4e-6
+
+
+def test_check_packed_accepts_packs_and_names_each_broken_rule(rng):
+    import dataclasses
+
+    d = _dense(rng, (5, 130), "random").astype(np.float32)
+    for fmt, kw in [("delta8", {}), ("bitmask", {}), ("nm", {"n": 2, "m": 4})]:
+        w = _nm_dense(rng, (5, 130), 2, 4, fewer=True).astype(np.float32) if fmt == "nm" else d
+        assert sc.check_packed(sc.pack(w, fmt, **kw)) is not None
+    p = sc.pack(d, "delta8")
+    cases = [
+        (dataclasses.replace(p, ptr=p.ptr[:-1]), "rows \\+ 1"),
+        (dataclasses.replace(p, ptr=np.r_[1, p.ptr[1:]]), "from 0 without going back"),
+        (dataclasses.replace(p, deltas=np.r_[p.deltas[:1], 0, p.deltas[2:]].astype(np.uint8)), "rise within a row"),
+        (dataclasses.replace(p, deltas=np.full_like(p.deltas, 200)), "lie in \\[0, columns\\)"),
+        (dataclasses.replace(p, vals=p.vals.astype(np.float64)), "1-D float32"),
+        (dataclasses.replace(p, format="csr"), "unknown format"),
+    ]
+    b = sc.pack(d, "bitmask")
+    words = b.words.copy()
+    words[0, 0] ^= np.uint64(1) << np.uint64(63) if not words[0, 0] >> np.uint64(63) & np.uint64(1) else \
+        np.uint64(1) << np.uint64(62)
+    cases += [(dataclasses.replace(b, words=words), "set bits must match"),
+              (dataclasses.replace(b, ptr=b.ptr + np.r_[0, np.full(5, b.vals.size)]), "past the values")]
+    tail = b.words.copy()
+    tail[0, -1] |= np.uint64(1) << np.uint64(63)  # column 191 of 130
+    cases.append((dataclasses.replace(b, words=tail), "set bits must match|past the last column"))
+    nm = sc.pack(_nm_dense(rng, (3, 16), 2, 4, fewer=False).astype(np.float32), "nm")
+    same = nm.words.copy()
+    same[0, 0] = np.uint64(0)  # both positions of every group of row 0 read 0
+    cases += [(dataclasses.replace(nm, words=same), "inside their group and differ"),
+              (dataclasses.replace(nm, vals=nm.vals[:-1]), "n values per group")]
+    for broken, rule in cases:
+        with pytest.raises(ValueError, match=rule):
+            sc.check_packed(broken, "fc1")
+    with pytest.raises(TypeError, match="expected a PackedMatrix"):
+        sc.check_packed(d)

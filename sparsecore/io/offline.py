@@ -57,7 +57,7 @@ from .formats import (
     write_torch,
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
-from .sparse import SparseFile, SparseWriter, as_str
+from .sparse import ENCODINGS, SparseFile, SparseWriter, as_str
 from .tensorwise import SmallBatches, UserError, copy_folder_files, lazy_sources, prune_one, write_shard
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
@@ -188,7 +188,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                take_all: bool = False, any_rank: bool = False, format: str | None = None,
                sparse: bool | None = None, pattern: str | None = None,
                force: bool = False, progress: Callable[[int, int, str], None] | None = None,
-               sync: bool = True, compression: str | None = None, client=None) -> FileResult:
+               sync: bool = True, compression: str | None = None, encoding: str = "auto",
+               client=None) -> FileResult:
     """Prune the weight file ``src`` into ``dst``.
 
     Parameters
@@ -229,8 +230,13 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         ``.h5`` for inputs of those formats) or, without a known extension,
         the input's format. A name that contradicts what is written is refused.
     compression : {None, "gzip", "lzf"}
-        HDF5 filters (with byte shuffling) on the sparse output's CSR arrays:
-        about 40% smaller, several times slower to write.
+        HDF5 filters (with byte shuffling) on the sparse output's arrays:
+        smaller, several times slower to write.
+    encoding : {"auto", "csr", "delta8", "bitmask", "nm"}
+        How the sparse output stores each pruned tensor: ``"auto"`` the
+        packed format of fewest bytes (``sparsecore.pack(..., "smallest")``; a 50% float32
+        tensor in about half its dense bytes), or the one named (``"nm"``:
+        2:4, every tensor must fit it); ``"csr"`` as version 1 did.
     sync : bool
         fsync the output before renaming it onto ``dst`` (durable across a
         power cut; the rename alone already makes it atomic for a killed run).
@@ -267,6 +273,10 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
     if compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression must be 'gzip' or 'lzf', got {compression!r}")
+    if encoding != "auto" and not sparse:
+        raise UserError("an encoding applies to sparse HDF5 output (an output name ending in .sparse.h5)")
+    if encoding not in ENCODINGS:
+        raise UserError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     include = [include] if isinstance(include, str) else list(include)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     # Python's cycle collector is held off while this process prunes: a file of 100,000 tiny tensors keeps
@@ -319,7 +329,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                     srcs.write(tmp, plan, result, progress)
                     result.moved_bytes = srcs.moved
                 else:
-                    _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind)
+                    _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind, encoding)
         finally:
             if score_file is not None:
                 score_file.close()
@@ -396,7 +406,7 @@ def output_kind(dst, reader, fmt=None):
                     f"{native or 'another format'}; {like}, or pass --format safetensors/torch to convert")
 
 
-def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None, kind=None):
+def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None, kind=None, encoding="auto"):
     sources, plan, pattern = plan
     index = {n: i for i, n in enumerate(sources)}
     pruned = set(sources)
@@ -419,7 +429,7 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
 
     result.copied = [n for n in reader.entries if n not in pruned]
     if sparse:
-        _write_sparse(reader, tmp, step, pruned, attrs, compression)
+        _write_sparse(reader, tmp, step, pruned, attrs, compression, encoding)
         return
     if kind is not None and kind != _native(reader) and not isinstance(reader, ShardedCheckpoint):
         _write_converted(reader, tmp, lambda n: step(n, False)[0] if n in pruned else reader.raw(n), kind)
@@ -493,8 +503,8 @@ def _stream_into(group, name, fin, size, what):
     return ds
 
 
-def _write_sparse(reader, tmp, step, pruned, attrs, compression=None):
-    w = SparseWriter(tmp, attrs, compression)
+def _write_sparse(reader, tmp, step, pruned, attrs, compression=None, encoding="auto"):
+    w = SparseWriter(tmp, attrs, compression, encoding)
     try:
         c = w.container
         if isinstance(reader, ShardedCheckpoint):  # one file for the model; densify rebuilds the folder
