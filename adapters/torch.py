@@ -506,12 +506,21 @@ class PackedLinear(nn.Module):
     :class:`sparsecore.PackedMatrix`: ``y = x @ W.T + b`` with sparsecore's
     packed kernels, on the CPU.
 
-    One token (batch 1: the decode step) is one product with a vector; more
-    rows of ``x`` are one product with a matrix. The input is read as float32
+    One token (batch 1: the decode step) is one product with a vector; a few
+    rows of ``x`` are one product with a matrix. Many rows (a prefill of
+    ``DENSE_FROM`` tokens or more) of a weight that keeps at least
+    ``DENSE_DENSITY`` of its entries run as ``F.linear`` on a dense copy
+    written straight from the packed arrays for that call: there the dense
+    GEMM's arithmetic beats the sparse product (measured on 2 AMD EPYC cores:
+    512 tokens at 50-70% ran 0.6-0.9x dense through the packed matrix
+    product, 2.4x at 90%). The input is read as float32
     (float64 for float64 weights) and the output given back in the input's
     dtype. Inference only: the weight is not a parameter, and an input that
     requires a gradient (with gradients enabled) is refused.
     """
+
+    DENSE_FROM = 32
+    DENSE_DENSITY = 0.2
 
     def __init__(self, packed: sc.PackedMatrix, bias: torch.Tensor | None = None):
         super().__init__()
@@ -524,6 +533,7 @@ class PackedLinear(nn.Module):
         self._vector, self._matrix = packed.product(True), packed.product(False)
         self._work = torch.float64 if packed.dtype == "float64" else torch.float32
         self._bias = None if self.bias is None else self.bias.to(self._work).numpy()  # the buffer, as NumPy
+        self._dense_route = packed.nnz >= self.DENSE_DENSITY * packed.shape[0] * packed.shape[1]
 
     @classmethod
     def from_linear(cls, linear: nn.Module, mask=None, *, format: str = "auto") -> PackedLinear:
@@ -552,6 +562,11 @@ class PackedLinear(nn.Module):
             y = self._vector(np.ascontiguousarray(xn[0]), np.empty(self.out_features, xn.dtype))[None]
         elif tokens == 0 or self.in_features == 0 or self.out_features == 0:
             y = np.zeros((tokens, self.out_features), xn.dtype)
+        elif tokens >= self.DENSE_FROM and self._dense_route:
+            w = torch.from_numpy(self.packed.toarray())
+            bias = None if self.bias is None else self.bias.to(w.dtype)
+            y = nn.functional.linear(torch.from_numpy(xn), w, bias)
+            return y.reshape(*lead, self.out_features).to(x.dtype)
         else:
             y = self._matrix(np.ascontiguousarray(xn.T), np.empty((self.out_features, tokens), xn.dtype)).T
         if self._bias is not None:

@@ -39,10 +39,12 @@ if TYPE_CHECKING:  # imported on first use by __getattr__ below
         unit_mi,
         units,
     )
+    from ._cuda.packed import DevicePacked
     from ._cuda.select import DeviceSource
 
-__all__ = ["DeviceAccumulator", "DeviceCSR", "DeviceSource", "PairMICounts", "UnitMICounts", "csr_matmul",
-           "fit_bins", "pairwise_mi", "prune", "to_csr", "to_device", "unit_mi", "units"]
+__all__ = ["DeviceAccumulator", "DeviceCSR", "DevicePacked", "DeviceSource", "PairMICounts", "UnitMICounts",
+           "csr_matmul", "fit_bins", "packed_matmul", "pairwise_mi", "prune", "to_csr", "to_device",
+           "to_device_packed", "unit_mi", "units"]
 
 
 def __getattr__(name):
@@ -51,6 +53,10 @@ def __getattr__(name):
         from ._cuda.csr import DeviceCSR
 
         return DeviceCSR
+    if name == "DevicePacked":
+        from ._cuda.packed import DevicePacked
+
+        return DevicePacked
     if name == "DeviceSource":
         from ._cuda.select import DeviceSource
 
@@ -102,3 +108,20 @@ def csr_matmul(a, x, out=None):
     from .csr import csr_matmul as csr_matmul_any
 
     return csr_matmul_any(a, x, out, device="cuda")
+
+
+def to_device_packed(p):
+    """A :class:`DevicePacked` of a :class:`sparsecore.PackedMatrix`: its arrays
+    copied to the GPU once, for products that reuse them."""
+    from ._cuda.packed import to_device as to_device_packed_any
+
+    return to_device_packed_any(p)
+
+
+def packed_matmul(p, x, out=None):
+    """``p @ x`` on the device for a :class:`DevicePacked` (or a host
+    :class:`sparsecore.PackedMatrix`, copied over) and a device (or host)
+    vector or matrix; returns a device array."""
+    from .packed import packed_matmul as packed_matmul_any
+
+    return packed_matmul_any(p, x, out, device="cuda")

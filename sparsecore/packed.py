@@ -227,9 +227,35 @@ class PackedMatrix:
 
         return call
 
-    def toarray(self) -> np.ndarray:
-        """The dense matrix (float32, or float64 for float64 values)."""
-        return self.to_csr().toarray()
+    def toarray(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The dense matrix (float32, or float64 for float64 values), written
+        straight from the packed arrays (into ``out`` when given: C-contiguous,
+        that dtype and shape)."""
+        rows, cols = self.shape
+        dt = np.dtype(np.float64 if self.dtype == "float64" else np.float32)
+        if out is None:
+            out = np.empty((rows, cols), dt)
+        elif not isinstance(out, np.ndarray) or out.shape != (rows, cols) or out.dtype != dt or \
+                not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writeable C-contiguous {dt} ndarray of shape {(rows, cols)}")
+        if rows == 0 or cols == 0:
+            return out
+        kind = _KINDS[self.dtype][1]
+        nthreads = threads_for(rows * cols)
+        par = nthreads > 1
+        if self.format == "delta8":
+            kern, args = K.delta8_dense(kind, par), (self.ptr, self.deltas, self.vals, out, nthreads)
+        elif self.format == "bitmask":
+            kern, args = K.bitmask_dense(kind, par), (self.ptr, self.words, self.vals, out, nthreads)
+        else:
+            bits, gpw, groups = self._nm_layout
+            kern = K.nm_dense(kind, self.n, self.m, bits, gpw, par)
+            args = (self.words, self.vals, out, groups, cols, nthreads)
+        if par:
+            run(nthreads, kern, *args)
+        else:
+            kern(*args)
+        return out
 
     def __matmul__(self, x):
         return packed_matmul(self, x)

@@ -166,3 +166,15 @@ def test_bad_input_is_named(rng):
         sc.packed_matmul(np.ones((4, 520)), np.ones(520, np.float32), device="cuda")
     with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'auto', got 'gpu'"):
         sc.packed_matmul(p, np.ones(520, np.float32), device="gpu")
+
+
+def test_public_device_face(rng):
+    """sparsecore.cuda.to_device_packed and packed_matmul: the arrays copied once, products on the device."""
+    from sparsecore import cuda as scu
+
+    w = np.where(rng.random((9, 70)) < 0.5, _values(rng, (9, 70)), 0).astype(np.float32)
+    p = scu.to_device_packed(sc.pack(w, "delta8"))
+    assert isinstance(p, scu.DevicePacked) and p.shape == (9, 70)
+    x = rng.standard_normal(70).astype(np.float32)
+    got = scu.packed_matmul(p, x).copy_to_host()
+    np.testing.assert_allclose(got, ref.matmul(w, x), rtol=1e-5, atol=1e-5)

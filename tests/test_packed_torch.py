@@ -21,11 +21,14 @@ def _pruned_linear(rng, n_in, n_out, sparsity, dtype=torch.float32, bias=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["auto", "delta8", "bitmask"])
-@pytest.mark.parametrize("tokens", [(1,), (5,), (2, 3)])
-def test_packed_linear_matches_masked_dense(rng, dtype, fmt, tokens):
-    lin = _pruned_linear(rng, 37, 11, 0.6, dtype)
+@pytest.mark.parametrize("tokens, sparsity", [((1,), 0.6), ((5,), 0.6), ((2, 3), 0.6),
+                                              ((40,), 0.6),  # a prefill: F.linear on a dense copy
+                                              ((40,), 0.9)])  # too sparse for that: the packed matrix product
+def test_packed_linear_matches_masked_dense(rng, dtype, fmt, tokens, sparsity):
+    lin = _pruned_linear(rng, 37, 11, sparsity, dtype)
     packed = sct.PackedLinear.from_linear(lin, format=fmt)
     assert packed.packed.dtype == str(dtype).removeprefix("torch.")
+    assert packed._dense_route == (sparsity < 0.8)
     x = torch.as_tensor(rng.standard_normal((*tokens, 37)), dtype=torch.float32).to(dtype)
     with torch.no_grad():
         want = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
