@@ -37,9 +37,9 @@ from sparsecore.reconstruct import check_layer_options
 from ._common import batches as _batches
 
 __all__ = [
-    "ActivationStats", "MaskCallback", "PruningCallback", "apply_masks", "collect_activations",
+    "ActivationStats", "MaskCallback", "PackedDense", "PruningCallback", "apply_masks", "collect_activations",
     "collect_gradients", "file_names", "from_file_names", "kernel_name", "layouts", "prunable", "prune_sequential",
-    "save_sparse", "shrink_model", "to_file_names", "variables", "weights",
+    "save_sparse", "shrink_model", "sparsify", "to_file_names", "variables", "weights",
 ]
 
 KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
@@ -599,3 +599,102 @@ def prune_sequential(model: keras.Model, data: Iterable, *, sparsity=None, patte
                 layer.kernel.assign(backup[name])
         raise
     return sc.PruneResult.combine(results)
+
+
+class PackedDense(keras.layers.Layer):
+    """A ``Dense`` whose kernel is a :class:`sparsecore.PackedMatrix` (of the
+    kernel's transpose, ``(out, in)``): ``activation(x @ W + b)`` with
+    sparsecore's packed products, on the CPU, for inference.
+
+    The product runs on NumPy arrays (``keras.ops.convert_to_numpy``), so the
+    layer runs eagerly: on the torch and JAX backends as they are, on
+    TensorFlow with ``run_eagerly=True``. One row of ``x`` is a product with
+    a vector, more rows a product with a matrix. Values keep the kernel's
+    dtype; the output is float32 (float64 for float64 kernels).
+    """
+
+    def __init__(self, packed: sc.PackedMatrix, bias=None, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(packed, sc.PackedMatrix):
+            raise TypeError(f"packed must be a sparsecore.PackedMatrix, got {type(packed).__name__}")
+        self.packed = packed
+        self.units, self.in_features = packed.shape
+        self.activation = keras.activations.get(activation)
+        work = np.float64 if packed.dtype == "float64" else np.float32
+        self._bias = None if bias is None else np.array(bias, work)
+        self._vector, self._matrix = packed.product(True), packed.product(False)
+        self.trainable = False
+
+    @classmethod
+    def from_dense(cls, layer, mask=None, *, format: str = "auto") -> PackedDense:
+        """A :class:`PackedDense` of a built ``keras.layers.Dense``, kept where
+        ``mask`` (shaped like its ``(in, out)`` kernel) is True, its non-zeros without one."""
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        packed = sc.pack(kernel.T, format, mask=None if mask is None else np.asarray(mask).T,
+                         name=layer.name)
+        bias = None if layer.bias is None else keras.ops.convert_to_numpy(layer.bias)
+        return cls(packed, bias, layer.activation, name=layer.name)
+
+    def call(self, x):
+        """``activation(x @ W + b)``."""
+        xn = keras.ops.convert_to_numpy(x)
+        work = np.float64 if self.packed.dtype == "float64" else np.float32
+        lead = xn.shape[:-1]
+        x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features), work)
+        if x2.shape[0] == 1:
+            y = self._vector(np.ascontiguousarray(x2[0]), np.empty(self.units, work))[None]
+        elif x2.shape[0] == 0 or self.in_features == 0 or self.units == 0:
+            y = np.zeros((x2.shape[0], self.units), work)
+        else:
+            y = self._matrix(np.ascontiguousarray(x2.T), np.empty((self.units, x2.shape[0]), work)).T
+        if self._bias is not None:
+            y = y + self._bias
+        return self.activation(keras.ops.convert_to_tensor(y.reshape(*lead, self.units)))
+
+    def compute_output_shape(self, input_shape):
+        """The input's shape with its last axis the units."""
+        return (*input_shape[:-1], self.units)
+
+
+def sparsify(model: keras.Model, format: str = "auto", *, include: Iterable[str] | None = None,
+             min_ratio: float = 1.0):
+    """A copy of ``model`` whose pruned ``Dense`` layers are :class:`PackedDense`
+    where the packed kernel reads fewer bytes than the dense one (``min_ratio``
+    times over); the other layers are the model's own (shared, not copied).
+
+    Parameters
+    ----------
+    model : keras.Model
+        Sequential or functional (``keras.models.clone_model`` rebuilds it).
+    format : {"auto", "delta8", "bitmask", "nm"}
+    include : iterable of str, optional
+        Layer names (``fnmatch`` patterns) to consider; all by default.
+    min_ratio : float
+        Dense bytes over packed bytes that a layer must reach to be swapped.
+
+    Returns
+    -------
+    (keras.Model, dict)
+        The new model, and layer name -> ``{"format", "nbytes",
+        "dense_nbytes", "swapped"}`` for each Dense with a zero weight.
+    """
+    if not isinstance(model, (keras.Sequential, keras.Model)) or \
+            (not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", True)):
+        raise ValueError("sparsify needs a Sequential or functional model (clone_model rebuilds it)")
+    report = {}
+
+    def swap(layer):
+        if not isinstance(layer, keras.layers.Dense) or \
+                (include is not None and not any(fnmatch.fnmatchcase(layer.name, p) for p in include)):
+            return layer
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        if np.count_nonzero(kernel) == kernel.size:
+            return layer
+        new = PackedDense.from_dense(layer, format=format)
+        dense_nbytes = kernel.nbytes
+        ok = dense_nbytes >= min_ratio * new.packed.nbytes
+        report[layer.name] = {"format": new.packed.format, "nbytes": new.packed.nbytes, "dense_nbytes": dense_nbytes,
+                              "swapped": ok}
+        return new if ok else layer
+
+    return keras.models.clone_model(model, clone_function=swap), report
