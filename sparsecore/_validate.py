@@ -41,6 +41,18 @@ def flat(arr):
     return np.ascontiguousarray(arr).reshape(-1)
 
 
+def out_array(out, shape, dtype):
+    """``out`` checked as a product's result (an ndarray of ``shape`` and
+    ``dtype``, C-contiguous, writeable), or a new one when it is None."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out must be a {dtype} ndarray of shape {shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
 def nonfinite_error(name, role, arr, count, first, hint=""):
     """The ``ValueError`` for ``count`` NaN/Inf values, the first at flat ``first``."""
     shape = np.shape(arr)

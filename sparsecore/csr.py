@@ -20,7 +20,7 @@ from ._device import is_device_array, resolve, to_device
 from ._kernels import cpu_csr
 from ._kernels.keys import MODE_ABS, MODE_IDENTITY, key_of
 from ._source import Rule, Source
-from ._validate import check_fraction, check_threshold, flat
+from ._validate import check_fraction, check_threshold, flat, out_array
 from .selection import (
     apply_rule,
     scores_source,
@@ -329,13 +329,7 @@ def csr_matmul(a: sp.csr_array, x: ArrayLike, out: np.ndarray | None = None, *, 
     data = a.data if a.data.dtype == dt else a.data.astype(dt)
     xc = np.ascontiguousarray(xa, dtype=dt)
     shape = (rows,) if xa.ndim == 1 else (rows, xa.shape[1])
-    if out is None:
-        out = np.empty(shape, dt)
-    else:
-        if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
-            raise ValueError(f"out must be a {dt} ndarray of shape {shape}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
+    out = out_array(out, shape, dt)
     if rows == 0:
         return out
     # A few ranges per thread, each of about equal nnz; small products run on one.

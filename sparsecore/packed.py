@@ -35,7 +35,7 @@ from numpy.typing import ArrayLike
 
 from ._kernels import cpu_packed as K
 from ._kernels import run, threads_for
-from ._validate import as_float_array
+from ._validate import as_float_array, out_array
 from .csr import check_csr, csr_of_mask, index_dtype, matrix_shape
 from .patterns import NM, NMCompact
 
@@ -233,11 +233,7 @@ class PackedMatrix:
         that dtype and shape)."""
         rows, cols = self.shape
         dt = np.dtype(np.float64 if self.dtype == "float64" else np.float32)
-        if out is None:
-            out = np.empty((rows, cols), dt)
-        elif not isinstance(out, np.ndarray) or out.shape != (rows, cols) or out.dtype != dt or \
-                not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writeable C-contiguous {dt} ndarray of shape {(rows, cols)}")
+        out = out_array(out, (rows, cols), dt)
         if rows == 0 or cols == 0:
             return out
         kind = _KINDS[self.dtype][1]
@@ -603,12 +599,7 @@ def packed_matmul(p: PackedMatrix, x: ArrayLike, out: np.ndarray | None = None, 
     dt = np.dtype(np.float64 if p.dtype == "float64" else np.float32)
     xc = np.ascontiguousarray(xa, dtype=dt)
     shape = (rows,) if xa.ndim == 1 else (rows, xa.shape[1])
-    if out is None:
-        out = np.empty(shape, dt)
-    elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
-        raise ValueError(f"out must be a {dt} ndarray of shape {shape}")
-    elif not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writeable")
+    out = out_array(out, shape, dt)
     if rows == 0:
         return out
     if cols == 0 or (xa.ndim == 2 and xa.shape[1] == 0):

@@ -71,6 +71,26 @@ def _set_threads(n):
     numba.set_num_threads(n)
 
 
+def variants(factory, key=lambda *k: k):
+    """Memoise a kernel factory on its arguments (normalised by ``key``): the
+    factory defines its ``@njit`` kernel inside, so the arguments are closure
+    constants that Numba folds into the code and its on-disk cache keys each
+    variant by; only the variants a run uses are compiled. The threading
+    layer is started (waiting passively) before a first kernel runs."""
+    cache = {}
+
+    def get(*args):
+        ready()
+        k = key(*args)
+        if k not in cache:
+            cache[k] = factory(*k)
+        return cache[k]
+
+    get.__doc__ = factory.__doc__
+    get.__name__ = factory.__name__
+    return get
+
+
 def ready():
     """Start Numba's threading layer once, where it is OpenMP (GNU libgomp)
     with its threads waiting passively.

@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import ready
+from . import variants
 from .cpu_csr import row_bounds
 from .keys import cttz, popcount
 
@@ -79,19 +79,8 @@ def _read(vals, p, kind):
 
 def by_kind(factory):
     """Memoise a kernel factory ``factory(kind, *more)`` on its constants
-    (ints, and the accumulator's NumPy type): the closure constants key
-    Numba's on-disk cache, so each variant compiles once per machine."""
-    cache = {}
-
-    def get(*key):
-        ready()
-        if key not in cache:
-            cache[key] = factory(*key)
-        return cache[key]
-
-    get.__doc__ = factory.__doc__
-    get.__name__ = factory.__name__
-    return get
+    (ints, and the accumulator's NumPy type): see ``variants``."""
+    return variants(factory)
 
 
 # ---------------------------------------------------------------- encoders

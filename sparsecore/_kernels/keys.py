@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from . import ready
+from . import variants
 
 MODE_IDENTITY = 0
 MODE_ABS = 1
@@ -179,22 +179,11 @@ _KEY_OF_INF = {w: (key_of(-np.inf, w), key_of(np.inf, w)) for w in (False, True)
 
 
 def specialize(factory):
-    """Memoise a kernel factory ``factory(mode, wide, scaled)``.
+    """Memoise a kernel factory ``factory(mode, wide, scaled)`` (``variants``).
 
     The factory defines its ``@njit`` kernel inside, so ``mode``, ``wide`` and
     ``scaled`` are closure constants: Numba folds the transform's branches
     away, and its on-disk cache keys each variant by those constants. Only
     the variants that a run uses are compiled.
     """
-    cache = {}
-
-    def get(mode, wide, scaled):
-        ready()  # the threading layer starts (waiting passively) before a first kernel runs
-        key = (int(mode), bool(wide), bool(scaled))
-        if key not in cache:
-            cache[key] = factory(*key)
-        return cache[key]
-
-    get.__doc__ = factory.__doc__
-    get.__name__ = factory.__name__
-    return get
+    return variants(factory, lambda mode, wide, scaled: (int(mode), bool(wide), bool(scaled)))
