@@ -238,19 +238,14 @@ class PackedMatrix:
             return out
         kind = _KINDS[self.dtype][1]
         nthreads = threads_for(rows * cols)
-        par = nthreads > 1
         if self.format == "delta8":
-            kern, args = K.delta8_dense(kind, par), (self.ptr, self.deltas, self.vals, out, nthreads)
+            run(nthreads, K.delta8_dense, self.ptr, self.deltas, self.vals, kind, out, nthreads)
         elif self.format == "bitmask":
-            kern, args = K.bitmask_dense(kind, par), (self.ptr, self.words, self.vals, out, nthreads)
+            run(nthreads, K.bitmask_dense, self.ptr, self.words, self.vals, kind, out, nthreads)
         else:
             bits, gpw, groups = self._nm_layout
-            kern = K.nm_dense(kind, self.n, self.m, bits, gpw, par)
-            args = (self.words, self.vals, out, groups, cols, nthreads)
-        if par:
-            run(nthreads, kern, *args)
-        else:
-            kern(*args)
+            run(nthreads, K.nm_dense, self.words, self.vals, kind, self.n, self.m, bits, gpw, groups, cols, out,
+                nthreads)
         return out
 
     def __matmul__(self, x):

@@ -625,66 +625,52 @@ def bitmask_matvec_avx2(kind, parallel):
 
 
 # ---------------------------------------------------------------- dense copies (the prefill route)
+# One compiled function per value array type: ``kind`` and the N:M layout are
+# run-time arguments here (a copy is not a hot loop; fewer variants compile).
 
-@by_kind
-def delta8_dense(kind, parallel):
-    @njit(parallel=parallel, cache=True)
-    def kernel(ptr, deltas, vals, out, nchunks):
-        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
-        rows = out.shape[0]
-        for c in prange(nchunks):
-            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
-                o = out[r]
-                o[:] = 0
-                col = 0
-                for p in range(ptr[r], ptr[r + 1]):
-                    col += deltas[p]
-                    o[col] += _read(vals, p, kind)  # fillers add zero
-
-    return kernel
+@njit(parallel=True, cache=True)
+def delta8_dense(ptr, deltas, vals, kind, out, nchunks):
+    rows = out.shape[0]
+    for c in prange(nchunks):
+        for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+            o = out[r]
+            o[:] = 0
+            col = 0
+            for p in range(ptr[r], ptr[r + 1]):
+                col += deltas[p]
+                o[col] += _read(vals, p, kind)  # fillers add zero
 
 
-@by_kind
-def bitmask_dense(kind, parallel):
-    @njit(parallel=parallel, cache=True)
-    def kernel(ptr, words, vals, out, nchunks):
-        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
-        rows = out.shape[0]
-        one = np.uint64(1)
-        for c in prange(nchunks):
-            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
-                o = out[r]
-                o[:] = 0
-                p = ptr[r]
-                for w in range(words.shape[1]):
-                    bits = words[r, w]
-                    while bits:
-                        o[64 * w + np.int64(cttz(bits))] = _read(vals, p, kind)
-                        p += 1
-                        bits &= bits - one
-
-    return kernel
+@njit(parallel=True, cache=True)
+def bitmask_dense(ptr, words, vals, kind, out, nchunks):
+    rows = out.shape[0]
+    one = np.uint64(1)
+    for c in prange(nchunks):
+        for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+            o = out[r]
+            o[:] = 0
+            p = ptr[r]
+            for w in range(words.shape[1]):
+                bits = words[r, w]
+                while bits:
+                    o[64 * w + np.int64(cttz(bits))] = _read(vals, p, kind)
+                    p += 1
+                    bits &= bits - one
 
 
-@by_kind
-def nm_dense(kind, n, m, bits, gpw, parallel):
+@njit(parallel=True, cache=True)
+def nm_dense(words, vals, kind, n, m, bits, gpw, groups, cols, out, nchunks):
     pm = np.uint64((1 << bits) - 1)
-
-    @njit(parallel=parallel, cache=True)
-    def kernel(words, vals, out, groups, cols, nchunks):
-        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
-        rows = out.shape[0]
-        for c in prange(nchunks):
-            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
-                o = out[r]
-                o[:] = 0
-                p = r * groups * n
-                for g in range(groups):
-                    word = words[r, g // gpw]
-                    for s in range(n):
-                        col = g * m + np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
-                        if col < cols:
-                            o[col] += _read(vals, p, kind)  # padding adds zero
-                        p += 1
-
-    return kernel
+    rows = out.shape[0]
+    for c in prange(nchunks):
+        for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+            o = out[r]
+            o[:] = 0
+            p = r * groups * n
+            for g in range(groups):
+                word = words[r, g // gpw]
+                for s in range(n):
+                    col = g * m + np.int64((word >> np.uint64(((g % gpw) * n + s) * bits)) & pm)
+                    if col < cols:
+                        o[col] += _read(vals, p, kind)  # padding adds zero
+                    p += 1
