@@ -412,7 +412,7 @@ def pack(a, format: str = "auto", *, mask: ArrayLike | None = None, dtype=None, 
         if bad[0] >= 0 and format == "nm":
             raise ValueError(f"pack for {name!r}: row {bad[0]} holds {bad[2]} entries in its group {bad[1]} of "
                              f"{nm[1]} columns; the {nm[0]}:{nm[1]} format keeps at most {nm[0]}")
-        fits_nm = bad[0] < 0
+        fits_nm = bad[0] < 0 and nm[0] * max(1, math.ceil(math.log2(nm[1]))) <= 64  # positions fit a word
     nw = -(-cols // 64)
     counts = None
     if choose:

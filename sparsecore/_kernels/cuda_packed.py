@@ -49,12 +49,9 @@ from llvmlite import ir
 from numba import cuda, float32, float64, int64, types, uint64
 from numba.cuda.core import config
 
-from ._signatures import arr, combos, i64, u64
+from ._signatures import arr, i64, u64
 
 MAX_THREADS = 256  # most threads of a vector product's block (its shared arrays)
-# Value arrays as the kernels see them: float32, float64, IEEE half, bfloat16 bits.
-VALUES = (types.float32, types.float64, types.float16, types.uint16)
-XS = (types.float32, types.float64)
 
 
 def acc_of(v):
@@ -283,14 +280,21 @@ def nm_matmat(words, vals, x, out, groups, cols, n, m, bits, gpw):
 
 
 _u8 = types.uint8
+# (values, x) pairs the host code launches: x converted to float32 (float64 for float64 values), or a device
+# x taken as it is, float64 beside float32 values; the half types never meet a float64 x from the host.
+PAIRS = [(types.float32, types.float32), (types.float16, types.float32), (types.uint16, types.float32),
+         (types.float64, types.float64), (types.float32, types.float64)]
+
+
+def _pairs(build):
+    return [tuple(build(v, x)) for v, x in PAIRS]
+
+
 SIGNATURES = {
-    "delta8_matvec": combos(lambda v, x: (arr(i64), arr(_u8), arr(v), arr(x), arr(acc_of(v)), i64), VALUES, XS),
-    "bitmask_matvec": combos(lambda v, x: (arr(i64), arr(u64, 2), arr(v), arr(x), arr(acc_of(v)), i64),
-                             VALUES, XS),
-    "nm_matvec": combos(lambda v, x: (arr(u64, 2), arr(v), arr(x), arr(acc_of(v)), *(i64,) * 7), VALUES, XS),
-    "delta8_matmat": combos(lambda v, x: (arr(i64), arr(_u8), arr(v), arr(x, 2), arr(acc_of(v), 2)), VALUES, XS),
-    "bitmask_matmat": combos(lambda v, x: (arr(i64), arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2)),
-                             VALUES, XS),
-    "nm_matmat": combos(lambda v, x: (arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2), *(i64,) * 6),
-                        VALUES, XS),
+    "delta8_matvec": _pairs(lambda v, x: (arr(i64), arr(_u8), arr(v), arr(x), arr(acc_of(v)), i64)),
+    "bitmask_matvec": _pairs(lambda v, x: (arr(i64), arr(u64, 2), arr(v), arr(x), arr(acc_of(v)), i64)),
+    "nm_matvec": _pairs(lambda v, x: (arr(u64, 2), arr(v), arr(x), arr(acc_of(v)), *(i64,) * 7)),
+    "delta8_matmat": _pairs(lambda v, x: (arr(i64), arr(_u8), arr(v), arr(x, 2), arr(acc_of(v), 2))),
+    "bitmask_matmat": _pairs(lambda v, x: (arr(i64), arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2))),
+    "nm_matmat": _pairs(lambda v, x: (arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2), *(i64,) * 6)),
 }
