@@ -13,7 +13,9 @@ Into PyTorch
     :func:`apply_masks`, :class:`MaskHold` (pruned weights stay exactly zero
     through optimizer steps), :func:`to_torch_csr` / :func:`from_torch_csr`,
     :class:`SparseLinear` and :func:`swap_sparse_linear`, :func:`shrink_model`,
-    :func:`masked_state_dict`, :func:`save_sparse`.
+    :func:`masked_state_dict`, :func:`save_sparse`; :class:`PackedLinear`,
+    :func:`sparsify` (packed weights where faster) and :func:`load_sparse`
+    (a sparse HDF5 file straight into packed modules).
 
 Batch gradients versus per-sample gradients: ``per_sample=False`` adds, per
 batch, the gradient of the batch's mean loss, so ``Σ g²`` sums squared
@@ -48,7 +50,8 @@ from ._common import batches as _batches
 __all__ = [
     "ActivationStats", "MaskHold", "PackedLinear", "SparseLinear", "apply_masks", "collect_activations",
     "collect_gradients", "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable",
-    "prune_sequential", "save_sparse", "shrink_model", "sparsify", "swap_sparse_linear", "to_torch_csr", "weights",
+    "load_sparse", "prune_sequential", "save_sparse", "shrink_model", "sparsify", "swap_sparse_linear",
+    "to_torch_csr", "weights",
 ]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -670,6 +673,122 @@ def sparsify(model: nn.Module, format: str = "auto", *, include: Iterable[str] |
         if swap:
             _set_module(model, name, new)
     return chosen
+
+
+def _file_tensor(f, name):
+    """A tensor of an open weight file as a CPU torch tensor of its stored dtype."""
+    a = f.raw(name)
+    if f.entries[name].dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def load_sparse(model: nn.Module, path, *, format: str | None = None, include: Iterable[str] | None = None,
+                strict: bool = True) -> dict:
+    """Load a sparsecore sparse HDF5 file (``sparsecore prune --sparse``,
+    :func:`save_sparse`) into ``model``, in place: each pruned weight of an
+    ``nn.Linear`` (or ``Conv1D``) becomes a :class:`PackedLinear` built
+    straight from the stored packed arrays (no dense copy of the weight;
+    a ``Conv1D``'s, stored ``(in, out)``, and a format-1 CSR pass through
+    a CSR), every other tensor is copied into the model's own.
+
+    All of the file is read and checked before the model is touched: a
+    missing or extra name, a shape that differs, or a damaged file raises
+    and leaves the model as it was.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Built with the file's architecture, on the CPU.
+    path : str or os.PathLike
+        The sparse HDF5 file; tensor names are the model's state-dict keys.
+    format : {"auto", "smallest", "delta8", "bitmask", "nm"}, optional
+        Repack every swapped weight in this format; as stored by default.
+    include : iterable of str, optional
+        Module names (``fnmatch`` patterns) to swap; every pruned Linear by
+        default. The others' weights are loaded dense (zeros where pruned).
+        A layer whose packed weight would read as many bytes as its dense
+        one stays dense too.
+    strict : bool
+        Refuse a file that lacks one of the model's tensors (tied copies of
+        a loaded tensor excepted) or holds one the model lacks.
+
+    Returns
+    -------
+    dict
+        Module name -> ``{"format", "nbytes", "dense_nbytes", "swapped"}``
+        for every pruned Linear of the file.
+    """
+    from sparsecore.io import open_weights
+    from sparsecore.io.sparse import SparseFile
+
+    f = open_weights(path)
+    try:
+        if not isinstance(f, SparseFile):
+            raise ValueError(f"load_sparse: {os.fspath(path)} is a {f.format} file, not a sparsecore sparse file; "
+                             f"load it with model.load_state_dict")
+        state = model.state_dict(keep_vars=True)
+        extra = [n for n in f.entries if n not in state]
+        if extra and strict:
+            raise ValueError(f"load_sparse: {len(extra)} tensor(s) of {os.fspath(path)} are not in the model, "
+                             f"first {extra[0]!r} (strict=False skips them)")
+        packed, report = {}, {}
+        for mname, m in model.named_modules():
+            key = f"{mname}.weight" if mname else "weight"
+            if key not in f.pruned or not (isinstance(m, nn.Linear) or _is_conv1d(m)):
+                continue
+            if m.weight.device.type != "cpu" and not m.weight.is_meta:
+                raise ValueError(f"load_sparse: {mname!r} is on {m.weight.device}; the packed kernels run on the CPU")
+            if tuple(f.entries[key].shape) != tuple(m.weight.shape):
+                raise ValueError(f"load_sparse: tensor {key!r} has shape {tuple(f.entries[key].shape)} in the file, "
+                                 f"{tuple(m.weight.shape)} in the model")
+            p = f.packed(key)
+            dense_nbytes = m.weight.numel() * torch.empty(0, dtype=m.weight.dtype).element_size()
+            wanted = format or p.format
+            if _is_conv1d(m):
+                p = sc.pack(p.to_csr().T.tocsr(), p.format if format is None else format, dtype=p.dtype, name=key)
+            elif wanted != p.format:
+                p = sc.pack(p.to_csr(), wanted, dtype=p.dtype, name=key)
+            swap = (include is None or any(fnmatch.fnmatchcase(mname, pat) for pat in include)) \
+                and p.nbytes < dense_nbytes
+            report[mname] = {"format": p.format, "nbytes": p.nbytes, "dense_nbytes": dense_nbytes, "swapped": swap}
+            if swap:
+                packed[mname] = p
+        values = {}
+        for name, e in f.entries.items():
+            if name not in state or name.rpartition(".")[0] in packed and name.endswith(".weight"):
+                continue
+            if tuple(e.shape) != tuple(state[name].shape):
+                raise ValueError(f"load_sparse: tensor {name!r} has shape {tuple(e.shape)} in the file, "
+                                 f"{tuple(state[name].shape)} in the model")
+            values[name] = _file_tensor(f, name)
+    finally:
+        f.close()
+    loaded = {id(state[n]) for n in values} | {id(state[f"{m}.weight"]) for m in packed}
+    missing = [n for n, t in state.items() if n not in values and id(t) not in loaded
+               and not (n.endswith(".weight") and n.rpartition(".")[0] in packed)]
+    if missing and strict:
+        raise ValueError(f"load_sparse: {len(missing)} tensor(s) of the model are not in {os.fspath(path)}, "
+                         f"first {missing[0]!r} (strict=False leaves them as they are)")
+    with torch.no_grad():
+        for name, v in values.items():
+            t = state[name]
+            if t.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                mod = model.get_submodule(owner) if owner else model
+                new = v.to(t.dtype).clone() if v.dtype != t.dtype or not v.is_contiguous() else v
+                if isinstance(t, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=t.requires_grad)
+                setattr(mod, leaf, new)
+            else:
+                t.copy_(v)
+    for mname, p in packed.items():
+        m = model.get_submodule(mname)
+        bias = None
+        if m.bias is not None:
+            bias = values.get(f"{mname}.bias", m.bias).detach()
+        _set_module(model, mname, PackedLinear(p, bias))
+    return report
 
 
 def _set_module(model, name, new):

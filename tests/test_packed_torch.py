@@ -109,3 +109,98 @@ def test_conv1d_is_packed_transposed(rng):
     x = torch.randn(2, 3, 10)
     with torch.no_grad():
         np.testing.assert_allclose(packed(x).numpy(), conv(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_llama(seed, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_sparse_builds_packed_layers_from_the_file(rng, tmp_path, monkeypatch, dtype):
+    from sparsecore.io.sparse import SparseFile
+
+    model = _tiny_llama(0, dtype)
+    names = [n for n, _ in model.named_parameters() if n.startswith("model.layers") and n.endswith("proj.weight")]
+    masks = sc.prune(sct.weights(model, names), sparsity=0.7).masks
+    sct.apply_masks(model, masks)
+    path = tmp_path / "m.sparse.h5"
+    sct.save_sparse(model, path, masks)
+    ids = torch.as_tensor(rng.integers(0, 97, (1, 6)))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False)
+        want_logits = model(ids).logits
+
+    def no_dense(*a):
+        raise AssertionError("a pruned Linear weight was made dense or CSR")
+    monkeypatch.setattr(SparseFile, "_dense", no_dense)
+    monkeypatch.setattr(SparseFile, "_csr_parts", no_dense)
+    fresh = _tiny_llama(1, dtype)  # other weights everywhere
+    report = sct.load_sparse(fresh, path)
+    assert sorted(f"{m}.weight" for m, r in report.items() if r["swapped"]) == sorted(names)
+    with SparseFile(path) as f:
+        for m in report:
+            got, stored = fresh.get_submodule(m).packed, f.packed(f"{m}.weight")
+            assert got.format == stored.format and got.dtype == str(dtype).removeprefix("torch.")
+            assert np.array_equal(got.vals, stored.vals)
+    with torch.no_grad():
+        assert torch.equal(fresh.generate(ids, max_new_tokens=10, do_sample=False), want)
+        np.testing.assert_allclose(fresh(ids).logits.float().numpy(), want_logits.float().numpy(),
+                                   rtol=1e-5, atol=5e-3 if dtype == torch.bfloat16 else 1e-5)  # bf16 GEMM rounds sums
+
+
+def test_load_sparse_repacks_transposes_and_fills_meta_models(rng, tmp_path):
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+    def build():
+        return nn.Sequential(_pruned_linear(rng, 40, 24, 0.0), nn.ReLU(), Conv1D(8, 24))
+    model = build()
+    masks = {"0.weight": rng.random((24, 40)) > 0.8, "2.weight": rng.random((24, 8)) > 0.5}
+    sct.apply_masks(model, masks)
+    path = tmp_path / "m.sparse.h5"
+    sct.save_sparse(model, path, masks)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = model(x)
+    with torch.device("meta"):
+        fresh = build()
+    report = sct.load_sparse(fresh, path, format="bitmask")
+    assert report["0"]["format"] == report["2"]["format"] == "bitmask" and report["0"]["swapped"]
+    assert fresh[2].packed.shape == (8, 24)  # Conv1D stored (in, out), packed (out, in)
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    dense = build()
+    report = sct.load_sparse(dense, path, include=["2"])
+    assert not report["0"]["swapped"] and isinstance(dense[0], nn.Linear)
+    assert torch.equal(dense[0].weight, model[0].weight)  # loaded dense, zeros where pruned
+    with torch.no_grad():
+        np.testing.assert_allclose(dense(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_load_sparse_refuses_what_does_not_fit_and_leaves_the_model(rng, tmp_path):
+    model = nn.Sequential(_pruned_linear(rng, 16, 8, 0.5), nn.ReLU(), _pruned_linear(rng, 8, 4, 0.0))
+    path = tmp_path / "m.sparse.h5"
+    sct.save_sparse(model, path, {"0.weight": model[0].weight.detach().numpy() != 0})
+
+    def check_untouched(m, exc, match):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        kinds = [type(c) for c in m]
+        with pytest.raises(exc, match=match):
+            sct.load_sparse(m, path)
+        assert [type(c) for c in m] == kinds
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    check_untouched(nn.Sequential(_pruned_linear(rng, 16, 9, 0.5), nn.ReLU(), _pruned_linear(rng, 9, 4, 0.0)),
+                    ValueError, r"'0.weight' has shape \(8, 16\) in the file, \(9, 16\)")
+    check_untouched(nn.Sequential(_pruned_linear(rng, 16, 8, 0.5), nn.ReLU(), _pruned_linear(rng, 8, 4, 0.0),
+                                  nn.Linear(4, 2)), ValueError, "not in .*first '3.weight'")
+    check_untouched(nn.Sequential(_pruned_linear(rng, 16, 8, 0.5)), ValueError, "not in the model, first '2.weight'")
+    loose = nn.Sequential(_pruned_linear(rng, 16, 8, 0.5))
+    assert sct.load_sparse(loose, path, strict=False)["0"]["swapped"]
+    pt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), pt)
+    with pytest.raises(ValueError, match="not a sparsecore sparse file"):
+        sct.load_sparse(model, pt)
