@@ -50,10 +50,11 @@ _ITEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 # about 30 us of work, far above the wake-up of a passively waiting thread.
 _PAR_ENTRIES = 1 << 15
 # ``auto``: formats within this fraction of the fewest bytes tie, and the tie
-# goes to the fastest kernel, in this order. Measured with bench/decode.py on
-# 2-core AMD EPYC (AVX2): the bitmask product is bound by instructions (about
-# 50 cycles per 64 columns) where delta8's is near its bytes, so delta8 ran
-# faster at 50-90% though it reads up to 18% more; nm beat both at 2:4.
+# goes to the fastest kernel, in this order. Measured with bench/decode.py and
+# bench/kernels.py on 2-core AMD EPYC (Zen 3, AVX2): all three batch-1 kernels
+# are bound by instructions there (0.55-1.06 kept weights a cycle on one core);
+# delta8 ran faster than the bitmask at 50-90% though it reads up to 18% more,
+# and nm beat both at 2:4.
 _TIE = 0.2
 _SPEED_ORDER = ("nm", "delta8", "bitmask")
 # Values stored past a bitmask's last one (zeros): the AVX2 product loads eight at a time.
@@ -61,7 +62,7 @@ _PAD = 8
 
 
 def _avx2():
-    """Whether the bitmask product may use its AVX2 kernel: an x86-64 CPU
+    """Whether the vector products may use their AVX2 kernels: an x86-64 CPU
     with AVX2 and FMA, compiled for the host (no ``NUMBA_CPU_NAME`` /
     ``NUMBA_CPU_FEATURES`` asking for a portable target)."""
     global _AVX2
@@ -190,7 +191,10 @@ class PackedMatrix:
 
             return nothing
         if self.format == "delta8":
-            kern = (K.delta8_matvec if vector else K.delta8_matmat)(kind, par)
+            if vector and kind != K.KIND_F64 and cols < 1 << 31 and _avx2():
+                kern = K.delta8_matvec_avx2(kind, par)  # gathers x: columns as int32
+            else:
+                kern = (K.delta8_matvec if vector else K.delta8_matmat)(kind, par)
             head, tail = (self.ptr, self.deltas, self.vals), (nthreads,)
         elif self.format == "bitmask":
             if vector and kind != K.KIND_F64 and self.vals.size >= self.ptr[-1] + _PAD - 1 and _avx2():
@@ -211,7 +215,10 @@ class PackedMatrix:
             head, tail = (self.ptr, self.words, self.vals), (nthreads,)
         else:
             bits, gpw, groups = self._nm_layout
-            kern = (K.nm_matvec if vector else K.nm_matmat)(kind, self.n, self.m, bits, gpw, par)
+            if vector and kind != K.KIND_F64 and gpw * self.n % 8 == 0 and _avx2():
+                kern = K.nm_matvec_avx2(kind, self.n, self.m, bits, gpw, par)
+            else:
+                kern = (K.nm_matvec if vector else K.nm_matmat)(kind, self.n, self.m, bits, gpw, par)
             head, tail = (self.words, self.vals), (groups, cols, nthreads)
 
         if not par:

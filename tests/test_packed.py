@@ -110,7 +110,7 @@ NM_CASES = [(2, 4, dt) for dt in VALUE_DTYPES] + [(n, m, dt) for n, m, dt in [
 
 @pytest.mark.parametrize("n,m,dtype", NM_CASES)
 @pytest.mark.parametrize("shape", [(5, 64), (3, 10), (1, 3), (0, 8), (6, 0), (2, 1030)])
-def test_nm_matches_reference(rng, n, m, shape, dtype):
+def test_nm_matches_reference(rng, n, m, shape, dtype, monkeypatch):
     d = _nm_dense(rng, shape, n, m, fewer=True)
     p = sc.pack(_as(d, dtype), "nm", n=n, m=m, dtype=dtype)
     words, vals = ref.packed_nm(d, n, m)
@@ -119,7 +119,9 @@ def test_nm_matches_reference(rng, n, m, shape, dtype):
     np.testing.assert_array_equal(p.toarray(), d)
     for k in (None, 1, 3, 70):
         x = _x(rng, shape[1], k)
-        np.testing.assert_allclose(p @ x, ref.matmul(d, x), rtol=1e-5, atol=1e-4)
+        for avx2 in ([None, False] if k is None else [None]):  # the AVX2 vector kernel (2:4, 1:2) and the portable
+            monkeypatch.setattr(packed, "_AVX2", avx2)
+            np.testing.assert_allclose(p @ x, ref.matmul(d, x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["delta8", "bitmask"])
@@ -132,8 +134,8 @@ def test_products_match_masked_dense(rng, fmt, dtype, shape, k, monkeypatch):
     d = _dense(rng, shape, "rows")
     p = sc.pack(_as(d, dtype), fmt, dtype=dtype)
     x = _x(rng, shape[1], k)
-    # the bitmask's vector product: the AVX2 kernel where the CPU has it, and the portable one
-    for avx2 in ([None, False] if fmt == "bitmask" and k is None else [None]):
+    # the vector products: the AVX2 kernels where the CPU has them, and the portable ones
+    for avx2 in ([None, False] if k is None else [None]):
         monkeypatch.setattr(packed, "_AVX2", avx2)
         y = sc.packed_matmul(p, x)
         assert y.dtype == (np.float64 if dtype == "float64" else np.float32)
