@@ -16,7 +16,9 @@ decoder layers (the tied head stays dense). For each:
    fraction of it reached, and the triad bandwidth of the same run.
 2. **Decode**: greedy generation of ``--tokens`` tokens at batch 1 from a
    real prompt, the masked dense model against the same model after
-   ``sparsecore.adapters.torch.sparsify`` (tokens compared), alternating.
+   ``sparsecore.adapters.torch.sparsify`` (tokens compared), alternating;
+   and the share of a dense token that the pruned layers' products take
+   (from the layer table), with the speed-up that share allows (Amdahl).
 3. **Prefill** of ``--prefill`` tokens: one forward pass, dense against
    sparsified.
 4. **Bytes**: the 210 pruned layers dense against packed, and the whole
@@ -208,6 +210,14 @@ def main():
         formats = sorted({r["format"] for r in report.values() if r["swapped"]})
         print(f"decode {args.tokens} tokens at batch 1: dense {d_rate:.1f} tok/s, packed {p_rate:.1f} tok/s "
               f"({p_rate / d_rate:.2f}x), tokens identical: {same}; {swapped} layers packed ({', '.join(formats)})")
+        layer_ms = sum(r["dense_us"] * r["count"] for r in rows[:-2]) / 1e3  # the model's own kinds, all layers
+        ours_ms = sum(r["packed_us"] * r["count"] for r in rows[:-2]) / 1e3
+        token_ms = 1e3 / d_rate
+        rest_ms = token_ms - layer_ms
+        print(f"a dense token takes {token_ms:.1f} ms, the {swapped} layers' products {layer_ms:.1f} ms of it "
+              f"({layer_ms / token_ms:.0%}); the rest (head, attention, norms, Python) {rest_ms:.1f} ms. With the "
+              f"products above the token would speed up {token_ms / (rest_ms + ours_ms):.2f}x (Amdahl), with free "
+              f"products {token_ms / rest_ms:.2f}x")
         print(f"prefill {args.prefill} tokens: dense {d_pre * 1e3:.0f} ms, packed {p_pre * 1e3:.0f} ms "
               f"({d_pre / p_pre:.2f}x)")
         print(f"bytes: pruned layers {layer_dense / 1e6:.1f} MB dense -> {layer_packed / 1e6:.1f} MB packed "
@@ -215,6 +225,7 @@ def main():
               f"{whole_packed / 1e6:.1f} MB")
         results["targets"][str(target)] = {
             "prune_s": prune_s, "layers": rows, "decode_tok_s": {"dense": d_rate, "packed": p_rate},
+            "layers_ms": {"dense": layer_ms, "packed": ours_ms, "token_dense": token_ms},
             "tokens_identical": same, "prefill_s": {"dense": d_pre, "packed": p_pre},
             "bytes": {"layers_dense": layer_dense, "layers_packed": layer_packed, "model_dense": whole_dense,
                       "model_packed": whole_packed}, "formats": formats}

@@ -170,6 +170,37 @@ class PackedMatrix:
         a.has_canonical_format = True
         return a
 
+    def kernel(self, vector: bool = True, threads: int | None = None) -> tuple:
+        """The compiled kernel a product runs, for inspection and benchmarks:
+        ``(kernel, head, tail, width, threads)``. The Numba dispatcher is
+        called as ``kernel(*head, x, out, *tail)`` (on ``threads`` threads:
+        :func:`sparsecore.parallel` ``run``), with ``x`` padded with zeros to
+        ``width`` entries (the AVX2 bitmask kernel reads whole 64-column
+        words). ``threads`` by stored entries unless given; 1 picks the serial
+        kernel. Matrices without rows or columns have none (``kernel`` None)."""
+        rows, cols = self.shape
+        kind = _KINDS[self.dtype][1]
+        nthreads = threads_for(self.vals.size, _PAR_ENTRIES) if threads is None else max(1, int(threads))
+        par = nthreads > 1
+        avx2 = vector and kind != K.KIND_F64 and _avx2()
+        if rows == 0 or cols == 0:
+            return None, (), (), cols, 1
+        if self.format == "delta8":
+            kern = (K.delta8_matvec_avx2 if avx2 else K.delta8_matvec if vector else K.delta8_matmat)(kind, par)
+            return kern, (self.ptr, self.deltas, self.vals), (nthreads,), cols, nthreads
+        if self.format == "bitmask":
+            if avx2 and self.vals.size >= self.ptr[-1] + _PAD - 1:
+                return (K.bitmask_matvec_avx2(kind, par), (self.ptr, self.words, self.vals), (nthreads, _perm()),
+                        self.words.shape[1] * 64, nthreads)
+            kern = (K.bitmask_matvec if vector else K.bitmask_matmat)(kind, par)
+            return kern, (self.ptr, self.words, self.vals), (nthreads,), cols, nthreads
+        bits, gpw, groups = self._nm_layout
+        if avx2 and gpw * self.n % 8 == 0:
+            kern = K.nm_matvec_avx2(kind, self.n, self.m, bits, gpw, par)
+        else:
+            kern = (K.nm_matvec if vector else K.nm_matmat)(kind, self.n, self.m, bits, gpw, par)
+        return kern, (self.words, self.vals), (groups, cols, nthreads), cols, nthreads
+
     def product(self, vector: bool = True):
         """The product as a callable ``f(x, out) -> out`` that checks nothing:
         for hot loops (a layer called once per token), where
@@ -180,48 +211,26 @@ class PackedMatrix:
         ``(cols, k)`` with ``k >= 1``; ``out`` C-contiguous, same dtype,
         ``(rows,)`` or ``(rows, k)``. The threads are chosen when it is made.
         """
-        rows, cols = self.shape
-        kind = _KINDS[self.dtype][1]
-        nthreads = threads_for(self.vals.size, _PAR_ENTRIES)
-        par = nthreads > 1
-        if rows == 0 or cols == 0:
+        kern, head, tail, width, nthreads = self.kernel(vector)
+        cols = self.shape[1]
+        if kern is None:
             def nothing(x, out):
                 out[...] = 0
                 return out
 
             return nothing
-        if self.format == "delta8":
-            if vector and kind != K.KIND_F64 and cols < 1 << 31 and _avx2():
-                kern = K.delta8_matvec_avx2(kind, par)  # gathers x: columns as int32
-            else:
-                kern = (K.delta8_matvec if vector else K.delta8_matmat)(kind, par)
-            head, tail = (self.ptr, self.deltas, self.vals), (nthreads,)
-        elif self.format == "bitmask":
-            if vector and kind != K.KIND_F64 and self.vals.size >= self.ptr[-1] + _PAD - 1 and _avx2():
-                kern, words = K.bitmask_matvec_avx2(kind, par), self.words
-                ptr, vals, perm, width = self.ptr, self.vals, _perm(), words.shape[1] * 64
+        if width > cols:
+            def padded(x, out):
+                xp = np.zeros(width, np.float32)  # whole words of x: the kernel reads them
+                xp[:cols] = x
+                if nthreads > 1:
+                    run(nthreads, kern, *head, xp, out, *tail)
+                else:
+                    kern(*head, xp, out, *tail)
+                return out
 
-                def avx2(x, out):
-                    xp = np.zeros(width, np.float32)  # whole words of x: the kernel reads them
-                    xp[:cols] = x
-                    if par:
-                        run(nthreads, kern, ptr, words, vals, xp, out, nthreads, perm)
-                    else:
-                        kern(ptr, words, vals, xp, out, 1, perm)
-                    return out
-
-                return avx2
-            kern = (K.bitmask_matvec if vector else K.bitmask_matmat)(kind, par)
-            head, tail = (self.ptr, self.words, self.vals), (nthreads,)
-        else:
-            bits, gpw, groups = self._nm_layout
-            if vector and kind != K.KIND_F64 and gpw * self.n % 8 == 0 and _avx2():
-                kern = K.nm_matvec_avx2(kind, self.n, self.m, bits, gpw, par)
-            else:
-                kern = (K.nm_matvec if vector else K.nm_matmat)(kind, self.n, self.m, bits, gpw, par)
-            head, tail = (self.words, self.vals), (groups, cols, nthreads)
-
-        if not par:
+            return padded
+        if nthreads == 1:
             def serial(x, out):
                 kern(*head, x, out, *tail)
                 return out

@@ -305,3 +305,16 @@ def test_check_packed_accepts_packs_and_names_each_broken_rule(rng):
             sc.check_packed(broken, "fc1")
     with pytest.raises(TypeError, match="expected a PackedMatrix"):
         sc.check_packed(d)
+
+
+@pytest.mark.parametrize("fmt", ["delta8", "bitmask", "nm"])
+def test_kernel_is_what_the_product_runs(rng, fmt):
+    d = _nm_dense(rng, (9, 100), 2, 4, fewer=False) if fmt == "nm" else _dense(rng, (9, 100), "random")
+    p = sc.pack(d.astype(np.float32), fmt)
+    x = rng.standard_normal(100).astype(np.float32)
+    kern, head, tail, width, threads = p.kernel(True, threads=1)
+    assert threads == 1 and width >= 100
+    out = np.empty(9, np.float32)
+    kern(*head, np.concatenate([x, np.zeros(width - 100, np.float32)]), out, *tail)
+    np.testing.assert_allclose(out, ref.matmul(d, x), rtol=1e-5, atol=1e-4)
+    assert sc.pack(np.zeros((0, 4), np.float32), fmt if fmt != "nm" else "delta8").kernel()[0] is None
