@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 
+import numpy as np
 from numba.core import event as _numba_event
 
 from . import __version__
-from .io.offline import HIGH_SPARSITY, SAFE_CAP, default_max_sparsity
+from ._atomic import AtomicPath
+from ._demo import default_model_path, default_test_accuracy
+from ._demo import main as demo
+from .importance import get_criterion, list_criteria
+from .io import UserError, cluster, densify_file, open_weights, prune_file
+from .io.formats import EMPTY
+from .io.offline import HIGH_SPARSITY, SAFE_CAP, bytes_of, check_overlap, default_max_sparsity, tensor_stats
+from .io.sharded import is_checkpoint_path
+from .prune import format_table
 
 _EPILOG = """examples:
   sparsecore prune                                  prune the embedded default model (90%, global)
@@ -148,6 +160,7 @@ def _parser():
     q = sub.add_parser("report", parents=[debug], help="per-tensor sparsity table (and a PNG plot with matplotlib)")
     q.add_argument("file")
     q.add_argument("--plot", metavar="PNG", help="write a bar chart of per-tensor sparsity")
+    q.add_argument("--force", action="store_true", help="replace an existing --plot file")
 
     q = sub.add_parser("demo", parents=[debug],
                        help="the engine on raw arrays: train, prune by OBD, fine-tune, run CSR")
@@ -167,8 +180,6 @@ def _fmt_bytes(n):
 def _rows(path, plot=None):
     """``(format, [(name, entry, sparsity)], provenance)`` of a weight file; ``plot``: a path that must not
     be any file the reader reads (checked before anything is written)."""
-    from .io import open_weights
-    from .io.offline import check_overlap, tensor_stats
 
     rows = []
     with open_weights(path) as r:
@@ -196,10 +207,8 @@ def _widths(rows):
 
 
 def _info(args):
-    from .io.offline import bytes_of
 
     fmt, rows, made, stored = _rows(args.file)
-    from .io.formats import EMPTY
 
     print(f"{_clean(args.file)}: {fmt}, {len(rows)} tensors, {_fmt_bytes(bytes_of(args.file))} on disk")
     _print_provenance(made)
@@ -224,10 +233,11 @@ def _report(args):
         try:
             import matplotlib
         except ImportError:
-            from .io import UserError
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
     fmt, rows, made, _ = _rows(args.file, args.plot)
+    if args.plot and os.path.lexists(args.plot) and not args.force:  # a plot never replaces a file unasked
+        raise UserError(f"{args.plot}: exists; pass --force to replace it (--plot)")
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
@@ -250,9 +260,8 @@ def _report(args):
         ax.invert_yaxis()
         ax.set_title(f"{os.path.basename(args.file)} ({fmt})")
         fig.tight_layout()
-        from ._atomic import AtomicPath
 
-        with AtomicPath(args.plot) as tmp:
+        with AtomicPath(args.plot, replace=args.force) as tmp:
             fig.savefig(tmp, format="png")
         print(f"plot written to {args.plot}")
     return 0
@@ -260,7 +269,6 @@ def _report(args):
 
 def _check_prune_flags(args, parser):
     """Every flag's value, before any file is read; an error names the flag (exit 2)."""
-    import math
 
     for flag, value in (("--sparsity", args.sparsity), ("--min-sparsity", args.min_sparsity),
                         ("--max-sparsity", args.max_sparsity)):
@@ -282,13 +290,11 @@ def _check_prune_flags(args, parser):
                      f"--max-sparsity {args.max_sparsity}; in {scope} scope every tensor is pruned to exactly "
                      f"--sparsity (the caps bind in --scope global and with --threshold)")
     if args.criterion is not None:
-        from .importance import get_criterion, list_criteria
 
         if args.criterion not in list_criteria():
             parser.error(f"prune: --criterion {args.criterion!r} is not a known criterion; known: "
                          f"{', '.join(list_criteria())}")
         if args.scores is None:
-            import numpy as np
 
             try:  # does it score from the weights alone (magnitude) or need statistics?
                 get_criterion(args.criterion)(np.ones((2, 2), np.float32), {})
@@ -299,14 +305,10 @@ def _check_prune_flags(args, parser):
 
 
 def _prune(args, parser):
-    import dataclasses
 
-    from .io import prune_file
-    from .prune import format_table
 
     embedded = args.input is None
     if embedded:
-        from ._demo import default_model_path
 
         args.input = default_model_path()
         if args.sparsity is None and args.threshold is None and args.pattern is None:
@@ -319,11 +321,8 @@ def _prune(args, parser):
     _check_prune_flags(args, parser)
     if args.workers is not None and args.workers < 1:
         parser.error(f"prune: --workers must be 1 or more, got {args.workers}")
-    cluster = None
-    if args.dask is not None or args.workers is not None:
-        from .io import cluster
-        from .io.sharded import is_checkpoint_path
-
+    on_cluster = args.dask is not None or args.workers is not None
+    if on_cluster:
         flag = "--dask" if args.dask is not None else "--workers"
         if not is_checkpoint_path(args.input) or args.sparse or args.output.endswith(".sparse.h5"):
             parser.error(f"prune: {flag} prunes a sharded checkpoint (a model folder or its index) into a model "
@@ -335,7 +334,7 @@ def _prune(args, parser):
         tmpdir = tempfile.mkdtemp(prefix="sparsecore-")
         out = os.path.join(tmpdir, "pruned.safetensors")
     try:
-        with (cluster.connect(args.dask, args.workers) if cluster else contextlib.nullcontext()) as client:
+        with (cluster.connect(args.dask, args.workers) if on_cluster else contextlib.nullcontext()) as client:
             res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
                              scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
                              min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,
@@ -353,8 +352,6 @@ def _prune(args, parser):
                   + (f"; {_fmt_bytes(res.moved_bytes)} moved between the client and the workers" if client else
                      ""))
             if embedded:
-                from ._demo import default_test_accuracy
-                from .io import open_weights
 
                 with open_weights(args.input) as a, open_weights(out) as b:
                     before = default_test_accuracy({k: a.raw(k) for k in a.entries})
@@ -376,14 +373,12 @@ def _prune(args, parser):
                   f"still works, or lower --max-sparsity", file=sys.stderr)
     finally:
         if tmpdir:
-            import shutil
 
             shutil.rmtree(tmpdir, ignore_errors=True)
     return 0
 
 
 def _densify(args):
-    from .io import densify_file
 
     res = densify_file(args.input, args.output, force=args.force)
     if not args.quiet:
@@ -520,7 +515,6 @@ def _main(argv):
             return _densify(args)
         if not 0.0 <= args.sparsity <= 1.0:
             parser.error(f"--sparsity must lie in [0, 1], got {args.sparsity}")
-        from ._demo import main as demo
 
         demo(sparsity=args.sparsity, seed=args.seed)
         return 0

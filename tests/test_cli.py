@@ -76,6 +76,12 @@ def test_report_plot(tmp_path, rng):
     write_st(src, {"w": rng.standard_normal((8, 8)).astype(np.float32)})
     r = run("report", src, "--plot", tmp_path / "p.png")
     assert r.returncode == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    other = tmp_path / "notes.txt"  # an existing file is replaced only with --force
+    other.write_text("keep me")
+    r = run("report", src, "--plot", other)
+    assert r.returncode == 1 and "notes.txt: exists; pass --force" in r.stderr and other.read_text() == "keep me"
+    r = run("report", src, "--plot", other, "--force")
+    assert r.returncode == 0 and other.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -466,9 +466,7 @@ def test_a_failed_torch_write_and_an_unexpected_failure_are_one_line(tmp_path, r
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "PyTorch could not write" in err and not (tmp_path / "o.pt").exists()
 
-    import sparsecore.io as scio
-
-    monkeypatch.setattr(scio, "prune_file", lambda *a, **k: {}["boom"])
+    monkeypatch.setattr(cli, "prune_file", lambda *a, **k: {}["boom"])
     m = _st(tmp_path / "m.safetensors", {"w": np.ones((4, 4), np.float32)})
     assert cli.main(["prune", str(m), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5"]) == 1
     err = capsys.readouterr().err
