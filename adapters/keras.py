@@ -236,7 +236,7 @@ def _on_device(variables, device):
                              f"device='cpu'")
         return False
     if device == "auto":
-        from sparsecore._device import is_device_array
+        from sparsecore.cuda import is_device_array
 
         return any(is_device_array(v.value) for v in variables.values())
     return device == "cuda"

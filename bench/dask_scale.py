@@ -37,8 +37,7 @@ import numpy as np
 
 import sparsecore as sc
 from sparsecore import parallel
-from sparsecore.io import _safetensors as st
-from sparsecore.io import prune_file
+from sparsecore.io import prune_file, save_safetensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CACHE  # noqa: E402
@@ -58,15 +57,14 @@ def make_checkpoint(folder, gb, shards=4, side=4096, seed=0):
     weight_map = {}
     for s in range(shards):
         shard = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        items = []
+        items = {}
         for t in range(per):
             name = f"model.layers.{s * per + t}.mlp.weight"
             scale = 0.02 * (1 + (s * per + t) % 7)  # layers of different scales: a global threshold matters
-            items.append((name, "F32", (side, side),
-                          lambda scale=scale: (rng.standard_normal((side, side), np.float32) * scale)))
+            items[name] = (np.float32, (side, side),
+                           lambda scale=scale: (rng.standard_normal((side, side), np.float32) * scale))
             weight_map[name] = shard
-        with open(os.path.join(folder, shard), "wb") as f:
-            st.write(f, items, {"format": "pt"})
+        save_safetensors(os.path.join(folder, shard), items, {"format": "pt"}, force=True)
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(folder, "config.json"), "w") as f:

@@ -186,10 +186,10 @@ def main():
     args = ap.parse_args()
     global DEV, SMOKE
     if args.smoke:
-        from sparsecore import _device
+        from sparsecore import cuda as scu
 
         DEV, SMOKE = "cpu", True
-        _device.THREADS, _device.ROW_THREADS = 32, 8
+        scu.set_block_threads(32, 8)
     print(f"GPU: {torch.cuda.get_device_name() if DEV == 'cuda' else 'none (smoke run)'}, torch {torch.__version__}")
     if "accumulate" in args.only:
         bench_accumulate()

@@ -80,19 +80,15 @@ class Load:
 
 def write_files(folder, count):
     """A file of ``count`` tensors of 4 x 8, one of a single tensor of the same bytes, and a small one."""
-    from sparsecore.io import _safetensors as st
+    from sparsecore.io import save_safetensors
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((count, 4, 8)).astype(np.float32)
     paths = {k: os.path.join(folder, f"{k}.safetensors") for k in ("many", "one", "warm")}
-    with open(paths["many"], "wb") as f:
-        st.write(f, [(f"layer{i}.weight", "F32", (4, 8), (lambda i=i: x[i])) for i in range(count)])
-    with open(paths["one"], "wb") as f:
-        st.write(f, [("weight", "F32", (count * 4, 8), lambda: x.reshape(count * 4, 8))])
+    save_safetensors(paths["many"], {f"layer{i}.weight": x[i] for i in range(count)}, force=True)
+    save_safetensors(paths["one"], {"weight": x.reshape(count * 4, 8)}, force=True)
     big = rng.standard_normal((1024, 512)).astype(np.float32)  # the paths of a large tensor too
-    with open(paths["warm"], "wb") as f:
-        st.write(f, [(f"w{i}", "F32", (4, 8), (lambda i=i: x[i])) for i in range(3)] + [("big", "F32", big.shape,
-                                                                                       lambda: big)])
+    save_safetensors(paths["warm"], {**{f"w{i}": x[i] for i in range(3)}, "big": big}, force=True)
     return paths
 
 

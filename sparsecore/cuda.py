@@ -43,8 +43,26 @@ if TYPE_CHECKING:  # imported on first use by __getattr__ below
     from ._cuda.select import DeviceSource
 
 __all__ = ["DeviceAccumulator", "DeviceCSR", "DevicePacked", "DeviceSource", "PairMICounts", "UnitMICounts",
-           "csr_matmul", "fit_bins", "packed_matmul", "pairwise_mi", "prune", "to_csr", "to_device",
-           "to_device_packed", "unit_mi", "units"]
+           "csr_matmul", "fit_bins", "is_device_array", "packed_matmul", "pairwise_mi", "prune",
+           "set_block_threads", "to_csr", "to_device", "to_device_packed", "unit_mi", "units"]
+
+is_device_array = _device.is_device_array
+
+
+def set_block_threads(threads: int | None = None, row_threads: int | None = None) -> tuple:
+    """Set the threads per block of the 1-D kernels (256 by default) and of
+    the block that builds one CSR row (128, at most 256); returns the
+    previous pair. Lower them on the CUDA simulator
+    (``NUMBA_ENABLE_CUDASIM=1``), where every thread is a Python thread."""
+    before = (_device.THREADS, _device.ROW_THREADS)
+    for name, v, most in (("threads", threads, 1024), ("row_threads", row_threads, 256)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most):
+            raise ValueError(f"{name} must be an int from 1 to {most}, got {v!r}")
+    if threads is not None:
+        _device.THREADS = threads
+    if row_threads is not None:
+        _device.ROW_THREADS = row_threads
+    return before
 
 
 def __getattr__(name):

@@ -46,3 +46,20 @@ def test_auto_and_cpu_stay_on_the_host():
         sc.prune({"w": w}, sparsity=0.5, device="gpu")
     with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'auto'"):
         sc.GradientAccumulator(device="gpu")
+
+
+def test_set_block_threads_sets_and_gives_back_the_launch_sizes():
+    from sparsecore import cuda as scu
+
+    before = scu.set_block_threads(64, 16)
+    try:
+        assert scu.set_block_threads() == (64, 16)
+        for bad in (0, 2000, 1.5, True):
+            with pytest.raises(ValueError, match="threads must be an int from 1 to 1024"):
+                scu.set_block_threads(bad)
+        with pytest.raises(ValueError, match="row_threads must be an int from 1 to 256"):
+            scu.set_block_threads(row_threads=512)
+        assert scu.set_block_threads() == (64, 16)  # a refused call changes nothing
+    finally:
+        scu.set_block_threads(*before)
+    assert scu.is_device_array(np.zeros(3)) is False

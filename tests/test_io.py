@@ -510,3 +510,31 @@ def test_left_out_reason_prefilter_agrees_with_the_full_patterns(name):
     m = formats._ANY_LEFT_OUT.search(name)
     want = "" if m is None else next(r for i, (r, _) in enumerate(formats._LEFT_OUT) if m.group(f"g{i}") is not None)
     assert formats.left_out_reason(name) == want
+
+
+def test_save_safetensors_round_trips_streams_and_refuses(tmp_path, rng):
+    from sparsecore.io import save_safetensors
+
+    a = rng.standard_normal((3, 5)).astype(np.float32)
+    b = rng.integers(0, 9, 7).astype(np.int64)
+    calls = []
+    path = tmp_path / "m.safetensors"
+    save_safetensors(path, {"a": a, "b": b, "c": (np.float16, (2, 2), lambda: calls.append(1) or np.ones((2, 2),
+                                                                                                       np.float16))},
+                     {"format": "pt"})
+    with open_weights(path) as f:
+        assert list(f.entries) == ["a", "b", "c"] and calls == [1]
+        assert np.array_equal(f.raw("a"), a) and np.array_equal(f.raw("b"), b) and f.raw("c").dtype == np.float16
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="exists; pass force=True"):
+        save_safetensors(path, {"a": a})
+    with pytest.raises(ValueError, match="header says F32"):  # a producer that lies: nothing replaced
+        save_safetensors(path, {"a": (np.float32, (2, 2), lambda: a)}, force=True)
+    with pytest.raises(TypeError, match="safetensors has no dtype"):
+        save_safetensors(tmp_path / "x.safetensors", {"s": np.array(["x"])})
+    with pytest.raises(TypeError, match="give an array or"):
+        save_safetensors(tmp_path / "x.safetensors", {"s": (1, 2)})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    save_safetensors(path, {"z": np.zeros(2, np.float64)}, force=True)
+    with open_weights(path) as f:
+        assert list(f.entries) == ["z"]

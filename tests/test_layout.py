@@ -1,5 +1,12 @@
 """The package's shape: imports flow one way, and the public namespaces are what they say.
 
+Inside the public floor, the layers go engine (scores, selection, patterns,
+formats, the prune orchestration) -> repair (``reconstruct``) -> files
+(``sparsecore.io``) -> the package face, distribution and command line; the
+adapters sit on top, outside the package. A layer imports only from its own
+or lower ones. The adapters, benchmarks and examples use public modules and
+names only.
+
 Floors, top to bottom: the public modules (and the command line, the demo,
 the I/O package); the device host code ``sparsecore/_cuda``; the private
 helpers (``_source``, ``_mi``, ``_device``, ``_validate``, ``_atomic``,
@@ -154,3 +161,73 @@ def test_cuda_face_holds_the_device_classes():
         assert name in scu.__all__ and isinstance(getattr(scu, name), type)
     with pytest.raises(AttributeError, match="no attribute 'select_rule'"):
         scu.select_rule  # noqa: B018 - dead code, gone
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository
+LAYERS = ["engine", "repair", "io", "top"]
+REPAIR = {"sparsecore.reconstruct"}
+TOP = {"sparsecore", "sparsecore.__main__", "sparsecore.cli", "sparsecore._demo", "sparsecore.parallel"}
+
+
+def layer(module):
+    """Where a public-floor module sits (see the module doc)."""
+    if module in TOP:
+        return "top"
+    if module in REPAIR:
+        return "repair"
+    if module == "sparsecore.io" or module.startswith("sparsecore.io."):
+        return "io"
+    return "engine"
+
+
+def test_layers_flow_down():
+    public = {m for m in MODULES if floor(m) == 3}
+    up = [(m, t) for m in public for t in GRAPH[m] if t in public and
+          LAYERS.index(layer(t)) > LAYERS.index(layer(m))]
+    assert up == [], f"imports that run back up a layer: {up}"
+    assert layer("sparsecore.selection") == "engine" and layer("sparsecore.io.offline") == "io"
+    assert [m for m in public if layer(m) == "engine" and "io" in m.split(".")] == []
+
+
+def _outside_files():
+    for folder in ("adapters", "bench", "examples"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def _outside_imports(path):
+    """``(module, name or None)`` of every sparsecore import in a file outside the package (relative imports of
+    an adapter read as ``sparsecore.adapters``)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = "sparsecore.adapters" + (f".{mod}" if mod else "")
+            if not mod.startswith("sparsecore"):
+                continue
+            for alias in node.names:
+                yield mod, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("sparsecore"):
+                    yield alias.name, None
+
+
+def _private(mod, name):
+    parts = mod.split(".") + ([name] if name else [])
+    return any(p.startswith("_") and not p.startswith("__") for p in parts[1:])
+
+
+def test_adapters_benchmarks_and_examples_use_public_names_only():
+    files = list(_outside_files())
+    assert len(files) > 10 and any(p.name == "torch.py" for p in files)
+    bad = [(str(p.relative_to(ROOT)), m, n) for p in files for m, n in _outside_imports(p)
+           if _private(m, n) and not (p.parent.name == "adapters" and m.startswith("sparsecore.adapters"))]
+    assert bad == [], f"private sparsecore modules or names used from outside the package: {bad}"
+    assert _private("sparsecore.io._safetensors", None) and _private("sparsecore.packed", "_avx2")  # it can fail
+    assert not _private("sparsecore.io", "save_safetensors")
+
+
+def test_adapters_sit_above_the_engine_and_never_import_the_command_line():
+    for p in (ROOT / "adapters").glob("*.py"):
+        mods = {m for m, _ in _outside_imports(p)}
+        assert not any(m == "sparsecore.cli" or m.startswith("sparsecore.cli.") for m in mods), p

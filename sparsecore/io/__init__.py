@@ -4,13 +4,14 @@
 safetensors, PyTorch state dicts (with PyTorch installed), ``.npz`` score
 files and sparsecore's sparse HDF5; ``prune_file`` prunes one into the same
 format or into sparse HDF5; ``densify_file`` turns sparse HDF5 back into its
-source format.
+source format; ``save_safetensors`` writes arrays (streamed one at a time if
+asked) as a safetensors file.
 """
 
-from .errors import FormatError
-from .files import open_weights
+from .errors import FormatError, UserError
+from .files import open_weights, save_safetensors
 from .formats import Entry, WeightFile
-from .offline import FileResult, UserError, densify_file, prune_file
+from .offline import FileResult, densify_file, prune_file
 
 __all__ = ["Entry", "FileResult", "FormatError", "UserError", "WeightFile", "densify_file", "open_weights",
-           "prune_file"]
+           "prune_file", "save_safetensors"]

@@ -67,9 +67,10 @@ import uuid
 
 import numpy as np
 
+from .errors import UserError
 from .files import open_weights
 from .formats import SafeTensorsFile, TorchFile
-from .tensorwise import UserError, copy_folder_files, lazy_sources, prune_one, write_shard
+from .tensorwise import copy_folder_files, lazy_sources, prune_one, write_shard
 
 __all__ = ["NO_WORKER_GRACE", "ShardSources", "WORKER_MEMORY", "connect", "max_workers", "require",
            "submit_in_share", "tasks_per_host"]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import h5py
+import numpy as np
 
-from .errors import FormatError
+from .._atomic import AtomicPath
+from . import _safetensors as st
+from .errors import FormatError, UserError
 from .formats import (
     SPARSE_TAG,
     H5File,
@@ -20,7 +24,7 @@ from .formats import (
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import SparseFile
 
-__all__ = ["open_weights"]
+__all__ = ["open_weights", "save_safetensors"]
 
 
 def open_weights(path) -> WeightFile:
@@ -49,3 +53,42 @@ def open_weights(path) -> WeightFile:
     if tag == SPARSE_TAG:
         return SparseFile(path)
     return H5File(path)
+
+
+def save_safetensors(path, tensors: Mapping, metadata: Mapping | None = None, *, force: bool = False,
+                     sync: bool = True) -> None:
+    """Write ``tensors`` as a safetensors file, atomically (a killed run
+    leaves no partial file) and in their order.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    tensors : mapping
+        Name -> array (any NumPy dtype safetensors has), or name ->
+        ``(dtype, shape, producer)`` with ``producer()`` returning that array
+        when it is written: one tensor in memory at a time, for files larger
+        than memory.
+    metadata : mapping, optional
+        The header's ``__metadata__`` (strings).
+    force : bool
+        Replace an existing file.
+    sync : bool
+        fsync before the rename.
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path) and not force:
+        raise UserError(f"{path}: exists; pass force=True to replace it")
+    items = []
+    for name, v in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names are strings, got {name!r}")
+        if isinstance(v, tuple):
+            if len(v) != 3 or not callable(v[2]):
+                raise TypeError(f"tensor {name!r}: give an array or (dtype, shape, producer), got a tuple of {len(v)}")
+            dtype, shape, produce = v
+        else:
+            a = np.asarray(v)
+            dtype, shape, produce = a.dtype, a.shape, (lambda a=a: a)
+        items.append((name, st.dtype_name(dtype), tuple(int(d) for d in shape), produce))
+    with AtomicPath(path, sync, replace=force) as tmp, open(tmp, "wb") as f:
+        st.write(f, items, metadata)

@@ -42,7 +42,7 @@ from ..prune import (
 from ..selection import each_source, norm_inverse
 from . import _safetensors as st
 from . import cluster
-from .errors import FormatError
+from .errors import FormatError, UserError
 from .files import open_weights
 from .formats import (
     PLACEHOLDER,
@@ -58,7 +58,7 @@ from .formats import (
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import ENCODINGS, SparseFile, SparseWriter, as_str
-from .tensorwise import SmallBatches, UserError, copy_folder_files, lazy_sources, prune_one, write_shard
+from .tensorwise import SmallBatches, copy_folder_files, lazy_sources, prune_one, write_shard
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 

@@ -19,11 +19,8 @@ from .._validate import flat
 from ..patterns import ELEMENTS
 from ..prune import TensorSummary, select_tensor
 from . import _safetensors as st
+from .errors import UserError
 from .formats import SafeTensorsFile, to_float, write_torch
-
-
-class UserError(ValueError):
-    """An error in what the user asked for (the command line prints it in one line)."""
 
 
 class LazySource:
