@@ -178,3 +178,25 @@ def test_public_device_face(rng):
     x = rng.standard_normal(70).astype(np.float32)
     got = scu.packed_matmul(p, x).copy_to_host()
     np.testing.assert_allclose(got, ref.matmul(w, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_copy_is_the_host_one(rng, case, dtype):
+    fmt, kw, shape = CASES[case]
+    d = _nm(rng, shape, kw["n"], kw["m"]) if kw else _rows(rng, shape)
+    p = sc.pack(d, fmt, dtype=dtype, **kw)
+    dp = device_packed.to_device(p)
+    got = dp.toarray().copy_to_host()
+    assert got.dtype == (np.float64 if dtype == "float64" else np.float32)
+    np.testing.assert_array_equal(got, p.toarray())
+    np.testing.assert_array_equal(got, d)  # the values are exact in every dtype
+    from numba import cuda
+
+    out = cuda.to_device(np.full(shape, 7, got.dtype))  # written in place, stale entries cleared
+    assert dp.toarray(out) is not None
+    np.testing.assert_array_equal(out.copy_to_host(), d)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dp.toarray(cuda.to_device(np.zeros((1, 1), got.dtype)))
+    empty = device_packed.to_device(sc.pack(np.zeros((0, 4), np.float32), fmt, **kw))
+    assert empty.toarray().copy_to_host().shape == (0, 4)

@@ -32,6 +32,33 @@ class DevicePacked:
         self.vals, self.ptr, self.deltas, self.words = vals, ptr, deltas, words
         self.n, self.m, self.entries = int(n), int(m), int(entries)
 
+    def toarray(self, out=None):
+        """The dense matrix on the device (float32, float64 for float64
+        values), written straight from the packed arrays; ``out``: a
+        contiguous device array of that shape and dtype, written in place."""
+        c = _device.cuda()
+        rows, cols = self.shape
+        dt = np.dtype(np.float64 if self.dtype == "float64" else np.float32)
+        if out is None:
+            out = c.device_array((rows, cols), dt)
+        else:
+            o = _device.to_device(out) if _device.is_device_array(out) else None
+            if o is None or tuple(o.shape) != (rows, cols) or o.dtype != dt or (o.size and not o.is_c_contiguous()):
+                raise ValueError(f"out must be a contiguous {dt} device array of shape {(rows, cols)}")
+            out = o
+        if out.size == 0:
+            return out
+        nb, nt = _device.blocks(rows)
+        K = cuda_packed
+        if self.format == "delta8":
+            K.delta8_dense[nb, nt](self.ptr, self.deltas, self.vals, out)
+        elif self.format == "bitmask":
+            K.bitmask_dense[nb, nt](self.ptr, self.words, self.vals, out)
+        else:
+            bits, gpw, groups = self.nm_layout()
+            K.nm_dense[nb, nt](self.words, self.vals, out, groups, cols, self.n, self.m, bits, gpw)
+        return out
+
     def nm_layout(self):
         """``(bits, groups per word, groups per row)`` of the nm format (``PackedMatrix``'s layout)."""
         bits = max(1, (self.m - 1).bit_length())  # ceil(log2 m)

@@ -1,5 +1,6 @@
 """CUDA twins of ``cpu_packed``'s products: delta8, bitmask and N:M packed
-matrices times a vector and times a matrix.
+matrices times a vector and times a matrix; and of its dense copies (the
+prefill route's matrix, written straight from the packed arrays).
 
 The layouts are ``cpu_packed``'s, and so is the argument order (``vec``,
 the threads per row, replaces ``nchunks``; the N:M constants ``n, m, bits,
@@ -279,11 +280,70 @@ def nm_matmat(words, vals, x, out, groups, cols, n, m, bits, gpw):
             out[r, j] = s
 
 
+# ---------------------------------------------------------------- dense copies
+
+# Twin of cpu_packed.delta8_dense.
+@cuda.jit
+def delta8_dense(ptr, deltas, vals, out):
+    """``out`` = the dense matrix: a thread per row (grid-stride), the row
+    zeroed, then its values added at their columns (fillers add zero)."""
+    r0 = cuda.grid(1)
+    for r in range(r0, out.shape[0], cuda.gridsize(1)):
+        for c in range(out.shape[1]):
+            out[r, c] = 0
+        col = int64(0)
+        for p in range(ptr[r], ptr[r + 1]):
+            col += deltas[p]
+            out[r, col] += widen(vals[p])
+
+
+# Twin of cpu_packed.bitmask_dense.
+@cuda.jit
+def bitmask_dense(ptr, words, vals, out):
+    """``out`` = the dense matrix: a thread per row (grid-stride)."""
+    r0 = cuda.grid(1)
+    one = uint64(1)
+    for r in range(r0, out.shape[0], cuda.gridsize(1)):
+        for c in range(out.shape[1]):
+            out[r, c] = 0
+        p = ptr[r]
+        for w in range(words.shape[1]):
+            bits = words[r, w]
+            while bits:
+                low = bits & (~bits + one)
+                out[r, 64 * w + int64(cuda.popc(low - one))] = widen(vals[p])
+                p += 1
+                bits ^= low
+
+
+# Twin of cpu_packed.nm_dense.
+@cuda.jit
+def nm_dense(words, vals, out, groups, cols, n, m, bits, gpw):
+    """``out`` = the dense matrix: a thread per row (grid-stride); a position
+    at or past the last column (padding of a partial group) is skipped."""
+    r0 = cuda.grid(1)
+    pm = (uint64(1) << uint64(bits)) - uint64(1)
+    for r in range(r0, out.shape[0], cuda.gridsize(1)):
+        for c in range(out.shape[1]):
+            out[r, c] = 0
+        p = r * groups * n
+        for g in range(groups):
+            word = words[r, g // gpw]
+            for e in range(n):
+                col = g * m + int64((word >> uint64(((g % gpw) * n + e) * bits)) & pm)
+                if col < cols:
+                    out[r, col] += widen(vals[p])
+                p += 1
+
+
 _u8 = types.uint8
 # (values, x) pairs the host code launches: x converted to float32 (float64 for float64 values), or a device
 # x taken as it is, float64 beside float32 values; the half types never meet a float64 x from the host.
 PAIRS = [(types.float32, types.float32), (types.float16, types.float32), (types.uint16, types.float32),
          (types.float64, types.float64), (types.float32, types.float64)]
+
+
+VALUES = (types.float32, types.float16, types.uint16, types.float64)  # the value dtypes a dense copy reads
 
 
 def _pairs(build):
@@ -297,4 +357,7 @@ SIGNATURES = {
     "delta8_matmat": _pairs(lambda v, x: (arr(i64), arr(_u8), arr(v), arr(x, 2), arr(acc_of(v), 2))),
     "bitmask_matmat": _pairs(lambda v, x: (arr(i64), arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2))),
     "nm_matmat": _pairs(lambda v, x: (arr(u64, 2), arr(v), arr(x, 2), arr(acc_of(v), 2), *(i64,) * 6)),
+    "delta8_dense": [(arr(i64), arr(_u8), arr(v), arr(acc_of(v), 2)) for v in VALUES],
+    "bitmask_dense": [(arr(i64), arr(u64, 2), arr(v), arr(acc_of(v), 2)) for v in VALUES],
+    "nm_dense": [(arr(u64, 2), arr(v), arr(acc_of(v), 2), *(i64,) * 6) for v in VALUES],
 }
