@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import math
 import os
 import tempfile
 import time
@@ -535,6 +536,7 @@ class PackedLinear(nn.Module):
         # the products without their checks (forward checks once): a decode step calls each layer once
         self._vector, self._matrix = packed.product(True), packed.product(False)
         self._work = torch.float64 if packed.dtype == "float64" else torch.float32
+        self._np_work = np.float64 if packed.dtype == "float64" else np.float32
         self._bias = None if self.bias is None else self.bias.to(self._work).numpy()  # the buffer, as NumPy
         self._dense_route = packed.nnz >= self.DENSE_DENSITY * packed.shape[0] * packed.shape[1]
 
@@ -551,15 +553,24 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         """``x @ W.T + b`` with the packed weight."""
-        if x.device.type != "cpu":
+        if x.requires_grad:
+            if torch.is_grad_enabled():
+                raise RuntimeError("PackedLinear is for inference: run it under torch.no_grad() or "
+                                   "torch.inference_mode()")
+            x = x.detach()
+        if not x.is_cpu:
             raise RuntimeError(f"PackedLinear runs on the CPU; the input is on {x.device}")
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("PackedLinear is for inference: run it under torch.no_grad() or "
-                               "torch.inference_mode()")
-        lead = x.shape[:-1]
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"PackedLinear takes inputs of {self.in_features} features, got shape {tuple(x.shape)}")
-        xn = (x if x.dtype == self._work else x.to(self._work)).detach().numpy().reshape(-1, self.in_features)
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"PackedLinear takes inputs of {self.in_features} features, got shape {tuple(shape)}")
+        if x.dtype == self._work and x.numel() == self.in_features != 0 and x.is_contiguous():
+            # one token of the working dtype (a decode step): the fewest calls (each costs a microsecond)
+            y = self._vector(x.numpy().reshape(-1), np.empty(self.out_features, self._np_work))
+            if self._bias is not None:
+                y += self._bias
+            return torch.from_numpy(y.reshape(shape[:-1] + (self.out_features,)))
+        lead = shape[:-1]
+        xn = (x if x.dtype == self._work else x.to(self._work)).numpy().reshape(math.prod(lead), self.in_features)
         tokens = xn.shape[0]
         if tokens == 1:  # one token: the product with a vector
             y = self._vector(np.ascontiguousarray(xn[0]), np.empty(self.out_features, xn.dtype))[None]

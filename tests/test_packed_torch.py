@@ -58,6 +58,13 @@ def test_packed_linear_refuses_training_and_other_devices(rng):
         assert packed(x).shape == (2, 4)
     with pytest.raises(TypeError, match="PackedMatrix"):
         sct.PackedLinear(np.eye(3))
+    with torch.no_grad():  # one token as a vector, and no features at all
+        v = torch.randn(8)
+        np.testing.assert_allclose(packed(v).numpy(), packed(v[None])[0].numpy(), rtol=1e-6)
+        assert packed(v).shape == (4,)
+        with pytest.warns(UserWarning, match="zero-element"):  # torch's own, initialising no weights
+            empty = sct.PackedLinear.from_linear(nn.Linear(0, 3))
+        assert torch.equal(empty(torch.zeros(5, 0)), empty.bias.expand(5, 3))
 
 
 def test_sparsify_swaps_pruned_layers_only(rng):
