@@ -10,8 +10,10 @@ decoder layers (the tied head stays dense). For each:
    layers' real pruned weights of that kind, swept in turn as a decode step
    reads them, so that they come from memory, not from a cache) and one
    4096 x 4096 and one 11008 x 4096 weight (random, pruned by magnitude):
-   dense ``F.linear``, sparsecore's packed product (``format="auto"``) and
-   ``torch.sparse`` CSR, alternating, medians of ``--repeats``; beside the
+   dense ``F.linear``, sparsecore's packed product (``format="auto"``),
+   ``torch.sparse`` CSR and NumPy's dense gemv (the BLAS the OS ships: on
+   some machines faster than torch's at batch 1, so the stronger anchor),
+   alternating, medians of ``--repeats``; beside the
    byte bound of the packed format (dense bytes / packed bytes) and the
    fraction of it reached, and the triad bandwidth of the same run.
 2. **Decode**: greedy generation of ``--tokens`` tokens at batch 1 from a
@@ -96,6 +98,12 @@ def layer_row(label, dense_ws, repeats, rng):
         for w in dense_ws:
             torch.nn.functional.linear(x, w)
 
+    blas_ws = [w.numpy() for w in dense_ws]
+
+    def blas():  # NumPy's float32 gemv (OpenBLAS): faster than torch's at batch 1 on some machines
+        for w in blas_ws:
+            w @ xn
+
     def packed():
         for p, o in zip(packs, outs):
             sc.packed_matmul(p, xn, o)
@@ -106,6 +114,10 @@ def layer_row(label, dense_ws, repeats, rng):
 
     with torch.no_grad():
         td, tp, tc = alternate([dense, packed, csr], repeats)
+    # BLAS on its own, after: OpenBLAS's idle threads keep polling for ~0.1 s after a call, which slowed the
+    # Numba kernels run next by up to 2x (measured), so it is not in the alternation, and is let settle
+    tb, = alternate([blas], repeats)
+    time.sleep(0.3)
     n = len(dense_ws)
     dense_bytes = sum(w.numel() * 4 for w in dense_ws)
     packed_bytes = sum(p.nbytes for p in packs)
@@ -113,7 +125,8 @@ def layer_row(label, dense_ws, repeats, rng):
     formats = sorted({p.format for p in packs})
     return {"layer": label, "shape": list(shape), "count": n, "format": "/".join(formats),
             "dense_us": td / n * 1e6, "packed_us": tp / n * 1e6, "csr_us": tc / n * 1e6,
-            "speedup": td / tp, "csr_speedup": td / tc, "bound": bound, "of_bound": td / tp / bound,
+            "speedup": td / tp, "csr_speedup": td / tc, "blas_us": tb / n * 1e6, "blas_speedup": tb / tp,
+            "bound": bound, "of_bound": td / tp / bound,
             "packed_gbs": packed_bytes / tp / 1e9, "dense_gbs": dense_bytes / td / 1e9}
 
 
@@ -175,11 +188,11 @@ def main():
             rows.append(layer_row(f"{shape[0]}x{shape[1]}", synthetic(shape, target, rng), args.repeats, rng))
         print(f"\n== {target} (sparsegpt {prune_s:.0f} s) ==  batch 1, per layer, medians of {args.repeats}")
         print(f"{'layer':>11} {'shape':>11} {'format':>8} {'dense us':>9} {'ours us':>8} {'ours':>6} "
-              f"{'t.sparse':>8} {'bound':>6} {'of bound':>8} {'GB/s':>6}")
+              f"{'t.sparse':>8} {'bound':>6} {'of bound':>8} {'GB/s':>6} {'BLAS us':>8} {'vs BLAS':>7}")
         for r in rows:
             print(f"{r['layer']:>11} {'x'.join(map(str, r['shape'])):>11} {r['format']:>8} {r['dense_us']:9.1f} "
                   f"{r['packed_us']:8.1f} {r['speedup']:5.2f}x {r['csr_speedup']:7.2f}x {r['bound']:5.2f}x "
-                  f"{r['of_bound']:7.0%} {r['packed_gbs']:6.1f}")
+                  f"{r['of_bound']:7.0%} {r['packed_gbs']:6.1f} {r['blas_us']:8.1f} {r['blas_speedup']:6.2f}x")
         masked = model
         packed = copy.deepcopy(model)
         report = sct.sparsify(packed, include=["model.layers.*"], measure=False)

@@ -12,7 +12,10 @@ N:M; float32 values) at the sparsities it picks them for:
 2. **From memory, all threads**: a 4096 x 4096 matrix (packed bytes far past
    the caches) through ``sparsecore.packed_matmul``: GB/s of packed bytes
    against the STREAM triad bandwidth of the same run, beside dense
-   ``numpy`` ``W @ x`` (float32 BLAS) in the same alternation. ``compute
+   ``numpy`` ``W @ x`` (float32 BLAS gemv) timed right after (not call by
+   call: OpenBLAS's idle threads poll for a while after each call and slow
+   whatever runs next). A read-only stream can pass the triad, which also
+   writes. ``compute
    floor`` is the time the in-cache rate would need on every core (the
    instruction bound), ``byte floor`` the time the triad bandwidth would
    need; the larger is what bounds the kernel.
@@ -167,11 +170,11 @@ def main():
         big = sc.pack(big_w, fmt)
         xb = rng.standard_normal(4096).astype(np.float32)
         ob = np.empty(4096, np.float32)
-        tb, td = [], []
-        for _ in range(3):  # blocks in turn (BLAS threads spin after a call: call by call would time that)
-            tb.append(median_seconds(lambda: sc.packed_matmul(big, xb, ob), a.repeats))
-            td.append(median_seconds(lambda: big_w @ xb, a.repeats))
-        tb, td = statistics.median(tb), statistics.median(td)
+        # packed first, then BLAS, then a pause: OpenBLAS's idle threads keep polling for ~0.1 s after a call,
+        # which slowed the Numba kernels run next by up to 2x (measured), so the two are not alternated
+        tb = median_seconds(lambda: sc.packed_matmul(big, xb, ob), 3 * a.repeats)
+        td = median_seconds(lambda: big_w @ xb, 3 * a.repeats)
+        time.sleep(0.3)
         rate = small.nnz / cycles  # kept weights per cycle, one core
         compute_floor = big.nnz / (rate * threads * ghz * 1e9)
         byte_floor = big.nbytes / (gbs * 1e9)
