@@ -13,6 +13,7 @@ from ._version import __version__
 from .allocation import outlier_allocation
 from .csr import check_csr, csr_matmul, index_dtype, matrix_shape, to_csr, to_dense
 from .importance import (
+    Accumulator,
     Criterion,
     GradientAccumulator,
     get_criterion,
@@ -37,6 +38,7 @@ from .selection import select_threshold, sparsity_mask, threshold_mask
 from .shrink import Layer, shrink
 
 __all__ = [
+    "Accumulator",
     "Bins",
     "Blocks",
     "ConstantSparsity",

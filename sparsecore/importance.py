@@ -9,6 +9,7 @@ signature works wherever a built-in does.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -18,7 +19,7 @@ from ._kernels import cpu_accumulate, cpu_select
 from ._kernels.keys import MODE_ABS, MODE_SQUARE
 from ._validate import as_float_array, nonfinite_error
 
-__all__ = ["Criterion", "GradientAccumulator", "get_criterion", "list_criteria", "magnitude",
+__all__ = ["Accumulator", "Criterion", "GradientAccumulator", "get_criterion", "list_criteria", "magnitude",
            "register_criterion"]
 
 STATS = ("g", "g2", "wg", "wg2")
@@ -47,6 +48,34 @@ def magnitude(weights: ArrayLike, power: int = 1) -> np.ndarray:
         raise ValueError(f"magnitude power must be 1 or 2, got {power!r}")
     w = as_float_array(weights, "weights")
     return np.abs(w) if power == 1 else np.square(w)
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """What calibration statistics share, whatever they hold (gradients,
+    Hessians, MI counts): ``update`` with a batch of data; ``merge`` another
+    of the same kind, built from other data, in place (the result of one
+    pass over both, exactly for counts, within the stated rounding for
+    sums); ``state_dict`` / ``from_state_dict`` to cross processes and
+    files. sparsecore's :class:`GradientAccumulator`,
+    :class:`HessianAccumulator`, :class:`UnitMIAccumulator` and
+    :class:`PairwiseMIAccumulator` are ones; so is any class of yours with
+    these methods (``isinstance`` checks that they exist), and
+    :func:`sparsecore.parallel.tree_merge` combines any of them.
+    """
+
+    def update(self, *args, **kwargs):
+        """Add a batch's statistics; returns self."""
+
+    def merge(self, other):
+        """Add another accumulator's statistics (same kind and shape); returns self."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild it, as arrays and plain values."""
+
+    @classmethod
+    def from_state_dict(cls, d, *args, **kwargs):
+        """The accumulator a ``state_dict`` describes."""
 
 
 class Criterion:

@@ -29,15 +29,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._validate import is_integer
-from .importance import GradientAccumulator
+from .importance import Accumulator
 from .io.cluster import submit_in_share, tasks_per_host
-from .mutual_info import PairwiseMIAccumulator, UnitMIAccumulator
 from .mutual_info import pairwise_mi as _pairwise_mi_here
-from .reconstruct import HessianAccumulator
 
 __all__ = ["accumulate", "pairwise_mi", "tree_merge"]
-
-_MERGEABLE = (GradientAccumulator, HessianAccumulator, UnitMIAccumulator, PairwiseMIAccumulator)
 
 
 def _futures():
@@ -57,9 +53,12 @@ def _merged(*parts):
     """One accumulator: the first part (a copy: a worker may hold it for another task) with the others
     merged into it, in order."""
     for p in parts:
-        if not isinstance(p, _MERGEABLE):
-            raise TypeError(f"tree_merge combines sparsecore accumulators (GradientAccumulator, "
-                            f"HessianAccumulator, UnitMIAccumulator, PairwiseMIAccumulator), got "
+        if not isinstance(p, Accumulator):
+            raise TypeError(f"tree_merge combines accumulators (sparsecore.Accumulator: update, merge, state_dict, "
+                            f"from_state_dict; GradientAccumulator, HessianAccumulator and the MI ones are), got "
+                            f"{type(p).__name__}")
+        if type(p) is not type(parts[0]):
+            raise TypeError(f"tree_merge combines accumulators of one kind, got {type(parts[0]).__name__} and "
                             f"{type(p).__name__}")
     out = copy.deepcopy(parts[0])
     for p in parts[1:]:

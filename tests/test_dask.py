@@ -299,8 +299,10 @@ def test_tree_merge_refuses_what_it_cannot_merge(client):
         parallel.tree_merge(client, [_hessian(0)], split_every=1)
     with pytest.raises(ValueError, match="needs at least one accumulator"):
         parallel.tree_merge(client, [])
-    with pytest.raises(TypeError, match="tree_merge combines sparsecore accumulators"):
+    with pytest.raises(TypeError, match=r"tree_merge combines accumulators \(sparsecore.Accumulator"):
         parallel.tree_merge(client, [np.ones(3), np.ones(3)])
+    with pytest.raises(TypeError, match="of one kind, got HessianAccumulator and GradientAccumulator"):
+        parallel.tree_merge(client, [_hessian(0), sc.GradientAccumulator()])
     with pytest.raises(ValueError, match="can merge only a HessianAccumulator of 24 features"):
         parallel.tree_merge(client, [_hessian(0), sc.HessianAccumulator(5).update(np.ones((2, 5)))])
 

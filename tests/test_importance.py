@@ -227,3 +227,34 @@ def test_user_criterion_everywhere_a_builtin_works(rng):
         sc.prune(w, lambda ww, s: np.ones(3), sparsity=0.5)
     with pytest.raises(ValueError, match="hold 36 NaN"):
         sc.prune(w, lambda ww, s: np.full(ww.shape, np.nan), sparsity=0.5)
+
+
+def test_the_accumulators_share_one_protocol():
+    bins = sc.fit_bins(np.linspace(0, 1, 20).reshape(10, 2), bins=4)
+    accs = [sc.GradientAccumulator(), sc.HessianAccumulator(3), sc.UnitMIAccumulator(bins, 2),
+            sc.PairwiseMIAccumulator(bins, bins)]
+    assert all(isinstance(a, sc.Accumulator) for a in accs)
+
+    class Mine:  # a user's own statistics: the same four methods
+        def update(self, x):
+            return self
+
+        def merge(self, other):
+            return self
+
+        def state_dict(self):
+            return {}
+
+        @classmethod
+        def from_state_dict(cls, d):
+            return cls()
+
+    class NoMerge:
+        def update(self, x):
+            return self
+
+        def state_dict(self):
+            return {}
+
+    assert isinstance(Mine(), sc.Accumulator) and not isinstance(NoMerge(), sc.Accumulator)
+    assert not isinstance(np.ones(3), sc.Accumulator)

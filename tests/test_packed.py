@@ -318,3 +318,22 @@ def test_kernel_is_what_the_product_runs(rng, fmt):
     kern(*head, np.concatenate([x, np.zeros(width - 100, np.float32)]), out, *tail)
     np.testing.assert_allclose(out, ref.matmul(d, x), rtol=1e-5, atol=1e-4)
     assert sc.pack(np.zeros((0, 4), np.float32), fmt if fmt != "nm" else "delta8").kernel()[0] is None
+
+
+def test_products_are_made_once_per_matrix_and_threads(rng, monkeypatch):
+    import pickle
+
+    d = _dense(rng, (40, 300), "random")
+    p = sc.pack(d.astype(np.float32), "delta8")
+    x = rng.standard_normal(300).astype(np.float32)
+    made = []
+    real = packed.PackedMatrix.product
+    monkeypatch.setattr(packed.PackedMatrix, "product", lambda self, vector=True: made.append(vector) or
+                        real(self, vector))
+    for _ in range(3):
+        np.testing.assert_allclose(sc.packed_matmul(p, x), ref.matmul(d, x), rtol=1e-5, atol=1e-4)
+    sc.packed_matmul(p, x[:, None])
+    assert made == [True, False]
+    q = pickle.loads(pickle.dumps(p))  # the kept callables live beside the matrix, not in it
+    np.testing.assert_allclose(sc.packed_matmul(q, x), ref.matmul(d, x), rtol=1e-5, atol=1e-4)
+    assert made == [True, False, True]
