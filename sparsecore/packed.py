@@ -90,6 +90,15 @@ def _perm():
     return _PERM[0]
 
 
+_POS24 = []  # the AVX2 2:4 product's table, built on first use
+
+
+def _pos24():
+    if not _POS24:
+        _POS24.append(K.position_table_24())
+    return _POS24[0]
+
+
 @dataclass(frozen=True, eq=False)
 class PackedMatrix:
     """A sparse matrix in one of :data:`FORMATS` (build it with :func:`pack`).
@@ -196,6 +205,9 @@ class PackedMatrix:
             kern = (K.bitmask_matvec if vector else K.bitmask_matmat)(kind, par)
             return kern, (self.ptr, self.words, self.vals), (nthreads,), cols, nthreads
         bits, gpw, groups = self._nm_layout
+        if avx2 and (self.n, self.m) == (2, 4):
+            return (K.nm24_matvec_avx2(kind, par), (self.words, self.vals), (groups, cols, nthreads, _pos24()), cols,
+                    nthreads)
         if avx2 and gpw * self.n % 8 == 0:
             kern = K.nm_matvec_avx2(kind, self.n, self.m, bits, gpw, par)
         else:

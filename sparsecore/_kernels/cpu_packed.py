@@ -847,6 +847,116 @@ def _nm_run(typingctx, wrow, vals, p, full, x, kind, n, m, bits, gpw):
     return types.float32(wrow, vals, types.uint64, types.uint64, x, *consts), codegen
 
 
+
+def position_table_24():
+    """int32 ``(256, 8)``: for each byte of 2:4 positions (two groups, two
+    2-bit positions each), the ``x`` lane of each of its four values among
+    the groups' eight columns, ``[p0, p1, 4 + p2, 4 + p3]``, twice (lanes
+    0-3 and 4-7: one table for either half of a vector)."""
+    t = np.zeros((256, 8), np.int32)
+    for b in range(256):
+        lanes = [b & 3, b >> 2 & 3, 4 + (b >> 4 & 3), 4 + (b >> 6 & 3)]
+        t[b] = lanes + lanes
+    return t
+
+
+@intrinsic
+def _nm24_run(typingctx, wrow, vals, p, full, x, table, kind):
+    """``(words_row, vals, p, full, x, table, kind) -> float32``: the dot
+    product with ``x`` of a 2:4 row's first ``full`` words (64 columns each,
+    all inside the row), its values from ``p``.
+
+    Per four groups (16 columns, 8 kept values): ``x``'s 16 columns loaded
+    as two vectors, each permuted (``vpermps``) by the table row of its
+    two groups' position byte so that lane ``i`` holds the column of value
+    ``i``, the halves joined, eight values loaded at once (widened by
+    ``kind``) and added by one fused multiply-add: about 1.5 instructions
+    per kept weight where ``_nm_run`` takes five (a column computed and a
+    lane inserted for each). Needs ``table`` = :func:`position_table_24`.
+    """
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    if not (isinstance(vals, types.Array) and vals.dtype in (types.float32, types.uint16)):
+        return None
+    kind_v = kind.literal_value
+
+    def codegen(context, builder, signature, args):
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+        w_a = context.make_array(signature.args[0])(context, builder, args[0])
+        vals_a = context.make_array(signature.args[1])(context, builder, args[1])
+        x_a = context.make_array(signature.args[4])(context, builder, args[4])
+        t_a = context.make_array(signature.args[5])(context, builder, args[5])
+        p0, full = args[2], args[3]
+        fma = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
+        permps = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i]))
+        zero = ir.Constant(v8f, [0.0] * 8)
+        entry = builder.basic_block
+        head = builder.append_basic_block("nm24.head")
+        body = builder.append_basic_block("nm24.body")
+        done = builder.append_basic_block("nm24.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        i, pp, base = builder.phi(i64), builder.phi(i64), builder.phi(i64)
+        acc = [builder.phi(v8f), builder.phi(v8f)]
+        for ph, v in ((i, ir.Constant(i64, 0)), (pp, p0), (base, ir.Constant(i64, 0)), (acc[0], zero),
+                      (acc[1], zero)):
+            ph.add_incoming(v, entry)
+        builder.cbranch(builder.icmp_unsigned("<", i, full), body, done)
+        builder.position_at_end(body)
+        word = builder.load(builder.gep(w_a.data, [i]), align=8)
+        sums = list(acc)
+
+        def row(byte_at):
+            b = builder.and_(builder.lshr(word, ir.Constant(i64, byte_at)), ir.Constant(i64, 255))
+            at = builder.gep(t_a.data, [builder.shl(b, ir.Constant(i64, 3))])
+            return builder.load(builder.bitcast(at, v8i.as_pointer()), align=4)
+
+        def xs(offset):
+            at = builder.gep(x_a.data, [builder.add(base, ir.Constant(i64, offset))])
+            return builder.load(builder.bitcast(at, v8f.as_pointer()), align=4)
+
+        for q in range(4):
+            lo = builder.call(permps, [xs(16 * q), row(16 * q)])
+            hi = builder.call(permps, [xs(16 * q + 8), row(16 * q + 8)])
+            xv = builder.shuffle_vector(lo, hi, ir.Constant(v8i, [0, 1, 2, 3, 12, 13, 14, 15]))
+            v = _lanes8(builder, vals_a, signature.args[1].dtype, kind_v, builder.add(pp, ir.Constant(i64, 8 * q)))
+            sums[q % 2] = builder.call(fma, [v, xv, sums[q % 2]])
+        i.add_incoming(builder.add(i, ir.Constant(i64, 1)), body)
+        pp.add_incoming(builder.add(pp, ir.Constant(i64, 32)), body)
+        base.add_incoming(builder.add(base, ir.Constant(i64, 64)), body)
+        acc[0].add_incoming(sums[0], body)
+        acc[1].add_incoming(sums[1], body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return _hsum8(builder, builder.fadd(acc[0], acc[1]))
+
+    return types.float32(wrow, vals, types.uint64, types.uint64, x, table, kind), codegen
+
+
+@by_kind
+def nm24_matvec_avx2(kind, parallel):
+    @njit(parallel=parallel, cache=True, fastmath={"contract"})
+    def kernel(words, vals, x, out, groups, cols, nchunks, table):
+        nchunks = nchunks if parallel else 1  # one chunk serially; keys the cache apart too
+        rows = out.size
+        full = min(groups // 16, cols // 64)  # words whose 64 columns all lie inside the row
+        for c in prange(nchunks):
+            for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+                p = np.uint64(r * groups * 2)
+                s = _nm24_run(words[r], vals, p, np.uint64(full), x, table, kind)
+                p += np.uint64(full * 32)
+                for g in range(full * 16, groups):  # the rest, up to the row's end
+                    word = words[r, g // 16]
+                    for t in range(2):
+                        col = g * 4 + np.int64((word >> np.uint64(((g % 16) * 2 + t) * 2)) & np.uint64(3))
+                        if col < cols:
+                            s += _read(vals, p, kind) * x[col]
+                        p += np.uint64(1)
+                out[r] = s
+
+    return kernel
+
 @by_kind
 def nm_matvec_avx2(kind, n, m, bits, gpw, parallel):
     @njit(parallel=parallel, cache=True, fastmath={"contract"})
