@@ -85,12 +85,17 @@ CASES = {"delta8": ("delta8", {}, (6, 520)), "bitmask": ("bitmask", {}, (6, 520)
          "nm3:16": ("nm", {"n": 3, "m": 16}, (4, 90))}  # 6 groups, 5 to a word; a last group of 10
 
 
+def _case(rng, case, dtype):
+    """``(format, shape, masked dense matrix, its packed matrix)`` of a case."""
+    fmt, kw, shape = CASES[case]
+    d = _nm(rng, shape, kw["n"], kw["m"]) if kw else _rows(rng, shape)
+    return fmt, shape, d, sc.pack(d, fmt, dtype=dtype, **kw)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_products_match_masked_dense(rng, case, dtype):
-    fmt, kw, shape = CASES[case]
-    d = _nm(rng, shape, kw["n"], kw["m"]) if kw else _rows(rng, shape)
-    p = sc.pack(d, fmt, dtype=dtype, **kw)
+    fmt, shape, d, p = _case(rng, case, dtype)
     if fmt == "delta8":
         assert p.deltas.size > np.count_nonzero(d)  # fillers taken
     assert device_packed.row_width(device_packed.to_device(p).entries / shape[0]) == 8
@@ -183,9 +188,8 @@ def test_public_device_face(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_dense_copy_is_the_host_one(rng, case, dtype):
-    fmt, kw, shape = CASES[case]
-    d = _nm(rng, shape, kw["n"], kw["m"]) if kw else _rows(rng, shape)
-    p = sc.pack(d, fmt, dtype=dtype, **kw)
+    fmt, shape, d, p = _case(rng, case, dtype)
+    kw = CASES[case][1]
     dp = device_packed.to_device(p)
     got = dp.toarray().copy_to_host()
     assert got.dtype == (np.float64 if dtype == "float64" else np.float32)

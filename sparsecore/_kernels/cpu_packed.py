@@ -648,6 +648,39 @@ def _hsum8(builder, v):
     return lanes[0]
 
 
+def _word_loop(builder, words_ptr, p0, full, values, columns, step):
+    """Emit ``for i in range(full)`` over a row's 64-bit words with two float32
+    vector sums carried across words: ``step(word, pp, base, sums) -> sums``
+    emits one word's work, ``pp`` its first value (``values`` a word) and
+    ``base`` its first column (``columns`` a word). Returns the sums' total."""
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    v8f = ir.VectorType(f32, 8)
+    zero = ir.Constant(v8f, [0.0] * 8)
+    entry = builder.basic_block
+    head = builder.append_basic_block("words.head")
+    body = builder.append_basic_block("words.body")
+    done = builder.append_basic_block("words.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    i, pp, base = builder.phi(i64), builder.phi(i64), builder.phi(i64)
+    acc = [builder.phi(v8f), builder.phi(v8f)]
+    for ph, v in ((i, ir.Constant(i64, 0)), (pp, p0), (base, ir.Constant(i64, 0)), (acc[0], zero), (acc[1], zero)):
+        ph.add_incoming(v, entry)
+    builder.cbranch(builder.icmp_unsigned("<", i, full), body, done)
+    builder.position_at_end(body)
+    word = builder.load(builder.gep(words_ptr, [i]), align=8)
+    sums = step(word, pp, base, list(acc))
+    end = builder.basic_block  # the body may have added blocks
+    i.add_incoming(builder.add(i, ir.Constant(i64, 1)), end)
+    pp.add_incoming(builder.add(pp, ir.Constant(i64, values)), end)
+    base.add_incoming(builder.add(base, ir.Constant(i64, columns)), end)
+    acc[0].add_incoming(sums[0], end)
+    acc[1].add_incoming(sums[1], end)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return _hsum8(builder, builder.fadd(acc[0], acc[1]))
+
+
 def _delta8_run(half_kind):
     """An intrinsic ``(deltas, vals, p, chunks, x) -> (float32, int64)``: the
     dot product of ``8 * chunks`` delta8 entries from ``p`` with ``x``, and
@@ -806,43 +839,24 @@ def _nm_run(typingctx, wrow, vals, p, full, x, kind, n, m, bits, gpw):
         w_a = context.make_array(signature.args[0])(context, builder, args[0])
         vals_a = context.make_array(signature.args[1])(context, builder, args[1])
         x_a = context.make_array(signature.args[4])(context, builder, args[4])
-        p0, full = args[2], args[3]
         fma = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
-        zero = ir.Constant(v8f, [0.0] * 8)
         pm = ir.Constant(i64, (1 << bits_v) - 1)
-        entry = builder.basic_block
-        head = builder.append_basic_block("nm.head")
-        body = builder.append_basic_block("nm.body")
-        done = builder.append_basic_block("nm.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        i, pp, base = builder.phi(i64), builder.phi(i64), builder.phi(i64)
-        acc = [builder.phi(v8f), builder.phi(v8f)]
-        for ph, v in ((i, ir.Constant(i64, 0)), (pp, p0), (base, ir.Constant(i64, 0)), (acc[0], zero),
-                      (acc[1], zero)):
-            ph.add_incoming(v, entry)
-        builder.cbranch(builder.icmp_unsigned("<", i, full), body, done)
-        builder.position_at_end(body)
-        word = builder.load(builder.gep(w_a.data, [i]), align=8)
-        sums = list(acc)
-        for c in range(per_word // 8):
-            xv = ir.Constant(v8f, ir.Undefined)
-            for k in range(8):
-                e = 8 * c + k
-                pos = builder.and_(builder.lshr(word, ir.Constant(i64, e * bits_v)), pm)
-                col = builder.add(base, builder.add(ir.Constant(i64, (e // n_v) * m_v), pos))
-                xv = builder.insert_element(xv, builder.load(builder.gep(x_a.data, [col]), align=4),
-                                            ir.Constant(i32, k))
-            v = _lanes8(builder, vals_a, signature.args[1].dtype, kind_v, builder.add(pp, ir.Constant(i64, 8 * c)))
-            sums[c % 2] = builder.call(fma, [v, xv, sums[c % 2]])
-        i.add_incoming(builder.add(i, ir.Constant(i64, 1)), body)
-        pp.add_incoming(builder.add(pp, ir.Constant(i64, per_word)), body)
-        base.add_incoming(builder.add(base, ir.Constant(i64, gpw_v * m_v)), body)
-        acc[0].add_incoming(sums[0], body)
-        acc[1].add_incoming(sums[1], body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        return _hsum8(builder, builder.fadd(acc[0], acc[1]))
+
+        def step(word, pp, base, sums):
+            for c in range(per_word // 8):
+                xv = ir.Constant(v8f, ir.Undefined)
+                for k in range(8):
+                    e = 8 * c + k
+                    pos = builder.and_(builder.lshr(word, ir.Constant(i64, e * bits_v)), pm)
+                    col = builder.add(base, builder.add(ir.Constant(i64, (e // n_v) * m_v), pos))
+                    xv = builder.insert_element(xv, builder.load(builder.gep(x_a.data, [col]), align=4),
+                                                ir.Constant(i32, k))
+                v = _lanes8(builder, vals_a, signature.args[1].dtype, kind_v,
+                            builder.add(pp, ir.Constant(i64, 8 * c)))
+                sums[c % 2] = builder.call(fma, [v, xv, sums[c % 2]])
+            return sums
+
+        return _word_loop(builder, w_a.data, args[2], args[3], per_word, gpw_v * m_v, step)
 
     return types.float32(wrow, vals, types.uint64, types.uint64, x, *consts), codegen
 
@@ -887,49 +901,29 @@ def _nm24_run(typingctx, wrow, vals, p, full, x, table, kind):
         vals_a = context.make_array(signature.args[1])(context, builder, args[1])
         x_a = context.make_array(signature.args[4])(context, builder, args[4])
         t_a = context.make_array(signature.args[5])(context, builder, args[5])
-        p0, full = args[2], args[3]
         fma = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
         permps = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i]))
-        zero = ir.Constant(v8f, [0.0] * 8)
-        entry = builder.basic_block
-        head = builder.append_basic_block("nm24.head")
-        body = builder.append_basic_block("nm24.body")
-        done = builder.append_basic_block("nm24.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        i, pp, base = builder.phi(i64), builder.phi(i64), builder.phi(i64)
-        acc = [builder.phi(v8f), builder.phi(v8f)]
-        for ph, v in ((i, ir.Constant(i64, 0)), (pp, p0), (base, ir.Constant(i64, 0)), (acc[0], zero),
-                      (acc[1], zero)):
-            ph.add_incoming(v, entry)
-        builder.cbranch(builder.icmp_unsigned("<", i, full), body, done)
-        builder.position_at_end(body)
-        word = builder.load(builder.gep(w_a.data, [i]), align=8)
-        sums = list(acc)
 
-        def row(byte_at):
-            b = builder.and_(builder.lshr(word, ir.Constant(i64, byte_at)), ir.Constant(i64, 255))
-            at = builder.gep(t_a.data, [builder.shl(b, ir.Constant(i64, 3))])
-            return builder.load(builder.bitcast(at, v8i.as_pointer()), align=4)
+        def step(word, pp, base, sums):
+            def row(byte_at):
+                b = builder.and_(builder.lshr(word, ir.Constant(i64, byte_at)), ir.Constant(i64, 255))
+                at = builder.gep(t_a.data, [builder.shl(b, ir.Constant(i64, 3))])
+                return builder.load(builder.bitcast(at, v8i.as_pointer()), align=4)
 
-        def xs(offset):
-            at = builder.gep(x_a.data, [builder.add(base, ir.Constant(i64, offset))])
-            return builder.load(builder.bitcast(at, v8f.as_pointer()), align=4)
+            def xs(offset):
+                at = builder.gep(x_a.data, [builder.add(base, ir.Constant(i64, offset))])
+                return builder.load(builder.bitcast(at, v8f.as_pointer()), align=4)
 
-        for q in range(4):
-            lo = builder.call(permps, [xs(16 * q), row(16 * q)])
-            hi = builder.call(permps, [xs(16 * q + 8), row(16 * q + 8)])
-            xv = builder.shuffle_vector(lo, hi, ir.Constant(v8i, [0, 1, 2, 3, 12, 13, 14, 15]))
-            v = _lanes8(builder, vals_a, signature.args[1].dtype, kind_v, builder.add(pp, ir.Constant(i64, 8 * q)))
-            sums[q % 2] = builder.call(fma, [v, xv, sums[q % 2]])
-        i.add_incoming(builder.add(i, ir.Constant(i64, 1)), body)
-        pp.add_incoming(builder.add(pp, ir.Constant(i64, 32)), body)
-        base.add_incoming(builder.add(base, ir.Constant(i64, 64)), body)
-        acc[0].add_incoming(sums[0], body)
-        acc[1].add_incoming(sums[1], body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        return _hsum8(builder, builder.fadd(acc[0], acc[1]))
+            for q in range(4):
+                lo = builder.call(permps, [xs(16 * q), row(16 * q)])
+                hi = builder.call(permps, [xs(16 * q + 8), row(16 * q + 8)])
+                xv = builder.shuffle_vector(lo, hi, ir.Constant(v8i, [0, 1, 2, 3, 12, 13, 14, 15]))
+                v = _lanes8(builder, vals_a, signature.args[1].dtype, kind_v,
+                            builder.add(pp, ir.Constant(i64, 8 * q)))
+                sums[q % 2] = builder.call(fma, [v, xv, sums[q % 2]])
+            return sums
+
+        return _word_loop(builder, w_a.data, args[2], args[3], 32, 64, step)
 
     return types.float32(wrow, vals, types.uint64, types.uint64, x, table, kind), codegen
 
