@@ -211,6 +211,21 @@ class HessianAccumulator:
             _refuse_nonfinite(g, self.name, bad_what)
         return g
 
+    def cached(self, key, make):
+        """``make()``, made once and kept until the next update or merge: what
+        is derived from the sum (the whole ``H``, a damped inverse factor,
+        ``G``) for the layers that share these inputs."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def upper(self) -> np.ndarray:
+        """The sum as kept, read-only: ``Σ x xᵀ`` in the upper triangle (and
+        the diagonal) of a Fortran-ordered array; below it, undefined."""
+        v = self._upper.view()
+        v.flags.writeable = False
+        return v
+
     def hessian(self) -> np.ndarray:
         """``Σ x xᵀ`` as a new symmetric float64 array."""
         return cpu_reconstruct.symmetric_from_upper(self._upper)  # only the upper triangle holds the sum
@@ -357,10 +372,7 @@ def _hessian_of(h, name, features):
     accumulator's is formed once (read-only) for every layer that shares it until it is updated."""
     if isinstance(h, HessianAccumulator):
         _source(h, name, features)
-        if "H" not in h._memo:
-            h._memo["H"] = h.hessian()  # a new array, of values checked on the way in
-            h._memo["H"].flags.writeable = False
-        return h._memo["H"]
+        return h.cached("H", lambda: _read_only(h.hessian()))  # a new array, of values checked on the way in
     H = as_float_array(h, name, "Hessian").astype(np.float64)
     _check_shape(H.shape, name, features)
     _refuse_nonfinite(H, name, "Hessian")
@@ -395,10 +407,10 @@ def _inverse_factor(src, damp, name):
     if damp < 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
     acc = isinstance(src, HessianAccumulator)
-    memo = src._memo if acc else {}
-    if ("factor", damp) not in memo:
+
+    def make():
         # the upper triangle of a Fortran-ordered H: the accumulator's sum, or a symmetric C-ordered H transposed
-        upper = src._upper if acc else np.ascontiguousarray(src).T
+        upper = src.upper() if acc else np.ascontiguousarray(src).T
         A, dead = cpu_reconstruct.damped_reversed(upper, float(damp))
         M, info = la.lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)
         if info > 0:
@@ -411,10 +423,14 @@ def _inverse_factor(src, damp, name):
         # (potrf with clean=1 and trtri leave M's upper part zero)
         flat = Minv.reshape(-1, order="F")  # a view: LAPACK's output is Fortran-ordered
         cpu_reconstruct.reverse(flat)
-        U = flat.reshape(Minv.shape, order="F")
-        U.flags.writeable = False
-        memo["factor", damp] = U, dead
-    return memo["factor", damp]
+        return _read_only(flat.reshape(Minv.shape, order="F")), dead
+
+    return src.cached(("factor", damp), make) if acc else make()
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
 
 
 def obs_saliency(weights: ArrayLike, hessian, *, damp: float = 0.01, layout: str = "oi",
@@ -466,10 +482,9 @@ def _target_rows(rows, source, damp, name, a):
     if not (isinstance(source, HessianAccumulator) and source.has_cross) or a == 0:
         return rows
     U, _ = _inverse_factor(source, damp, name)
-    if "G" not in source._memo:
-        source._memo["G"] = source.cross_term()
+    G = source.cached("G", source.cross_term)
     # (W G)(Uᵀ U) with U triangular: two BLAS trmm, half the work of two full products
-    Z = la.blas.dtrmm(1.0, U, np.asfortranarray(rows @ source._memo["G"]), side=1, lower=0, trans_a=1)
+    Z = la.blas.dtrmm(1.0, U, np.asfortranarray(rows @ G), side=1, lower=0, trans_a=1)
     Z = la.blas.dtrmm(1.0, U, Z, side=1, lower=0, trans_a=0, overwrite_b=1)
     return rows + a * Z
 

@@ -510,3 +510,17 @@ def test_row_scope_offline_equals_in_memory(rng, tmp_path):
 def test_reconstruct_module_is_public():
     assert sc.HessianAccumulator.__module__ == "sparsecore.reconstruct"
     assert "obs" in sc.list_criteria()
+
+
+def test_an_accumulator_keeps_what_is_derived_until_it_changes(rng):
+    x = rng.standard_normal((20, 5))
+    h = sc.HessianAccumulator(5).update(x)
+    calls = []
+    first = h.cached("k", lambda: calls.append(1) or np.ones(2))
+    assert h.cached("k", lambda: calls.append(1) or np.zeros(2)) is first and calls == [1]
+    up = h.upper()
+    assert not up.flags.writeable and np.allclose(np.triu(up), np.triu(x.T @ x))
+    h.update(x)  # an update forgets it
+    assert h.cached("k", lambda: calls.append(1) or np.zeros(2)).sum() == 0 and calls == [1, 1]
+    with pytest.raises(ValueError):
+        up[0, 0] = 1.0
