@@ -757,7 +757,7 @@ def load_sparse(model: nn.Module, path, *, format: str | None = None, include: I
             dense_nbytes = m.weight.numel() * torch.empty(0, dtype=m.weight.dtype).element_size()
             wanted = format or p.format
             if _is_conv1d(m):
-                p = sc.pack(p.to_csr().T.tocsr(), p.format if format is None else format, dtype=p.dtype, name=key)
+                p = sc.pack(p.to_csr().T.tocsr(), wanted, dtype=p.dtype, name=key)
             elif wanted != p.format:
                 p = sc.pack(p.to_csr(), wanted, dtype=p.dtype, name=key)
             swap = (include is None or any(fnmatch.fnmatchcase(mname, pat) for pat in include)) \

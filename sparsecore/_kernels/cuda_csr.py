@@ -178,6 +178,25 @@ def csr_matvec(data, indices, indptr, x, out):
         out[r] = s
 
 
+@cuda.jit(device=True, inline=True)
+def store_row_sum(part, s, tid, lane, vec, out, r):
+    """Add a row's ``vec`` per-thread sums by a tree in ``part`` (shared)
+    and write ``out[r]``. Every thread of the block calls it (barriers).
+    The row products with ``vec`` threads a row (CSR here, the packed
+    formats in ``cuda_packed``) end with it."""
+    part[tid] = s
+    cuda.syncthreads()
+    step = vec // 2
+    while step > 0:
+        if lane < step:
+            part[tid] += part[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if lane == 0 and r < out.size:
+        out[r] = part[tid]
+    cuda.syncthreads()  # the sum is read before the next rows overwrite ``part``
+
+
 @cuda.jit
 def csr_matvec_vector(data, indices, indptr, x, out, vec):
     """``out = A @ x`` with ``vec`` threads per row (a power of two dividing
@@ -194,17 +213,7 @@ def csr_matvec_vector(data, indices, indptr, x, out, vec):
         if r < out.size:
             for p in range(indptr[r] + lane, indptr[r + 1], vec):
                 s += float64(data[p]) * float64(x[indices[p]])
-        shared[tid] = s
-        cuda.syncthreads()
-        step = vec // 2
-        while step > 0:
-            if lane < step:
-                shared[tid] += shared[tid + step]
-            cuda.syncthreads()
-            step //= 2
-        if lane == 0 and r < out.size:
-            out[r] = shared[tid]
-        cuda.syncthreads()
+        store_row_sum(shared, s, tid, lane, vec, out, r)
 
 
 @cuda.jit

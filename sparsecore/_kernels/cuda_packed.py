@@ -51,6 +51,7 @@ from numba import cuda, float32, float64, int64, types, uint64
 from numba.cuda.core import config
 
 from ._signatures import arr, i64, u64
+from .cuda_csr import store_row_sum
 
 MAX_THREADS = 256  # most threads of a vector product's block (its shared arrays)
 
@@ -109,23 +110,6 @@ def _row_of(vec):
     return tid // vec, tid % vec, per_block, cuda.blockIdx.x * per_block
 
 
-@cuda.jit(device=True, inline=True)
-def _store_row_sum(part, s, tid, lane, vec, out, r):
-    """Add the row's ``vec`` per-thread sums by a tree in ``part`` (shared)
-    and write ``out[r]``. Every thread of the block calls it (barriers)."""
-    part[tid] = s
-    cuda.syncthreads()
-    step = vec // 2
-    while step > 0:
-        if lane < step:
-            part[tid] += part[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    if lane == 0 and r < out.size:
-        out[r] = part[tid]
-    cuda.syncthreads()  # the sum is read before the next rows overwrite ``part``
-
-
 # Twin of cpu_packed.delta8_matvec.
 @cuda.jit
 def delta8_matvec(ptr, deltas, vals, x, out, vec):
@@ -157,7 +141,7 @@ def delta8_matvec(ptr, deltas, vals, x, out, vec):
         for p in range(lo, hi):
             col += deltas[p]
             s += widen(vals[p]) * x[col]
-        _store_row_sum(part, s, tid, lane, vec, out, r)  # its barriers also guard ``steps``
+        store_row_sum(part, s, tid, lane, vec, out, r)  # its barriers also guard ``steps``
 
 
 # Twin of cpu_packed.bitmask_matvec.
@@ -187,7 +171,7 @@ def bitmask_matvec(ptr, words, vals, x, out, vec):
                     s += widen(vals[at]) * x[64 * w + int64(cuda.popc(low - one))]
                     bits ^= low
                 p += int64(cuda.popc(word))
-        _store_row_sum(part, s, tid, lane, vec, out, r)
+        store_row_sum(part, s, tid, lane, vec, out, r)
 
 
 # Twin of cpu_packed.nm_matvec.
@@ -211,7 +195,7 @@ def nm_matvec(words, vals, x, out, groups, cols, n, m, bits, gpw, vec):
                     col = g * m + int64((word >> uint64(shift + e * bits)) & pm)
                     if col < cols:
                         s += widen(vals[row + g * n + e]) * x[col]
-        _store_row_sum(part, s, tid, lane, vec, out, r)
+        store_row_sum(part, s, tid, lane, vec, out, r)
 
 
 # ---------------------------------------------------------------- matrix products
