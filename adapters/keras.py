@@ -32,7 +32,6 @@ import numpy as np
 
 import sparsecore as sc
 from sparsecore.activations import ActivationStats, collect
-from sparsecore.reconstruct import check_layer_options
 
 from ._common import batches as _batches
 
@@ -513,16 +512,16 @@ def _same_padding(size, k, stride, dilation):
 
 
 def _hessian_feed(layer):
-    """``(features, feed(acc, x))`` adding a layer's NHWC input to a
-    :class:`sparsecore.HessianAccumulator` as the layer sees it (Conv1D/2D:
-    unfolded ``(kh, kw, C)`` patches, the order of an ``HWIO`` kernel); None
-    for layers left out (grouped, causal or channels-first convolutions)."""
+    """``(features, rows(x))``: a layer's NHWC input as the 2-D rows its
+    kernel multiplies (Conv1D/2D: unfolded ``(kh, kw, C)`` patches, the
+    order of an ``HWIO`` kernel, ``"same"`` padding as Keras pads); None for
+    layers left out (grouped, causal or channels-first convolutions)."""
     if isinstance(layer, keras.layers.Dense):
         features = int(layer.kernel.shape[0])
 
-        def feed(acc, x):
-            acc.update(x.reshape(-1, features))
-        return features, feed
+        def rows(x):
+            return x.reshape(-1, features)
+        return features, rows
     if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) or getattr(layer, "groups", 1) != 1 \
             or layer.padding not in ("valid", "same") or layer.data_format != "channels_last":
         return None
@@ -532,73 +531,129 @@ def _hessian_feed(layer):
     dh, dw = (layer.dilation_rate if two else (1, layer.dilation_rate[0]))
     features = int(np.prod(layer.kernel.shape[:-1]))
 
-    def feed(acc, x):
+    def rows(x):
         a = x if two else x[:, None, :, :]
         if layer.padding == "same":
             pads = (_same_padding(a.shape[1], kh, sh, dh), _same_padding(a.shape[2], kw, sw, dw))
             a = np.pad(a, ((0, 0), pads[0], pads[1], (0, 0)))
-        acc.update(sc.unfold_patches(a, (kh, kw), stride=(sh, sw), dilation=(dh, dw), layout="nhwc"))
-    return features, feed
+        return sc.unfold_patches(a, (kh, kw), stride=(sh, sw), dilation=(dh, dw), layout="nhwc")
+    return features, rows
+
+
+class _KerasHooks(sc.SequentialHooks):
+    """:func:`sparsecore.prune_sequential`'s hooks for a functional or
+    Sequential Keras model: every Dense and Conv1D/Conv2D in turn (layers
+    reading the very same tensor, one block), its inputs computed by the
+    model up to it (``keras.Model(model.inputs, layer.input)``) from the
+    already pruned layers before it."""
+
+    layout = "io"
+
+    def __init__(self, model, data, include, exclude, max_batches):
+        self.model, self.data, self.include, self.exclude, self.max_batches = model, data, include, exclude, \
+            max_batches
+        self.found, self.upto, self._blocks = {}, {}, []
+
+    def layers(self):
+        chosen = prunable(self.model, self.include, self.exclude)
+        self.found = {}
+        for _, layer in _layers(self.model):
+            if isinstance(layer, KERNEL_LAYERS) and any(v is layer.kernel for v in chosen.values()):
+                feed = _hessian_feed(layer)
+                if feed is not None:
+                    self.found[kernel_name(self.model, layer)] = (layer, *feed)
+        if not self.found:
+            raise ValueError("no Dense, Conv1D or Conv2D layer to prune (grouped, causal and channels-first "
+                             "convolutions are left out)")
+        return {name: sc.Feed(f, ("dense", f) if isinstance(layer, keras.layers.Dense) else None)
+                for name, (layer, f, _) in self.found.items()}
+
+    def blocks(self):
+        self._blocks = []
+        for name, (layer, *_) in self.found.items():  # layers reading the same tensor: one block, one forward
+            if self._blocks and _input_of(layer) is _input_of(self.found[self._blocks[-1][-1]][0]):
+                self._blocks[-1].append(name)
+            else:
+                self._blocks.append([name])
+        return self._blocks
+
+    def inputs(self):
+        for j, batch in enumerate(self.data):
+            if self.max_batches is not None and j >= self.max_batches:
+                return
+            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    def run(self, block, item, catch):
+        names = self._blocks[block]
+        if block not in self.upto:
+            layer = self.found[names[0]][0]
+            try:
+                self.upto[block] = keras.Model(self.model.inputs, layer.input)
+            except Exception as exc:  # a subclassed model has no graph to cut
+                raise ValueError(f"cannot reach the inputs of {layer.name!r}: sequential calibration needs a "
+                                 f"functional or Sequential model ({exc})") from None
+        if len(self.model.inputs) == 1 and not isinstance(item, (list, tuple, dict)):
+            item = [item]  # the structure the sub-model was built with: no warning on every call
+        x = np.asarray(keras.ops.convert_to_numpy(self.upto[block](item, training=False)), np.float64)
+        if catch is not None:
+            for name in names:
+                catch(name, x)
+
+    def rows(self, name, x, item):
+        return self.found[name][2](x)
+
+    def read(self, name):
+        w = keras.ops.convert_to_numpy(self.found[name][0].kernel)
+        return w.astype(np.float32) if w.dtype == np.float16 else w
+
+    def write(self, name, array):
+        kernel = self.found[name][0].kernel
+        kernel.assign(np.asarray(array).astype(keras.ops.convert_to_numpy(kernel).dtype))
+
+    def backup(self, name):
+        return keras.ops.convert_to_numpy(self.found[name][0].kernel).copy()
+
+    def restore(self, name, saved):
+        self.found[name][0].kernel.assign(saved)
+
+
+def _input_of(layer):
+    try:
+        return layer.input
+    except (AttributeError, ValueError):  # never called, or called on several inputs
+        return None
 
 
 def prune_sequential(model: keras.Model, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
-                     refit: str | None = None, progress=None) -> sc.PruneResult:
+                     refit: str | None = None, order: str = "block", dense_target: float = 0.0,
+                     dense_batches: int | None = None, dense_layers=None, progress=None) -> sc.PruneResult:
     """Prune a functional or Sequential Keras model layer by layer, each from
     the inputs that the already pruned layers before it produce, and repair
-    each (as :func:`sparsecore.adapters.torch.prune_sequential`; the options
-    are the same).
+    each (:func:`sparsecore.prune_sequential` with Keras hooks; the options
+    are those of :func:`sparsecore.adapters.torch.prune_sequential`).
 
     Every Dense and Conv1D/Conv2D layer in turn (``include``/``exclude`` as
     :func:`prunable`, by kernel name): its inputs are computed by the model
     up to it (``keras.Model(model.inputs, layer.input)``), ``H = Σ x xᵀ``
     (convolutions: unfolded ``(kh, kw, C)`` patches, ``"same"`` padding as
     Keras pads) gives the mask and the update, and the kernel is replaced.
-    ``data`` yields input batches or ``(inputs, targets)`` tuples. If anything
-    fails, every kernel already changed is restored before the error is raised.
+    Layers that read the very same tensor share one ``H``. ``sparsity`` may
+    be a mapping by kernel name (a global allocation made beforehand).
+    ``dense_target`` above 0 also runs the model with its dense kernels on
+    the first ``dense_batches`` batches; ``order`` matters only where a
+    block holds several layers fed by different tensors, which this walk
+    never makes (each block is the layers reading one tensor), so both
+    orders give the same model. ``data`` yields input batches or
+    ``(inputs, targets)`` tuples. If anything fails, every kernel already
+    changed is restored before the error is raised.
     """
     _check_model(model)
-    scope = check_layer_options(method, sparsity, pattern, scope, update)
-    chosen = prunable(model, include, exclude)
-    order = []
-    for _, layer in _layers(model):
-        if isinstance(layer, KERNEL_LAYERS) and any(v is layer.kernel for v in chosen.values()):
-            feed = _hessian_feed(layer)
-            if feed is not None:
-                order.append((kernel_name(model, layer), layer, *feed))
-    if not order:
-        raise ValueError("no Dense, Conv1D or Conv2D layer to prune (grouped, causal and channels-first "
-                         "convolutions are left out)")
-    backup, results = {}, []
-    try:
-        for i, (name, layer, features, feed) in enumerate(order):
-            try:
-                upto = keras.Model(model.inputs, layer.input)
-            except Exception as exc:  # a subclassed model has no graph to cut
-                raise ValueError(f"cannot reach the inputs of {layer.name!r}: sequential calibration needs a "
-                                 f"functional or Sequential model ({exc})") from None
-            acc = sc.HessianAccumulator(features, name=name)
-            for j, batch in enumerate(data):
-                if max_batches is not None and j >= max_batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                feed(acc, np.asarray(keras.ops.convert_to_numpy(upto(x, training=False)), np.float64))
-            w = keras.ops.convert_to_numpy(layer.kernel)
-            compute = w.astype(np.float32) if w.dtype == np.float16 else w
-            r = sc.prune_layer(name, compute, acc, method=method, sparsity=sparsity, pattern=pattern, scope=scope,
-                               update=update, damp=damp, blocksize=blocksize, refit=refit, layout="io")
-            backup.setdefault(name, w)
-            layer.kernel.assign(r.dense(name).astype(w.dtype))
-            results.append(r)
-            if progress is not None:
-                progress(i + 1, len(order), name)
-    except BaseException:
-        for name, layer, *_ in order:
-            if name in backup:
-                layer.kernel.assign(backup[name])
-        raise
-    return sc.PruneResult.combine(results)
+    return sc.prune_sequential(_KerasHooks(model, data, include, exclude, max_batches), sparsity=sparsity,
+                               pattern=pattern, method=method, update=update, scope=scope, damp=damp,
+                               blocksize=blocksize, refit=refit, order=order, dense_target=dense_target,
+                               dense_batches=dense_batches, dense_layers=dense_layers, progress=progress)
 
 
 class PackedDense(keras.layers.Layer):

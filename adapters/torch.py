@@ -44,7 +44,6 @@ from torch import nn
 
 import sparsecore as sc
 from sparsecore.activations import ActivationStats, collect
-from sparsecore.reconstruct import check_layer_options
 
 from ._common import batches as _batches
 
@@ -950,10 +949,6 @@ def save_sparse(model: nn.Module, path, masks: Mapping, *, criterion: str = "giv
 
 # --- sequential calibration: prune block by block, repairing each layer ---------------
 
-class _Stop(Exception):
-    """Ends a forward pass once the inputs of the module being calibrated are caught."""
-
-
 def _stack_of(model):
     """The model's stack of repeated blocks (a transformer's layers): the
     ``nn.ModuleList`` holding the most prunable parameters whose every child
@@ -1066,6 +1061,134 @@ class _GramSum:
         return self.acc
 
 
+class _TorchHooks(sc.SequentialHooks):
+    """:func:`sparsecore.prune_sequential`'s hooks for a PyTorch model: a
+    transformer's stack of blocks carried from block to block, or (no stack)
+    every Linear and convolution reached by running the model up to it;
+    inputs caught by forward pre-hooks, Gram sums formed by PyTorch where
+    the inputs live, weights swapped without a copy for the dense passes."""
+
+    def __init__(self, model, data, include, exclude, max_batches):
+        self.model, self.data, self.include, self.exclude, self.max_batches = model, data, include, exclude, \
+            max_batches
+        self.leaves = None  # weight name -> (module, features, rows), found by layers()
+        self.stack_name, self.stack, self._blocks = None, None, []
+
+    def layers(self):
+        chosen = prunable(self.model, self.include, self.exclude)
+        self.leaves = {}
+        for mname, m in self.model.named_modules():
+            key = f"{mname}.weight" if mname else "weight"
+            if key in chosen and isinstance(m, PRUNABLE_TYPES):
+                feed = _hessian_feed(m, key)
+                if feed is not None:
+                    self.leaves[key] = (mname, m, *feed)
+        if not self.leaves:
+            raise ValueError("no Linear, Conv1d or Conv2d layer to prune (grouped and padding-mode convolutions "
+                             "are left out)")
+        self.stack_name, self.stack = _stack_of(self.model)
+        self.carry = self.stack is not None
+        return {key: sc.Feed(f, ("linear", f) if isinstance(m, nn.Linear) else None)
+                for key, (_, m, f, _) in self.leaves.items()}
+
+    def blocks(self):
+        if not self.carry:  # MLPs, CNNs: each layer in turn, the model run up to it
+            self._blocks = [[key] for key in self.leaves]
+        else:  # the layers outside the stack (embeddings, a language model's head) are left alone
+            self._blocks = [[key for key, (mname, *_) in self.leaves.items()
+                             if mname.startswith(f"{self.stack_name}.{i}.")] for i in range(len(self.stack))]
+        return self._blocks
+
+    def inputs(self):
+        if not self.carry:
+            return _calibration(self.data, self.max_batches)
+        cache = []
+
+        def catch(module, args, kwargs):
+            cache.append([args, kwargs, None])
+            raise sc.StopForward
+
+        h = self.stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for batch in _calibration(self.data, self.max_batches):
+                try:
+                    _forward(self.model, batch)
+                except sc.StopForward:
+                    cache[-1][2] = _token_mask(batch)
+        finally:
+            h.remove()
+        return cache
+
+    def run(self, block, item, catch):
+        names = self._blocks[block]
+        hooks = []
+        if catch is not None:
+            hooks = [self.leaves[n][1].register_forward_pre_hook(lambda m, a, n=n: catch(n, a[0])) for n in names]
+        try:
+            if self.carry:
+                return self.stack[block](*item[0], **item[1])
+
+            def stop(module, args):
+                raise sc.StopForward
+            hooks.append(self.leaves[names[-1]][1].register_forward_pre_hook(stop))  # after catch: sees x first
+            return _forward(self.model, item)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def advance(self, item, output):
+        return _advance(item, output)
+
+    def rows(self, name, x, item):
+        return self.leaves[name][3](x, item[2] if self.carry else _token_mask(item))
+
+    def gram(self, acc):
+        return _GramSum(acc)
+
+    def read(self, name):
+        w = _host(_param_of(self.leaves[name][1], "weight"))
+        return w.astype(np.float32) if w.dtype == np.float16 else w
+
+    def write(self, name, array):
+        p = _param_of(self.leaves[name][1], "weight")
+        with torch.no_grad():
+            p.copy_(torch.as_tensor(array).to(dtype=p.dtype, device=p.device))
+
+    def backup(self, name):
+        return _param_of(self.leaves[name][1], "weight").detach().clone()
+
+    def restore(self, name, saved):
+        with torch.no_grad():
+            _param_of(self.leaves[name][1], "weight").copy_(saved)
+
+    @contextlib.contextmanager
+    def dense_weights(self, saved):
+        """The backups in place of the pruned weights (storage swapped, not copied)."""
+        swapped = []
+        try:
+            for name, dense in saved.items():
+                p = _param_of(self.leaves[name][1], "weight")
+                swapped.append((p, p.data))
+                p.data = dense
+            yield
+        finally:
+            for p, pruned in swapped:
+                p.data = pruned
+
+    @contextlib.contextmanager
+    def session(self):
+        config = getattr(self.model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        with _preserved(self.model, "eval"), torch.no_grad():
+            try:
+                if config is not None and use_cache is not None:
+                    config.use_cache = False
+                yield
+            finally:
+                if config is not None and use_cache is not None:
+                    config.use_cache = use_cache
+
+
 def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
@@ -1152,245 +1275,20 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         changed is restored before the error is raised (a copy of the pruned
         weights is held meanwhile).
     """
-    scope = check_layer_options(method, sparsity, pattern, scope, update, dense_target)
-    if order not in ("layer", "block"):
-        raise ValueError(f"order must be 'layer' or 'block', got {order!r}")
-    cross = dense_target > 0
-    if dense_batches is not None and (isinstance(dense_batches, bool) or not isinstance(dense_batches, int)
-                                      or dense_batches < 1):
-        raise ValueError(f"dense_batches must be a positive integer or None, got {dense_batches!r}")
-    chosen = prunable(model, include, exclude)
-    leaves = {}
-    for mname, m in model.named_modules():
-        key = f"{mname}.weight" if mname else "weight"
-        if key in chosen and isinstance(m, PRUNABLE_TYPES):
-            feed = _hessian_feed(m, key)
-            if feed is not None:
-                leaves[mname] = (key, m, *feed)
-    if not leaves:
-        raise ValueError("no Linear, Conv1d or Conv2d layer to prune (grouped and padding-mode convolutions are "
-                         "left out)")
-    stack_name, stack = _stack_of(model)
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    backup, results = {}, []
-    total, done = len(leaves), 0
-
-    def calibrate(candidates, run, whole):
-        """Accumulate H for the next group of ``candidates`` (``whole``: for
-        all of them) with ``run(state)``: one pass over the calibration
-        batches, each forward stopped once it has what it needs. A group: the
-        first candidate the forward reaches and the layers fed the very same
-        tensor right after it (a transformer's q/k/v, gate/up), which share its
-        H; found on the first batch. Returns ``(groups, accumulators)``."""
-        groups, accs, member, sums = [], {}, {}, {}
-        state = {"mask": None, "held": None, "formed": False, "phase": "pruned", "dense": {}}
-
-        def pre(module, args, n):
-            x = args[0]
-            if state["phase"] == "dense":  # the same batch through the dense weights: hold its inputs
-                state["dense"][n] = x
-                return
-            if not state["formed"] and n not in member:
-                lead = groups[-1][0] if groups else None
-                if lead is not None and x is state["held"] and isinstance(module, nn.Linear) and \
-                        isinstance(leaves[lead][1], nn.Linear) and leaves[lead][2] == leaves[n][2]:
-                    groups[-1].append(n)
-                    member[n] = len(groups) - 1
-                    accs[n] = accs[lead]
-                    return
-                if groups and not whole:
-                    raise _Stop
-                groups.append([n])
-                member[n] = len(groups) - 1
-                accs[n] = sc.HessianAccumulator(leaves[n][2], name=leaves[n][0], cross=cross and (
-                    dense_layers is None or any(fnmatch.fnmatchcase(leaves[n][0], p) for p in dense_layers)))
-                sums[n] = _GramSum(accs[n])
-                state["held"] = x  # the tensor held: an id alone can be reused once it is freed
-            elif n not in member:
-                if whole:
-                    return
-                raise _Stop
-            group = groups[member[n]]
-            if n == group[0]:
-                rows = leaves[n][3]
-                dense = state["dense"].get(n) if accs[n].has_cross else None
-                sums[n].add(rows(x, state["mask"]), None if dense is None else rows(dense, state["mask"]))
-            if state["formed"] and not whole and n == group[-1]:
-                raise _Stop  # the group has its inputs: the rest of the forward is not needed
-
-        def batch_done():
-            state["formed"] = bool(groups)
-            state["held"] = None
-            state["dense"] = {}
-
-        state["batch_done"] = batch_done
-        hooks = [leaves[n][1].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in candidates]
-        try:
-            run(state)
-        finally:
-            for h in hooks:
-                h.remove()
-        for g in sums.values():
-            g.flush()
-        return groups, accs
-
-    def prune_group(group, accs):
-        nonlocal done
-        for n in group:
-            key, m, _, _ = leaves[n]
-            p = _param_of(m, "weight")
-            w = _host(p)
-            if w.dtype == np.float16:
-                w = w.astype(np.float32)
-            r = sc.prune_layer(key, w, accs[n], method=method, sparsity=sparsity, pattern=pattern, scope=scope,
-                               update=update, damp=damp, blocksize=blocksize, refit=refit,
-                               dense_target=dense_target)
-            backup.setdefault(key, p.detach().clone())
-            with torch.no_grad():
-                p.copy_(torch.as_tensor(r.dense(key)).to(dtype=p.dtype, device=p.device))
-            results.append(r)
-            done += 1
-            if progress is not None:
-                progress(done, total, key)
-
-    @contextlib.contextmanager
-    def dense_weights(names):
-        """The original weights of the layers ``names`` already pruned, in
-        place of the pruned ones for the duration (storage swapped, not copied)."""
-        swapped = []
-        try:
-            for n in names:
-                key, m = leaves[n][0], leaves[n][1]
-                if key in backup:
-                    p = _param_of(m, "weight")
-                    swapped.append((p, p.data))
-                    p.data = backup[key]
-            yield
-        finally:
-            for p, pruned in swapped:
-                p.data = pruned
-
-    def dense_pass(state, forward, names):
-        """Run ``forward()`` on the dense weights of ``names``, the Hessian
-        hooks holding the inputs they see; returns its output."""
-        state["phase"] = "dense"
-        try:
-            with dense_weights(names):
-                return forward()
-        finally:
-            state["phase"] = "pruned"
-
-    def prune_block(names, run):
-        """Prune ``names`` group by group in the order the forward reaches them,
-        each group calibrated on the inputs the groups pruned before it give
-        (``order="block"``: all from one pass)."""
-        remaining = list(names)
-        while remaining:
-            groups, accs = calibrate(remaining, run, order == "block")
-            if not groups:
-                raise ValueError(f"the calibration batches never reach {[leaves[n][0] for n in remaining]}; "
-                                 f"leave these layers out (exclude=)")
-            for group in groups:
-                prune_group(group, accs)
-                remaining = [n for n in remaining if n not in group]
-
-    with _preserved(model, "eval"), torch.no_grad():
-        try:
-            if config is not None and use_cache is not None:
-                config.use_cache = False
-            if stack is not None:
-                inside = {n for n in leaves if n.startswith(stack_name + ".")}
-                cache, dense_cache = [], None
-
-                def catch(module, args, kwargs):
-                    cache.append([args, kwargs, None])
-                    raise _Stop
-
-                h = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
-                try:
-                    for batch in _calibration(data, max_batches):
-                        try:
-                            _forward(model, batch)
-                        except _Stop:
-                            cache[-1][2] = _token_mask(batch)
-                finally:
-                    h.remove()
-                if cross:  # the dense model's inputs to each block, beside the pruned model's
-                    dense_cache = [list(item) for item in cache[:dense_batches]]
-                last = max((i for i in range(len(stack)) if any(n.startswith(f"{stack_name}.{i}.") for n in inside)),
-                           default=-1)
-                for i, block in enumerate(stack):
-                    if i > last:
-                        break  # nothing left to prune: no more inputs to carry
-                    names = [n for n in inside if n.startswith(f"{stack_name}.{i}.")]
-                    dense_out = {}
-
-                    def run_block(state, block=block, names=names, dense_out=dense_out):
-                        for k, (args, kwargs, mask) in enumerate(cache):
-                            state["mask"] = mask
-                            if dense_cache is not None and k < len(dense_cache):
-                                a, kw = dense_cache[k][0], dense_cache[k][1]
-                                dense_out[k] = dense_pass(state, lambda: block(*a, **kw), names)
-                            try:
-                                block(*args, **kwargs)
-                            except _Stop:
-                                pass
-                            state["batch_done"]()
-                    if names:
-                        prune_block(sorted(names, key=list(leaves).index), run_block)
-                    # the next block's inputs: this block's outputs, pruned (and dense, from its calibration)
-                    for k, item in enumerate(cache):
-                        _advance(item, block(*item[0], **item[1]))
-                        if dense_cache is not None and k < len(dense_cache):
-                            _advance(dense_cache[k], dense_out[k] if k in dense_out else
-                                     block(*dense_cache[k][0], **dense_cache[k][1]))
-            # Without a stack (MLPs, CNNs): each layer in turn, the model run up to it. With one,
-            # the layers outside it (embeddings, a language model's head) are left alone.
-            for n in (list(leaves) if stack is None else []):
-                m = leaves[n][1]
-
-                def run_layer(state, m=m):
-                    def stop(module, args):
-                        raise _Stop
-                    for k, batch in enumerate(_calibration(data, max_batches)):
-                        state["mask"] = _token_mask(batch)
-                        h = m.register_forward_pre_hook(stop)  # after the Hessian hook: it sees the input first
-                        try:
-                            if cross and (dense_batches is None or k < dense_batches):
-                                try:
-                                    dense_pass(state, lambda: _forward(model, batch), list(leaves))
-                                except _Stop:
-                                    pass
-                            _forward(model, batch)
-                        except _Stop:
-                            pass
-                        finally:
-                            h.remove()
-                            state["batch_done"]()
-                prune_block([n], run_layer)
-        except BaseException:
-            with torch.no_grad():
-                for mname, (key, m, _, _) in leaves.items():
-                    if key in backup:
-                        _param_of(m, "weight").copy_(backup[key])
-            raise
-        finally:
-            if config is not None and use_cache is not None:
-                config.use_cache = use_cache
-    out = sc.PruneResult.combine(results)
-    out.ignored = [leaves[n][0] for n in leaves if leaves[n][0] not in out.masks]
-    return out
+    hooks = _TorchHooks(model, data, include, exclude, max_batches)
+    return sc.prune_sequential(hooks, sparsity=sparsity, pattern=pattern, method=method, update=update,
+                               scope=scope, damp=damp, blocksize=blocksize, refit=refit, order=order,
+                               dense_target=dense_target, dense_batches=dense_batches, dense_layers=dense_layers,
+                               progress=progress)
 
 
 def _advance(item, out):
-    """Make a cached block call ``[args, kwargs, mask]`` the next block's: its
-    hidden states replaced by the block's output ``out``."""
+    """The next block's cached call ``[args, kwargs, mask]``: ``item``'s with
+    its hidden states replaced by the block's output ``out``."""
     out = out[0] if isinstance(out, tuple) else out
     if item[0]:
-        item[0] = (out,) + tuple(item[0][1:])
-    else:  # hidden states passed by keyword
-        item[1] = {**item[1], "hidden_states": out}
+        return [(out,) + tuple(item[0][1:]), item[1], item[2]]
+    return [item[0], {**item[1], "hidden_states": out}, item[2]]  # hidden states passed by keyword
 
 
 def _calibration(data, max_batches):

@@ -35,6 +35,7 @@ from .reconstruct import (
 )
 from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
 from .selection import select_threshold, sparsity_mask, threshold_mask
+from .sequential import Feed, SequentialHooks, StopForward, prune_sequential
 from .shrink import Layer, shrink
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Blocks",
     "ConstantSparsity",
     "Criterion",
+    "Feed",
     "GradientAccumulator",
     "GradualPruner",
     "HessianAccumulator",
@@ -55,6 +57,8 @@ __all__ = [
     "PruneResult",
     "PruningHistory",
     "PruningStep",
+    "SequentialHooks",
+    "StopForward",
     "TensorSummary",
     "UnitMIAccumulator",
     "Units",
@@ -79,6 +83,7 @@ __all__ = [
     "pairwise_mi",
     "prune",
     "prune_layer",
+    "prune_sequential",
     "reconstruct",
     "register_criterion",
     "select_threshold",

@@ -309,11 +309,81 @@ def test_sequential_keras_layers_see_the_pruned_layers_before(rng):
     upto = keras.Model(model.inputs, layer.input)  # the final model: d1 already pruned and refitted
     acc = sc.HessianAccumulator(16)
     for x in data:
-        acc.update(keras.ops.convert_to_numpy(upto(x)).astype(np.float64))
+        acc.update(keras.ops.convert_to_numpy(upto([x])).astype(np.float64))
     w = keras.ops.convert_to_numpy(dense.get_layer("d2").kernel)
     keep = sc.prune({"k": w.T}, sparsity=0.5).masks["k"].T
     want = sc.reconstruct({"k": w}, {"k": acc}, {"k": keep}, method="refit", layouts="io").dense("k")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), want, rtol=1e-4, atol=1e-5)
+
+
+def _attention_model(seed=0, d=12):
+    """q/k/v Dense layers reading the very same tensor (one shared H), then o and a head."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((d,))
+    q, k, v = (keras.layers.Dense(d, name=n)(x) for n in ("q", "k", "v"))
+    a = keras.layers.Add()([keras.layers.Multiply()([q, keras.layers.Activation("tanh")(k)]), v])
+    o = keras.layers.Dense(d, name="o")(a)
+    return keras.Model(x, keras.layers.Dense(4, name="out")(keras.layers.Activation("relu")(o)))
+
+
+def _layer_inputs(model, name, data):
+    upto = keras.Model(model.inputs, model.get_layer(name).input)
+    return [keras.ops.convert_to_numpy(upto([x])).astype(np.float64) for x in data]
+
+
+@pytest.mark.parametrize("dense_batches", [None, 2])
+def test_sequential_keras_dense_target_redone_by_hand(rng, dense_batches):
+    """Every option the torch adapter has, on Keras: dense_target (the cross term from the dense model's
+    inputs, on the first dense_batches batches scaled to all), dense_layers, order, each layer redone by hand
+    from the inputs the final (pruned) model and the dense model give it."""
+    model = _attention_model(seed=4)
+    dense = _attention_model(seed=4)
+    data = _calibration(rng)
+    r = sck.prune_sequential(model, data, sparsity=0.5, dense_target=0.5, dense_batches=dense_batches,
+                             dense_layers=["q/*", "o/*"], order="layer")
+    assert sorted(r.masks) == ["k/kernel", "o/kernel", "out/kernel", "q/kernel", "v/kernel"]
+    for n in ("q", "k", "v", "o", "out"):
+        got, want = _layer_inputs(model, n, data), _layer_inputs(dense, n, data)
+        w = keras.ops.convert_to_numpy(dense.get_layer(n).kernel)
+        if n == "out":  # not in dense_layers: SparseGPT's own objective
+            acc = sc.HessianAccumulator(w.shape[0]).update(np.concatenate(got))
+        else:  # k and v follow q, their group's first layer
+            part = sc.HessianAccumulator(w.shape[0], cross=True)
+            for x, y in list(zip(got, want))[:dense_batches]:
+                part.update(x, dense=y)
+            count = sum(len(x) for x in got)
+            acc = sc.HessianAccumulator(w.shape[0], cross=True).update_gram(
+                sc.HessianAccumulator(w.shape[0]).update(np.concatenate(got)).hessian(), count,
+                part.cross_term() * (count / part.count))
+        redo = sc.sparsegpt({n: w}, {n: acc}, sparsity=0.5, layouts="io", dense_target=0.5).dense(n)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer(n).kernel), redo, rtol=2e-4,
+                                   atol=2e-5, err_msg=n)
+    block = _attention_model(seed=4)
+    sck.prune_sequential(block, data, sparsity=0.5, dense_target=0.5, dense_batches=dense_batches,
+                         dense_layers=["q/*", "o/*"])  # order="block": each block is the layers reading one tensor
+    for a, b in zip(block.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sequential_keras_global_allocation_and_refit(rng):
+    """A per-layer sparsity mapping (an allocation made beforehand, here OWL's) with a selection method, the
+    OBS update and the exact refit, each layer redone by hand."""
+    model = _attention_model(seed=5)
+    dense = _attention_model(seed=5)
+    data = _calibration(rng)
+    alloc = sc.outlier_allocation({n: np.abs(w) for n, w in sck.weights(dense).items()}, 0.5, m=2.0, lam=0.1)
+    assert len(set(alloc.values())) > 1
+    r = sck.prune_sequential(model, data, sparsity=alloc, method="wanda", update="obs", refit="exact")
+    for n in ("q", "k", "v", "o", "out"):
+        key = f"{n}/kernel"
+        acc = sc.HessianAccumulator(12).update(np.concatenate(_layer_inputs(model, n, data)))
+        w = keras.ops.convert_to_numpy(dense.get_layer(n).kernel)
+        want = sc.prune_layer(key, w, acc, method="wanda", sparsity=alloc, update="obs", refit="exact",
+                              layout="io").dense(key)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer(n).kernel), want, rtol=2e-4,
+                                   atol=2e-5, err_msg=n)
+        kept = set(r.masks[key].sum(axis=0).tolist())  # wanda ranks within each output unit (a kernel column)
+        assert len(kept) == 1 and abs(kept.pop() - (1 - alloc[key]) * w.shape[0]) <= 1
 
 
 @pytest.mark.parametrize("padding, strides", [("same", 1), ("same", 2), ("valid", 1)])
@@ -322,16 +392,9 @@ def test_sequential_keras_conv_patches_give_the_convolution(rng, padding, stride
     conv = keras.layers.Conv2D(5, (3, 2), strides=strides, padding=padding, use_bias=False)
     x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
     y = keras.ops.convert_to_numpy(conv(x))
-    seen = []
-
-    class Catch:
-        def update(self, patches):
-            seen.append(patches)
-
-    features, feed = sck._hessian_feed(conv)
-    feed(Catch(), x.astype(np.float64))
+    features, rows = sck._hessian_feed(conv)
     k = keras.ops.convert_to_numpy(conv.kernel).reshape(features, -1)
-    np.testing.assert_allclose(seen[0] @ k, y.reshape(-1, 5), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rows(x.astype(np.float64)) @ k, y.reshape(-1, 5), rtol=1e-4, atol=1e-4)
 
 
 def test_sequential_keras_cnn_and_restoring_on_failure(rng):

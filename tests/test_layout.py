@@ -1,7 +1,8 @@
 """The package's shape: imports flow one way, and the public namespaces are what they say.
 
 Inside the public floor, the layers go engine (scores, selection, patterns,
-formats, the prune orchestration) -> repair (``reconstruct``) -> files
+formats, the prune orchestration) -> repair (``reconstruct``, the sequential
+calibration driver ``sequential``) -> files
 (``sparsecore.io``) -> the package face, distribution and command line; the
 adapters sit on top, outside the package. A layer imports only from its own
 or lower ones. The adapters, benchmarks and examples use public modules and
@@ -165,7 +166,7 @@ def test_cuda_face_holds_the_device_classes():
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository
 LAYERS = ["engine", "repair", "io", "top"]
-REPAIR = {"sparsecore.reconstruct"}
+REPAIR = {"sparsecore.reconstruct", "sparsecore.sequential"}
 TOP = {"sparsecore", "sparsecore.__main__", "sparsecore.cli", "sparsecore._demo", "sparsecore.parallel"}
 
 
