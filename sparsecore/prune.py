@@ -82,6 +82,10 @@ class PruneResult:
         For a :class:`Blocks` or :class:`Units` pattern, the keep-mask of the
         blocks ``(ceil(R / r), ceil(C / c))`` or of the units (1-D) of each
         tensor; empty otherwise.
+    arrays : dict name -> ndarray
+        The dense arrays a repair computed (:func:`reconstruct`,
+        :func:`sparsegpt`), which :meth:`dense` copies instead of rebuilding
+        them from the CSR; empty otherwise. A caller done with one may drop it.
     """
 
     csr: dict
@@ -90,9 +94,12 @@ class PruneResult:
     summary: list
     ignored: list
     groups: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
 
     def dense(self, name):
-        """The pruned weight ``name`` as a dense host array of its own shape."""
+        """The pruned weight ``name`` as a new dense host array of its own shape."""
+        if name in self.arrays:
+            return self.arrays[name].copy()
         a = self.csr[name]
         return to_dense(a.to_scipy() if hasattr(a, "to_scipy") else a, self.shapes[name])
 
@@ -103,13 +110,14 @@ class PruneResult:
     @classmethod
     def combine(cls, results, ignored=()) -> "PruneResult":
         """One result of the results of several separate prunings (e.g. layer by layer), in their order."""
-        out = cls({}, {}, {}, [], list(ignored), {})
+        out = cls({}, {}, {}, [], list(ignored), {}, {})
         for r in results:
             out.csr.update(r.csr)
             out.masks.update(r.masks)
             out.shapes.update(r.shapes)
             out.summary.extend(r.summary)
             out.groups.update(r.groups)
+            out.arrays.update(r.arrays)
         return out
 
 

@@ -38,8 +38,8 @@ from .importance import Criterion, register_criterion
 from .patterns import NM, pattern_of
 from .prune import PruneResult, TensorSummary, prune
 
-__all__ = ["HessianAccumulator", "check_layer_options", "obs_saliency", "prune_layer", "reconstruct", "sparsegpt",
-           "unfold_patches"]
+__all__ = ["HessianAccumulator", "LayerProblem", "RepairMethod", "check_layer_options", "get_repair", "list_repairs",
+           "obs_saliency", "prune_layer", "reconstruct", "register_repair", "sparsegpt", "unfold_patches"]
 
 _LAYOUTS = ("oi", "io")
 _CHUNK = 16384  # tokens converted to float64 at a time
@@ -592,10 +592,206 @@ def _refit(W, H, prune, damp, method, start=None, tol=1e-10, max_iter=None):
     return x
 
 
+# --- repair methods: one interface, a registry ------------------------------------
+
+class LayerProblem:
+    """One layer's repair problem, as a :class:`RepairMethod` sees it.
+
+    ``rows``: the float64 ``(out, in)`` weights the repair aims at (the dense
+    layer, or with a cross term the dense target ``W*``; read-only).
+    ``source``: ``H`` (a checked :class:`HessianAccumulator` or array);
+    :meth:`hessian` gives it whole, :meth:`inverse_factor` the upper Cholesky
+    factor ``U`` of the damped ``H⁻¹`` (shared by the layers that share the
+    accumulator). ``sparsity`` (a fraction) or ``nm`` (``(n, m)`` along the
+    inputs) is the target of a method that chooses its mask; ``refit`` the
+    refit's solver (None: a mask-choosing method does not refit).
+    """
+
+    def __init__(self, name, rows, source, *, damp=0.01, blocksize=128, refit=None, sparsity=None, nm=None,
+                 factor=None):
+        self.name, self.rows, self.source = name, _read_only(rows), source
+        self.damp, self.blocksize, self.refit, self.sparsity, self.nm = damp, blocksize, refit, sparsity, nm
+        self._factor = factor
+
+    def hessian(self) -> np.ndarray:
+        """``H`` whole, float64, read-only."""
+        return _full(self.source, self.name, self.rows.shape[1])
+
+    def inverse_factor(self) -> np.ndarray:
+        """``U`` with ``UᵀU = (H + λI)⁻¹``, upper triangular, read-only."""
+        if self._factor is None:
+            self._factor = _inverse_factor(self.source, self.damp, self.name)[0]
+        return self._factor
+
+
+class RepairMethod:
+    """A repair method: from a layer's :class:`LayerProblem`, its kept
+    weights and the mask. One class, registered with :func:`register_repair`,
+    is usable wherever a method or an update is named (:func:`prune_layer`,
+    :func:`reconstruct`, ``prune_sequential`` in the engine and the adapters).
+
+    A method plays one or more roles, each a method to override:
+
+    - ``"choose"`` — :meth:`choose`: picks the mask while it updates the
+      weights (SparseGPT's sweep; an ADMM search would);
+    - ``"select"`` — ``criterion`` (a registered importance criterion) and
+      :meth:`state`: the engine selects with it (scope, N:M, per layer);
+    - ``"update"`` — :meth:`update`: the kept weights for a given mask.
+
+    ``default_scope``: the selection's scope unless one is given;
+    ``needs_kept_per_row``: the update solves per output row, so a row the
+    mask empties is refused.
+    """
+
+    name: str = ""
+    doc: str = ""
+    roles: frozenset = frozenset()
+    criterion: str | None = None
+    default_scope: str = "local"
+    needs_kept_per_row: bool = False
+
+    def choose(self, problem: LayerProblem):
+        """``(weights, prune)``: the updated ``(out, in)`` rows and the bool
+        mask of what is pruned (True = pruned), for ``problem.sparsity`` or
+        ``problem.nm``."""
+        raise NotImplementedError(f"repair method {self.name!r} does not choose a mask")
+
+    def state(self, problem: LayerProblem) -> dict:
+        """The criterion's state for this layer (``"select"``)."""
+        return {}
+
+    def update(self, problem: LayerProblem, prune: np.ndarray) -> np.ndarray:
+        """The kept weights ``(out, in)`` for the mask ``prune`` (True =
+        pruned); entries under the mask are set to zero by the caller."""
+        raise NotImplementedError(f"repair method {self.name!r} does not update the kept weights")
+
+
+_REPAIRS: dict[str, RepairMethod] = {}
+
+
+def register_repair(method: RepairMethod, *, overwrite: bool = False) -> RepairMethod:
+    """Add a repair method under its ``name`` (``overwrite=True`` replaces
+    one of that name); returns it.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> class Halfway(sc.RepairMethod):
+    ...     name, roles = "halfway", frozenset({"update"})
+    ...     def update(self, problem, prune):  # halfway between the kept weights and their exact refit
+    ...         return 0.5 * (problem.rows + sc.get_repair("refit").update(problem, prune))
+    >>> _ = sc.register_repair(Halfway(), overwrite=True)
+    >>> "halfway" in sc.list_repairs("update")
+    True
+    """
+    if not isinstance(method, RepairMethod):
+        raise TypeError(f"register_repair takes a RepairMethod, got {type(method).__name__}")
+    if not isinstance(method.name, str) or not method.name:
+        raise ValueError(f"a repair method needs a non-empty name, got {method.name!r}")
+    bad = set(method.roles) - {"choose", "select", "update"}
+    if bad or not method.roles:
+        raise ValueError(f"repair method {method.name!r}: roles must be a non-empty subset of "
+                         f"{{'choose', 'select', 'update'}}, got {sorted(method.roles)}")
+    if "select" in method.roles and method.criterion is None:
+        raise ValueError(f"repair method {method.name!r} selects but names no criterion")
+    if method.name in _REPAIRS and not overwrite:
+        raise ValueError(f"repair method {method.name!r} is already registered; pass overwrite=True to replace it")
+    _REPAIRS[method.name] = method
+    return method
+
+
+def list_repairs(role: str | None = None) -> list[str]:
+    """The registered repair methods' names, in the order registered: all,
+    or those playing ``role`` (``"choose"``, ``"select"``, ``"update"``, or
+    ``"mask"``: those that choose or select a mask)."""
+    roles = {"choose", "select"} if role == "mask" else {role}
+    return [n for n, m in _REPAIRS.items() if role is None or roles & m.roles]
+
+
+def get_repair(name: str, role: str | None = None, what: str = "method") -> RepairMethod:
+    """The registered method ``name`` (playing ``role``, as in :func:`list_repairs`); else a ValueError
+    naming ``what`` and the valid names."""
+    m = _REPAIRS.get(name) if isinstance(name, str) else None
+    if m is None or name not in list_repairs(role):
+        raise ValueError(f"{what} must be one of {list_repairs(role)}, got {name!r}")
+    return m
+
+
+class _SparseGPT(RepairMethod):
+    name, doc, roles = "sparsegpt", "SparseGPT's OBS sweep choosing the mask (w²/[H⁻¹]ⱼⱼ² per block)", \
+        frozenset({"choose"})
+
+    def choose(self, problem):
+        nm = problem.nm
+        block = problem.blocksize if nm is None else max(nm[1], problem.blocksize // nm[1] * nm[1])  # whole groups
+        new, prune = _sweep(problem.rows, problem.inverse_factor(), sparsity=problem.sparsity, nm=nm,
+                            blocksize=block)
+        if problem.refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
+            new = np.where(prune, 0.0, _refit(problem.rows, problem.hessian(), prune, problem.damp, problem.refit,
+                                              start=new))
+        return new, prune
+
+
+class _Selection(RepairMethod):
+    """A selection by an engine criterion; no update of its own."""
+
+    roles = frozenset({"select"})
+
+    def __init__(self, name, criterion, doc, state=None, default_scope="local"):
+        self.name, self.criterion, self.doc, self._state, self.default_scope = name, criterion, doc, state, \
+            default_scope
+
+    def state(self, problem):
+        return self._state(problem) if self._state is not None else {}
+
+
+class _OBS(RepairMethod):
+    name, doc, roles, criterion = "obs", "the OBS saliency w²/[H⁻¹]ⱼⱼ² to select; SparseGPT's sweep to update", \
+        frozenset({"select", "update"}), "obs"
+
+    def state(self, problem):
+        return {"hessian": problem.source, "damp": problem.damp}
+
+    def update(self, problem, prune):
+        return _sweep(problem.rows, problem.inverse_factor(), prune, blocksize=problem.blocksize)[0]
+
+
+class _Refit(RepairMethod):
+    name, doc, roles, needs_kept_per_row = "refit", "the exact least-squares refit of each row's kept weights", \
+        frozenset({"update"}), True
+
+    def update(self, problem, prune, start=None):
+        return _refit(problem.rows, problem.hessian(), prune, problem.damp, problem.refit or "auto", start=start)
+
+
+class _ObsRefit(_Refit):
+    name, doc = "obs+refit", "the refit started from the OBS sweep (never worse than either alone)"
+
+    def update(self, problem, prune):
+        return super().update(problem, prune, start=_OBS().update(problem, prune))
+
+
+class _NoUpdate(RepairMethod):
+    name, doc, roles = "none", "the kept weights as they are", frozenset({"update"})
+
+    def update(self, problem, prune):
+        return problem.rows
+
+
+for _m in (_SparseGPT(),
+           _Selection("wanda", "wanda", "|w|·‖x‖ (Wanda), ranked within each row by default",
+                      lambda p: {"x_norm": np.sqrt(np.diag(p.hessian()))}, default_scope="row"),
+           _Selection("magnitude", "magnitude", "|w|"),
+           _OBS(), _Refit(), _ObsRefit(), _NoUpdate()):
+    register_repair(_m)
+
+
+def _updated(problem, method, prune):
+    """``method``'s kept weights for ``prune``, zero where pruned."""
+    return np.where(prune, 0.0, method.update(problem, prune))
+
+
 # --- public entry points --------------------------------------------------------
-
-_METHODS = ("obs", "refit", "obs+refit", "none")
-
 
 def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapping[str, ArrayLike], *,
                 method: str = "obs+refit", damp: float = 0.01, blocksize: int = 128,
@@ -615,9 +811,10 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
         Keep-masks shaped like the weights (True = kept): any selection of the
         engine (``sparsecore.prune(...).masks``: any criterion, N:M, blocks,
         global allocation with caps, thresholds).
-    method : {"obs", "refit", "obs+refit", "none"}
+    method : {"obs", "refit", "obs+refit", "none"} or a registered update
         The OBS sweep of SparseGPT, the exact least-squares refit, the refit
-        started from the sweep (never worse than either alone), or no update.
+        started from the sweep (never worse than either alone), no update, or
+        any :class:`RepairMethod` registered with the ``"update"`` role.
     damp : float
         Added to ``H``'s diagonal, relative to its mean (SparseGPT's 0.01).
     blocksize : int
@@ -656,8 +853,7 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
     >>> bool(np.linalg.norm(X @ (W - r.dense("fc")).T) < np.linalg.norm(X @ (W * m["fc"] - W).T))
     True
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
+    entry = get_repair(method, "update")
     dense_target = _check_dense_target(dense_target)
     if refit not in ("auto", "exact", "cg"):
         raise ValueError(f"refit must be 'auto', 'exact' or 'cg', got {refit!r}")
@@ -671,24 +867,22 @@ def reconstruct(weights: Mapping[str, ArrayLike], hessians: Mapping, masks: Mapp
         if m.dtype != np.bool_ or m.shape != w.shape:
             raise ValueError(f"mask {n!r} must be bool of shape {w.shape}, got {m.dtype} {m.shape}")
         prune = ~_rows_of(m, layout, n).astype(np.bool_)
-        if np.any(prune.all(axis=1)) and method in ("refit", "obs+refit") and rows.shape[1]:
-            r = int(np.argmax(prune.all(axis=1)))
-            raise ValueError(f"mask {n!r} keeps nothing in output row {r}: the refit has nothing to solve for; "
-                             f"keep at least one entry per row, or use method='obs'")
-        if method == "none" and isinstance(hessians[n], HessianAccumulator) and hessians[n].has_cross:
-            raise ValueError(f"the accumulator of {n!r} keeps the cross term, which only an update uses; pass "
-                             f"method='obs', 'refit' or 'obs+refit'")
-        rows = new = _target_rows(rows, src, damp, n, dense_target)
-        if method in ("obs", "obs+refit"):
-            U, _ = _inverse_factor(src, damp, n)
-            new, _ = _sweep(rows, U, prune, blocksize=blocksize)
-        if method in ("refit", "obs+refit"):
-            new = _refit(rows, _full(src, n, rows.shape[1]), prune, damp, refit,
-                         start=new if method == "obs+refit" else None)
-        new = np.where(prune, 0.0, new)
-        updated[n] = _back(new, w, layout)
+        _check_update(entry, n, prune, rows.shape[1], hessians[n])
+        problem = LayerProblem(n, _target_rows(rows, src, damp, n, dense_target), src, damp=damp,
+                               blocksize=blocksize, refit=refit)
+        updated[n] = _back(_updated(problem, entry, prune), w, layout)
         out_masks[n] = _back(~prune, np.empty(w.shape, np.bool_), layout)
     return _result(weights, updated, out_masks)
+
+
+def _check_update(entry, n, prune, features, hessian):
+    if entry.needs_kept_per_row and np.any(prune.all(axis=1)) and features:
+        r = int(np.argmax(prune.all(axis=1)))
+        raise ValueError(f"mask {n!r} keeps nothing in output row {r}: the refit has nothing to solve for; "
+                         f"keep at least one entry per row, or use method='obs'")
+    if entry.name == "none" and isinstance(hessian, HessianAccumulator) and hessian.has_cross:
+        raise ValueError(f"the accumulator of {n!r} keeps the cross term, which only an update uses; pass "
+                         f"method='obs', 'refit' or 'obs+refit'")
 
 
 def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=None, pattern=None,
@@ -710,13 +904,19 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
     >>> r.masks["fc"].sum(axis=1).tolist()
     [4, 4, 4, 4]
     """
+    return _choosing(_REPAIRS["sparsegpt"], weights, hessians, sparsity=sparsity, pattern=pattern, damp=damp,
+                     blocksize=blocksize, layouts=layouts, refit=refit, dense_target=dense_target)
+
+
+def _choosing(entry, weights, hessians, *, sparsity, pattern, damp, blocksize, layouts, refit, dense_target):
+    """A method that chooses its mask (``entry.choose``) over each layer."""
     if (sparsity is None) == (pattern is None):
         raise ValueError("give exactly one of sparsity= and pattern=")
     nm = None
     if pattern is not None:
         p = pattern_of(pattern)
         if not isinstance(p, NM) or p.axis not in (None, 1):
-            raise ValueError(f"sparsegpt takes an N:M pattern along the input axis, got {pattern!r}; for other "
+            raise ValueError(f"{entry.name} takes an N:M pattern along the input axis, got {pattern!r}; for other "
                              f"patterns select with sparsecore.prune and update with reconstruct()")
         nm = (p.n, p.m)
     if refit not in (None, "auto", "exact", "cg"):
@@ -732,12 +932,10 @@ def sparsegpt(weights: Mapping[str, ArrayLike], hessians: Mapping, *, sparsity=N
         elif rows.shape[1] % nm[1]:
             raise ValueError(f"{nm[0]}:{nm[1]} pattern of {n!r}: its {rows.shape[1]} input features are not a "
                              f"multiple of {nm[1]}")
-        U, _ = _inverse_factor(src, damp, n)
-        rows = _target_rows(rows, src, damp, n, dense_target)
-        block = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])  # whole groups per block
-        new, prune = _sweep(rows, U, sparsity=s, nm=nm, blocksize=block)
-        if refit is not None:  # a row the sweep emptied stays zero: nothing to refit there
-            new = np.where(prune, 0.0, _refit(rows, _full(src, n, rows.shape[1]), prune, damp, refit, start=new))
+        U, _ = _inverse_factor(src, damp, n)  # H singular: refused before the target is formed
+        problem = LayerProblem(n, _target_rows(rows, src, damp, n, dense_target), src, damp=damp,
+                               blocksize=blocksize, refit=refit, sparsity=s, nm=nm, factor=U)
+        new, prune = entry.choose(problem)
         updated[n] = _back(new, w, layout)
         out_masks[n] = _back(~prune, np.empty(w.shape, np.bool_), layout)
     return _result(weights, updated, out_masks)
@@ -767,41 +965,41 @@ def _prepare(weights, hessians, layouts):
 
 
 def _result(weights, updated, masks):
-    csr, shapes, summary = {}, {}, []
+    csr, shapes, summary, arrays = {}, {}, [], {}
     for n, w in updated.items():
         compute = w.astype(np.float32) if w.dtype == np.float16 else w
         a = csr_of_mask(compute, masks[n], name=n)
         csr[n] = a
         shapes[n] = tuple(w.shape)
+        arrays[n] = compute  # what dense() gives (zeros where pruned), without going through the CSR
         summary.append(TensorSummary.of(n, w.shape, np.asarray(weights[n]).dtype.itemsize,
                                         np.count_nonzero(masks[n]), a))
-    return PruneResult(csr, masks, shapes, summary, [], {})
+    return PruneResult(csr, masks, shapes, summary, [], {}, arrays)
 
 
 # --- one layer of a sequential calibration (what the framework adapters call) ---------
 
-LAYER_METHODS = ("sparsegpt", "wanda", "magnitude", "obs")
-LAYER_UPDATES = (None, "obs", "refit", "obs+refit")
-
-
 def check_layer_options(method, sparsity, pattern, scope, update, dense_target=0.0) -> str:
     """Check the options of a sequential calibration before any layer is
-    touched; returns the scope (``"row"`` for wanda, as its authors rank,
-    ``"local"`` otherwise, unless given). ``dense_target`` above 0 works
-    through the update, so a method that selects only needs ``update``."""
-    if method not in LAYER_METHODS:
-        raise ValueError(f"method must be one of {list(LAYER_METHODS)}, got {method!r}")
-    if update not in LAYER_UPDATES:
-        raise ValueError(f"update must be one of {list(LAYER_UPDATES)}, got {update!r}")
-    if method == "sparsegpt" and update is not None:
-        raise ValueError("method='sparsegpt' updates the weights itself; update= is for the other methods")
+    touched; returns the scope (the method's default, ``"row"`` for wanda as
+    its authors rank, ``"local"`` otherwise, unless given). ``method``: a
+    registered repair method that chooses or selects a mask; ``update``:
+    None or one that updates (not for a method that chooses its mask).
+    ``dense_target`` above 0 works through the update, so a method that
+    selects only needs ``update``."""
+    entry = get_repair(method, "mask")
+    updates = [None] + [n for n in list_repairs("update") if n != "none"]  # None: no update
+    if update not in updates:
+        raise ValueError(f"update must be one of {updates}, got {update!r}")
+    if "choose" in entry.roles and update is not None:
+        raise ValueError(f"method={method!r} updates the weights itself; update= is for the other methods")
     if (sparsity is None) == (pattern is None):
         raise ValueError("give exactly one of sparsity= and pattern=")
-    scope = scope or ("row" if method == "wanda" else "local")
+    scope = scope or entry.default_scope
     if scope not in ("local", "row"):
         raise ValueError(f"scope must be 'local' or 'row' (global allocation needs every layer at once), got "
                          f"{scope!r}")
-    if _check_dense_target(dense_target) and method != "sparsegpt" and update is None:
+    if _check_dense_target(dense_target) and "choose" not in entry.roles and update is None:
         raise ValueError(f"dense_target reaches toward the dense model's outputs through the update of the kept "
                          f"weights; method={method!r} needs update= ('obs', 'refit' or 'obs+refit')")
     return scope
@@ -835,8 +1033,9 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
         if name not in sparsity:
             raise ValueError(f"sparsity names no fraction for layer {name!r}; give one per pruned layer")
         sparsity = sparsity[name]
-    if method == "sparsegpt":
-        return sparsegpt({name: weights}, {name: hessian}, sparsity=sparsity, pattern=pattern, damp=damp,
+    entry = get_repair(method, "mask")
+    if "choose" in entry.roles:
+        return _choosing(entry, {name: weights}, {name: hessian}, sparsity=sparsity, pattern=pattern, damp=damp,
                          blocksize=blocksize, refit=refit, layouts=layout, dense_target=dense_target)
     w = np.asarray(weights)
     rows = _rows_of(w, layout, name)  # (out, in): N:M groups and rows run along the layer's inputs
@@ -847,14 +1046,9 @@ def prune_layer(name: str, weights: ArrayLike, hessian, *, method: str = "sparse
                              f"update='obs', 'refit' or 'obs+refit'")
         rows = _target_rows(rows, hessian, damp, name, _check_dense_target(dense_target))  # select among
         # the weights the update aims at
-    if method == "magnitude":
-        scores = None
-    elif method == "wanda":
-        scores = {name: np.abs(rows) * np.sqrt(np.diag(_full(src, name, rows.shape[1])))[None, :]}
-    else:
-        scores = {name: obs_saliency(rows, src, damp=damp)}
+    problem = LayerProblem(name, rows, src, damp=damp, blocksize=blocksize, refit=refit)
     kw = dict(pattern=pattern) if pattern is not None else dict(sparsity=sparsity, scope=scope)
-    keep = prune({name: rows}, scores, **kw).masks[name]
+    keep = prune({name: rows}, entry.criterion, state={name: entry.state(problem)}, **kw).masks[name]
     masks = {name: _back(keep, np.empty(w.shape, np.bool_), layout)}
     return reconstruct({name: w}, {name: hessian}, masks, method=update or "none", damp=damp, blocksize=blocksize,
                        refit=refit or "auto", layouts=layout, dense_target=dense_target)

@@ -303,7 +303,7 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
                             dense_target=dense_target)
             if n not in backup:
                 backup[n] = hooks.backup(n)
-            hooks.write(n, r.dense(n))
+            hooks.write(n, r.arrays.pop(n) if n in r.arrays else r.dense(n))  # the result keeps the CSR only
             results.append(r)
             done += 1
             if progress is not None:

@@ -524,3 +524,77 @@ def test_an_accumulator_keeps_what_is_derived_until_it_changes(rng):
     assert h.cached("k", lambda: calls.append(1) or np.zeros(2)).sum() == 0 and calls == [1, 1]
     with pytest.raises(ValueError):
         up[0, 0] = 1.0
+
+
+# --- the registry of repair methods ---------------------------------------------------
+
+class _MagnitudeThenRefit(sc.RepairMethod):
+    """A method that chooses its own mask: the smallest |w| (per row, so the refit has entries to solve for),
+    then the exact refit; one class in one file is all a new method needs."""
+
+    name, roles = "test-magnitude-refit", frozenset({"choose"})
+
+    def choose(self, problem):
+        rows = problem.rows
+        k = round(problem.sparsity * rows.shape[1])
+        prune = np.zeros(rows.shape, np.bool_)
+        np.put_along_axis(prune, np.argsort(np.abs(rows), axis=1, kind="stable")[:, :k], True, axis=1)
+        return np.where(prune, 0.0, sc.get_repair("refit").update(problem, prune)), prune
+
+
+class _Halfway(sc.RepairMethod):
+    name, roles = "test-halfway", frozenset({"update"})
+
+    def update(self, problem, prune):
+        return 0.5 * (problem.rows + sc.get_repair("refit").update(problem, prune))
+
+
+def test_a_registered_method_serves_prune_layer_reconstruct_and_the_sequential_driver(rng):
+    sc.register_repair(_MagnitudeThenRefit(), overwrite=True)
+    sc.register_repair(_Halfway(), overwrite=True)
+    assert "test-magnitude-refit" in sc.list_repairs("mask") and "test-halfway" in sc.list_repairs("update")
+    X = rng.standard_normal((200, 16)) @ rng.standard_normal((16, 16))
+    W = rng.standard_normal((6, 16))
+    acc = sc.HessianAccumulator(16).update(X)
+    r = sc.prune_layer("fc", W, acc, method="test-magnitude-refit", sparsity=0.5, damp=0.0)
+    keep = r.masks["fc"]
+    assert (keep.sum(axis=1) == 8).all()
+    want = ref.refit_lstsq(W, X, keep)
+    np.testing.assert_allclose(r.dense("fc"), want, rtol=1e-8, atol=1e-10)
+    half = sc.reconstruct({"fc": W}, {"fc": acc}, {"fc": keep}, method="test-halfway", damp=0.0)
+    np.testing.assert_allclose(half.dense("fc"), np.where(keep, 0.5 * (W + want), 0.0), rtol=1e-8, atol=1e-10)
+    viaup = sc.prune_layer("fc", W, acc, method="magnitude", update="test-halfway", sparsity=0.5, scope="row",
+                           damp=0.0)
+    np.testing.assert_allclose(viaup.dense("fc"), half.dense("fc"), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="updates the weights itself; update= is for the other methods"):
+        sc.prune_layer("fc", W, acc, method="test-magnitude-refit", update="refit", sparsity=0.5)
+    with pytest.raises(ValueError, match="method must be one of .*'test-magnitude-refit'.*, got 'test-halfway'"):
+        sc.prune_layer("fc", W, acc, method="test-halfway", sparsity=0.5)
+    with pytest.raises(ValueError, match="already registered; pass overwrite=True"):
+        sc.register_repair(_Halfway())
+    with pytest.raises(ValueError, match="roles must be a non-empty subset"):
+        sc.register_repair(type("Bad", (sc.RepairMethod,), {"name": "test-bad", "roles": frozenset({"fit"})})())
+    with pytest.raises(TypeError, match="register_repair takes a RepairMethod, got function"):
+        sc.register_repair(lambda p: p)
+
+
+def test_the_built_in_methods_are_registry_entries():
+    assert sc.list_repairs("mask")[:4] == ["sparsegpt", "wanda", "magnitude", "obs"]
+    assert sc.list_repairs("update")[:4] == ["obs", "refit", "obs+refit", "none"]
+    assert sc.get_repair("obs").criterion == "obs" and sc.get_repair("wanda").default_scope == "row"
+    with pytest.raises(ValueError, match=r"update must be one of \[None, 'obs', 'refit', 'obs\+refit'"):
+        sc.prune_layer("fc", np.ones((2, 4)), np.eye(4), method="wanda", update="none", sparsity=0.5)
+
+
+def test_repair_results_carry_their_dense_arrays(rng):
+    X = rng.standard_normal((100, 8))
+    W = rng.standard_normal((4, 8)).astype(np.float16)
+    r = sc.sparsegpt({"fc": W}, {"fc": sc.HessianAccumulator(8).update(X)}, sparsity=0.5)
+    assert set(r.arrays) == {"fc"} and r.arrays["fc"].dtype == np.float32
+    got = r.dense("fc")
+    assert got is not r.arrays["fc"]
+    np.testing.assert_array_equal(got, sc.to_dense(r.csr["fc"], r.shapes["fc"]))
+    got[:] = 7  # a copy: the result is unchanged
+    assert not (r.dense("fc") == 7).any()
+    r.arrays.clear()  # dropped: dense() rebuilds from the CSR, the same values
+    np.testing.assert_array_equal(r.dense("fc"), sc.to_dense(r.csr["fc"], r.shapes["fc"]))

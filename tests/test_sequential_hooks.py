@@ -266,3 +266,22 @@ def test_refusals_name_the_option(rng):
         np.testing.assert_array_equal(hooks.W[n], w)
     with pytest.raises(TypeError, match="abstract"):
         sc.SequentialHooks()
+
+
+class _Shrink(sc.RepairMethod):
+    """A registered update (one class): the kept weights scaled by 0.9, to see it reach every layer."""
+
+    name, roles = "test-shrink", frozenset({"update"})
+
+    def update(self, problem, prune):
+        return 0.9 * problem.rows
+
+
+def test_a_registered_method_runs_through_the_driver(rng):
+    sc.register_repair(_Shrink(), overwrite=True)
+    dense, data = _model(rng), _data(rng)
+    hooks = Toy({n: w.copy() for n, w in dense.items()}, data)
+    r = sc.prune_sequential(hooks, sparsity=0.5, method="magnitude", update="test-shrink")
+    for n in r.masks:
+        np.testing.assert_allclose(hooks.W[n], np.where(r.masks[n], 0.9 * dense[n], 0.0), rtol=1e-12, err_msg=n)
+        assert r.arrays == {}  # the driver hands each dense array to the model and keeps the CSR only
