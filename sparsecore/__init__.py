@@ -12,6 +12,7 @@ from . import _cache  # noqa: F401  (first: where Numba may cache, before any ke
 from ._version import __version__
 from .allocation import outlier_allocation
 from .csr import check_csr, csr_matmul, index_dtype, matrix_shape, to_csr, to_dense
+from .groups import Group, group_scores
 from .importance import (
     Accumulator,
     Criterion,
@@ -52,6 +53,7 @@ __all__ = [
     "Feed",
     "GradientAccumulator",
     "GradualPruner",
+    "Group",
     "HessianAccumulator",
     "Layer",
     "LayerProblem",
@@ -78,6 +80,7 @@ __all__ = [
     "fit_bins",
     "get_criterion",
     "get_repair",
+    "group_scores",
     "index_dtype",
     "is_n_m",
     "list_criteria",

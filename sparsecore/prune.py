@@ -13,6 +13,7 @@ from ._kernels.keys import MODE_ABS, MODE_SQUARE
 from ._source import NORM_KINDS, NORM_NONE
 from ._validate import check_fraction, check_threshold, is_integer, per_name
 from .csr import build_csr, csr_of_mask, to_dense
+from .groups import Group, group_scores
 from .importance import (
     GradientAccumulator,
     device_scores,
@@ -106,6 +107,28 @@ class PruneResult:
     def table(self):
         """The summary as a text table."""
         return format_table(self.summary, self.ignored)
+
+    @classmethod
+    def of_masks(cls, values: Mapping[str, ArrayLike], masks: Mapping[str, ArrayLike], *,
+                 itemsizes: Mapping[str, int] | None = None, ignored=(), groups=None,
+                 keep_arrays: bool = False) -> "PruneResult":
+        """The result of weights ``values`` kept where ``masks`` (host arrays):
+        CSR of the kept entries (float16 computed in float32), the summary
+        (dense sizes from ``itemsizes``, by default the values' own);
+        ``keep_arrays``: hold the values as :attr:`arrays` (they must be zero
+        where pruned)."""
+        csr, shapes, summary, arrays = {}, {}, [], {}
+        for n, w in values.items():
+            w = np.asarray(w)
+            compute = w.astype(np.float32) if w.dtype == np.float16 else w
+            a = csr_of_mask(compute, masks[n], name=n)
+            csr[n] = a
+            shapes[n] = tuple(w.shape)
+            if keep_arrays:
+                arrays[n] = compute  # what dense() gives, without going through the CSR
+            size = w.dtype.itemsize if itemsizes is None else itemsizes[n]
+            summary.append(TensorSummary.of(n, w.shape, size, np.count_nonzero(masks[n]), a))
+        return cls(csr, dict(masks), shapes, summary, list(ignored), dict(groups or {}), arrays)
 
     @classmethod
     def combine(cls, results, ignored=()) -> "PruneResult":
@@ -221,7 +244,7 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
           min_sparsity: float | Mapping[str, float] = 0.0, max_sparsity: float | Mapping[str, float] = 1.0,
           normalize: str = "none", ignore: Iterable[str] = (), pattern=None,
           masks: Mapping[str, ArrayLike] | None = None, device: str = "auto",
-          column_block: int | None = None) -> PruneResult:
+          column_block: int | None = None, groups: Iterable[Group] | None = None) -> PruneResult:
     """Prune a set of weights and return CSR weights, masks and a summary.
 
     Parameters
@@ -271,6 +294,18 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
         left (``torch.nn.utils.prune`` counts the other way).
     column_block : int, optional
         With ``scope="row"``: the width of the column blocks ranked apart.
+    groups : iterable of Group, optional
+        Coupled groups (:class:`sparsecore.Group`): whole units, each a slice
+        of several tensors, kept or removed together. Each unit's score is
+        the group's reduction of the criterion's scores over every entry it
+        owns (or ``scores[group.name]``, one per unit, given directly); a
+        ``sparsity`` or ``threshold`` applies to units, per group
+        (``"local"``, exact) or across groups (``"global"``, with the caps
+        per group name and at least ``min_keep`` units of each group kept).
+        Only member tensors are pruned (the others are listed in
+        ``ignored``); a tensor in several groups gets the intersection of
+        their masks; ``result.groups`` holds each group's unit keep-mask. On
+        the CPU, without ``pattern``, ``masks`` or ``column_block``.
     device : {"auto", "cpu", "cuda"}
         ``"cuda"`` (or ``"auto"`` when a weight or a score array lives on a
         GPU: anything with ``__cuda_array_interface__``) runs everything on the GPU with
@@ -316,6 +351,14 @@ def prune(weights: Mapping[str, ArrayLike], scores=None, *,
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}; "
                         f"for one array pass {{'weight': array}}")
+    if groups is not None:
+        if pattern is not None or masks is not None or column_block is not None or list(ignore):
+            raise ValueError("groups= selects whole units itself: pattern=, masks=, column_block= and ignore= do "
+                             "not combine with it")
+        if device == "cuda" or _device.resolve(device, *weights.values()) == "cuda":
+            raise ValueError("groups= runs on the CPU; pass host arrays (device='cpu')")
+        return _prune_groups(weights, scores, list(groups), sparsity=sparsity, threshold=threshold, scope=scope,
+                             state=state, min_sparsity=min_sparsity, max_sparsity=max_sparsity, normalize=normalize)
     given = list(weights.values()) + (list(scores.values()) if isinstance(scores, Mapping) else [])
     on_device = _device.resolve(device, *given) == "cuda"  # "auto": any weight or score on a GPU
     pattern, ignore, names = check_call(weights, sparsity, threshold, scope, normalize, ignore, pattern,
@@ -572,3 +615,79 @@ def _check_growth(names, done, sizes, hi_c, sparsity, scope, pattern):
             raise ValueError(f"masks already prune {d} of {size} {what} of {n!r} "
                              f"({d / size:.4g}), more than sparsity {sp_n}; a sparsity counts the "
                              f"whole tensor and masks only grow")
+
+
+def _prune_groups(weights, scores, groups, *, sparsity, threshold, scope, state, min_sparsity, max_sparsity,
+                  normalize):
+    """:func:`prune` with ``groups``: units scored over their members, selected as 1-D tensors of unit
+    scores (every rule of the selection: exact counts, thresholds, global ranks with caps), then expanded to
+    element masks of the members."""
+    if not groups:
+        raise ValueError("groups= is empty; give at least one sparsecore.Group")
+    for g in groups:
+        if not isinstance(g, Group):
+            raise TypeError(f"groups must hold sparsecore.Group objects, got {type(g).__name__}")
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names):
+        raise ValueError(f"group names must be unique, got {names}")
+    if scope not in ("local", "global"):
+        raise ValueError(f"scope with groups must be 'local' or 'global', got {scope!r}")
+    arrays = {}
+    for t in dict.fromkeys(t for g in groups for t in g.tensors()):
+        if t not in weights:
+            raise ValueError(f"group {next(g.name for g in groups if t in g.tensors())!r} names tensor {t!r}, "
+                             f"which is not among the weights")
+        w = np.asarray(weights[t])
+        if w.dtype.kind != "f":
+            raise TypeError(f"weights {t!r} have dtype {w.dtype}; pass floating-point weights")
+        arrays[t] = w
+    shapes = {t: w.shape for t, w in arrays.items()}
+    for g in groups:
+        g.resolve(shapes)  # every member checked before any score is computed
+    elem = {}
+
+    def element_scores(t):
+        if t not in elem:
+            w = np.asarray(arrays[t], np.float64)
+            if scores is None:
+                elem[t] = np.abs(w)
+            elif isinstance(scores, Mapping):
+                elem[t] = scores.get(t)
+            else:
+                crit = get_criterion(scores)
+                elem[t] = np.asarray(crit(w, _state_for(state, t)), np.float64)
+                if elem[t].shape != w.shape:
+                    raise ValueError(f"criterion returned scores of shape {elem[t].shape} for weights {t!r} of "
+                                     f"shape {w.shape}")
+        return elem[t]
+
+    units = {}
+    for g in groups:
+        if isinstance(scores, Mapping) and g.name in scores:
+            u = np.asarray(scores[g.name], np.float64)
+            if u.shape != (g.units,):
+                raise ValueError(f"scores of group {g.name!r} must hold one per unit ({g.units},), got shape "
+                                 f"{u.shape}")
+        else:
+            u = group_scores(g, {t: s for t in g.tensors() if (s := element_scores(t)) is not None})
+        if not np.all(np.isfinite(u)):
+            raise ValueError(f"scores of group {g.name!r} hold NaN or Inf")
+        units[g.name] = u
+    if scope == "global":  # at least min_keep units of every group stay
+        given = per_name(max_sparsity, names, "max_sparsity", check_fraction)
+        caps = {g.name: min(given[g.name], (g.units - g.min_keep) / g.units) for g in groups}
+    else:
+        caps = max_sparsity
+    chosen = prune(units, units, sparsity=sparsity, threshold=threshold, scope=scope, min_sparsity=min_sparsity,
+                   max_sparsity=caps, normalize=normalize)
+    keep = {g.name: np.asarray(chosen.masks[g.name]) for g in groups}
+    for g in groups:
+        if int(keep[g.name].sum()) < g.min_keep:
+            raise ValueError(f"group {g.name!r} would keep {int(keep[g.name].sum())} of its {g.units} units, fewer "
+                             f"than its min_keep={g.min_keep}; lower the sparsity")
+    masks = {}
+    for g in groups:
+        for t, m in g.keep_masks(keep[g.name], shapes).items():
+            masks[t] = m if t not in masks else masks[t] & m
+    return PruneResult.of_masks({t: arrays[t] for t in masks}, masks,
+                                ignored=[n for n in weights if n not in masks], groups=keep)

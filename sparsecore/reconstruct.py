@@ -33,10 +33,9 @@ from numpy.typing import ArrayLike
 
 from ._kernels import cpu_reconstruct, cpu_select
 from ._validate import as_float_array, check_fraction, is_integer, nonfinite_error
-from .csr import csr_of_mask
 from .importance import Criterion, register_criterion
 from .patterns import NM, pattern_of
-from .prune import PruneResult, TensorSummary, prune
+from .prune import PruneResult, prune
 
 __all__ = ["HessianAccumulator", "LayerProblem", "RepairMethod", "check_layer_options", "get_repair", "list_repairs",
            "obs_saliency", "prune_layer", "reconstruct", "register_repair", "sparsegpt", "unfold_patches"]
@@ -965,16 +964,8 @@ def _prepare(weights, hessians, layouts):
 
 
 def _result(weights, updated, masks):
-    csr, shapes, summary, arrays = {}, {}, [], {}
-    for n, w in updated.items():
-        compute = w.astype(np.float32) if w.dtype == np.float16 else w
-        a = csr_of_mask(compute, masks[n], name=n)
-        csr[n] = a
-        shapes[n] = tuple(w.shape)
-        arrays[n] = compute  # what dense() gives (zeros where pruned), without going through the CSR
-        summary.append(TensorSummary.of(n, w.shape, np.asarray(weights[n]).dtype.itemsize,
-                                        np.count_nonzero(masks[n]), a))
-    return PruneResult(csr, masks, shapes, summary, [], {}, arrays)
+    return PruneResult.of_masks(updated, masks, itemsizes={n: np.asarray(weights[n]).dtype.itemsize for n in updated},
+                                keep_arrays=True)
 
 
 # --- one layer of a sequential calibration (what the framework adapters call) ---------

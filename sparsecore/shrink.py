@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._validate import as_float_array
+from .groups import Group
 
 __all__ = ["Layer", "shrink"]
 
@@ -110,20 +111,27 @@ def _keep_index(name, keep, units):
     return np.flatnonzero(k)
 
 
-def shrink(layers: Mapping[str, Layer], keep: Mapping[str, ArrayLike]) -> dict[str, Layer]:
-    """Remove units from a chain of layers and return the smaller layers.
+def shrink(layers: Mapping[str, Layer], keep: Mapping[str, ArrayLike], *, groups=None) -> dict:
+    """Remove units from a chain of layers, or from coupled groups, and
+    return the smaller arrays.
 
     Parameters
     ----------
-    layers : mapping name -> Layer
+    layers : mapping name -> Layer, or (with ``groups``) name -> array
         The chain in order: each layer's units feed the next layer's inputs.
+        With ``groups``: any tensors (weights, biases, norms) by name.
     keep : mapping name -> array of bool
-        Per layer, which units stay (e.g. ``PruneResult.groups`` of a
-        :class:`Units` pruning). Layers not named keep all their units.
+        Per layer (per group, with ``groups``), which units stay (e.g.
+        ``PruneResult.groups`` of a :class:`Units` or a ``groups=``
+        pruning). Layers (groups) not named keep all their units.
+    groups : iterable of Group, optional
+        Coupled groups (:class:`sparsecore.Group`): each removed unit's
+        entries are cut out of every member along the member's axis; a tensor
+        in several groups is cut by each (entries removed by any group go).
 
     Returns
     -------
-    dict name -> Layer
+    dict name -> Layer (with ``groups``: name -> array)
         New arrays (never views of the inputs), same layouts.
 
     Raises
@@ -147,6 +155,8 @@ def shrink(layers: Mapping[str, Layer], keep: Mapping[str, ArrayLike]) -> dict[s
         raise TypeError(f"layers must be a mapping name -> Layer in chain order, got {type(layers).__name__}")
     if not isinstance(keep, Mapping):
         raise TypeError(f"keep must be a mapping name -> bool vector, got {type(keep).__name__}")
+    if groups is not None:
+        return _shrink_groups(layers, keep, list(groups))
     unknown = [k for k in keep if k not in layers]
     if unknown:
         raise ValueError(f"keep names unknown layers {unknown}; the chain has {list(layers)}")
@@ -178,4 +188,34 @@ def shrink(layers: Mapping[str, Layer], keep: Mapping[str, ArrayLike]) -> dict[s
             bn[k] = v[idx] if (idx is not None and v.ndim == 1 and v.shape[0] == units) else v.copy()
         out[n] = Layer(new_w, bias, layer.layout, bn)
         prev = idx
+    return out
+
+
+def _shrink_groups(arrays, keep, groups):
+    for g in groups:
+        if not isinstance(g, Group):
+            raise TypeError(f"groups must hold sparsecore.Group objects, got {type(g).__name__}")
+    by_name = {g.name: g for g in groups}
+    unknown = [k for k in keep if k not in by_name]
+    if unknown:
+        raise ValueError(f"keep names unknown groups {unknown}; the groups are {list(by_name)}")
+    shapes = {n: np.shape(a) for n, a in arrays.items()}
+    gone = {}  # (tensor, axis) -> bool, True where a removed unit's entry lies
+    for name, k in keep.items():
+        g = by_name[name]
+        k = np.asarray(k)
+        if k.dtype == np.bool_ and k.shape == (g.units,) and k.sum() < max(g.min_keep, 1):
+            raise ValueError(f"keep for group {name!r} keeps {int(k.sum())} of its {g.units} units; at least "
+                             f"{max(g.min_keep, 1)} must stay")
+        for t, axis, idx in g.kept_indices(k, shapes):
+            drop = np.ones(shapes[t][axis], np.bool_)
+            drop[idx] = False
+            gone[(t, axis)] = drop | gone.get((t, axis), False)
+    out = {}
+    for n, a in arrays.items():
+        new = np.array(a)  # a copy, never a view of the input
+        for (t, axis), drop in gone.items():
+            if t == n:
+                new = np.take(new, np.flatnonzero(~drop), axis=axis)
+        out[n] = new
     return out
