@@ -473,10 +473,11 @@ class SelectionPlan:
 
 
 def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max_sparsity, pattern=ELEMENTS,
-                   done=None, column_block=None) -> SelectionPlan:
+                   done=None, column_block=None, executor=None) -> SelectionPlan:
     """The caps and rules of all sources (host, device, or read lazily from a
     file); ``done``: per source, the entries (blocks, units) that current
-    masks already prune, or None."""
+    masks already prune, or None; ``executor``: where the passes over the
+    sources' data run (see :func:`sparsecore.selection.each_source`)."""
     names = list(names)
     sizes = np.array([s.size for s in srcs], np.int64)
     lo = per_name(min_sparsity, names, "min_sparsity", lambda v, n: check_fraction(v, n, "min_sparsity"))
@@ -515,7 +516,7 @@ def plan_selection(srcs, names, *, sparsity, threshold, scope, min_sparsity, max
                                  f"caps allow {int(lo_c.sum())} to {int(hi_c.sum())}; change sparsity or the "
                                  f"min_sparsity/max_sparsity caps")
             if srcs:
-                rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c)
+                rules = select_rules(srcs, target=target, lo=lo_c, hi=hi_c, executor=executor)
         else:
             sp_t = per_name(sparsity, names, "sparsity", check_fraction)
             counts = np.rint(np.array([sp_t[n] for n in names], np.float64) * sizes).astype(np.int64).tolist()

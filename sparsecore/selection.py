@@ -78,15 +78,14 @@ def _raise_nonfinite(src, count, first):
     raise nonfinite_error(src.name, src.role, src.errors_index(), count, first)
 
 
-def each_source(sources, fn, per):
+def each_source(sources, fn, per, executor=None):
     """``[fn(src, *per[t]) for each source t]``, ``None`` where ``per[t]`` is
     None: every pass a selection makes over the data goes through here. In
-    this process; or, when ``sources`` offers a ``map`` (the sources of a
+    this process; or, given an ``executor`` (``executor.map(fn, per)``: a
     checkpoint's shards on a Dask cluster), where the data lives, each
     shard's tensors in one task, only the arguments and results crossing."""
-    mapper = getattr(sources, "map", None)
-    if mapper is not None:
-        return mapper(fn, per)
+    if executor is not None:
+        return executor.map(fn, per)
     return [None if a is None else fn(src, *a) for src, a in zip(sources, per)]
 
 
@@ -157,7 +156,7 @@ def _rule_of_sorted(keys, k, wide):
     return _rule_for(T, ties, k - below, wide)
 
 
-def _pool_keys(sources, wide):
+def _pool_keys(sources, wide, executor=None):
     """``(pooled, keys, offs)``: which sources of a global selection are
     selected from their sorted keys (those of at most ``_SORT_MAX`` entries,
     in order, while the keys held stay within ``_POOL_BUDGET``), and those
@@ -180,8 +179,8 @@ def _pool_keys(sources, wide):
     taken = [sources[t] for t in np.flatnonzero(pooled)]
     offs = np.zeros(len(taken) + 1, np.int64)
     np.cumsum([src.size for src in taken], out=offs[1:])
-    if getattr(sources, "map", None) is not None:  # a cluster's sources: each shard's keys where it lives
-        keys = np.concatenate([k for k in each_source(sources, _sorted_keys, per) if k is not None])
+    if executor is not None:  # a cluster's sources: each shard's keys where it lives
+        keys = np.concatenate([k for k in each_source(sources, _sorted_keys, per, executor) if k is not None])
         return pooled, keys, offs
     keys = np.empty(int(offs[-1]), np.uint64)
     start = 0
@@ -224,7 +223,7 @@ def _active(ntens, skip):
     return [t for t in range(ntens) if skip is None or not skip[t]]
 
 
-def _search(sources, lo, hi, target, wide, pool=None, skip=None):
+def _search(sources, lo, hi, target, wide, pool=None, skip=None, executor=None):
     """Smallest key T whose capped count sum_t clip(#{key_t <= T}, lo_t, hi_t)
     reaches ``target``. Returns ``(T, below, ties)``: per tensor the count of
     keys < T and == T. ``pool``: keys that count as one more tensor without
@@ -249,7 +248,7 @@ def _search(sources, lo, hi, target, wide, pool=None, skip=None):
         per = [None] * ntens
         for t in active:
             per[t] = (wide, li == 0, prefix, shift, bits)
-        parts = each_source(sources, _hist_part, per)
+        parts = each_source(sources, _hist_part, per, executor)
         for r, t in enumerate(active):
             hist[r] = parts[t]
         if pool is not None:
@@ -269,7 +268,7 @@ def _rule_for(T, ties, extra, wide):
     return Rule(T, extra, wide)
 
 
-def select_rules(sources, counts=None, target=None, lo=None, hi=None):
+def select_rules(sources, counts=None, target=None, lo=None, hi=None, executor=None):
     """Exact selection rules.
 
     ``counts``: per-tensor numbers to prune (local). Or ``target`` (a total
@@ -286,7 +285,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
     # Small tensors are pooled: tensor t's capped count clip(#{key <= T}, lo_t, hi_t) is lo_t plus the
     # count of its keys of ranks lo_t + 1 .. hi_t that are <= T, so their keys of those ranks, pooled,
     # count as one tensor without caps, and target drops by their lo_t.
-    pooled, keys, offs = _pool_keys(sources, wide)
+    pooled, keys, offs = _pool_keys(sources, wide, executor)
     pool, k = None, target
     if pooled.any():
         k -= int(lo[pooled].sum())
@@ -302,9 +301,9 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
             pool = None
         big = ~pooled
         if not lo[big].any() and np.array_equal(hi[big], sizes[big]):  # no caps: the plain k-th of all keys
-            found = _search_sampled(sources, k, wide, pool, pooled)
+            found = _search_sampled(sources, k, wide, pool, pooled, executor)
         if found is None:
-            found = _search(sources, lo, hi, k, wide, pool, pooled)
+            found = _search(sources, lo, hi, k, wide, pool, pooled, executor)
     T, below, ties = found
     slot = np.full(len(sources), -1, np.int64)  # a pooled tensor's place among the pooled
     if pooled.any():
@@ -330,7 +329,7 @@ def select_rules(sources, counts=None, target=None, lo=None, hi=None):
         else:
             rules.append(None)
             own.append((p, wide))
-    capped = each_source(sources, select_one, own)
+    capped = each_source(sources, select_one, own, executor)
     return [r if r is not None else c for r, c in zip(rules, capped)]
 
 
@@ -347,7 +346,7 @@ def _search_one(src, k, wide):
     return T, int(below[0]), int(ties[0])
 
 
-def _search_sampled(sources, k, wide, pool=None, skip=None):
+def _search_sampled(sources, k, wide, pool=None, skip=None, executor=None):
     """The k-th smallest key of all sources together, in one pass instead of
     two to four: bracket it between two quantiles of an evenly strided
     sample, count the keys below the bracket and copy the few inside it,
@@ -368,7 +367,7 @@ def _search_sampled(sources, k, wide, pool=None, skip=None):
     per = [None] * ntens
     for t, size in zip(active, sizes):
         per[t] = (min(size, -(-m_all * size // n)), wide)
-    got = each_source(sources, _sample_part, per)
+    got = each_source(sources, _sample_part, per, executor)
     parts = [got[t] for t in active]
     if psize:
         mp = min(psize, -(-m_all * psize // n))
@@ -392,7 +391,7 @@ def _search_sampled(sources, k, wide, pool=None, skip=None):
         if _bracket_cap(sources[t].size, share) * _nchunks(sources[t].size) > max(sources[t].size // 8, 1 << 16):
             return None  # the bracket is too wide to pay off
         per[t] = (wide, int(lo_key), int(hi_key), share)
-    got = each_source(sources, _range_part, per)
+    got = each_source(sources, _range_part, per, executor)
     found = [got[t] for t in active]
     if psize:
         found.append((int(np.count_nonzero(pool < lo_key)), pool[(pool >= lo_key) & (pool <= hi_key)]))

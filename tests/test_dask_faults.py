@@ -77,7 +77,7 @@ def test_a_late_writer_never_writes_into_the_output(client, model, tmp_path, mon
     """A worker still writing a shard when the client has finished (its task ran again elsewhere)."""
     one = prune_file(model, tmp_path / "one", sparsity=0.5)
     started, resume, zombies = threading.Event(), threading.Event(), []
-    real_run, real_write = sc_cluster.ShardSources._run, sc_cluster.write_shard
+    real_run, real_write = sc_cluster.ShardExecutor._run, sc_cluster.write_shard
 
     def paused_write(src, path, tensor):  # in this process only (the zombie): stops after its first tensor
         seen = []
@@ -103,7 +103,7 @@ def test_a_late_writer_never_writes_into_the_output(client, model, tmp_path, mon
         return real_run(self, jobs)
 
     monkeypatch.setattr(sc_cluster, "write_shard", paused_write)
-    monkeypatch.setattr(sc_cluster.ShardSources, "_run", run)
+    monkeypatch.setattr(sc_cluster.ShardExecutor, "_run", run)
     many = prune_file(model, tmp_path / "many", sparsity=0.5, client=client)
     resume.set()  # the zombie writes the rest of its file, after the output is in place
     zombies[0].join(60)
@@ -212,8 +212,8 @@ def test_each_worker_runs_numba_on_its_share_of_the_cores(client, model):
     with open_weights(model) as reader:  # the tasks of a data pass, on a cluster started without settings
         names = reader.select([], [])
         srcs = lazy_sources(reader, names, None)
-        sources = sc_cluster.ShardSources(client, reader, names, [srcs[n] for n in names])
-        assert sources.map(_threads, [()] * len(names)) == [share] * len(names)
+        executor = sc_cluster.ShardExecutor(client, reader, names, [srcs[n] for n in names])
+        assert executor.map(_threads, [()] * len(names)) == [share] * len(names)
     after = client.gather([client.submit(numba.get_num_threads, pure=False) for _ in range(4)])
     assert after == [CORES] * 4  # restored after each task
     n = min(2, sc_cluster.max_workers()[0])

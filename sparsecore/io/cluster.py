@@ -9,10 +9,11 @@ passes moved to the workers:
 - Every pass the selection makes over the data (the norms for
   ``normalize``, the strided sample and the bracket count of a global
   threshold, the radix histograms where caps bind, a capped tensor's own
-  count) goes through :func:`sparsecore.selection.each_source`. Here it is
-  one task per shard: the worker opens its shard, makes the pass over its
-  tensors and returns per-tensor results (sampled keys, at most 2**20 for
-  the whole model; counts; the keys inside the bracket; histograms; rules).
+  count) goes through :func:`sparsecore.selection.each_source`, given a
+  :class:`ShardExecutor` as its executor: one task per shard. The worker
+  opens its shard, makes the pass over its tensors and returns per-tensor
+  results (sampled keys, at most 2**20 for the whole model; counts; the keys
+  inside the bracket; histograms; rules).
 - The writing pass is one task per shard. The worker reads, masks and writes
   its shard into a new folder of its own inside a parts folder, a sibling of
   the output's temporary folder (both beside the output, so on the file
@@ -72,7 +73,7 @@ from .files import open_weights
 from .formats import SafeTensorsFile, TorchFile
 from .tensorwise import copy_folder_files, lazy_sources, prune_one, write_shard
 
-__all__ = ["NO_WORKER_GRACE", "ShardSources", "WORKER_MEMORY", "connect", "max_workers", "require",
+__all__ = ["NO_WORKER_GRACE", "ShardExecutor", "WORKER_MEMORY", "connect", "max_workers", "require",
            "submit_in_share", "tasks_per_host"]
 
 INSTALL = "pip install 'sparsecore[dask]'"
@@ -220,15 +221,16 @@ def _failure_types(distributed):
             distributed.client.FuturesCancelledError)  # the latter from wait()
 
 
-class ShardSources(list):
-    """The selection sources of a checkpoint's tensors, in order, whose data
-    passes run on the cluster's workers: one task per shard and pass. The
-    client keeps only what a source knows without its data (name, shape,
+class ShardExecutor:
+    """Runs the data passes over a checkpoint's selection sources (in order)
+    on the cluster's workers: one task per shard and pass; passed explicitly
+    as the ``executor`` of the selection (:func:`sparsecore.selection.each_source`).
+    The client keeps only what a source knows without its data (name, shape,
     dtype, mode, normalisation). ``moved``: the bytes of arguments and
     results that crossed between the client and the workers (pickled)."""
 
     def __init__(self, client, reader, names, sources, scores=None):
-        super().__init__(sources)  # in the order of names
+        self.sources = list(sources)  # in the order of names
         self.client, self.reader, self.names = client, reader, list(names)
         self.shard_of = [reader.shard_of[n] for n in names]
         self.spec = (reader.folder, None if scores is None else os.path.abspath(os.fspath(scores)))
@@ -290,9 +292,9 @@ class ShardSources(list):
         for t, a in enumerate(per):
             if a is not None:
                 by_shard.setdefault(self.shard_of[t], []).append(t)
-        jobs = [(_on_shard, (self.spec, shard, [(self[t].name, self[t].inv, self[t].scaled, per[t]) for t in ts],
+        jobs = [(_on_shard, (self.spec, shard, [(self.sources[t].name, self.sources[t].inv, self.sources[t].scaled, per[t]) for t in ts],
                              fn)) for shard, ts in by_shard.items()]
-        out = [None] * len(self)
+        out = [None] * len(self.sources)
         for ts, results in zip(by_shard.values(), self._run(jobs)):
             for t, r in zip(ts, results):
                 out[t] = _unpack(r)
@@ -306,13 +308,13 @@ class ShardSources(list):
         _, selection, pattern = plan
         shards = self.reader.shards
         items = {shard: [] for shard in shards}
-        for i, (src, shard) in enumerate(zip(self, self.shard_of)):
+        for i, (src, shard) in enumerate(zip(self.sources, self.shard_of)):
             items[shard].append((src.name, src.inv, src.scaled, i))
         tmp = os.path.abspath(tmp)
         parts = _parts_folder(tmp)
         try:
             jobs = [(_write_shard, (self.spec, shard, parts, items[shard], selection, pattern)) for shard in shards]
-            total = len(self)
+            total = len(self.sources)
             for shard, (summaries, path) in zip(shards, self._run(jobs)):
                 if os.path.dirname(os.path.dirname(path)) != parts or os.path.basename(path) != shard:
                     raise UserError(f"a Dask worker wrote shard {shard!r} at {path!r}, outside {parts!r}; "

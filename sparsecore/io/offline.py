@@ -307,10 +307,11 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
                 check_overlap(score_file.input_files(), dst)  # a scores checkpoint's every file too
             sources = lazy_sources(reader, names, score_file)
             srcs = [sources[n] for n in names]
+            executor = None
             if client is not None:  # the same sources, their passes run on the workers
-                srcs = cluster.ShardSources(client, reader, names, srcs, scores)
+                executor = cluster.ShardExecutor(client, reader, names, srcs, scores)
             plan = (sources, _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity,
-                                   normalize, pattern), pattern)
+                                   normalize, pattern, executor), pattern)
             attrs = None
             if sparse:
                 attrs = {"tool_version": _version.__version__,
@@ -325,9 +326,9 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
             if kind is not None:
                 result.format = kind
             with (AtomicDir if sharded and not sparse else AtomicPath)(dst, sync, replace=force) as tmp:
-                if client is not None:
-                    srcs.write(tmp, plan, result, progress)
-                    result.moved_bytes = srcs.moved
+                if executor is not None:
+                    executor.write(tmp, plan, result, progress)
+                    result.moved_bytes = executor.moved
                 else:
                     _write(reader, tmp, plan, result, sparse, attrs, progress, compression, kind, encoding)
         finally:
@@ -347,7 +348,7 @@ def bytes_of(path):
     return os.path.getsize(path)
 
 
-def _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize, pattern):
+def _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, normalize, pattern, executor=None):
     """``prune``'s own :class:`SelectionPlan` over the sources ``srcs`` of
     ``names``, in order (local sparsities are found when each tensor is
     written, so it is read once). Every pass over the data goes through
@@ -355,10 +356,11 @@ def _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, n
     cluster's workers."""
     try:
         if NORM_KINDS[normalize] != NORM_NONE:
-            for src, inv in zip(srcs, each_source(srcs, norm_inverse, [(normalize,)] * len(srcs))):
+            for src, inv in zip(srcs, each_source(srcs, norm_inverse, [(normalize,)] * len(srcs), executor)):
                 src.inv, src.scaled = inv, True
         plan = plan_selection(srcs, names, sparsity=sparsity, threshold=threshold, scope=scope,
-                              min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern)
+                              min_sparsity=min_sparsity, max_sparsity=max_sparsity, pattern=pattern,
+                              executor=executor)
     except UserError:
         raise
     except (TypeError, ValueError) as exc:
