@@ -292,8 +292,9 @@ class ShardExecutor:
         for t, a in enumerate(per):
             if a is not None:
                 by_shard.setdefault(self.shard_of[t], []).append(t)
-        jobs = [(_on_shard, (self.spec, shard, [(self.sources[t].name, self.sources[t].inv, self.sources[t].scaled, per[t]) for t in ts],
-                             fn)) for shard, ts in by_shard.items()]
+        src = self.sources
+        jobs = [(_on_shard, (self.spec, shard, [(src[t].name, src[t].inv, src[t].scaled, per[t]) for t in ts], fn))
+                for shard, ts in by_shard.items()]
         out = [None] * len(self.sources)
         for ts, results in zip(by_shard.values(), self._run(jobs)):
             for t, r in zip(ts, results):
