@@ -71,7 +71,7 @@ import numpy as np
 from .errors import UserError
 from .files import open_weights
 from .formats import SafeTensorsFile, TorchFile
-from .tensorwise import copy_folder_files, lazy_sources, prune_one, write_shard
+from .tensorwise import lazy_sources, prune_one
 
 __all__ = ["NO_WORKER_GRACE", "ShardExecutor", "WORKER_MEMORY", "connect", "max_workers", "require",
            "submit_in_share", "tasks_per_host"]
@@ -328,7 +328,7 @@ class ShardExecutor:
             _remove(parts)  # partial files of killed workers; a late writer finds its folder gone
         pruned = set(self.names)
         result.copied = [n for n in self.reader.entries if n not in pruned]
-        copy_folder_files(self.reader, tmp)
+        self.reader.copy_files(tmp)
         expected = set(shards) | {_first(rel) for rel in ([self.reader.index_name] if self.reader.index_name
                                                           else []) + self.reader.other_files()}
         for name in os.listdir(tmp):  # nothing but the output goes into place
@@ -451,6 +451,12 @@ def _pack(r):
 
 def _unpack(r):
     return r.dense() if isinstance(r, _Sparse) else r
+
+
+def write_shard(reader, path, tensor):
+    """One shard at ``path``, written like its input with ``tensor(name)``
+    for each tensor (the seam the fault tests replace on a worker)."""
+    reader.write_like(path, tensor)
 
 
 def _write_shard(spec, shard, parts, items, selection, pattern):

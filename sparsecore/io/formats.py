@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from . import _safetensors as st
-from .errors import FormatError
+from .errors import FormatError, UserError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 SPARSE_TAG = "sparsecore-sparse-hdf5"
@@ -152,9 +152,26 @@ def to_float(raw, entry):
 
 class WeightFile:
     """A weight file open for reading: ``entries`` (name -> Entry, file order),
-    ``raw(name)`` (stored form) and ``floats(name)`` (for scoring)."""
+    ``raw(name)`` (stored form) and ``floats(name)`` (for scoring).
+
+    A format describes itself: ``format`` (what it reads), ``native`` (the
+    kind its own writer gives, None without one), ``extensions`` (the file
+    name endings that say that kind), ``file_order`` (its writer rebuilds the
+    file in its own order, not tensor by tensor), and :meth:`write_like`;
+    a format any input converts to also has ``write_stream`` (see
+    :data:`CONVERTERS`). A new format is one class."""
 
     format = "?"
+    native: str | None = None
+    extensions: tuple = ()
+    file_order = False
+
+    def write_like(self, path, tensor, pruned=None):
+        """A file like this one at ``path``: the tensors named in ``pruned``
+        (all if None) given by ``tensor(name)``, one in memory at a time,
+        the others carried as they are stored."""
+        raise UserError(f"{self.path}: writing the {self.format} format is not supported; write sparse HDF5 (an "
+                        f"output name ending in .sparse.h5)")
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -285,6 +302,16 @@ class H5File(WeightFile):
     """Keras 3 ``.weights.h5``, Keras 2 legacy HDF5, or any HDF5 file (or an
     HDF5 group laid out like one: ``group=``, which whoever opened its file
     has held to :func:`check_h5`). ``path`` may be an open binary file object."""
+
+    native, extensions, file_order = "hdf5", (".h5", ".hdf5"), True
+
+    def write_like(self, path, tensor, pruned=None):
+        """The file rebuilt group by group (attributes, layout), the datasets of ``pruned`` replaced."""
+        rebuild_h5(self.h5, path, self._replacer(tensor, pruned))
+
+    def _replacer(self, tensor, pruned):
+        by_path = {self.dataset_path(n): n for n in (self.entries if pruned is None else pruned)}
+        return lambda p: tensor(by_path[p]) if p in by_path else None
 
     def __init__(self, path, display=None, group=None):
         super().__init__(path if isinstance(path, (str, os.PathLike)) else display)
@@ -434,6 +461,14 @@ class KerasZip(H5File):
     process, even killed), after every member is checked against its stored
     size (:func:`check_members`)."""
 
+    native, extensions = "keras", (".keras",)
+
+    def write_like(self, path, tensor, pruned=None):
+        """The archive rewritten: its weights rebuilt, every other member copied."""
+        with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:  # no name: gone with the process
+            rebuild_h5(self.h5, h5tmp, self._replacer(tensor, pruned))
+            write_keras_zip(self.members, self.zip_path, h5tmp, path)
+
     def __init__(self, path):
         self.zip_path = os.fspath(path)
         self.tmpfile = None
@@ -527,7 +562,34 @@ def write_keras_zip(members, src_zip, weights_h5, dst_path, member_bytes=None):
 
 class SafeTensorsFile(WeightFile):
     """A safetensors file, read with NumPy (no framework)."""
-    format = "safetensors"
+    format = native = "safetensors"
+    extensions = (".safetensors",)
+
+    def write_like(self, path, tensor, pruned=None):
+        """The same header order, dtypes and metadata."""
+        items = [(n, dt, shape, (lambda n=n: tensor(n)) if pruned is None or n in pruned else
+                  (lambda n=n: self.raw(n))) for n, (dt, shape, _, _) in self.header.items()]
+        with open(path, "wb") as f:
+            st.write(f, items, self.metadata)
+
+    @staticmethod
+    def write_stream(path, entries, tensor, *, dtypes=None, metadata=None, source="input"):
+        """A safetensors file of ``entries`` (name -> Entry, in order), each
+        tensor ``tensor(name)``; ``dtypes``: safetensors dtype names to keep
+        (by name), the others from the entries."""
+        items = []
+        for n, e in entries.items():
+            if dtypes is not None and n in dtypes:
+                dt = dtypes[n]
+            else:
+                try:
+                    dt = "BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype)
+                except TypeError:
+                    raise UserError(f"{source}: tensor {n!r} of dtype {e.dtype} has no safetensors dtype; keep the "
+                                    f"input's format") from None
+            items.append((n, dt, e.shape, lambda n=n: tensor(n)))
+        with open(path, "wb") as f:
+            st.write(f, items, metadata)
 
     def __init__(self, path):
         super().__init__(path)
@@ -623,7 +685,18 @@ def _torch_load_error(path, exc):
 
 class TorchFile(WeightFile):
     """A PyTorch state dict (``.pt``/``.bin``), loaded with ``weights_only=True``."""
-    format = "torch"
+    format = native = "torch"
+    extensions = (".pt", ".pth", ".bin")
+
+    def write_like(self, path, tensor, pruned=None):
+        """The state dict's items in order, what is not a tensor carried as it is."""
+        write_torch(((n, tensor(n) if n in self.entries and (pruned is None or n in pruned) else self.sd[n],
+                      self.entries.get(n)) for n in self.sd), path)
+
+    @staticmethod
+    def write_stream(path, entries, tensor, *, dtypes=None, metadata=None, source="input"):
+        """A state dict of ``entries`` (name -> Entry, in order), each tensor ``tensor(name)``."""
+        write_torch(((n, tensor(n), e) for n, e in entries.items()), path)
 
     def __init__(self, path):
         super().__init__(path)
@@ -717,3 +790,13 @@ def detect(path):
     raise FormatError(f"{path}: unknown weight-file format" + (f" ({hint})" if hint else "")
                       + "; sparsecore reads .keras, .weights.h5, Keras 2 .h5, safetensors, PyTorch .pt/.bin "
                         "and its own sparse HDF5")
+
+
+CONVERTERS = {cls.native: cls for cls in (SafeTensorsFile, TorchFile)}  # what any input converts to (--format)
+READERS = (SafeTensorsFile, TorchFile, H5File, KerasZip)  # formats that write themselves, for the names
+
+
+def kind_of_name(path):
+    """The kind an output name says (its extension), or None."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    return next((cls.native for cls in READERS if ext in cls.extensions), None)

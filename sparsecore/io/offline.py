@@ -45,20 +45,19 @@ from . import cluster
 from .errors import FormatError, UserError
 from .files import open_weights
 from .formats import (
+    CONVERTERS,
     PLACEHOLDER,
     H5File,
     KerasZip,
-    SafeTensorsFile,
-    TorchFile,
     WeightFile,
+    kind_of_name,
     rebuild_h5,
     rebuild_into,
     write_keras_zip,
-    write_torch,
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import ENCODINGS, SparseFile, SparseWriter, as_str
-from .tensorwise import SmallBatches, copy_folder_files, lazy_sources, prune_one, write_shard
+from .tensorwise import SmallBatches, lazy_sources, prune_one
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -368,18 +367,7 @@ def _plan(srcs, names, sparsity, threshold, scope, min_sparsity, max_sparsity, n
     return plan
 
 
-_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
-               ".keras": "keras", ".h5": "hdf5", ".hdf5": "hdf5"}
-FORMATS = ("safetensors", "torch")  # what any input converts to (--format)
-
-
-def _native(reader):
-    """The output kind a reader's own writer gives."""
-    if isinstance(reader, KerasZip):
-        return "keras"
-    if isinstance(reader, H5File):
-        return "hdf5"
-    return {"safetensors": "safetensors", "torch": "torch"}.get(reader.format)
+FORMATS = tuple(CONVERTERS)  # what any input converts to (--format)
 
 
 def output_kind(dst, reader, fmt=None):
@@ -387,14 +375,13 @@ def output_kind(dst, reader, fmt=None):
     else what its name says (``.safetensors``, ``.pt``/``.pth``/``.bin``,
     ``.keras``, ``.h5``), else the input's own format. A name that says a
     format the input cannot be written as is refused, never contradicted."""
-    native = _native(reader)
+    native = reader.native
     if fmt is not None:
         if fmt not in FORMATS:
             raise UserError(f"format must be one of {list(FORMATS)} (or sparse HDF5: a name ending in .sparse.h5), "
                             f"got {fmt!r}")
         return fmt
-    ext = os.path.splitext(os.fspath(dst))[1].lower()
-    said = _EXTENSIONS.get(ext)
+    said = kind_of_name(dst)
     if said is None or said == native:
         if native is None:
             raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; write "
@@ -415,7 +402,7 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
     total = len(sources)
     # small tensors many at a time, where the output is written in the plan's order (not an HDF5 rebuild,
     # whose order is the file's groups')
-    rebuilt = isinstance(reader, H5File) and (kind is None or kind == _native(reader))
+    rebuilt = reader.file_order and (kind is None or kind == reader.native)
     batches = None if sparse or rebuilt else SmallBatches(reader, sources, plan, pattern)
 
     def step(name, want_csr):
@@ -432,59 +419,11 @@ def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None,
     result.copied = [n for n in reader.entries if n not in pruned]
     if sparse:
         _write_sparse(reader, tmp, step, pruned, attrs, compression, encoding)
-        return
-    if kind is not None and kind != _native(reader) and not isinstance(reader, ShardedCheckpoint):
-        _write_converted(reader, tmp, lambda n: step(n, False)[0] if n in pruned else reader.raw(n), kind)
-        return
-    if isinstance(reader, H5File) and not isinstance(reader, KerasZip):
-        by_path = {reader.dataset_path(n): n for n in pruned}
-        rebuild_h5(reader.h5, tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
-    elif isinstance(reader, KerasZip):
-        by_path = {reader.dataset_path(n): n for n in pruned}
-        with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:  # no name: gone with the process
-            rebuild_h5(reader.h5, h5tmp, lambda path: step(by_path[path], False)[0] if path in by_path else None)
-            write_keras_zip(reader.members, reader.zip_path, h5tmp, tmp)
-    elif isinstance(reader, SafeTensorsFile):
-        items = [(n, dt, shape, (lambda n=n: step(n, False)[0]) if n in pruned else (lambda n=n: reader.raw(n)))
-                 for n, (dt, shape, _, _) in reader.header.items()]
-        with open(tmp, "wb") as f:
-            st.write(f, items, reader.metadata)
-    elif isinstance(reader, TorchFile):
-        write_torch(((n, step(n, False)[0] if n in pruned else reader.sd[n], reader.entries.get(n))
-                     for n in reader.sd), tmp)
-    elif isinstance(reader, ShardedCheckpoint):
-        _write_folder(reader, tmp, lambda n: step(n, False)[0] if n in pruned else reader.raw(n))
+    elif kind is not None and kind != reader.native:  # converted (a folder keeps its own format: kind None)
+        CONVERTERS[kind].write_stream(tmp, reader.entries, lambda n: step(n, False)[0] if n in pruned else
+                                      reader.raw(n), source=reader.path)
     else:
-        raise UserError(f"{reader.path}: writing the {reader.format} format is not supported; "
-                        f"write sparse HDF5 (an output name ending in .sparse.h5)")
-
-
-def _write_converted(reader, tmp, tensor, kind):
-    """Every tensor of ``reader`` (``tensor(name)``, one at a time) into a
-    safetensors file or a PyTorch state dict under the same names."""
-    entries = reader.entries
-    if kind == "safetensors":
-        items = []
-        for n, e in entries.items():
-            try:
-                dt = "BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype)
-            except TypeError:
-                raise UserError(f"{reader.path}: tensor {n!r} of dtype {e.dtype} has no safetensors dtype; keep the "
-                                f"input's format") from None
-            items.append((n, dt, e.shape, lambda n=n: tensor(n)))
-        with open(tmp, "wb") as f:
-            st.write(f, items)
-    else:
-        write_torch(((n, tensor(n), e) for n, e in entries.items()), tmp)
-
-
-def _write_folder(reader, tmp, tensor):
-    """A model folder like ``reader``'s: each shard rewritten under its own name
-    with ``tensor(name)`` (one tensor in memory at a time), the index and the
-    other files (config, tokenizer, ...) copied as streams."""
-    for shard in reader.shards:
-        write_shard(reader.reader(shard), os.path.join(tmp, shard), tensor)
-    copy_folder_files(reader, tmp)
+        reader.write_like(tmp, lambda n: step(n, False)[0], pruned)
 
 
 def _json_dataset(group, name, value):
@@ -555,13 +494,13 @@ def _write_sparse(reader, tmp, step, pruned, attrs, compression=None, encoding="
                                 raise UserError(f"{reader.zip_path}: member {name} cannot be read ({exc}); the "
                                                 f"archive is truncated or corrupt") from None
             return
-        kind = "safetensors" if isinstance(reader, SafeTensorsFile) else "torch"
-        c.attrs["kind"] = kind
+        # what densify writes back: the input's own format, or a PyTorch state dict for a format without a
+        # writer of its own (npz)
+        c.attrs["kind"] = reader.native if reader.native in CONVERTERS else "torch"
         c.attrs["order"] = json.dumps(list(reader.entries))
-        if kind == "safetensors":
-            hdr = reader.header_bytes if isinstance(reader, SafeTensorsFile) else None
-            if hdr is not None:
-                c.create_dataset("header", data=np.frombuffer(hdr, np.uint8))
+        hdr = getattr(reader, "header_bytes", None)  # dtypes and metadata, as they were
+        if hdr is not None:
+            c.create_dataset("header", data=np.frombuffer(hdr, np.uint8))
         _tensors_into(w, c, reader, step, pruned)
     finally:
         w.close()
@@ -618,18 +557,12 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
                             data = {name: (c["zip"][str(i)].shape[0], _dataset_writer(c["zip"][str(i)]))
                                     for i, (name, _) in enumerate(members) if name != "model.weights.h5"}
                             write_keras_zip(members, None, h5tmp, tmp, member_bytes=data)
-                elif reader.kind == "safetensors":
-                    hdr = reader.json(c["header"]) if "header" in c else {}
+                else:  # a flat file: its tensors in order, safetensors dtypes and metadata as they were
+                    hdr = reader.json(c["header"]) if "header" in c and reader.kind == "safetensors" else {}
                     meta = hdr.pop("__metadata__", None)
-                    items = []
-                    for n, e in reader.entries.items():
-                        dt = hdr[n]["dtype"] if n in hdr else \
-                            ("BF16" if e.dtype == "bfloat16" else st.dtype_name(e.dtype))
-                        items.append((n, dt, e.shape, lambda n=n: reader.raw(n)))
-                    with open(tmp, "wb") as f:
-                        st.write(f, items, meta)
-                else:
-                    write_torch(((n, reader.raw(n), e) for n, e in reader.entries.items()), tmp)
+                    CONVERTERS[reader.kind].write_stream(tmp, reader.entries, reader.raw, source=reader.path,
+                                                         dtypes={n: h["dtype"] for n, h in hdr.items()},
+                                                         metadata=meta)
         except (UserError, FormatError):
             raise
         except (KeyError, AttributeError, TypeError, IndexError, NotImplementedError, RecursionError, ValueError,
@@ -649,7 +582,7 @@ def _densify_folder(reader, c, tmp):
     own name (safetensors dtypes and metadata as they were), the index and the other files."""
     layout = reader.json(c["shards"])
     kind = as_str(c.attrs["shard_kind"])
-    if not isinstance(layout, dict) or kind not in ("safetensors", "torch"):
+    if not isinstance(layout, dict) or kind not in CONVERTERS:
         raise UserError(f"{reader.path}: the shard layout is not a mapping of shards (kind {kind!r}); the file is "
                         f"damaged")
     for shard, info in layout.items():
@@ -670,13 +603,9 @@ def _densify_folder(reader, c, tmp):
         raise UserError(f"{reader.path}: the carried file {sorted(clash)[0]!r} would overwrite a shard or another "
                         f"carried file; the file is damaged")
     for shard, info in layout.items():
-        target = os.path.join(tmp, shard)
-        if kind == "safetensors":
-            items = [(n, info["dtypes"][n], reader.entries[n].shape, lambda n=n: reader.raw(n)) for n in info["names"]]
-            with open(target, "wb") as f:
-                st.write(f, items, info.get("metadata"))
-        else:
-            write_torch(((n, reader.raw(n), reader.entries[n]) for n in info["names"]), target)
+        CONVERTERS[kind].write_stream(os.path.join(tmp, shard), {n: reader.entries[n] for n in info["names"]},
+                                      reader.raw, source=reader.path, dtypes=info.get("dtypes"),
+                                      metadata=info.get("metadata"))
     for key in c["files"]:
         ds = c["files"][key]
         rel = as_str(ds.attrs["path"])

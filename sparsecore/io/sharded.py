@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from .errors import FormatError
 from .formats import SafeTensorsFile, TorchFile, WeightFile
@@ -234,6 +235,25 @@ class ShardedCheckpoint(WeightFile):
                                       f"socket or a device); remove it or move it out of the model folder")
             stack.extend(reversed(subs))
         return out
+
+    def write_like(self, path, tensor, pruned=None):
+        """A model folder like this one at ``path`` (an existing folder):
+        each shard rewritten under its own name, every tensor through
+        ``tensor(name)`` or (outside ``pruned``) as read (one in memory at a
+        time), the index and the other files (config, tokenizer, ...) copied
+        as streams."""
+        def each(n):
+            return tensor(n) if pruned is None or n in pruned else self.raw(n)
+        for shard in self.shards:
+            self.reader(shard).write_like(os.path.join(path, shard), each)
+        self.copy_files(path)
+
+    def copy_files(self, path):
+        """The index and the other files of the folder, copied into the folder ``path``."""
+        for rel in ([self.index_name] if self.index_name else []) + self.other_files():
+            target = os.path.join(path, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(self.folder, rel), target)
 
     def input_files(self):
         """Every path this checkpoint reads: the folder, its index, shards and other files."""

@@ -6,8 +6,6 @@ bytes."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 
 import numpy as np
 
@@ -20,7 +18,7 @@ from ..patterns import ELEMENTS
 from ..prune import TensorSummary, select_tensor
 from . import _safetensors as st
 from .errors import UserError
-from .formats import SafeTensorsFile, to_float, write_torch
+from .formats import to_float
 
 
 class LazySource:
@@ -223,22 +221,3 @@ class SmallBatches:
         for name, b, end, k, z in zip(names, offs.tolist(), offs[1:].tolist(), kept.tolist(), nnz.tolist()):
             e = entries[name]
             self.done[name] = raw[b:end].reshape(e.shape), _summary(e, k, z, item)
-
-
-def write_shard(src, path, tensor):
-    """One shard ``src`` (its reader) rewritten at ``path`` with
-    ``tensor(name)`` for each of its tensors, one in memory at a time."""
-    if isinstance(src, SafeTensorsFile):
-        items = [(n, dt, shape, lambda n=n: tensor(n)) for n, (dt, shape, _, _) in src.header.items()]
-        with open(path, "wb") as f:
-            st.write(f, items, src.metadata)
-    else:
-        write_torch(((n, tensor(n) if n in src.entries else src.sd[n], src.entries.get(n)) for n in src.sd), path)
-
-
-def copy_folder_files(reader, tmp):
-    """The index and the other files of ``reader``'s folder (config, tokenizer, ...), copied into ``tmp``."""
-    for rel in ([reader.index_name] if reader.index_name else []) + reader.other_files():
-        target = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.join(reader.folder, rel), target)
