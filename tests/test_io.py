@@ -538,3 +538,51 @@ def test_save_safetensors_round_trips_streams_and_refuses(tmp_path, rng):
     save_safetensors(path, {"z": np.zeros(2, np.float64)}, force=True)
     with open_weights(path) as f:
         assert list(f.entries) == ["z"]
+
+
+class _JsonWeights(sc.io.formats.WeightFile):
+    """A format of the test's own (tensors as JSON lists): one class is all a new format needs."""
+
+    format = native = "jsonw"
+    extensions = (".jsonw",)
+
+    @classmethod
+    def sniff(cls, probe):
+        return probe.head.startswith(b'{"jsonw"')
+
+    def __init__(self, path):
+        super().__init__(path)
+        with open(self.path) as f:
+            d = json.load(f)["jsonw"]
+        self.data = {k: np.array(v["data"], np.float32).reshape(v["shape"]) for k, v in d.items()}
+        self.entries = {k: sc.io.formats.entry_of(k, a.shape, a.dtype) for k, a in self.data.items()}
+
+    def raw(self, name):
+        return self.data[name].copy()
+
+    def write_like(self, path, tensor, pruned=None):
+        out = {k: {"shape": list(a.shape), "data": np.asarray(tensor(k) if pruned is None or k in pruned else a)
+                   .ravel().tolist()} for k, a in self.data.items()}
+        with open(path, "w") as f:
+            json.dump({"jsonw": out}, f)
+
+
+def test_a_new_format_is_one_class(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(sc.io.files, "FORMATS", (_JsonWeights, *sc.io.files.FORMATS))
+    w = {"fc.weight": rng.standard_normal((8, 6)).astype(np.float32), "fc.bias": np.ones(8, np.float32)}
+    src = tmp_path / "m.jsonw"
+    src.write_text(json.dumps({"jsonw": {k: {"shape": list(a.shape), "data": a.ravel().tolist()} for k, a in w.items()}}))
+    with open_weights(src) as r:
+        assert isinstance(r, _JsonWeights) and list(r.entries) == ["fc.weight", "fc.bias"]
+    r = prune_file(src, tmp_path / "out.jsonw", sparsity=0.5)  # written like its input, by the class
+    assert r.format == "jsonw" and r.copied == ["fc.bias"]
+    with open_weights(tmp_path / "out.jsonw") as out:
+        got = out.raw("fc.weight")
+        np.testing.assert_array_equal(got, w["fc.weight"] * sc.prune(w, sparsity=0.5).masks["fc.weight"])
+        np.testing.assert_array_equal(out.raw("fc.bias"), w["fc.bias"])
+    prune_file(src, tmp_path / "out.safetensors", sparsity=0.5, format="safetensors")  # converted
+    with open_weights(tmp_path / "out.safetensors") as out:
+        np.testing.assert_array_equal(out.raw("fc.weight"), got)
+    assert prune_file(src, tmp_path / "y.safetensors", sparsity=0.5).format == "safetensors"  # converted by name
+    with pytest.raises(UserError, match="the name says hdf5, but a jsonw input is written as jsonw"):
+        prune_file(src, tmp_path / "x.h5", sparsity=0.5)

@@ -159,12 +159,18 @@ class WeightFile:
     name endings that say that kind), ``file_order`` (its writer rebuilds the
     file in its own order, not tensor by tensor), and :meth:`write_like`;
     a format any input converts to also has ``write_stream`` (see
-    :data:`CONVERTERS`). A new format is one class."""
+    :data:`CONVERTERS`). A new format is one class, listed in
+    ``sparsecore.io.files.FORMATS``; :meth:`sniff` claims a file from its bytes."""
 
     format = "?"
     native: str | None = None
     extensions: tuple = ()
     file_order = False
+
+    @classmethod
+    def sniff(cls, probe) -> bool:
+        """Whether the file :class:`Probe` ``probe`` describes is in this format (from its bytes, not its name)."""
+        return False
 
     def write_like(self, path, tensor, pruned=None):
         """A file like this one at ``path``: the tensors named in ``pruned``
@@ -304,6 +310,11 @@ class H5File(WeightFile):
     has held to :func:`check_h5`). ``path`` may be an open binary file object."""
 
     native, extensions, file_order = "hdf5", (".h5", ".hdf5"), True
+
+    @classmethod
+    def sniff(cls, probe):
+        """Any HDF5 file (asked last: the formats built on HDF5 first)."""
+        return probe.is_hdf5
 
     def write_like(self, path, tensor, pruned=None):
         """The file rebuilt group by group (attributes, layout), the datasets of ``pruned`` replaced."""
@@ -463,6 +474,11 @@ class KerasZip(H5File):
 
     native, extensions = "keras", (".keras",)
 
+    @classmethod
+    def sniff(cls, probe):
+        """A zip archive holding ``model.weights.h5``."""
+        return probe.is_zip and "model.weights.h5" in probe.zip_names
+
     def write_like(self, path, tensor, pruned=None):
         """The archive rewritten: its weights rebuilt, every other member copied."""
         with tempfile.TemporaryFile(prefix="sparsecore-keras-") as h5tmp:  # no name: gone with the process
@@ -565,6 +581,11 @@ class SafeTensorsFile(WeightFile):
     format = native = "safetensors"
     extensions = (".safetensors",)
 
+    @classmethod
+    def sniff(cls, probe):
+        """An 8-byte header length, then the JSON header's brace (never a zip or HDF5 file)."""
+        return not (probe.is_zip or probe.is_hdf5) and len(probe.head) >= 9 and probe.head[8:9] == b"{"
+
     def write_like(self, path, tensor, pruned=None):
         """The same header order, dtypes and metadata."""
         items = [(n, dt, shape, (lambda n=n: tensor(n)) if pruned is None or n in pruned else
@@ -637,6 +658,11 @@ class NpzFile(WeightFile):
 
     format = "npz"
 
+    @classmethod
+    def sniff(cls, probe):
+        """A zip archive of ``.npy`` members only."""
+        return probe.is_zip and bool(probe.zip_names) and all(n.endswith(".npy") for n in probe.zip_names)
+
     def __init__(self, path):
         super().__init__(path)
         self.z = np.load(self.path, allow_pickle=False)
@@ -687,6 +713,13 @@ class TorchFile(WeightFile):
     """A PyTorch state dict (``.pt``/``.bin``), loaded with ``weights_only=True``."""
     format = native = "torch"
     extensions = (".pt", ".pth", ".bin")
+
+    @classmethod
+    def sniff(cls, probe):
+        """A zip archive with a ``data.pkl``, or a legacy pickle under a PyTorch name."""
+        if probe.is_zip:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in probe.zip_names)
+        return probe.head[:1] == b"\x80" and probe.path.endswith(cls.extensions)
 
     def write_like(self, path, tensor, pruned=None):
         """The state dict's items in order, what is not a tensor carried as it is."""
@@ -755,41 +788,61 @@ def write_torch(items, dst_path):
 
 # --- detection --------------------------------------------------------------------
 
-def detect(path):
-    """The format of ``path`` from its bytes, not its name."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FormatError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise FormatError(f"{path}: is a directory, not a weight file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(HDF5_MAGIC):
-        return "hdf5-family"
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except zipfile.BadZipFile as exc:
-            raise FormatError(f"{path}: looks like a zip archive but cannot be read ({exc}); truncated?") from None
-        if "model.weights.h5" in names:
-            return "keras"
-        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-            return "torch"
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        raise FormatError(f"{path}: a zip archive without model.weights.h5 (not a Keras 3 .keras file) "
-                          f"and without data.pkl (not a PyTorch file)")
-    if head[:1] == b"\x80" and path.endswith((".pt", ".pth", ".bin")):
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    ext = os.path.splitext(path)[1]
-    hint = {".h5": "an .h5 name but no HDF5 signature", ".hdf5": "an .hdf5 name but no HDF5 signature",
-            ".keras": "a .keras name but not a zip archive", ".safetensors": "not a valid safetensors header"}.get(ext)
-    raise FormatError(f"{path}: unknown weight-file format" + (f" ({hint})" if hint else "")
-                      + "; sparsecore reads .keras, .weights.h5, Keras 2 .h5, safetensors, PyTorch .pt/.bin "
-                        "and its own sparse HDF5")
+class Probe:
+    """What format sniffing reads of a file, each part read once when first
+    asked for: ``head`` (its first 16 bytes), ``ext``, ``zip_names`` (None
+    unless a zip archive), ``h5_tag`` (the ``format`` attribute of an HDF5
+    file's root). A damaged zip or HDF5 file is refused here, in one line."""
+
+    def __init__(self, path):
+        path = self.path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FormatError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise FormatError(f"{path}: is a directory, not a weight file")
+        with open(path, "rb") as f:
+            self.head = f.read(16)
+        self.ext = os.path.splitext(path)[1]
+        self.is_hdf5 = self.head.startswith(HDF5_MAGIC)
+        self.is_zip = self.head.startswith((b"PK\x03\x04", b"PK\x05\x06"))
+        self._zip_names = self._tag = None
+
+    @property
+    def zip_names(self):
+        """The member names of a zip archive (None otherwise)."""
+        if self.is_zip and self._zip_names is None:
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    self._zip_names = z.namelist()
+            except zipfile.BadZipFile as exc:
+                raise FormatError(f"{self.path}: looks like a zip archive but cannot be read ({exc}); "
+                                  f"truncated?") from None
+        return self._zip_names
+
+    @property
+    def h5_tag(self):
+        """The root ``format`` attribute of an HDF5 file ("" without one; None otherwise)."""
+        if self.is_hdf5 and self._tag is None:
+            try:
+                with h5py.File(self.path, "r") as h:
+                    tag = h.attrs.get("format")
+            except OSError as exc:
+                raise FormatError(f"{self.path}: HDF5 signature but unreadable ({exc}); the file is truncated or "
+                                  f"corrupt") from None
+            self._tag = (tag.decode() if isinstance(tag, bytes) else tag) or ""
+        return self._tag
+
+    def unknown(self):
+        """The error for a file no format claims."""
+        if self.is_zip:
+            return FormatError(f"{self.path}: a zip archive without model.weights.h5 (not a Keras 3 .keras file) "
+                               f"and without data.pkl (not a PyTorch file)")
+        hint = {".h5": "an .h5 name but no HDF5 signature", ".hdf5": "an .hdf5 name but no HDF5 signature",
+                ".keras": "a .keras name but not a zip archive",
+                ".safetensors": "not a valid safetensors header"}.get(self.ext)
+        return FormatError(f"{self.path}: unknown weight-file format" + (f" ({hint})" if hint else "")
+                           + "; sparsecore reads .keras, .weights.h5, Keras 2 .h5, safetensors, PyTorch .pt/.bin "
+                             "and its own sparse HDF5")
 
 
 CONVERTERS = {cls.native: cls for cls in (SafeTensorsFile, TorchFile)}  # what any input converts to (--format)

@@ -139,6 +139,11 @@ class SparseFile(WeightFile):
 
     format = "sparse"
 
+    @classmethod
+    def sniff(cls, probe):
+        """An HDF5 file tagged as sparsecore's."""
+        return probe.is_hdf5 and probe.h5_tag == SPARSE_TAG
+
     def __init__(self, path):
         super().__init__(path)
         try:
