@@ -571,7 +571,8 @@ def test_a_new_format_is_one_class(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(sc.io.files, "FORMATS", (_JsonWeights, *sc.io.files.FORMATS))
     w = {"fc.weight": rng.standard_normal((8, 6)).astype(np.float32), "fc.bias": np.ones(8, np.float32)}
     src = tmp_path / "m.jsonw"
-    src.write_text(json.dumps({"jsonw": {k: {"shape": list(a.shape), "data": a.ravel().tolist()} for k, a in w.items()}}))
+    doc = {k: {"shape": list(a.shape), "data": a.ravel().tolist()} for k, a in w.items()}
+    src.write_text(json.dumps({"jsonw": doc}))
     with open_weights(src) as r:
         assert isinstance(r, _JsonWeights) and list(r.entries) == ["fc.weight", "fc.bias"]
     r = prune_file(src, tmp_path / "out.jsonw", sparsity=0.5)  # written like its input, by the class
