@@ -33,6 +33,7 @@ from .io import UserError, cluster, densify_file, open_weights, prune_file
 from .io.formats import EMPTY
 from .io.offline import HIGH_SPARSITY, SAFE_CAP, bytes_of, check_overlap, default_max_sparsity, tensor_stats
 from .io.sharded import is_checkpoint_path
+from .patterns import pattern_of
 from .prune import format_table
 
 _EPILOG = """examples:
@@ -269,7 +270,6 @@ def _report(args):
 
 def _check_prune_flags(args, parser):
     """Every flag's value, before any file is read; an error names the flag (exit 2)."""
-
     for flag, value in (("--sparsity", args.sparsity), ("--min-sparsity", args.min_sparsity),
                         ("--max-sparsity", args.max_sparsity)):
         if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
@@ -279,6 +279,11 @@ def _check_prune_flags(args, parser):
         if args.scope == "global" and args.sparsity is not None and args.sparsity > SAFE_CAP:
             parser.error(f"prune: --sparsity {args.sparsity} in global scope is above the default per-tensor cap "
                          f"{SAFE_CAP}; pass --max-sparsity 1 to allow tensors to be emptied")
+    if args.pattern is not None:
+        try:
+            pattern_of(args.pattern)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"prune: --pattern {exc}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         parser.error(f"prune: --threshold must be a finite number, got {args.threshold}")
     if args.min_sparsity > args.max_sparsity:
@@ -290,12 +295,10 @@ def _check_prune_flags(args, parser):
                      f"--max-sparsity {args.max_sparsity}; in {scope} scope every tensor is pruned to exactly "
                      f"--sparsity (the caps bind in --scope global and with --threshold)")
     if args.criterion is not None:
-
         if args.criterion not in list_criteria():
             parser.error(f"prune: --criterion {args.criterion!r} is not a known criterion; known: "
                          f"{', '.join(list_criteria())}")
         if args.scores is None:
-
             try:  # does it score from the weights alone (magnitude) or need statistics?
                 get_criterion(args.criterion)(np.ones((2, 2), np.float32), {})
             except (ValueError, KeyError, TypeError):
@@ -305,11 +308,8 @@ def _check_prune_flags(args, parser):
 
 
 def _prune(args, parser):
-
-
     embedded = args.input is None
     if embedded:
-
         args.input = default_model_path()
         if args.sparsity is None and args.threshold is None and args.pattern is None:
             args.sparsity = 0.9
@@ -483,7 +483,7 @@ def main(argv=None):
 def _failure(exc):
     """One line for any failure: the message of an error the code raises on purpose (bad input, files);
     for anything else its kind and message and where to look further."""
-    msg = " ".join(str(exc).split())
+    msg = " ".join(str(getattr(exc, "cli", None) or exc).split())  # a message in the command line's words
     if isinstance(exc, (ValueError, TypeError, OSError)) and msg:  # UserError and FormatError among them
         return _clean(msg, 2000)
     if isinstance(exc, MemoryError):

@@ -80,6 +80,9 @@ def test_report_plot(tmp_path, rng):
     other.write_text("keep me")
     r = run("report", src, "--plot", other)
     assert r.returncode == 1 and "notes.txt: exists; pass --force" in r.stderr and other.read_text() == "keep me"
+    r = run("prune", src, "-o", other, "--sparsity", "0.5")  # the command line's words, not the keyword's
+    assert r.returncode == 1 and "notes.txt: exists; pass --force to replace it" in r.stderr
+    assert "force=True" not in r.stderr and other.read_text() == "keep me"
     r = run("report", src, "--plot", other, "--force")
     assert r.returncode == 0 and other.read_bytes()[:4] == b"\x89PNG"
 
@@ -117,6 +120,7 @@ def test_usage_errors_exit_2(tmp_path):
     (("--sparsity", "0.5", "--criterion", "wanda"), r"--criterion wanda needs statistics"),
     (("--sparsity", "0.5", "--max-sparsity", "0.3"), r"--sparsity 0.5 lies outside --min-sparsity 0.0 .. "
                                                       r"--max-sparsity 0.3; in local scope"),
+    (("--pattern", "2-4"), r"--pattern an N:M pattern is written like '2:4', got '2-4'"),
 ])
 def test_flags_are_checked_before_any_file_is_read(tmp_path, flags, message):
     import re

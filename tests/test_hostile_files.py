@@ -568,7 +568,7 @@ def test_an_interrupted_force_run_is_undone_before_the_next_run_checks(tmp_path,
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     os.rename(out, tmp_path / f".outx.{p.pid}.old.abc123.sparsecore-tmp")  # killed mid-swap
-    with pytest.raises(UserError, match="exists; pass --force"):  # the old output is back, and protected
+    with pytest.raises(UserError, match="exists; pass force=True"):  # the old output is back, and protected
         prune_file(src, out, sparsity=0.6)
     assert out.is_dir()
 

@@ -297,7 +297,7 @@ def test_output_rules(tmp_path, rng):
         prune_file(src, src, sparsity=0.5, force=True)
     dst = tmp_path / "o.safetensors"
     dst.write_bytes(b"old")
-    with pytest.raises(UserError, match="exists; pass --force"):
+    with pytest.raises(UserError, match="exists; pass force=True to replace it"):
         prune_file(src, dst, sparsity=0.5)
     assert dst.read_bytes() == b"old"
     prune_file(src, dst, sparsity=0.5, force=True)

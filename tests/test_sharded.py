@@ -171,7 +171,7 @@ def test_an_existing_output_folder_is_replaced_only_whole(sharded, tmp_path):
     _, folder = sharded
     out = tmp_path / "out"
     prune_file(folder, out, sparsity=0.5)
-    with pytest.raises(UserError, match="exists; pass --force"):
+    with pytest.raises(UserError, match="exists; pass force=True to replace it"):
         prune_file(folder, out, sparsity=0.7)
     (out / "stale.txt").write_text("from before")
     prune_file(folder, out, sparsity=0.7, force=True)
@@ -200,3 +200,47 @@ def test_sparse_output_of_a_folder_densifies_back_to_the_folder(sharded, tmp_pat
     r = _cli("densify", tmp_path / "m.sparse.h5", "-o", tmp_path / "back2")
     assert r.returncode == 0, r.stderr
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back2") is not None
+
+
+def test_folder_outputs_obey_the_name_and_the_format(sharded, tmp_path):
+    """A model folder is written as a folder in its shards' format: a name that says one file, or a --format
+    that says another, is refused (nothing written), never silently contradicted."""
+    _, folder = sharded
+    for name in ("single.safetensors", "tox.pt", "m.h5"):
+        r = _cli("prune", folder, "-o", tmp_path / name, "--sparsity", "0.5")
+        assert r.returncode == 1 and "a model folder is written as a folder of shards" in r.stderr, r.stderr
+        assert not (tmp_path / name).exists()
+    r = _cli("prune", folder, "-o", tmp_path / "out", "--sparsity", "0.5", "--format", "torch")
+    assert r.returncode == 1 and "keeps its shards' format (safetensors); --format torch converts single files " \
+        "only" in r.stderr and "format=" not in r.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="format='torch' converts single files only"):
+        prune_file(folder, tmp_path / "out", sparsity=0.5, format="torch")
+    assert prune_file(folder, tmp_path / "same", sparsity=0.5, format="safetensors").format == "sharded-safetensors"
+    prune_file(folder, tmp_path / "m.sparse.h5", sparsity=0.5)
+    with pytest.raises(UserError, match="the name says a safetensors file, but a model folder is written"):
+        sparsecore.io.densify_file(tmp_path / "m.sparse.h5", tmp_path / "d.safetensors")
+
+
+@pytest.mark.parametrize("layout", ["shards", "singles"])
+def test_a_folder_with_other_copies_of_the_weights_is_refused(sharded, tmp_path, layout):
+    """Hub folders often hold the weights twice (model.safetensors beside pytorch_model.bin, onnx/...): every
+    copy but one would be carried dense, so the prune is refused with the list; trainer state is no copy."""
+    model, folder = sharded
+    if layout == "singles":  # one model.safetensors, and a pytorch_model.bin beside it
+        folder = tmp_path / "single"
+        model.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        want = "pytorch_model.bin"
+    else:
+        (folder / "onnx").mkdir()
+        (folder / "onnx" / "model.onnx").write_bytes(b"onnx")
+        want = "onnx/model.onnx"
+    (folder / "training_args.bin").write_bytes(b"\x80\x04N.")
+    with pytest.raises(UserError, match=f"other copies of the weights besides its safetensors shards \\({want}\\)"):
+        prune_file(folder, tmp_path / "out", sparsity=0.5)
+    r = _cli("prune", folder, "-o", tmp_path / "out.sparse.h5", "--sparsity", "0.5")
+    assert r.returncode == 1 and want in r.stderr and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.sparse.h5").exists()
+    os.remove(folder / want)  # the one copy left: pruned, the trainer state carried
+    prune_file(folder, tmp_path / "out", sparsity=0.5)
+    assert (tmp_path / "out" / "training_args.bin").read_bytes() == b"\x80\x04N."

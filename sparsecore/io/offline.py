@@ -123,6 +123,14 @@ def check_overlap(inputs, dst):
             raise UserError(f"{dst}: the output would overlap the input folder {p}{via}; give another path")
 
 
+def _check_folder_name(dst):
+    """A model folder is written as a folder: a name that says a single file is refused, never contradicted."""
+    said = kind_of_name(dst)
+    if said is not None:
+        raise UserError(f"{dst}: the name says a {said} file, but a model folder is written as a folder of shards; "
+                        f"name the output without a file extension (or end it in .sparse.h5 for one sparse file)")
+
+
 def _check_paths(src, dst, force, folder=False, inputs=()):
     """``folder``: the output is a model folder (the input a sharded checkpoint, or its sparse file);
     ``inputs``: other files read (the scores)."""
@@ -135,14 +143,16 @@ def _check_paths(src, dst, force, folder=False, inputs=()):
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise UserError(f"{dst}: a file; a sharded checkpoint is written as a folder: give a folder path")
         if os.path.exists(dst) and not force:
-            raise UserError(f"{dst}: exists; pass --force (force=True) to replace it")
+            raise UserError(f"{dst}: exists; pass force=True to replace it", cli=f"{dst}: exists; pass --force to "
+                                                                                 f"replace it")
     elif os.path.exists(dst):
         if os.path.isdir(dst):
             raise UserError(f"{dst}: is a directory; give a file name for the output")
         if os.path.samefile(src, dst):
             raise UserError(f"{dst}: the output would overwrite the input; give another output path")
         if not force:
-            raise UserError(f"{dst}: exists; pass --force (force=True) to replace it")
+            raise UserError(f"{dst}: exists; pass force=True to replace it", cli=f"{dst}: exists; pass --force to "
+                                                                                 f"replace it")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise UserError(f"{dst}: the folder {parent} does not exist")
@@ -264,6 +274,8 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     sharded = is_checkpoint_path(src)
     if sparse is None:
         sparse = os.fspath(dst).endswith(".sparse.h5")
+    if sharded and not sparse:
+        _check_folder_name(dst)
     _check_paths(src, dst, force, folder=sharded and not sparse, inputs=[scores])
     if client is not None and not (sharded and not sparse):
         raise UserError("a Dask cluster prunes a sharded checkpoint (a model folder or its index) into a model "
@@ -288,6 +300,17 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
         if isinstance(reader, SparseFile):
             raise UserError(f"{src}: already a sparsecore sparse file; densify it first "
                             f"('sparsecore densify {src} -o FILE'), then prune that")
+        if sharded:
+            copies = reader.weight_copies()
+            if copies:
+                raise UserError(f"{src}: the folder holds other copies of the weights besides its "
+                                f"{reader.kind} shards ({', '.join(copies[:5])}"
+                                f"{', ...' if len(copies) > 5 else ''}), which would be carried unpruned; move them "
+                                f"out of the folder (or delete them) and prune again")
+            if format is not None and format != reader.kind and not sparse:
+                raise UserError(f"{src}: a model folder keeps its shards' format ({reader.kind}); format={format!r} "
+                                f"converts single files only", cli=f"{src}: a model folder keeps its shards' format "
+                                f"({reader.kind}); --format {format} converts single files only")
         if tensors is not None:
             names = list(tensors)
             bad = [n for n in names if n not in reader.entries or not reader.entries[n].is_float]
@@ -531,7 +554,10 @@ def densify_file(src, dst, *, force: bool = False, sync: bool = True) -> FileRes
     """Write a sparse HDF5 file back in the format it was pruned from
     (dense, zeros where pruned): bit for bit the masked weights."""
     with open_weights(src) as reader:
-        _check_paths(src, dst, force, folder=isinstance(reader, SparseFile) and reader.kind == "sharded")
+        folder = isinstance(reader, SparseFile) and reader.kind == "sharded"
+        if folder:
+            _check_folder_name(dst)
+        _check_paths(src, dst, force, folder=folder)
         if not isinstance(reader, SparseFile):
             raise UserError(f"{src}: a {reader.format} file, not a sparsecore sparse file; densify reads the "
                             f"output of 'sparsecore prune ... -o X.sparse.h5'")

@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from .errors import FormatError
 from .formats import SafeTensorsFile, TorchFile, WeightFile
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: Names of other copies of the weights that Hugging Face folders carry (exports, the other format).
+_COPY = re.compile(r"(^|/)(model|pytorch_model|tf_model|flax_model|consolidated)([-.][^/]*)?"
+                   r"\.(safetensors|bin|h5|msgpack|pth|pt)$|\.(onnx|gguf|tflite)$")
 SINGLE = ("model.safetensors", "pytorch_model.bin")
 _HEAD = ("lm_head.weight", "embed_out.weight", "output.weight")
 _HUB_REPOS = ("models--", "datasets--", "spaces--")  # how huggingface_hub names a repository's cache folder
@@ -254,6 +258,14 @@ class ShardedCheckpoint(WeightFile):
             target = os.path.join(path, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(os.path.join(self.folder, rel), target)
+
+    def weight_copies(self):
+        """The folder's other files that hold another copy of the model's
+        weights (a ``model.safetensors`` beside ``pytorch_model.bin``, shards
+        of another format, ONNX, TensorFlow, Flax, GGUF exports), relative
+        paths; trainer state (optimizer, scheduler, ``training_args.bin``) is
+        not a copy."""
+        return [rel for rel in self.other_files() if _COPY.search(rel.replace(os.sep, "/"))]
 
     def input_files(self):
         """Every path this checkpoint reads: the folder, its index, shards and other files."""
