@@ -552,16 +552,18 @@ class _KerasHooks(sc.SequentialHooks):
     def __init__(self, model, data, include, exclude, max_batches):
         self.model, self.data, self.include, self.exclude, self.max_batches = model, data, include, exclude, \
             max_batches
-        self.found, self.upto, self._blocks = {}, {}, []
+        self.found, self.dtypes, self.upto, self._blocks = {}, {}, {}, []
 
     def layers(self):
         chosen = prunable(self.model, self.include, self.exclude)
-        self.found = {}
+        self.found, self.dtypes = {}, {}
         for _, layer in _layers(self.model):
             if isinstance(layer, KERNEL_LAYERS) and any(v is layer.kernel for v in chosen.values()):
                 feed = _hessian_feed(layer)
                 if feed is not None:
-                    self.found[kernel_name(self.model, layer)] = (layer, *feed)
+                    name = kernel_name(self.model, layer)
+                    self.found[name] = (layer, *feed)
+                    self.dtypes[name] = keras.ops.convert_to_numpy(layer.kernel).dtype  # once: write() casts to it
         if not self.found:
             raise ValueError("no Dense, Conv1D or Conv2D layer to prune (grouped, causal and channels-first "
                              "convolutions are left out)")
@@ -607,8 +609,7 @@ class _KerasHooks(sc.SequentialHooks):
         return w.astype(np.float32) if w.dtype == np.float16 else w
 
     def write(self, name, array):
-        kernel = self.found[name][0].kernel
-        kernel.assign(np.asarray(array).astype(keras.ops.convert_to_numpy(kernel).dtype))
+        self.found[name][0].kernel.assign(np.asarray(array).astype(self.dtypes[name]))
 
     def backup(self, name):
         return keras.ops.convert_to_numpy(self.found[name][0].kernel).copy()
