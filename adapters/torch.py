@@ -49,8 +49,8 @@ from ._common import batches as _batches
 
 __all__ = [
     "ActivationStats", "MaskHold", "PackedLinear", "SparseLinear", "apply_masks", "collect_activations",
-    "collect_gradients", "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "prunable",
-    "load_sparse", "prune_sequential", "save_sparse", "shrink_model", "sparsify", "swap_sparse_linear",
+    "collect_gradients", "from_torch_csr", "masked_state_dict", "masks_from_torch_prune", "outlier_sparsities",
+    "prunable", "load_sparse", "prune_sequential", "save_sparse", "shrink_model", "sparsify", "swap_sparse_linear",
     "to_torch_csr", "weights",
 ]
 
@@ -1193,7 +1193,8 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
                      update: str | None = None, scope: str | None = None, include=None, exclude=(),
                      max_batches: int | None = None, damp: float = 0.01, blocksize: int = 128,
                      refit: str | None = None, order: str = "block", dense_target: float = 0.0,
-                     dense_batches: int | None = None, dense_layers=None, progress=None) -> sc.PruneResult:
+                     dense_batches: int | None = None, dense_layers=None, progress=None, keep: str = "all",
+                     restore: bool = True) -> sc.PruneResult:
     """Prune a model block by block, each from the inputs that the already
     pruned blocks before it produce, and repair each layer (SparseGPT's
     sequential calibration, for any model).
@@ -1266,6 +1267,10 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
         objective and skip the cross products (None: all). A group of layers
         sharing one input follows its first layer.
     progress : callable (done, total, name), optional
+    keep, restore
+        As :func:`sparsecore.prune_sequential`: ``keep="summary"`` and
+        ``restore=False`` hold no copy of the layers beside the model (for a
+        caller that saves the model, and discards it on a failure).
 
     Returns
     -------
@@ -1279,7 +1284,55 @@ def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern
     return sc.prune_sequential(hooks, sparsity=sparsity, pattern=pattern, method=method, update=update,
                                scope=scope, damp=damp, blocksize=blocksize, refit=refit, order=order,
                                dense_target=dense_target, dense_batches=dense_batches, dense_layers=dense_layers,
-                               progress=progress)
+                               progress=progress, keep=keep, restore=restore)
+
+
+def outlier_sparsities(model: nn.Module, data: Iterable, sparsity: float, *, include=None, exclude=(),
+                       max_batches: int | None = None, m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
+    """OWL's per-layer sparsities for :func:`prune_sequential` (``sparsity=``
+    this mapping): Wanda's ``|w|·‖x‖`` of each layer of the model's stack of
+    blocks from one dense pass over ``data``, each block a group, handed to
+    :func:`sparsecore.outlier_allocation` (``m``, ``lam``: OWL's M = 5 and
+    λ = 0.08). The blocks with more outliers are pruned less; the mean over
+    blocks is ``sparsity``. The scores are formed one block at a time."""
+    stack_name, stack = _stack_of(model)
+    if stack is None:
+        raise ValueError("OWL's allocation groups the layers by block: the model has no stack of blocks")
+    chosen = prunable(model, include, exclude)
+    layers = {f"{n}.weight": mod for n, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and f"{n}.weight" in chosen and n.startswith(f"{stack_name}.")}
+    if not layers:
+        raise ValueError("no Linear layer in the model's blocks to allocate sparsities to")
+    sumsq, handles = {}, []
+    for key, mod in layers.items():
+        def catch(module, args, key=key):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sumsq[key] = sumsq.get(key, 0) + (x * x).sum(0)
+        handles.append(mod.register_forward_pre_hook(catch))
+    try:
+        with _preserved(model, "eval"), torch.no_grad():
+            for batch in _calibration(data, max_batches):
+                _forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [k for k in layers if k not in sumsq]
+    if missing:
+        raise ValueError(f"the calibration batches never reach {missing[:3]}")
+
+    class _Scores(Mapping):  # |w|·‖x‖ of one layer when asked for: a block's at a time, not the model's
+        def __getitem__(self, key):
+            w = _host(_param_of(layers[key], "weight"))
+            return np.abs(w) * np.sqrt(_host(sumsq[key])).astype(w.dtype)[None, :]
+
+        def __iter__(self):
+            return iter(layers)
+
+        def __len__(self):
+            return len(layers)
+
+    groups = {k: k[len(stack_name) + 1:].split(".")[0] for k in layers}
+    return sc.outlier_allocation(_Scores(), sparsity, groups=groups, m=m, lam=lam)
 
 
 def _advance(item, out):

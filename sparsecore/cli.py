@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 from numba.core import event as _numba_event
@@ -30,11 +31,13 @@ from ._demo import default_model_path, default_test_accuracy
 from ._demo import main as demo
 from .importance import get_criterion, list_criteria
 from .io import UserError, cluster, densify_file, open_weights, prune_file
+from .io.calibration import SAMPLES, SEQ_LEN, CalibratedPrune, calibrator
 from .io.formats import EMPTY
 from .io.offline import HIGH_SPARSITY, SAFE_CAP, bytes_of, check_overlap, default_max_sparsity, tensor_stats
 from .io.sharded import is_checkpoint_path
 from .patterns import pattern_of
 from .prune import format_table
+from .reconstruct import list_repairs
 
 _EPILOG = """examples:
   sparsecore prune                                  prune the embedded default model (90%, global)
@@ -73,13 +76,22 @@ class _Progress:
 
     def __init__(self, enabled):
         self.enabled = enabled and sys.stderr.isatty()
+        self.start, self.first = time.monotonic(), 0
 
     def __call__(self, done, total, name):
         if not self.enabled:
             return
+        now = time.monotonic()
+        if done <= 1 and total > 1:  # a new bar (the work before the first item is not its pace)
+            self.start, self.first = now, done
         width = 30
         filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {_clean(name, 40):<40}")
+        spent = now - self.start
+        eta = ""
+        if done < total and done > self.first and spent > 2:
+            left = spent / (done - self.first) * (total - done)
+            eta = f" ETA {int(left // 60)}:{int(left % 60):02d}"
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {_clean(name, 40):<40}{eta:<10}")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -143,6 +155,35 @@ def _parser():
     q.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     q.add_argument("--no-sync", action="store_true",
                    help="skip the fsync before the rename (faster; still atomic, not durable on power loss)")
+    cal = q.add_argument_group(
+        "calibrated pruning", "a Hugging Face model folder pruned with its own inputs: each layer repaired from "
+        "what the layers before it give, block by block (needs pip install 'sparsecore[hf]': PyTorch and "
+        "transformers run the model); magnitude alone ruins a language model, --method sparsegpt keeps it")
+    cal.add_argument("--method", default="magnitude", choices=list_repairs("mask"),
+                     help="how each layer's mask is chosen: magnitude (default; with --calibration only to "
+                          "repair), or from calibration: sparsegpt (the mask chosen while the kept weights are "
+                          "updated), wanda (|w|*||x||), obs")
+    cal.add_argument("--calibration", metavar="FILE",
+                     help="calibration data: plain text, JSON lines ({\"text\": ...} or {\"input_ids\": [...]}) or "
+                          ".npy token ids")
+    cal.add_argument("--samples", type=int, metavar="N", help=f"calibration samples (default {SAMPLES})")
+    cal.add_argument("--seq-len", type=int, metavar="N",
+                     help=f"tokens per sample (default {SEQ_LEN}, or the model's positions where fewer; an encoder's "
+                          f"samples are lines, cut there)")
+    cal.add_argument("--update", choices=["obs", "refit", "obs+refit"],
+                     help="with wanda, obs or magnitude: how the kept weights are repaired (default: not)")
+    cal.add_argument("--order", choices=["block", "layer"],
+                     help="block (default): a block's layers from one pass; layer: each on the pruned ones before it")
+    cal.add_argument("--dense-target", type=float, metavar="A",
+                     help="0 (default): each layer reproduces its own outputs; 1: the dense model's (about twice "
+                          "the forward passes); between: a blend")
+    cal.add_argument("--dense-batches", type=int, metavar="N",
+                     help="with --dense-target: run the dense model on the first N samples only")
+    cal.add_argument("--dense-layers", action="append", metavar="PATTERN",
+                     help="with --dense-target: only these layers aim at the dense model (repeatable)")
+    cal.add_argument("--allocation", choices=["uniform", "owl"],
+                     help="uniform (default): every layer at --sparsity; owl: blocks with more outliers pruned "
+                          "less, --sparsity on average")
     where = q.add_mutually_exclusive_group()
     where.add_argument("--dask", metavar="ADDRESS",
                        help="run on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786): a sharded "
@@ -307,7 +348,96 @@ def _check_prune_flags(args, parser):
                              f"(sparsecore.get_criterion) and pass them with --scores FILE")
 
 
+#: Flags of the calibrated path only (dest, flag).
+_CALIBRATION_FLAGS = (("samples", "--samples"), ("seq_len", "--seq-len"), ("update", "--update"),
+                      ("order", "--order"), ("dense_target", "--dense-target"),
+                      ("dense_batches", "--dense-batches"), ("dense_layers", "--dense-layers"),
+                      ("allocation", "--allocation"))
+#: Flags of the plain path that a calibrated prune does not take (dest, flag, its default).
+_PLAIN_FLAGS = (("threshold", "--threshold", None), ("scores", "--scores", None), ("criterion", "--criterion", None),
+                ("scope", "--scope global", "global"), ("min_sparsity", "--min-sparsity", 0.0),
+                ("max_sparsity", "--max-sparsity", None), ("normalize", "--normalize", "none"),
+                ("take_all", "--take-all", False), ("any_rank", "--any-rank", False), ("format", "--format", None),
+                ("dask", "--dask", None), ("workers", "--workers", None))
+
+
+def _check_calibrated_flags(args, parser):
+    """The calibrated path's flags (exit 2 naming the flag): calibration given where it is needed and only
+    there, sizes and fractions in range, no flag of the plain path that it would ignore."""
+    calibrated = args.calibration is not None or args.method != "magnitude"
+    if not calibrated:
+        given = [flag for dest, flag in _CALIBRATION_FLAGS if getattr(args, dest) is not None]
+        if given:
+            parser.error(f"prune: {given[0]} applies to calibrated pruning; pass --calibration FILE (and a --method)")
+        return False
+    if args.calibration is None:
+        parser.error(f"prune: --method {args.method} chooses the mask from the model's inputs: pass --calibration FILE "
+                     f"(plain text such as a few hundred kB of Wikipedia, JSON lines, or .npy token ids)")
+    if args.input is None:
+        parser.error("prune: calibrated pruning takes a Hugging Face model folder: give it, and -o OUT")
+    for dest, flag, default in _PLAIN_FLAGS:
+        value = getattr(args, dest)
+        if value is not None and value != default if dest != "scope" else value == "global":
+            parser.error(f"prune: {flag.split()[0]} does not apply to calibrated pruning"
+                         + ("; --allocation owl spreads the sparsity over the blocks" if dest == "scope" else ""))
+    if args.sparsity is None and args.pattern is None:
+        parser.error("prune: calibrated pruning takes --sparsity or --pattern")
+    for dest, flag, low in (("samples", "--samples", 1), ("seq_len", "--seq-len", 2), ("dense_batches",
+                                                                                      "--dense-batches", 1)):
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            parser.error(f"prune: {flag} must be {low} or more, got {value}")
+    if args.dense_target is not None and not 0.0 <= args.dense_target <= 1.0:
+        parser.error(f"prune: --dense-target must lie in [0, 1], got {args.dense_target}")
+    if (args.dense_batches is not None or args.dense_layers) and not args.dense_target:
+        parser.error(f"prune: {'--dense-batches' if args.dense_batches is not None else '--dense-layers'} applies "
+                     f"with --dense-target above 0")
+    if args.allocation == "owl" and args.sparsity is None:
+        parser.error("prune: --allocation owl spreads a --sparsity over the blocks; give --sparsity")
+    if args.update is not None and args.method == "sparsegpt":
+        parser.error("prune: --update applies to wanda, obs and magnitude: sparsegpt updates the weights itself")
+    if args.scope == "row" and args.method == "sparsegpt":
+        parser.error("prune: --scope row applies to wanda, obs and magnitude (sparsegpt chooses within each row "
+                     "block as it goes)")
+    return True
+
+
+def _calibrated(args, parser):
+    """A model folder pruned with calibration, through the installed plug-in (``sparsecore[hf]``)."""
+    import resource
+
+    run = calibrator()  # says what to install, before any file is read
+    progress = _Progress(not args.quiet)
+    say = (lambda line: None) if args.quiet else (lambda line: print(_clean(line, 2000), flush=True))
+    request = CalibratedPrune(
+        src=args.input, dst=args.output, calibration=args.calibration, method=args.method, sparsity=args.sparsity,
+        pattern=args.pattern, update=args.update, scope=args.scope, order=args.order or "block",
+        dense_target=args.dense_target or 0.0, dense_batches=args.dense_batches, dense_layers=args.dense_layers,
+        allocation=args.allocation or "uniform", samples=args.samples or SAMPLES,
+        seq_len=args.seq_len, include=args.include, exclude=args.exclude,
+        sparse=True if args.sparse else None, force=args.force, sync=not args.no_sync, compression=args.compress,
+        encoding=args.encoding, progress=progress, say=say)
+    t0 = time.perf_counter()
+    res = run(request)
+    took = time.perf_counter() - t0
+    if not args.quiet:
+        print(f"pruned {_clean(args.input)} with {args.method}"
+              + (f" + {args.update}" if args.update else "") + f": {len(res.summary)} layers, "
+              f"{len(getattr(res, 'ignored', []))} left dense outside the blocks")
+        print(_clean(format_table([t if (c := _clean(t.name, LONGEST)) == t.name else dataclasses.replace(t, name=c)
+                                   for t in res.summary]), newlines=True))
+        timings = getattr(res, "timings", {})
+        print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format}); "
+              f"{took:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "); peak memory "
+              f"{_fmt_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
+        print(f"written: {_clean(args.output)} (how it was made: "
+              + ("the file's attributes" if res.format == "sparse" else "sparsecore_recipe.json") + ")")
+    return 0
+
+
 def _prune(args, parser):
+    if _check_calibrated_flags(args, parser):
+        return _calibrated(args, parser)
     embedded = args.input is None
     if embedded:
         args.input = default_model_path()

@@ -250,7 +250,7 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
                      update: str | None = None, scope: str | None = None, damp: float = 0.01,
                      blocksize: int = 128, refit: str | None = None, order: str = "block",
                      dense_target: float = 0.0, dense_batches: int | None = None, dense_layers=None,
-                     progress=None) -> PruneResult:
+                     progress=None, keep: str = "all", restore: bool = True) -> PruneResult:
     """Prune a model through its ``hooks`` block by block, each layer from
     the inputs the already pruned layers give, and repair each layer.
 
@@ -267,14 +267,27 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
     ``progress(done, total, name)`` is called after each layer; ``total``
     counts the layers in blocks.
 
+    ``keep`` says what the result holds of each layer: ``"all"`` (masks and
+    CSR of the new weights), ``"masks"``, or ``"summary"`` (its line only).
+    The weights themselves are in the model; a whole model's CSR is about
+    another copy of its layers (two, for a 16-bit model at 50%), which a
+    caller that saves the model does not need. ``restore=False`` drops each
+    block's backups once the block is done instead of holding the dense
+    weights of every layer until the end (a model without a stack of blocks
+    keeps them for ``dense_target``: its dense runs go through every layer),
+    and restores nothing on failure (for a caller that discards the model).
+
     Returns the combined :class:`sparsecore.PruneResult`; its ``ignored``
     lists the layers left alone (in no block). The model's weights are
     replaced through :meth:`SequentialHooks.write`; if anything fails, every
-    weight already changed is restored before the error is raised.
+    weight already changed is restored before the error is raised (unless
+    ``restore`` is False).
     """
     scope = check_layer_options(method, sparsity, pattern, scope, update, dense_target)
     if order not in ("layer", "block"):
         raise ValueError(f"order must be 'layer' or 'block', got {order!r}")
+    if keep not in ("all", "masks", "summary"):
+        raise ValueError(f"keep must be 'all', 'masks' or 'summary', got {keep!r}")
     if dense_batches is not None and (isinstance(dense_batches, bool) or not isinstance(dense_batches, int)
                                       or dense_batches < 1):
         raise ValueError(f"dense_batches must be a positive integer or None, got {dense_batches!r}")
@@ -301,9 +314,13 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
             r = prune_layer(n, w, accs[n], method=method, sparsity=sparsity, pattern=pattern, scope=scope,
                             update=update, damp=damp, blocksize=blocksize, refit=refit, layout=hooks.layout,
                             dense_target=dense_target)
-            if n not in backup:
+            if n not in backup and (restore or cross):  # (nothing to restore, no dense run: no copy)
                 backup[n] = hooks.backup(n)
             hooks.write(n, r.arrays.pop(n) if n in r.arrays else r.dense(n))  # the result keeps the CSR only
+            if keep != "all":
+                r.csr.clear()
+                if keep == "summary":
+                    r.masks.clear()
             results.append(r)
             done += 1
             if progress is not None:
@@ -358,6 +375,9 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
                             catch.batch_done()
                     if names:
                         prune_block(names, run_block)
+                    if not restore:  # this block's dense weights are needed no more
+                        for n in names:
+                            backup.pop(n, None)
                     # the next block's inputs: this block's outputs, pruned (and dense, from its calibration)
                     for k, item in enumerate(items):
                         items[k] = hooks.advance(item, hooks.run(i, item, None))
@@ -376,10 +396,15 @@ def prune_sequential(hooks: SequentialHooks, *, sparsity=None, pattern=None, met
                             catch.batch_done()
                     if names:
                         prune_block(names, run_model)
+                    if not restore and not cross:  # (the dense runs need every layer's dense weights)
+                        for n in names:
+                            backup.pop(n, None)
         except BaseException:
-            for n, saved in backup.items():
-                hooks.restore(n, saved)
+            if restore:
+                for n, saved in backup.items():
+                    hooks.restore(n, saved)
             raise
     out = PruneResult.combine(results)
-    out.ignored = [n for n in feeds if n not in out.masks]
+    done_names = {t.name for t in out.summary}
+    out.ignored = [n for n in feeds if n not in done_names]
     return out

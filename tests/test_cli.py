@@ -266,6 +266,12 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert "1/2 layer.a" in err and "2/2 layer.b" in err and err.endswith("\n") and "#" * 30 in err
     _Progress(False)(1, 2, "a")  # --quiet
     assert capsys.readouterr().err == ""
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])  # created; item 1 at 10 s; 2 at 20 s: 8 left at 10 s each
+    monkeypatch.setattr("sparsecore.cli.time.monotonic", lambda: next(clock))
+    bar = _Progress(True)
+    bar(1, 10, "a")
+    bar(2, 10, "b")
+    assert capsys.readouterr().err.rstrip().endswith("ETA 1:20")
 
 
 # --- safe by default (issue 15) ----------------------------------------------------------

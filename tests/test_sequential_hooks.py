@@ -242,12 +242,58 @@ def test_a_failure_restores_every_weight(rng):
         np.testing.assert_array_equal(hooks.W[n], w)
 
 
+class Counting(Toy):
+    """Counts the backups alive at once (held by the driver: dropped when it drops them)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.alive, self.most = 0, 0
+
+    def backup(self, name):
+        import weakref
+
+        saved = np.array(self.W[name])
+        self.alive += 1
+        self.most = max(self.most, self.alive)
+        weakref.finalize(saved, self._dropped)
+        return saved
+
+    def _dropped(self):
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("dense_target", [0.0, 0.5])
+def test_keep_summary_and_no_restore_hold_no_copy_of_the_model(rng, dense_target):
+    """keep="summary", restore=False: the same weights; no CSR or masks kept; no backup without a dense target,
+    a block's at most with one; a failure leaves the weights as they are."""
+    dense, data = _model(rng), _data(rng)
+    full = Toy({n: w.copy() for n, w in dense.items()}, data)
+    want = sc.prune_sequential(full, sparsity=0.5, dense_target=dense_target)
+    hooks = Counting({n: w.copy() for n, w in dense.items()}, data)
+    got = sc.prune_sequential(hooks, sparsity=0.5, dense_target=dense_target, keep="summary", restore=False)
+    for n in dense:
+        np.testing.assert_array_equal(hooks.W[n], full.W[n], err_msg=n)
+    assert got.csr == {} and got.masks == {} and got.summary == want.summary and got.ignored == want.ignored
+    assert hooks.most == (0 if dense_target == 0 else len(PARTS))
+    masks = sc.prune_sequential(Toy({n: w.copy() for n, w in dense.items()}, data), sparsity=0.5, keep="masks")
+    assert masks.csr == {} and set(masks.masks) == set(want.masks)
+    hooks = Toy({n: w.copy() for n, w in dense.items()}, data)
+
+    def boom(done, total, name):
+        if done == 9:
+            raise RuntimeError("stop here")
+    with pytest.raises(RuntimeError, match="stop here"):
+        sc.prune_sequential(hooks, sparsity=0.5, progress=boom, restore=False)
+    assert not np.array_equal(hooks.W["b0.q"], dense["b0.q"])  # pruned and left so: the caller discards it
+
+
 def test_refusals_name_the_option(rng):
     dense, data = _model(rng), _data(rng)
     hooks = Toy({n: w.copy() for n, w in dense.items()}, data)
     for kw, msg in [(dict(order="rows"), "order must be 'layer' or 'block', got 'rows'"),
                     (dict(dense_batches=0), "dense_batches must be a positive integer or None, got 0"),
                     (dict(method="lasso"), "method must be one of"),
+                    (dict(keep="csr"), "keep must be 'all', 'masks' or 'summary', got 'csr'"),
                     (dict(sparsity=None), "give exactly one of sparsity= and pattern=")]:
         with pytest.raises(ValueError, match=msg):
             sc.prune_sequential(hooks, **{"sparsity": 0.5, **kw})

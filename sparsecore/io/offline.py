@@ -32,6 +32,8 @@ import numpy as np
 from .. import _version
 from .._atomic import AtomicDir, AtomicPath, remove_stale
 from .._source import NORM_KINDS, NORM_NONE
+from .._validate import flat
+from ..csr import csr_of_mask
 from ..patterns import ELEMENTS, NM
 from ..prune import (
     TensorSummary,
@@ -53,6 +55,7 @@ from .formats import (
     kind_of_name,
     rebuild_h5,
     rebuild_into,
+    to_float,
     write_keras_zip,
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
@@ -361,6 +364,97 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     return result
 
 
+#: The file a model folder written by :func:`write_model` records how it was made in.
+RECIPE = "sparsecore_recipe.json"
+
+
+def check_model_output(src, dst, *, sparse=None, force=False):
+    """:func:`write_model`'s checks of the paths, for a caller to make before
+    the long work that produces the tensors: the input exists, ``dst`` does
+    not (unless ``force``), overlaps no input file, and a model folder is
+    written under a folder's name. Returns whether the output is sparse."""
+    if sparse is None:
+        sparse = os.fspath(dst).endswith(".sparse.h5")
+    folder = is_checkpoint_path(src) and not sparse
+    if folder:
+        _check_folder_name(dst)
+    _check_paths(src, dst, force, folder=folder)
+    with open_weights(src) as reader:
+        check_overlap(reader.input_files(), dst)
+    return sparse
+
+
+def write_model(src, dst, tensors: Callable[[str], np.ndarray], names: Iterable[str], *, sparse: bool | None = None,
+                force: bool = False, progress: Callable[[int, int, str], None] | None = None, sync: bool = True,
+                compression: str | None = None, encoding: str = "auto",
+                provenance: dict | None = None) -> FileResult:
+    """Write the weight file or model folder ``src`` to ``dst`` with the
+    tensors ``names`` replaced by ``tensors(name)``, the others as they are
+    stored: what a framework that pruned and repaired a model in memory
+    saves, in the input's own layout (a model folder's shards, names, dtypes,
+    index and other files), or as sparse HDF5 (``sparse``, or a name ending
+    in ``.sparse.h5``; zeros are the pruned entries).
+
+    ``tensors(name)`` gives the new tensor as stored: the entry's shape and
+    dtype (``uint16`` bit patterns for bfloat16), asked for one at a time
+    in the order written. ``provenance`` (strings) is recorded: in the
+    sparse file's attributes, or in a model folder's ``sparsecore_recipe.json``
+    (:data:`RECIPE`). Atomic, as :func:`prune_file`.
+    """
+    sparse = check_model_output(src, dst, sparse=sparse, force=force)
+    folder = is_checkpoint_path(src) and not sparse
+    names = list(names)
+    provenance = {str(k): str(v) for k, v in (provenance or {}).items()}
+    if compression not in (None, "gzip", "lzf") or (compression is not None and not sparse):
+        raise UserError(f"compression must be 'gzip' or 'lzf' on sparse output, got {compression!r}")
+    if encoding not in ENCODINGS or (encoding != "auto" and not sparse):
+        raise UserError(f"encoding must be one of {', '.join(ENCODINGS)} on sparse output, got {encoding!r}")
+    with st.gc_paused(), open_weights(src) as reader:
+        if isinstance(reader, SparseFile):
+            raise UserError(f"{src}: already a sparsecore sparse file; densify it first")
+        bad = [n for n in names if n not in reader.entries or not reader.entries[n].is_float]
+        if bad:
+            raise UserError(f"{src}: no float tensor named {bad[0]!r} to replace")
+
+        def one(name, want_csr):
+            e = reader.entries[name]
+            raw = np.asarray(tensors(name))
+            want = np.dtype(np.uint16) if e.dtype == "bfloat16" else np.dtype(e.dtype)
+            if raw.dtype == np.int16 and want == np.uint16:
+                raw = raw.view(np.uint16)
+            if raw.shape != tuple(e.shape) or raw.dtype != want:
+                raise ValueError(f"tensor {name!r}: the replacement is {raw.dtype} {raw.shape}, the file stores "
+                                 f"{e.dtype} {tuple(e.shape)}")
+            w = to_float(raw, e)
+            mask = flat(w) != 0
+            kept = int(np.count_nonzero(mask))
+            a = csr_of_mask(w, mask, name=name) if want_csr else None
+            csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes) if a is not None else \
+                kept * (w.dtype.itemsize + 4) + 4 * ((e.shape[0] if len(e.shape) >= 2 else 1) + 1)
+            return raw, a, mask, TensorSummary(name, e.shape, e.size, e.size - kept, kept, e.nbytes, csr_bytes)
+
+        attrs = None
+        if sparse:
+            attrs = {"tool_version": _version.__version__,
+                     "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                     "source_file": os.path.abspath(src), "source_format": reader.format,
+                     "source_bytes": bytes_of(src), "criterion": provenance.get("method", "given tensors"),
+                     "scope": provenance.get("scope", "local"), "sparsity": provenance.get("sparsity", "null"),
+                     "threshold": "null", "normalize": "none", **provenance}
+        result = FileResult(os.fspath(src), os.fspath(dst), "sparse" if sparse else reader.format)
+        with (AtomicDir if folder else AtomicPath)(dst, sync, replace=force) as tmp:
+            _write_tensors(reader, tmp, one, names, result, sparse, attrs, progress, compression, None, encoding)
+            if folder and provenance:
+                if os.path.lexists(os.path.join(tmp, RECIPE)):
+                    raise UserError(f"{src}: holds a {RECIPE} of its own, which the output's record would "
+                                    f"replace; move it out of the folder")
+                with open(os.path.join(tmp, RECIPE), "w") as f:
+                    json.dump({"tool": f"sparsecore {_version.__version__}", **provenance}, f, indent=1)
+    result.input_bytes = bytes_of(src)
+    result.output_bytes = bytes_of(dst)
+    return result
+
+
 def bytes_of(path):
     """Bytes of a weight file, or of every file in a model folder (an index: its folder)."""
     path = os.fspath(path)
@@ -421,19 +515,31 @@ def output_kind(dst, reader, fmt=None):
 def _write(reader, tmp, plan, result, sparse, attrs, progress, compression=None, kind=None, encoding="auto"):
     sources, plan, pattern = plan
     index = {n: i for i, n in enumerate(sources)}
-    pruned = set(sources)
-    total = len(sources)
     # small tensors many at a time, where the output is written in the plan's order (not an HDF5 rebuild,
     # whose order is the file's groups')
     rebuilt = reader.file_order and (kind is None or kind == reader.native)
     batches = None if sparse or rebuilt else SmallBatches(reader, sources, plan, pattern)
 
-    def step(name, want_csr):
+    def one(name, want_csr):
         got = batches.take(name) if batches is not None and not want_csr else None
         if got is not None:
-            (raw, summary), a, mask = got, None, None
-        else:
-            raw, a, mask, summary = prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
+            raw, summary = got
+            return raw, None, None, summary
+        return prune_one(reader, sources, plan, index[name], name, want_csr, pattern)
+
+    _write_tensors(reader, tmp, one, list(sources), result, sparse, attrs, progress, compression, kind, encoding)
+
+
+def _write_tensors(reader, tmp, one, names, result, sparse, attrs, progress, compression=None, kind=None,
+                   encoding="auto"):
+    """The output of ``reader`` with the tensors ``names`` as ``one(name, want_csr)`` gives them
+    (``(raw, csr or None, flat mask or None, summary)``: CSR and mask are asked for sparse output) and
+    the others as read; in the input's layout, converted to ``kind``, or sparse HDF5."""
+    pruned = set(names)
+    total = len(names)
+
+    def step(name, want_csr):
+        raw, a, mask, summary = one(name, want_csr)
         result.summary.append(summary)
         if progress is not None:
             progress(len(result.summary), total, name)
