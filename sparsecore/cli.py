@@ -402,10 +402,23 @@ def _check_calibrated_flags(args, parser):
     return True
 
 
-def _calibrated(args, parser):
-    """A model folder pruned with calibration, through the installed plug-in (``sparsecore[hf]``)."""
+def _peak_memory():
+    """This process's peak resident memory in bytes: Linux's high-water mark of its own address space
+    (``getrusage``'s maximum survives ``exec``: a child of a large process would report its parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _calibrated(args, parser):
+    """A model folder pruned with calibration, through the installed plug-in (``sparsecore[hf]``)."""
     run = calibrator()  # says what to install, before any file is read
     progress = _Progress(not args.quiet)
     say = (lambda line: None) if args.quiet else (lambda line: print(_clean(line, 2000), flush=True))
@@ -429,7 +442,7 @@ def _calibrated(args, parser):
         timings = getattr(res, "timings", {})
         print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format}); "
               f"{took:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "); peak memory "
-              f"{_fmt_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
+              f"{_fmt_bytes(_peak_memory())} (the model folder: {_fmt_bytes(res.input_bytes)})")
         print(f"written: {_clean(args.output)} (how it was made: "
               + ("the file's attributes" if res.format == "sparse" else "sparsecore_recipe.json") + ")")
     return 0
