@@ -59,3 +59,26 @@ def warm_up():
                dict(sparsity=0.5, dense_target=0.25)):
         sct.prune_sequential(model, data, **kw)
     sct.prune_sequential(model, data, sparsity=0.5, method="wanda", update="obs+refit")
+
+
+def cli_prune(model, folder, calibration, target, samples, seq_len, extra=()):
+    """The one command, ``sparsecore prune FOLDER -o OUT --method sparsegpt --calibration FILE``, in its own
+    process, its output folder's weights loaded back into ``model``; its peak memory line is printed."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kind = ["--pattern", "2:4"] if target == "2:4" else ["--sparsity", str(target)]
+        out = subprocess.run([sys.executable, "-m", "sparsecore", "prune", folder, "-o", os.path.join(tmp, "out"),
+                              "--method", "sparsegpt", "--calibration", calibration, "--samples", str(samples),
+                              "--seq-len", str(seq_len), *kind, *extra], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"sparsecore prune failed: {out.stderr}")
+        print("    " + next(line for line in out.stdout.splitlines() if "peak memory" in line), flush=True)
+        state = {}
+        for f in sorted(os.listdir(os.path.join(tmp, "out"))):
+            if f.endswith(".safetensors"):
+                state.update(load_file(os.path.join(tmp, "out", f)))
+        model.load_state_dict(state, strict=False)  # (a tied head is stored once)
+

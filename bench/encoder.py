@@ -86,6 +86,18 @@ def run_ours(model, calib, target, method="sparsegpt", update=None, refit=None, 
                        dense_target=dense_target)
 
 
+def run_cli(model, calib, target):
+    """The one command on the model folder and the calibration sentences (the 128 of ``calib``), one per line,
+    each tokenised alone and cut at 128 tokens: the batches' tokens without their padding."""
+    import tempfile
+
+    texts = sentences()[:sum(len(b["input_ids"]) for b in calib)]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "calib.txt"), "w", encoding="utf-8") as f:
+            f.writelines(" ".join(t.split()) + "\n" for t in texts)
+        _common.cli_prune(model, os.path.join(CACHE, MODEL), os.path.join(tmp, "calib.txt"), target, len(texts), 128)
+
+
 METHODS = {
     "magnitude, per layer": run_magnitude,
     "magnitude, global (sparsecore)": lambda m, c, t: run_magnitude(m, c, t, "global"),
@@ -100,6 +112,7 @@ METHODS = {
     "sparsecore sparsegpt + refit, dense_target=0.25":
         lambda m, c, t: run_ours(m, c, t, refit="auto", dense_target=0.25),
     "sparsecore global allocation + sparsegpt": lambda m, c, t: run_ours(m, c, t, allocation="global"),
+    "sparsecore prune (command line), sparsegpt": run_cli,
 }
 
 

@@ -165,27 +165,14 @@ def run_owl(model, calib, target, order="block"):
                          order=order)
 
 
-def run_cli(model, calib, target, extra=()):
-    """The one command, ``sparsecore prune MODEL_DIR -o OUT --method sparsegpt --calibration ids.npy``, on the fp32
-    folder and the same calibration windows (as token ids), in its own process; the output folder is loaded back
-    into ``model``. Its peak memory line is printed."""
-    import subprocess
+def run_cli(model, calib, target):
+    """The one command on the fp32 folder and the same calibration windows (as token ids)."""
     import tempfile
-
-    from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "calib.npy"), calib.numpy())
-        kind = ["--pattern", "2:4"] if target == "2:4" else ["--sparsity", str(target)]
-        out = subprocess.run([sys.executable, "-m", "sparsecore", "prune", os.path.join(CACHE, "smollm2-135m-fp32"),
-                              "-o", os.path.join(tmp, "out"), "--method", "sparsegpt", "--calibration",
-                              os.path.join(tmp, "calib.npy"), "--samples", str(calib.shape[0]), "--seq-len",
-                              str(calib.shape[1]), *kind, *extra], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"sparsecore prune failed: {out.stderr}")
-        print("    " + next(line for line in out.stdout.splitlines() if "peak memory" in line), flush=True)
-        state = load_file(os.path.join(tmp, "out", "model.safetensors"))
-        model.load_state_dict(state, strict=False)  # the tied head is not stored twice
+        _common.cli_prune(model, os.path.join(CACHE, "smollm2-135m-fp32"), os.path.join(tmp, "calib.npy"), target,
+                          calib.shape[0], calib.shape[1])
 
 
 METHODS = {

@@ -16,41 +16,12 @@ from sparsecore import cli  # noqa: E402
 from sparsecore.io import calibration, open_weights  # noqa: E402
 from sparsecore.io.offline import RECIPE, densify_file  # noqa: E402
 
-WORDS = [f"w{i}" for i in range(96)]
+from .conftest import tiny_llama as _tiny_llama  # noqa: E402
 
 
-def _tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny Llama saved by transformers in 7 safetensors shards, with a word-level tokenizer, and
-    calibration files: token ids, text, JSON lines."""
-    root = tmp_path_factory.mktemp("hf")
-    _tiny_llama().save_pretrained(root / "model", max_shard_size="20KB")
-    _tokenizer().save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 97, 2000)
-    np.save(root / "ids.npy", ids)
-    with open(root / "ids.jsonl", "w") as f:
-        for k in range(0, 2000, 250):
-            f.write(json.dumps({"input_ids": ids[k:k + 250].tolist()}) + "\n")
-    words = rng.integers(0, 96, 3000)
-    (root / "text.txt").write_text("\n\n".join(" ".join(WORDS[w] for w in words[k:k + 100])
-                                               for k in range(0, 3000, 100)))
-    return root
+@pytest.fixture
+def folder(hf_folder):
+    return hf_folder
 
 
 def _run(*args):
@@ -220,5 +191,28 @@ def test_encoder_rows(tmp_path):
     with open_weights(tmp_path / "o") as r:
         w = r.floats("encoder.layer.1.attention.self.query.weight")
     assert float((w == 0).mean()) == 0.5
+    # sentences of several lengths, batched with padding: the padding is left out, as in the Python path
+    lines = [" ".join(f"w{k}" for k in range(1 + i % 7, 2 + i % 7 + 3 * (i % 5))) for i in range(20)]
+    (tmp_path / "lines.txt").write_text("\n".join(lines))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 97)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "bert")
+    assert _run(tmp_path / "bert", "-o", tmp_path / "o2", "--method", "sparsegpt", "--calibration",
+                tmp_path / "lines.txt", "--sparsity", "0.5", "--samples", "20", "--seq-len", "8", "--quiet") == 0
+    model = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()
+    ids = [[int(t[1:]) for t in line.split()][:8] for line in lines]
+    data = []
+    for k in range(0, 20, schf.ENCODER_BATCH):
+        part = ids[k:k + schf.ENCODER_BATCH]
+        n = max(map(len, part))
+        data.append({"input_ids": torch.tensor([p + [0] * (n - len(p)) for p in part]),
+                     "attention_mask": torch.tensor([[1] * len(p) + [0] * (n - len(p)) for p in part])})
+    sct.prune_sequential(model, data, sparsity=0.5)
+    got = _tensors(tmp_path / "o2")
+    for n, v in model.state_dict().items():
+        if n in got:
+            assert np.array_equal(got[n], v.numpy()), n
     recipe = json.loads((tmp_path / "o" / RECIPE).read_text())
     assert recipe["calibration_samples"] == "5" and recipe["calibration_tokens"] == str(5 * 32)

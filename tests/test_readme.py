@@ -39,7 +39,8 @@ def test_readme_torch_example_runs():
 
     pytest.importorskip("torch")
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "sparsecore.adapters" in b][0]
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+             if "sparsecore.adapters" in b and "transformers" not in b][0]
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     from sparsecore.adapters import torch as sct
@@ -87,3 +88,41 @@ def test_readme_sample_output_is_the_real_one():
     r = subprocess.run([sys.executable, "-m", "sparsecore", "prune"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout == shown
+
+
+def test_readme_hugging_face_recipe_runs(hf_folder, tmp_path, monkeypatch, capsys):
+    """The recipe's Python block and its commands, on a tiny Llama with a tokenizer (names swapped in)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    import shlex
+
+    from sparsecore import cli
+    from sparsecore.io import open_weights
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## A Hugging Face model in one command"):text.index("## PyTorch\n")]
+    block = re.findall(r"```python\n(.*?)```", section, re.DOTALL)[0]
+    swaps = {'"smollm2-135m-fp32"': repr(str(hf_folder / "model")), '"wiki.txt"': repr(str(hf_folder / "text.txt")),
+             "samples, seq_len = 32, 512": "samples, seq_len = 4, 32", '"smol-50"': repr(str(tmp_path / "py"))}
+    for a, b in swaps.items():
+        assert a in block, a
+        block = block.replace(a, b)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "8/14 " in printed and printed.rstrip().splitlines()[-1] == "14 layers, 50.00% pruned"
+    with open_weights(tmp_path / "py") as r:
+        q = r.floats("model.layers.0.self_attn.q_proj.weight")
+    assert float((q == 0).mean()) == 0.5
+    # the commands: the first sparsecore prune line, on the tiny model and the text
+    commands = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)[0].replace("\\\n", " ")
+    line = next(c for c in commands.splitlines() if c.startswith("sparsecore prune smollm2"))
+    args = shlex.split(line.split("#")[0])[1:]
+    args[1], args[3] = str(hf_folder / "model"), str(tmp_path / "cli")
+    args[args.index("--calibration") + 1] = str(hf_folder / "text.txt")
+    assert cli.main(args + ["--samples", "4", "--seq-len", "32", "--quiet"]) == 0
+    a, b = (open_weights(tmp_path / n) for n in ("py", "cli"))
+    with a, b:  # the same windows of the same text: the same model, from Python and from the command
+        for n in b.entries:
+            if ".layers." in n:
+                np.testing.assert_array_equal(a.raw(n), b.raw(n), err_msg=n)
