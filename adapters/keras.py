@@ -45,6 +45,22 @@ KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, k
 _LAYOUT = {2: "io", 3: "wio", 4: "hwio", 5: "dhwio"}
 
 
+def _numpy(x):
+    """A Keras variable or tensor as a new NumPy array, as ``keras.ops.convert_to_numpy`` gives it, without
+    its NumPy 2 deprecation warning on the torch backend (it calls ``np.array`` on a tensor whose
+    ``__array__`` takes no ``copy`` keyword)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        t = x.value if isinstance(x, keras.Variable) else x
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu()
+            if t.dtype == torch.bfloat16:
+                return keras.ops.convert_to_numpy(t)
+            return t.numpy().copy()
+    return keras.ops.convert_to_numpy(x)
+
+
 def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
@@ -175,7 +191,7 @@ def layouts(model: keras.Model, include=None, exclude=()) -> dict:
 
 def weights(model: keras.Model, include=None, exclude=()) -> dict:
     """The prunable weights as NumPy arrays, by path, in Keras' own layouts."""
-    return {k: keras.ops.convert_to_numpy(v) for k, v in prunable(model, include, exclude).items()}
+    return {k: _numpy(v) for k, v in prunable(model, include, exclude).items()}
 
 
 # --- gradients ------------------------------------------------------------------
@@ -266,7 +282,7 @@ def collect_gradients(model: keras.Model, data: Iterable, loss=None, *, include=
     for x, y in _batches(data, max_batches):
         x, y = np.asarray(x), np.asarray(y)
         if need_w:
-            w = {k: v.value.detach().contiguous() if on_device else keras.ops.convert_to_numpy(v)
+            w = {k: v.value.detach().contiguous() if on_device else _numpy(v)
                  for k, v in variables.items()}
         else:
             w = None
@@ -313,15 +329,15 @@ def collect_activations(model: keras.Model, data: Iterable, layers: Iterable[str
     outs = []
     for layer in chosen:
         outs.extend([layer.input, layer.output])
-    sub = keras.Model(inputs, outs)
+    sub = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outs)  # called on one array: no structure warning
     weight_of = {layer.name: kernel_name(model, layer) for layer in chosen if isinstance(layer, KERNEL_LAYERS)}
 
     on_device = _on_device(prunable(model), device)
-    keep = (lambda t: t.detach().contiguous()) if on_device else keras.ops.convert_to_numpy
+    keep = (lambda t: t.detach().contiguous()) if on_device else _numpy
 
     def run(pass_fn):
         for x, y in _batches(data, max_batches):
-            got = sub(np.asarray(x), training=False)
+            got = sub(x if isinstance(x, (list, tuple, dict)) else np.asarray(x), training=False)
             cap = {}
             for i, layer in enumerate(chosen):
                 cap[layer.name] = (keep(got[2 * i]), keep(got[2 * i + 1]), isinstance(layer, keras.layers.Dense))
@@ -350,7 +366,7 @@ def apply_masks(model: keras.Model, masks: Mapping) -> keras.Model:
             raise TypeError(f"mask {name!r} has dtype {m.dtype}; pass a bool array (True = kept)")
         if tuple(m.shape) != tuple(v.shape):
             raise ValueError(f"mask {name!r} has shape {m.shape} but the variable has {tuple(v.shape)}")
-        w = keras.ops.convert_to_numpy(v)
+        w = _numpy(v)
         v.assign(np.where(m, w, np.zeros((), w.dtype)))
     return model
 
@@ -443,8 +459,8 @@ def shrink_model(model: keras.Model, keep: Mapping) -> keras.Model:
         if isinstance(layer, KERNEL_LAYERS):
             if getattr(layer, "groups", 1) != 1:
                 raise ValueError(f"layer {layer.name!r} is a grouped convolution; shrink handles groups=1")
-            k = keras.ops.convert_to_numpy(layer.kernel)
-            b = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+            k = _numpy(layer.kernel)
+            b = _numpy(layer.bias) if layer.use_bias else None
             eng[layer.name] = sc.Layer(k, b, _LAYOUT[k.ndim])
             order.append(layer.name)
         else:
@@ -453,7 +469,7 @@ def shrink_model(model: keras.Model, keep: Mapping) -> keras.Model:
             if layer.axis not in (-1, len(layer.input.shape) - 1) and layer.axis != [-1]:
                 raise ValueError(f"batch normalization {layer.name!r} normalises axis {layer.axis}, not the "
                                  f"channels-last axis")
-            vals = {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
+            vals = {v.name: _numpy(v) for v in layer.weights}
             eng[order[-1]].bn = vals
             bn_of[order[-1]] = layer.name
     by_path = {kernel_name(model, layer): layer.name for layer in chain if isinstance(layer, KERNEL_LAYERS)}
@@ -563,7 +579,7 @@ class _KerasHooks(sc.SequentialHooks):
                 if feed is not None:
                     name = kernel_name(self.model, layer)
                     self.found[name] = (layer, *feed)
-                    self.dtypes[name] = keras.ops.convert_to_numpy(layer.kernel).dtype  # once: write() casts to it
+                    self.dtypes[name] = _numpy(layer.kernel).dtype  # once: write() casts to it
         if not self.found:
             raise ValueError("no Dense, Conv1D or Conv2D layer to prune (grouped, causal and channels-first "
                              "convolutions are left out)")
@@ -596,7 +612,7 @@ class _KerasHooks(sc.SequentialHooks):
                                  f"functional or Sequential model ({exc})") from None
         if len(self.model.inputs) == 1 and not isinstance(item, (list, tuple, dict)):
             item = [item]  # the structure the sub-model was built with: no warning on every call
-        x = np.asarray(keras.ops.convert_to_numpy(self.upto[block](item, training=False)), np.float64)
+        x = np.asarray(_numpy(self.upto[block](item, training=False)), np.float64)
         if catch is not None:
             for name in names:
                 catch(name, x)
@@ -605,14 +621,14 @@ class _KerasHooks(sc.SequentialHooks):
         return self.found[name][2](x)
 
     def read(self, name):
-        w = keras.ops.convert_to_numpy(self.found[name][0].kernel)
+        w = _numpy(self.found[name][0].kernel)
         return w.astype(np.float32) if w.dtype == np.float16 else w
 
     def write(self, name, array):
         self.found[name][0].kernel.assign(np.asarray(array).astype(self.dtypes[name]))
 
     def backup(self, name):
-        return keras.ops.convert_to_numpy(self.found[name][0].kernel).copy()
+        return _numpy(self.found[name][0].kernel).copy()
 
     def restore(self, name, saved):
         self.found[name][0].kernel.assign(saved)
@@ -685,15 +701,15 @@ class PackedDense(keras.layers.Layer):
     def from_dense(cls, layer, mask=None, *, format: str = "auto") -> PackedDense:
         """A :class:`PackedDense` of a built ``keras.layers.Dense``, kept where
         ``mask`` (shaped like its ``(in, out)`` kernel) is True, its non-zeros without one."""
-        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        kernel = _numpy(layer.kernel)
         packed = sc.pack(kernel.T, format, mask=None if mask is None else np.asarray(mask).T,
                          name=layer.name)
-        bias = None if layer.bias is None else keras.ops.convert_to_numpy(layer.bias)
+        bias = None if layer.bias is None else _numpy(layer.bias)
         return cls(packed, bias, layer.activation, name=layer.name)
 
     def call(self, x):
         """``activation(x @ W + b)``."""
-        xn = keras.ops.convert_to_numpy(x)
+        xn = _numpy(x)
         work = np.float64 if self.packed.dtype == "float64" else np.float32
         lead = xn.shape[:-1]
         x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features), work)
@@ -743,7 +759,7 @@ def sparsify(model: keras.Model, format: str = "auto", *, include: Iterable[str]
         if not isinstance(layer, keras.layers.Dense) or \
                 (include is not None and not any(fnmatch.fnmatchcase(layer.name, p) for p in include)):
             return layer
-        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        kernel = _numpy(layer.kernel)
         if np.count_nonzero(kernel) == kernel.size:
             return layer
         new = PackedDense.from_dense(layer, format=format)

@@ -96,7 +96,7 @@ def test_gradients_match_the_analytic_ones(per_sample, rng):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="lin")], name="lin_model")
     model.compile("sgd", keras.losses.MeanSquaredError())
-    k, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in model.layers[0].weights)
+    k, b = (sck._numpy(v).astype(np.float64) for v in model.layers[0].weights)
     data = [(rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32))
             for _ in range(3)]
     acc = sck.collect_gradients(model, data, per_sample=per_sample,
@@ -121,9 +121,9 @@ def test_activations_match_engine(rng):
     y = rng.integers(0, 3, 120)
     data = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 120, 40)]
     st = sck.collect_activations(model, data, n_classes=3, bins=8, pairwise=True, feature_norms=True)
-    d1 = keras.ops.convert_to_numpy(model.get_layer("d1")(x))
+    d1 = sck._numpy(model.get_layer("d1")(x))
     h1 = np.maximum(d1, 0)
-    d2 = keras.ops.convert_to_numpy(model.get_layer("d2")(h1))
+    d2 = sck._numpy(model.get_layer("d2")(h1))
     np.testing.assert_allclose(st.unit_mi()["d1"], sc.unit_mi(d1, y, bins=8), rtol=1e-12)
     np.testing.assert_allclose(st.state()["d2/kernel"]["mi"], sc.pairwise_mi(h1, d2, bins=8),
                                rtol=1e-12, atol=1e-12)
@@ -195,9 +195,9 @@ def _masked_copy(model, keep):
         key = sck.kernel_name(m, layer) if hasattr(layer, "kernel") else None
         if key in keep:
             drop = ~keep[key]
-            k = keras.ops.convert_to_numpy(layer.kernel).copy()
+            k = sck._numpy(layer.kernel).copy()
             k[..., drop] = 0
-            ws = [k] + ([np.where(drop, 0, keras.ops.convert_to_numpy(layer.bias))] if layer.use_bias else [])
+            ws = [k] + ([np.where(drop, 0, sck._numpy(layer.bias))] if layer.use_bias else [])
             layer.set_weights(ws)
             nxt = m.layers[m.layers.index(layer) + 1]
             if isinstance(nxt, keras.layers.BatchNormalization):
@@ -294,8 +294,8 @@ def test_sequential_sparsegpt_on_a_keras_mlp(rng):
     mag = keras.models.clone_model(dense)
     mag.set_weights(dense.get_weights())
     sck.apply_masks(mag, sc.prune(sck.weights(mag), sparsity=0.5).masks)
-    gap = float(np.mean((keras.ops.convert_to_numpy(model(x)) - keras.ops.convert_to_numpy(dense(x))) ** 2))
-    gap_mag = float(np.mean((keras.ops.convert_to_numpy(mag(x)) - keras.ops.convert_to_numpy(dense(x))) ** 2))
+    gap = float(np.mean((sck._numpy(model(x)) - sck._numpy(dense(x))) ** 2))
+    gap_mag = float(np.mean((sck._numpy(mag(x)) - sck._numpy(dense(x))) ** 2))
     assert gap < gap_mag
 
 
@@ -309,11 +309,11 @@ def test_sequential_keras_layers_see_the_pruned_layers_before(rng):
     upto = keras.Model(model.inputs, layer.input)  # the final model: d1 already pruned and refitted
     acc = sc.HessianAccumulator(16)
     for x in data:
-        acc.update(keras.ops.convert_to_numpy(upto([x])).astype(np.float64))
-    w = keras.ops.convert_to_numpy(dense.get_layer("d2").kernel)
+        acc.update(sck._numpy(upto([x])).astype(np.float64))
+    w = sck._numpy(dense.get_layer("d2").kernel)
     keep = sc.prune({"k": w.T}, sparsity=0.5).masks["k"].T
     want = sc.reconstruct({"k": w}, {"k": acc}, {"k": keep}, method="refit", layouts="io").dense("k")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sck._numpy(layer.kernel), want, rtol=1e-4, atol=1e-5)
 
 
 def _attention_model(seed=0, d=12):
@@ -328,7 +328,7 @@ def _attention_model(seed=0, d=12):
 
 def _layer_inputs(model, name, data):
     upto = keras.Model(model.inputs, model.get_layer(name).input)
-    return [keras.ops.convert_to_numpy(upto([x])).astype(np.float64) for x in data]
+    return [sck._numpy(upto([x])).astype(np.float64) for x in data]
 
 
 @pytest.mark.parametrize("dense_batches", [None, 2])
@@ -344,7 +344,7 @@ def test_sequential_keras_dense_target_redone_by_hand(rng, dense_batches):
     assert sorted(r.masks) == ["k/kernel", "o/kernel", "out/kernel", "q/kernel", "v/kernel"]
     for n in ("q", "k", "v", "o", "out"):
         got, want = _layer_inputs(model, n, data), _layer_inputs(dense, n, data)
-        w = keras.ops.convert_to_numpy(dense.get_layer(n).kernel)
+        w = sck._numpy(dense.get_layer(n).kernel)
         if n == "out":  # not in dense_layers: SparseGPT's own objective
             acc = sc.HessianAccumulator(w.shape[0]).update(np.concatenate(got))
         else:  # k and v follow q, their group's first layer
@@ -356,7 +356,7 @@ def test_sequential_keras_dense_target_redone_by_hand(rng, dense_batches):
                 sc.HessianAccumulator(w.shape[0]).update(np.concatenate(got)).hessian(), count,
                 part.cross_term() * (count / part.count))
         redo = sc.sparsegpt({n: w}, {n: acc}, sparsity=0.5, layouts="io", dense_target=0.5).dense(n)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer(n).kernel), redo, rtol=2e-4,
+        np.testing.assert_allclose(sck._numpy(model.get_layer(n).kernel), redo, rtol=2e-4,
                                    atol=2e-5, err_msg=n)
     block = _attention_model(seed=4)
     sck.prune_sequential(block, data, sparsity=0.5, dense_target=0.5, dense_batches=dense_batches,
@@ -377,10 +377,10 @@ def test_sequential_keras_global_allocation_and_refit(rng):
     for n in ("q", "k", "v", "o", "out"):
         key = f"{n}/kernel"
         acc = sc.HessianAccumulator(12).update(np.concatenate(_layer_inputs(model, n, data)))
-        w = keras.ops.convert_to_numpy(dense.get_layer(n).kernel)
+        w = sck._numpy(dense.get_layer(n).kernel)
         want = sc.prune_layer(key, w, acc, method="wanda", sparsity=alloc, update="obs", refit="exact",
                               layout="io").dense(key)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer(n).kernel), want, rtol=2e-4,
+        np.testing.assert_allclose(sck._numpy(model.get_layer(n).kernel), want, rtol=2e-4,
                                    atol=2e-5, err_msg=n)
         kept = set(r.masks[key].sum(axis=0).tolist())  # wanda ranks within each output unit (a kernel column)
         assert len(kept) == 1 and abs(kept.pop() - (1 - alloc[key]) * w.shape[0]) <= 1
@@ -391,9 +391,9 @@ def test_sequential_keras_conv_patches_give_the_convolution(rng, padding, stride
     keras.utils.set_random_seed(0)
     conv = keras.layers.Conv2D(5, (3, 2), strides=strides, padding=padding, use_bias=False)
     x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
-    y = keras.ops.convert_to_numpy(conv(x))
+    y = sck._numpy(conv(x))
     features, rows = sck._hessian_feed(conv)
-    k = keras.ops.convert_to_numpy(conv.kernel).reshape(features, -1)
+    k = sck._numpy(conv.kernel).reshape(features, -1)
     np.testing.assert_allclose(rows(x.astype(np.float64)) @ k, y.reshape(-1, 5), rtol=1e-4, atol=1e-4)
 
 
@@ -441,7 +441,7 @@ def test_file_names_map_the_adapter_to_the_saved_files_and_back(tmp_path, rng):
     assert names["conv/kernel"] == "layers/conv2d/vars/0"
     assert names["inner/bn/moving_variance"] == "layers/sequential/layers/batch_normalization/vars/3"
     assert names["head/kernel"] == "layers/dense/vars/0"  # numbered per container, in its layers' order
-    values = {k: keras.ops.convert_to_numpy(v) for k, v in sck.variables(model).items()}
+    values = {k: sck._numpy(v) for k, v in sck.variables(model).items()}
     with open_weights(path) as r:
         assert set(names.values()) == set(r.entries)
         for a, f in names.items():
