@@ -192,6 +192,9 @@ def _parser():
     where.add_argument("--workers", type=int, metavar="N",
                        help="run on a new local Dask cluster of N worker processes (as --dask); at most one per "
                             "usable core and one per 320 MiB of available memory")
+    q.add_argument("--dask-log", metavar="FILE",
+                   help="with --dask or --workers: keep Dask's own logs (scheduler, nannies, workers) in FILE; "
+                        "without it they stay off the terminal")
 
     q = sub.add_parser("densify", parents=[debug], help="turn a sparse HDF5 file back into its source format")
     q.add_argument("input")
@@ -277,28 +280,37 @@ def _report(args):
         except ImportError:
 
             raise UserError("report --plot needs matplotlib (pip install matplotlib); nothing was written")
-    fmt, rows, made, _ = _rows(args.file, args.plot)
+    fmt, rows, made, stored = _rows(args.file, args.plot)
     if args.plot and os.path.lexists(args.plot) and not args.force:  # a plot never replaces a file unasked
         raise UserError(f"{args.plot}: exists; pass --force to replace it (--plot)")
     _print_provenance(made)
     total = sum(e.size for _, e, _ in rows if e.is_float)
     zeros = sum(sp * e.size for _, e, sp in rows if e.is_float)
+    # what prune counts: the tensors it pruned (a sparse file), or those it takes by default
+    counted = [(n, e, sp) for n, e, sp in rows if (n in stored if stored else e.is_float and e.default)]
+    c_total = sum(e.size for _, e, _ in counted)
+    c_zeros = sum(sp * e.size for _, e, sp in counted)
     nw, sw = _widths(rows)
+    nw = max(nw, 34)
     print(f"{'tensor':<{nw}} {'shape':<{sw}} {'sparsity':>9}")
     for name, e, sp in rows:
         if e.is_float:
             print(f"{_clean(name, LONGEST):<{nw}} {str(e.shape):<{sw}} {sp:>9.2%}")
-    print(f"{'all float tensors':<{nw}} {'':<{sw}} {zeros / total if total else 0.0:>9.2%}")
+    what = "the pruned tensors" if stored else "the tensors prune takes"
+    print(f"{what:<{nw}} {'':<{sw}} {c_zeros / c_total if c_total else 0.0:>9.2%}  ({len(counted)} tensors: what "
+          f"'prune' reports)")
+    print(f"{'all float tensors':<{nw}} {'':<{sw}} {zeros / total if total else 0.0:>9.2%}  "
+          f"({sum(1 for _, e, _ in rows if e.is_float)} tensors: embeddings, norms and biases too)")
     if args.plot:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [_clean(n, 80) for n, e, _ in rows if e.is_float]
+        names, values = _plot_rows(counted)
         fig, ax = plt.subplots(figsize=(8, 0.3 * len(names) + 1.5))
-        ax.barh(range(len(names)), [sp for _, e, sp in rows if e.is_float])
+        ax.barh(range(len(names)), values)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("sparsity")
+        ax.set_xlabel("sparsity" + (" (each block's tensors together)" if len(names) < len(counted) else ""))
         ax.invert_yaxis()
         ax.set_title(f"{os.path.basename(args.file)} ({fmt})")
         fig.tight_layout()
@@ -307,6 +319,31 @@ def _report(args):
             fig.savefig(tmp, format="png")
         print(f"plot written to {args.plot}")
     return 0
+
+
+#: Bars in a plot, at most: past this the tensors are drawn a block at a time.
+PLOT_ROWS = 60
+_BLOCK = re.compile(r"^(.*?[._/]\d+)[._/]")
+
+
+def _plot_rows(rows):
+    """``(labels, sparsities)`` of the plot: one bar per tensor, or, for more than :data:`PLOT_ROWS`, one
+    per block (the name up to its first number: ``model.layers.12``), its tensors' zeros over their size,
+    the tensors outside blocks on their own; at most :data:`PLOT_ROWS` bars either way (the rest said)."""
+    if len(rows) > PLOT_ROWS:
+        groups = {}
+        for name, e, sp in rows:
+            m = _BLOCK.match(name)
+            key = m.group(1) + ".*" if m else name
+            z, n = groups.get(key, (0.0, 0))
+            groups[key] = (z + sp * e.size, n + e.size)
+        pairs = [(k, z / n if n else 0.0) for k, (z, n) in groups.items()]
+    else:
+        pairs = [(n, sp) for n, _, sp in rows]
+    if len(pairs) > PLOT_ROWS:
+        left = len(pairs) - PLOT_ROWS + 1
+        pairs = pairs[:PLOT_ROWS - 1] + [(f"... and {left} more", 0.0)]
+    return [_clean(k, 80) for k, _ in pairs], [v for _, v in pairs]
 
 
 def _check_prune_flags(args, parser):
@@ -358,7 +395,7 @@ _PLAIN_FLAGS = (("threshold", "--threshold", None), ("scores", "--scores", None)
                 ("scope", "--scope global", "global"), ("min_sparsity", "--min-sparsity", 0.0),
                 ("max_sparsity", "--max-sparsity", None), ("normalize", "--normalize", "none"),
                 ("take_all", "--take-all", False), ("any_rank", "--any-rank", False), ("format", "--format", None),
-                ("dask", "--dask", None), ("workers", "--workers", None))
+                ("dask", "--dask", None), ("workers", "--workers", None), ("dask_log", "--dask-log", None))
 
 
 def _check_calibrated_flags(args, parser):
@@ -465,6 +502,8 @@ def _prune(args, parser):
     if args.workers is not None and args.workers < 1:
         parser.error(f"prune: --workers must be 1 or more, got {args.workers}")
     on_cluster = args.dask is not None or args.workers is not None
+    if args.dask_log is not None and not on_cluster:
+        parser.error("prune: --dask-log keeps a cluster's logs: it applies with --dask or --workers")
     if on_cluster:
         flag = "--dask" if args.dask is not None else "--workers"
         if not is_checkpoint_path(args.input) or args.sparse or args.output.endswith(".sparse.h5"):
@@ -477,7 +516,8 @@ def _prune(args, parser):
         tmpdir = tempfile.mkdtemp(prefix="sparsecore-")
         out = os.path.join(tmpdir, "pruned.safetensors")
     try:
-        with (cluster.connect(args.dask, args.workers) if on_cluster else contextlib.nullcontext()) as client:
+        with (cluster.connect(args.dask, args.workers, log=args.dask_log) if on_cluster else
+              contextlib.nullcontext()) as client:
             res = prune_file(args.input, out, sparsity=args.sparsity, threshold=args.threshold,
                              scope=args.scope or "local", scores=args.scores, criterion=args.criterion,
                              min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,

@@ -393,3 +393,37 @@ def test_the_first_run_says_it_is_compiling(tmp_path, rng):
     quiet = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True,
                            env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "cache2")}, timeout=600)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_report_agrees_with_prune_and_plots_stay_readable(tmp_path, capsys):
+    """report's total over the tensors prune takes is prune's own; the all-float total is said to count
+    the rest too; a plot of 200 tensors draws one bar per block, its height bounded."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from sparsecore.cli import PLOT_ROWS, main
+    from sparsecore.io import save_safetensors
+
+    rng = np.random.default_rng(0)
+    t = {"embed.weight": rng.standard_normal((50, 8)).astype(np.float32)}
+    for i in range(100):
+        t[f"layers.{i}.w"] = rng.standard_normal((8, 8)).astype(np.float32)
+        t[f"layers.{i}.norm"] = np.ones(8, np.float32)
+    save_safetensors(tmp_path / "m.safetensors", t)
+    assert main(["prune", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "p.safetensors"), "--sparsity",
+                 "0.9", "--scope", "global", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "p.safetensors"), "--plot", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    takes = next(line for line in out if line.startswith("the tensors prune takes"))
+    assert "90.00%" in takes and "(100 tensors: what 'prune' reports)" in takes
+    every = next(line for line in out if line.startswith("all float tensors"))
+    assert f"{0.9 * 6400 / (6400 + 400 + 800):.2%}" in every and "201 tensors" in every
+    height = imread(tmp_path / "s.png").shape[0]
+    assert height <= (0.3 * PLOT_ROWS + 1.5) * 100 and height < 0.3 * 100 * 100  # not a bar per tensor
+    from sparsecore.cli import _plot_rows
+
+    with open_weights(tmp_path / "p.safetensors") as r:
+        rows = [(n, e, 0.5) for n, e in r.entries.items() if e.default]
+    labels, values = _plot_rows(rows)
+    assert labels == [f"layers.{i}.*" for i in range(PLOT_ROWS - 1)] + ["... and 41 more"]

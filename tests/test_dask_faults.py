@@ -217,3 +217,42 @@ def test_each_worker_runs_numba_on_its_share_of_the_cores(client, model):
     n = min(2, sc_cluster.max_workers()[0])
     with sc_cluster.connect(workers=n) as c:  # a local cluster's workers start with their share
         assert c.submit(numba.get_num_threads, pure=False).result() == max(1, CORES // n)
+
+
+_CLI = r"""
+import sys, time
+from sparsecore import cli
+from sparsecore.io import cluster
+if sys.argv[1] == "hold":  # the cluster is up and the run under way: hold there until interrupted
+    def hold(*args, **kwargs):
+        print("READY", flush=True)
+        time.sleep(60)
+    cluster.ShardExecutor.write = hold
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _cli_run(mode, *args):
+    return subprocess.Popen([sys.executable, "-c", _CLI, mode, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_cluster_run_prints_only_our_lines(model, tmp_path):
+    """Finished, interrupted by Ctrl-C (SIGINT to the whole process group, as a terminal sends it), or with
+    its logs asked for: nothing of Dask's on the terminal, no worker traceback."""
+    p = _cli_run("run", "prune", model, "-o", tmp_path / "a", "--sparsity", "0.5", "--workers", "2", "--quiet")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "" and out == "", err
+    p = _cli_run("hold", "prune", model, "-o", tmp_path / "b", "--sparsity", "0.5", "--workers", "2", "--quiet")
+    assert p.stdout.readline().strip() == "READY"
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "sparsecore: interrupted; no output was written", err
+    assert not os.path.exists(tmp_path / "b")
+    log = tmp_path / "dask.log"
+    p = _cli_run("run", "prune", model, "-o", tmp_path / "c", "--sparsity", "0.5", "--workers", "2", "--quiet",
+                 "--dask-log", log)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "", err
+    text = log.read_text()
+    assert "distributed.scheduler" in text and "distributed.nanny" in text

@@ -155,8 +155,79 @@ def _numba_share(cores, tasks):
     return max(1, cores // max(1, tasks))
 
 
+class _LogFile(logging.Handler):
+    """Records appended to a file. Not a ``StreamHandler``: the local cluster's ``silence_logs`` turns every
+    StreamHandler of the ``distributed`` logger down, a ``FileHandler`` too."""
+
+    def __init__(self, path):
+        super().__init__(logging.INFO)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def emit(self, record):
+        try:
+            self.file.write(self.format(record) + "\n")
+            self.file.flush()
+        except Exception:  # noqa: BLE001 - logging never breaks the run
+            self.handleError(record)
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
 @contextlib.contextmanager
-def connect(address=None, workers=None):
+def _quiet(log=None):
+    """Dask's own logging kept off the terminal while a cluster runs: every ``distributed`` logger's
+    handlers set aside (a successful run's nanny warned on close), and with ``log`` (a path) written
+    there instead, from INFO up; put back as they were after."""
+    names = ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+    saved = []
+    for n in names:
+        lg = logging.getLogger(n)
+        saved.append((lg, lg.handlers[:], lg.level, lg.propagate))
+        lg.handlers = []
+    top = logging.getLogger("distributed")
+    top.propagate = False
+    handler = None
+    if log is not None:
+        try:
+            handler = _LogFile(log)
+        except OSError as exc:
+            raise UserError(f"--dask-log {log}: cannot write there ({exc.strerror})") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"))
+        top.addHandler(handler)
+        top.setLevel(logging.INFO)
+    else:
+        top.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            handler.close()
+        for lg, handlers, level, propagate in saved:
+            lg.handlers, lg.level, lg.propagate = handlers, level, propagate
+
+
+@contextlib.contextmanager
+def _workers_ignore_interrupts():
+    """Worker processes started meanwhile ignore SIGINT (a disposition they inherit, and Python keeps):
+    Ctrl-C at the terminal reaches the whole process group, and each worker printed its traceback; the
+    client alone stops the run, closing the cluster."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def connect(address=None, workers=None, log=None):
     """A ``distributed.Client`` of the scheduler at ``address``, or of a new
     local cluster of ``workers`` worker processes, closed on exit.
 
@@ -179,12 +250,15 @@ def connect(address=None, workers=None):
     if (address is None) == (workers is None):
         raise UserError("give one of --dask ADDRESS (a running scheduler) and --workers N (a local cluster)")
     if address is not None:
-        try:
-            client = distributed.Client(address, timeout="20s")
-        except (OSError, TimeoutError) as exc:
-            raise UserError(f"--dask {address}: no Dask scheduler answers there ({exc})") from None
-        with client:
-            yield client
+        with _quiet(log):
+            try:
+                client = distributed.Client(address, timeout="20s")
+            except (OSError, TimeoutError) as exc:
+                raise UserError(f"--dask {address}: no Dask scheduler answers there ({exc})") from None
+            with client:
+                if log is not None:
+                    client.forward_logging("distributed", level=logging.INFO)
+                yield client
         return
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise UserError(f"--workers must be a whole number >= 1, got {workers!r}")
@@ -194,10 +268,16 @@ def connect(address=None, workers=None):
                         f"usable core: {cores}; one per {WORKER_MEMORY >> 20} MiB of available memory: "
                         f"{memory / 2**30:.1f} GiB)")
     threads = _numba_share(cores, workers)
+    with _quiet(log):
+        yield from _local(distributed, workers, threads, log)
+
+
+def _local(distributed, workers, threads, log):
     try:
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", env={"NUMBA_NUM_THREADS": str(threads)},
-                                           silence_logs=logging.CRITICAL)  # the user gets one line, not logs
+        with _workers_ignore_interrupts():
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", env={"NUMBA_NUM_THREADS": str(threads)},
+                                               silence_logs=logging.CRITICAL)  # the workers' stderr: quiet
     except Exception as exc:  # noqa: BLE001 - whatever stopped it, the user gets one line
         raise UserError(f"--workers {workers}: the local Dask cluster failed to start ({type(exc).__name__}: "
                         f"{exc}); nothing was written") from None
@@ -208,6 +288,8 @@ def connect(address=None, workers=None):
             raise UserError(f"--workers {workers}: could not connect to the local Dask cluster "
                             f"({type(exc).__name__}: {exc}); nothing was written") from None
         with client:
+            if log is not None:
+                client.forward_logging("distributed", level=logging.INFO)
             yield client
     finally:
         cluster.close()
