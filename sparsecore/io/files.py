@@ -56,7 +56,8 @@ def save_safetensors(path, tensors: Mapping, metadata: Mapping | None = None, *,
         Name -> array (any NumPy dtype safetensors has), or name ->
         ``(dtype, shape, producer)`` with ``producer()`` returning that array
         when it is written: one tensor in memory at a time, for files larger
-        than memory.
+        than memory. ``dtype`` ``"bfloat16"`` writes BF16 from ``uint16``
+        bit patterns.
     metadata : mapping, optional
         The header's ``__metadata__`` (strings).
     force : bool
@@ -78,6 +79,7 @@ def save_safetensors(path, tensors: Mapping, metadata: Mapping | None = None, *,
         else:
             a = np.asarray(v)
             dtype, shape, produce = a.dtype, a.shape, (lambda a=a: a)
-        items.append((name, st.dtype_name(dtype), tuple(int(d) for d in shape), produce))
+        items.append((name, "BF16" if isinstance(dtype, str) and dtype == "bfloat16" else st.dtype_name(dtype),
+                      tuple(int(d) for d in shape), produce))
     with AtomicPath(path, sync, replace=force) as tmp, open(tmp, "wb") as f:
         st.write(f, items, metadata)
