@@ -9,7 +9,13 @@ the article's R) and from mutual information; a threshold (as the article
 does) or a sparsity target; pruning; fine-tuning with the masks held by a
 callback; accuracy before and after; CSR export.
 
-    KERAS_BACKEND=torch python examples/keras_digits.py [--criterion fisher|mutual_info|magnitude]
+    KERAS_BACKEND=torch python examples/keras_digits.py [--criterion magnitude|fisher|obd|mutual_info]
+
+The defaults (magnitude, 90% of the weights, one global threshold, 30 epochs
+of fine-tuning with the masks held) end within a point of the dense model's
+accuracy (0.970 against 0.978); the article's gradient criterion and the
+others are then run with the same settings and printed beside
+(``--no-compare`` skips them). About 40 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -47,6 +53,17 @@ def batches(x, y, size):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
 
 
+CRITERIA = ["magnitude", "fisher", "obd", "mutual_info"]
+
+
+def _every(out, what, step=10):
+    """A Keras callback: one line every ``step`` epochs."""
+    def end(epoch, logs):
+        if (epoch + 1) % step == 0:
+            out(f"  {what}: epoch {epoch + 1}, loss {logs['loss']:.3f}")
+    return keras.callbacks.LambdaCallback(on_epoch_end=end)
+
+
 def accuracy(model, x, y):
     return float((np.argmax(model.predict(x, verbose=0), axis=1) == y).mean())
 
@@ -62,11 +79,11 @@ def importance(model, xtr, ytr, criterion):
     raise ValueError(f"unknown criterion {criterion!r}")
 
 
-def run(criterion="fisher", sparsity=0.8, threshold=None, scope="global", seed=0, epochs=30, tune_epochs=5,
+def run(criterion="magnitude", sparsity=0.9, threshold=None, scope="global", seed=0, epochs=30, tune_epochs=30,
         out=print):
     xtr, xte, ytr, yte = data(seed)
     model = make_model(seed)
-    model.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0)
+    model.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0, callbacks=[_every(out, "training")])
     acc_dense = accuracy(model, xte, yte)
     w = sck.weights(model)
     scores, state = importance(model, xtr, ytr, criterion)
@@ -75,7 +92,8 @@ def run(criterion="fisher", sparsity=0.8, threshold=None, scope="global", seed=0
                       ("l2" if criterion != "magnitude" and scope == "global" else "none"), **kw)
     sck.apply_masks(model, result.masks)
     acc_pruned = accuracy(model, xte, yte)
-    model.fit(xtr, ytr, epochs=tune_epochs, batch_size=64, verbose=0, callbacks=[sck.MaskCallback(result.masks)])
+    model.fit(xtr, ytr, epochs=tune_epochs, batch_size=64, verbose=0,
+              callbacks=[sck.MaskCallback(result.masks), _every(out, "fine-tuning")])
     acc_tuned = accuracy(model, xte, yte)
     tuned = sck.weights(model)
     held = all(bool((tuned[k][~m] == 0).all()) for k, m in result.masks.items())
@@ -99,13 +117,25 @@ def run(criterion="fisher", sparsity=0.8, threshold=None, scope="global", seed=0
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--criterion", choices=["fisher", "obd", "mutual_info", "magnitude"], default="fisher")
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--criterion", choices=CRITERIA, default="magnitude")
+    ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--scope", choices=["local", "global"], default="global")
+    ap.add_argument("--tune-epochs", type=int, default=30)
+    ap.add_argument("--no-compare", action="store_true", help="skip the other criteria's run")
     a = ap.parse_args()
-    run(a.criterion, a.sparsity, a.threshold, a.scope)
+    first = run(a.criterion, a.sparsity, a.threshold, a.scope, tune_epochs=a.tune_epochs)
+    if a.no_compare:
+        return
+    print(f"\nthe other criteria, the same settings ({a.scope}, "
+          f"{f'threshold {a.threshold}' if a.threshold is not None else f'{a.sparsity:.0%}'}, {a.tune_epochs} "
+          f"epochs of fine-tuning):")
+    print(f"{'criterion':<12} {'sparsity':>8} {'pruned':>7} {'fine-tuned':>10} {'vs dense':>8}")
+    rows = [(a.criterion, first)] + [(c, run(c, a.sparsity, a.threshold, a.scope, tune_epochs=a.tune_epochs,
+                                             out=lambda *_: None)) for c in CRITERIA if c != a.criterion]
+    for c, r in rows:
+        print(f"{c:<12} {r['sparsity']:>8.2%} {r['pruned']:>7.3f} {r['tuned']:>10.3f} {r['tuned'] - r['dense']:>+8.3f}")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,10 @@ def test_article_workflow_on_digits():
     out = keras_digits.run("mutual_info", sparsity=0.5, scope="global", epochs=10, tune_epochs=2, out=lines.append)
     assert out["held"] and out["csr"] == out["tuned"] and abs(out["sparsity"] - 0.5) < 1e-3
     assert out["tuned"] >= out["pruned"] - 0.05
+    lines.clear()
+    out = keras_digits.run(out=lines.append)  # the defaults: within 2 points of dense, with progress
+    assert out["tuned"] >= out["dense"] - 0.02 and abs(out["sparsity"] - 0.9) < 1e-3
+    assert sum("fine-tuning: epoch" in x for x in lines) == 3
 
 
 # --- sequential calibration --------------------------------------------------------------

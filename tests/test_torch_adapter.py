@@ -291,6 +291,10 @@ def test_article_workflow_on_digits():
         assert o["csr"] == o["tuned"] and o["held"] and o["tuned"] > 0.5
     o = torch_digits.run("magnitude", threshold=0.05, scope="local", epochs=15, tune_epochs=1, out=lines.append)
     assert 0 < o["sparsity"] < 1
+    lines.clear()
+    o = torch_digits.run(out=lines.append)  # the defaults: within 2 points of dense, with progress
+    assert o["tuned"] >= o["dense"] - 0.02 and abs(o["sparsity"] - 0.9) < 1e-3
+    assert "  fine-tuning: epoch 30/30" in " ".join(lines) and sum("training: epoch" in x for x in lines) == 3
 
 
 def test_collect_gradients_from_a_dataloader():
