@@ -36,7 +36,7 @@ from .io.formats import EMPTY
 from .io.offline import HIGH_SPARSITY, SAFE_CAP, bytes_of, check_overlap, default_max_sparsity, tensor_stats
 from .io.sharded import is_checkpoint_path
 from .patterns import pattern_of
-from .prune import format_table
+from .prune import TensorSummary, format_table
 from .reconstruct import list_repairs
 
 _EPILOG = """examples:
@@ -346,6 +346,22 @@ def _plot_rows(rows):
     return [_clean(k, 80) for k, _ in pairs], [v for _, v in pairs]
 
 
+def _by_block(summary):
+    """The summary lines of a model's layers summed per block (``model.layers.12.*``: the name up to its first
+    number), in order; a line outside blocks as it is."""
+    out = {}
+    for t in summary:
+        m = _BLOCK.match(t.name)
+        key = m.group(1) + ".*" if m else t.name
+        if key not in out:
+            out[key] = [0, 0, 0, 0, 0, 0]
+        acc = out[key]
+        for i, v in enumerate((1, t.size, t.pruned, t.nnz, t.dense_bytes, t.csr_bytes)):
+            acc[i] += v
+    return [TensorSummary(_clean(k, LONGEST), f"{n} tensors" if n > 1 else "1 tensor", size, pruned, nnz, dense,
+                          csr) for k, (n, size, pruned, nnz, dense, csr) in out.items()]
+
+
 def _check_prune_flags(args, parser):
     """Every flag's value, before any file is read; an error names the flag (exit 2)."""
     for flag, value in (("--sparsity", args.sparsity), ("--min-sparsity", args.min_sparsity),
@@ -473,10 +489,11 @@ def _calibrated(args, parser):
     if not args.quiet:
         print(f"pruned {_clean(args.input)} with {args.method}"
               + (f" + {args.update}" if args.update else "") + f": {len(res.summary)} layers, "
-              f"{len(getattr(res, 'ignored', []))} left dense outside the blocks")
-        print(_clean(format_table([t if (c := _clean(t.name, LONGEST)) == t.name else dataclasses.replace(t, name=c)
+              f"{len(res.ignored)} left dense outside the blocks")
+        print(_clean(format_table(_by_block(res.summary) if len(res.summary) > PLOT_ROWS else
+                                  [t if (c := _clean(t.name, LONGEST)) == t.name else dataclasses.replace(t, name=c)
                                    for t in res.summary]), newlines=True))
-        timings = getattr(res, "timings", {})
+        timings = res.timings
         print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format}); "
               f"{took:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "); peak memory "
               f"{_fmt_bytes(_peak_memory())} (the model folder: {_fmt_bytes(res.input_bytes)})")

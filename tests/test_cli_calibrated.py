@@ -216,3 +216,15 @@ def test_encoder_rows(tmp_path):
             assert np.array_equal(got[n], v.numpy()), n
     recipe = json.loads((tmp_path / "o" / RECIPE).read_text())
     assert recipe["calibration_samples"] == "5" and recipe["calibration_tokens"] == str(5 * 32)
+
+
+def test_a_long_summary_is_shown_per_block():
+    from sparsecore.prune import TensorSummary, format_table
+
+    lines = [TensorSummary(f"model.layers.{b}.{p}.weight", (8, 8), 64, 32, 32, 256, 300)
+             for b in range(30) for p in ("q", "k", "v", "o", "gate", "up", "down")]
+    rows = cli._by_block(lines)
+    assert [r.name for r in rows] == [f"model.layers.{b}.*" for b in range(30)]
+    assert rows[3].shape == "7 tensors" and rows[3].size == 7 * 64 and rows[3].pruned == 7 * 32
+    total = format_table(rows).splitlines()[-1]
+    assert total.split()[:3] == ["total", str(30 * 7 * 32), "50.00%"]

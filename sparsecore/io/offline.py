@@ -79,7 +79,7 @@ def default_max_sparsity(scope, threshold):
 
 @dataclass
 class FileResult:
-    """What :func:`prune_file` and :func:`densify_file` did."""
+    """What :func:`prune_file`, :func:`densify_file` and :func:`write_model` did."""
 
     source: str
     output: str
@@ -89,6 +89,9 @@ class FileResult:
     input_bytes: int = 0
     output_bytes: int = 0
     moved_bytes: int = 0  # on a Dask cluster: pickled arguments and results between client and workers
+    timings: dict = field(default_factory=dict)  # seconds by phase, where a caller measures them (calibrated)
+    calibration: dict = field(default_factory=dict)  # what a calibrated prune was calibrated on
+    ignored: list = field(default_factory=list)  # layers a calibrated prune left dense (outside the blocks)
 
     def table(self):
         """The summary as a text table."""
