@@ -60,7 +60,7 @@ from .formats import (
 )
 from .sharded import ShardedCheckpoint, is_checkpoint_path
 from .sparse import ENCODINGS, SparseFile, SparseWriter, as_str
-from .tensorwise import SmallBatches, lazy_sources, prune_one
+from .tensorwise import SmallBatches, lazy_sources, prune_one, tensor_summary
 
 __all__ = ["FileResult", "densify_file", "prune_file"]
 
@@ -197,6 +197,18 @@ def sha256_of(*files):
     return h.hexdigest()
 
 
+def _check_sparse_options(sparse, compression, encoding):
+    """HDF5 compression and a packed encoding: known values, and only on sparse output."""
+    if compression is not None and not sparse:
+        raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
+    if compression not in (None, "gzip", "lzf"):
+        raise UserError(f"compression must be 'gzip' or 'lzf', got {compression!r}")
+    if encoding != "auto" and not sparse:
+        raise UserError("an encoding applies to sparse HDF5 output (an output name ending in .sparse.h5)")
+    if encoding not in ENCODINGS:
+        raise UserError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+
+
 def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local", scores=None,
                criterion: str | None = None, min_sparsity=0.0, max_sparsity=None, normalize: str = "none",
                include: Iterable[str] = (), exclude: Iterable[str] = (), tensors: Iterable[str] | None = None,
@@ -286,14 +298,7 @@ def prune_file(src, dst, *, sparsity=None, threshold=None, scope: str = "local",
     if client is not None and not (sharded and not sparse):
         raise UserError("a Dask cluster prunes a sharded checkpoint (a model folder or its index) into a model "
                         "folder; run without it for single files and sparse HDF5 output")
-    if compression is not None and not sparse:
-        raise UserError("compression applies to sparse HDF5 output (an output name ending in .sparse.h5)")
-    if compression not in (None, "gzip", "lzf"):
-        raise UserError(f"compression must be 'gzip' or 'lzf', got {compression!r}")
-    if encoding != "auto" and not sparse:
-        raise UserError("an encoding applies to sparse HDF5 output (an output name ending in .sparse.h5)")
-    if encoding not in ENCODINGS:
-        raise UserError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    _check_sparse_options(sparse, compression, encoding)
     include = [include] if isinstance(include, str) else list(include)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     # Python's cycle collector is held off while this process prunes: a file of 100,000 tiny tensors keeps
@@ -408,10 +413,7 @@ def write_model(src, dst, tensors: Callable[[str], np.ndarray], names: Iterable[
     folder = is_checkpoint_path(src) and not sparse
     names = list(names)
     provenance = {str(k): str(v) for k, v in (provenance or {}).items()}
-    if compression not in (None, "gzip", "lzf") or (compression is not None and not sparse):
-        raise UserError(f"compression must be 'gzip' or 'lzf' on sparse output, got {compression!r}")
-    if encoding not in ENCODINGS or (encoding != "auto" and not sparse):
-        raise UserError(f"encoding must be one of {', '.join(ENCODINGS)} on sparse output, got {encoding!r}")
+    _check_sparse_options(sparse, compression, encoding)
     with st.gc_paused(), open_weights(src) as reader:
         if isinstance(reader, SparseFile):
             raise UserError(f"{src}: already a sparsecore sparse file; densify it first")
@@ -432,9 +434,8 @@ def write_model(src, dst, tensors: Callable[[str], np.ndarray], names: Iterable[
             mask = flat(w) != 0
             kept = int(np.count_nonzero(mask))
             a = csr_of_mask(w, mask, name=name) if want_csr else None
-            csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes) if a is not None else \
-                kept * (w.dtype.itemsize + 4) + 4 * ((e.shape[0] if len(e.shape) >= 2 else 1) + 1)
-            return raw, a, mask, TensorSummary(name, e.shape, e.size, e.size - kept, kept, e.nbytes, csr_bytes)
+            csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes) if a is not None else None
+            return raw, a, mask, tensor_summary(e, kept, kept, w.dtype.itemsize, csr_bytes)
 
         attrs = None
         if sparse:

@@ -128,7 +128,7 @@ def prune_one(reader, sources, plan, i, name, want_csr, pattern=ELEMENTS):
     nnz = int(keep_raw(_bits(raw.reshape(-1)), mask, flat(w)))  # w aliases ``raw`` for float32/64: it counts
     # before zeroing; ``raw`` is our own copy, written in place
     csr_bytes = int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes) if a is not None else None
-    return raw, a, mask, _summary(e, kept, nnz, w.dtype.itemsize, csr_bytes)
+    return raw, a, mask, tensor_summary(e, kept, nnz, w.dtype.itemsize, csr_bytes)
 
 
 def _bits(flat_raw):
@@ -136,7 +136,7 @@ def _bits(flat_raw):
     return flat_raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[flat_raw.dtype.itemsize])
 
 
-def _summary(entry, kept, nnz, itemsize, csr_bytes=None):
+def tensor_summary(entry, kept, nnz, itemsize, csr_bytes=None):
     """A pruned tensor's summary line; ``csr_bytes`` when no CSR was built: what int32 indices and
     ``itemsize``-byte values of its 2-D view would take."""
     shape, size = entry.shape, entry.size
@@ -220,4 +220,4 @@ class SmallBatches:
         entries, item = reader.entries, w.dtype.itemsize
         for name, b, end, k, z in zip(names, offs.tolist(), offs[1:].tolist(), kept.tolist(), nnz.tolist()):
             e = entries[name]
-            self.done[name] = raw[b:end].reshape(e.shape), _summary(e, k, z, item)
+            self.done[name] = raw[b:end].reshape(e.shape), tensor_summary(e, k, z, item)
