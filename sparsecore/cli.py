@@ -326,18 +326,30 @@ PLOT_ROWS = 60
 _BLOCK = re.compile(r"^(.*?[._/]\d+)[._/]")
 
 
+def _block_of(name):
+    """The block a tensor belongs to, ``model.layers.12.*`` (its name up to its first number), or its own
+    name outside blocks: how long tables and plots group a model's tensors."""
+    m = _BLOCK.match(name)
+    return m.group(1) + ".*" if m else name
+
+
+def _group(items, name):
+    """``items`` by :func:`_block_of` their ``name(item)``, blocks in order of first appearance."""
+    out = {}
+    for it in items:
+        out.setdefault(_block_of(name(it)), []).append(it)
+    return out
+
+
 def _plot_rows(rows):
     """``(labels, sparsities)`` of the plot: one bar per tensor, or, for more than :data:`PLOT_ROWS`, one
-    per block (the name up to its first number: ``model.layers.12``), its tensors' zeros over their size,
-    the tensors outside blocks on their own; at most :data:`PLOT_ROWS` bars either way (the rest said)."""
+    per block (:func:`_block_of`), its tensors' zeros over their size, the tensors outside blocks on their
+    own; at most :data:`PLOT_ROWS` bars either way (the rest said)."""
     if len(rows) > PLOT_ROWS:
-        groups = {}
-        for name, e, sp in rows:
-            m = _BLOCK.match(name)
-            key = m.group(1) + ".*" if m else name
-            z, n = groups.get(key, (0.0, 0))
-            groups[key] = (z + sp * e.size, n + e.size)
-        pairs = [(k, z / n if n else 0.0) for k, (z, n) in groups.items()]
+        pairs = []
+        for key, part in _group(rows, lambda r: r[0]).items():
+            n = sum(e.size for _, e, _ in part)
+            pairs.append((key, sum(sp * e.size for _, e, sp in part) / n if n else 0.0))
     else:
         pairs = [(n, sp) for n, _, sp in rows]
     if len(pairs) > PLOT_ROWS:
@@ -347,19 +359,12 @@ def _plot_rows(rows):
 
 
 def _by_block(summary):
-    """The summary lines of a model's layers summed per block (``model.layers.12.*``: the name up to its first
-    number), in order; a line outside blocks as it is."""
-    out = {}
-    for t in summary:
-        m = _BLOCK.match(t.name)
-        key = m.group(1) + ".*" if m else t.name
-        if key not in out:
-            out[key] = [0, 0, 0, 0, 0, 0]
-        acc = out[key]
-        for i, v in enumerate((1, t.size, t.pruned, t.nnz, t.dense_bytes, t.csr_bytes)):
-            acc[i] += v
-    return [TensorSummary(_clean(k, LONGEST), f"{n} tensors" if n > 1 else "1 tensor", size, pruned, nnz, dense,
-                          csr) for k, (n, size, pruned, nnz, dense, csr) in out.items()]
+    """The summary lines of a model's layers summed per block (:func:`_block_of`), in order; a line outside
+    blocks as it is."""
+    return [TensorSummary(_clean(k, LONGEST), f"{len(ts)} tensors" if len(ts) > 1 else "1 tensor",
+                          *(sum(getattr(t, f) for t in ts) for f in ("size", "pruned", "nnz", "dense_bytes",
+                                                                     "csr_bytes")))
+            for k, ts in _group(summary, lambda t: t.name).items()]
 
 
 def _check_prune_flags(args, parser):
