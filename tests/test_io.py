@@ -209,6 +209,43 @@ def test_safetensors_round_trips_and_passes_non_floats(tmp_path, rng):
         assert again[k].tobytes() == got[k].tobytes()
 
 
+def _header_of(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return raw[8:8 + n], raw[8 + n:]
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_pruned_safetensors_keeps_its_header_or_lays_it_out_anew(tmp_path, rng, in_order):
+    # a header written by another tool (spaces, its own key order, metadata): kept byte for byte when the
+    # tensors lie in its order; rebuilt in order, the data moved with it, when they do not
+    a, b = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float64)
+    spans = {"a": (0, a.nbytes), "b": (a.nbytes, a.nbytes + b.nbytes)}
+    data = a.tobytes() + b.tobytes()
+    if not in_order:
+        spans = {"a": (b.nbytes, b.nbytes + a.nbytes), "b": (0, b.nbytes)}
+        data = b.tobytes() + a.tobytes()
+    head = json.dumps({"__metadata__": {"by": "other tool"},
+                       "a": {"shape": [6, 5], "dtype": "F32", "data_offsets": list(spans["a"])},
+                       "b": {"data_offsets": list(spans["b"]), "dtype": "F64", "shape": [3, 4]}},
+                      indent=1).encode() + b"   "
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(len(head).to_bytes(8, "little") + head + data)
+    dst = tmp_path / "o.safetensors"
+    prune_file(src, dst, sparsity=0.5)
+    out_head, out_data = _header_of(dst)
+    want = sc.prune({"a": a, "b": b}, sparsity=0.5)
+    with open_weights(dst) as r:
+        assert list(r.entries) == ["a", "b"] and r.metadata == {"by": "other tool"}
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(r.raw(k), np.where(want.masks[k], {"a": a, "b": b}[k], 0))
+    if in_order:
+        assert out_head == head
+    else:
+        assert out_head != head and json.loads(out_head)["a"]["data_offsets"] == [0, a.nbytes]
+        assert len(out_head) % 8 == 0 and len(out_data) == len(data)
+
+
 def test_bfloat16_safetensors(tmp_path, rng):
     torch = pytest.importorskip("torch")
     stt = pytest.importorskip("safetensors.torch")
@@ -587,3 +624,16 @@ def test_a_new_format_is_one_class(tmp_path, rng, monkeypatch):
     assert prune_file(src, tmp_path / "y.safetensors", sparsity=0.5).format == "safetensors"  # converted by name
     with pytest.raises(UserError, match="the name says hdf5, but a jsonw input is written as jsonw"):
         prune_file(src, tmp_path / "x.h5", sparsity=0.5)
+
+
+_NAME_PARTS = st_.sampled_from(["embed", "EMBED", "wte", "dw_conv", "dwconv", "mel_filter", "window", "weight_hh",
+                                "layer", "q_proj", ".", "_", "/", "\0", "\n", "İ", "ß", "0"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st_.lists(st_.lists(_NAME_PARTS, max_size=5).map("".join), max_size=12))
+def test_the_joined_search_finds_every_name_left_out(names):
+    from sparsecore.io.formats import left_out_hints, left_out_reason
+
+    hinted = left_out_hints(names)
+    assert {n for n in names if left_out_reason(n)} <= hinted <= set(names)

@@ -30,6 +30,7 @@ _NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"
           np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8", np.dtype("<u8"): "U64",
           np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8", np.dtype("?"): "BOOL"}
 _MAX_HEADER = 100 << 20
+_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 
 
 @contextlib.contextmanager
@@ -103,7 +104,7 @@ def _parse(path, raw, size, n):
     ordered, end = True, 0  # tensors written one after the other need no sort to check the tiling
     for name, info in header.items():  # exact types (``type(x) is int`` also refuses True and 1.0): it runs
         # once per tensor, and a file may hold 100,000
-        if type(info) is not dict or len(info) != 3 or not {"dtype", "shape", "data_offsets"}.issuperset(info):
+        if type(info) is not dict or len(info) != 3 or not _FIELDS.issuperset(info):
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {str(info)[:120]} (needs "
                               f"exactly dtype, shape and data_offsets)")
         dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -164,11 +165,31 @@ def bf16_to_f32(raw):
     return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def write(f, tensors, metadata=None):
+def write(f, tensors, metadata=None, header=None):
     """Write an ordered iterable of ``(name, safetensors dtype, array)`` to the
     open binary file ``f``. Arrays are consumed one at a time; the header is
     computed from their shapes first, so ``tensors`` is a list of
-    ``(name, dtype, shape, producer)`` where ``producer()`` returns the array."""
+    ``(name, dtype, shape, producer)`` where ``producer()`` returns the array.
+
+    ``header``: the header's bytes as a file already holds them, for tensors
+    of the same names, dtypes and shapes laid in the same order (what
+    :func:`in_order` checks): written as they are, not built and dumped again
+    (for a file of 100,000 tiny tensors that is most of the write)."""
+    if header is None:
+        header = _header(tensors, metadata)
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for name, dt, shape, produce in tensors:
+        arr = produce()
+        if type(arr) is not np.ndarray or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        if arr.shape != shape and arr.shape != tuple(shape) or arr.dtype.itemsize != DTYPES[dt].itemsize:
+            raise ValueError(f"tensor {name!r}: got {arr.dtype} {arr.shape}, header says {dt} {tuple(shape)}")
+        f.write(arr.data if arr.ndim else arr.reshape(1).data)  # its bytes, in C order
+
+
+def _header(tensors, metadata):
+    """The header bytes of ``(name, dtype, shape, _)`` laid end to end, padded to 8 bytes."""
     header = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -179,16 +200,18 @@ def write(f, tensors, metadata=None):
         header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the buffer to 8 bytes
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for name, dt, shape, produce in tensors:
-        arr = produce()
-        if type(arr) is not np.ndarray or not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        if arr.shape != tuple(shape) or arr.dtype.itemsize != DTYPES[dt].itemsize:
-            raise ValueError(f"tensor {name!r}: got {arr.dtype} {arr.shape}, header says {dt} {tuple(shape)}")
-        f.write(arr.data if arr.ndim else arr.reshape(1).data)  # its bytes, in C order
+    return raw + b" " * (-len(raw) % 8)  # align the buffer to 8 bytes
+
+
+def in_order(entries):
+    """Whether the tensors of parsed ``entries`` lie in the buffer in their header's order (as every writer
+    lays them), so that a file of the same tensors in that order has the very same header."""
+    end = 0
+    for _, _, b, e in entries.values():
+        if b != end:
+            return False
+        end = e
+    return True
 
 
 def dtype_name(dtype):

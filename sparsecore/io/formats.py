@@ -53,7 +53,7 @@ BOMB_RATIO = 100
 MAX_DEPTH = 256
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One tensor of a weight file."""
 
@@ -105,6 +105,21 @@ def left_out_reason(name):
     """Why a tensor named ``name`` is left out of the default set, or ``""``."""
     if name.isascii() and _HINT.search(name.lower()) is None:
         return ""
+    return _left_out_search(name)
+
+
+def left_out_hints(names):
+    """The names of ``names`` that may have a :func:`left_out_reason` (the others have none): one search over
+    all of them joined, not one per name (a file may hold 100,000)."""
+    text = "\0".join(names)  # no pattern matches across the separator: they match letters and '_' only
+    if not text.isascii():  # lower() keeps every length only for ASCII
+        return set(names)
+    starts = np.cumsum([0] + [len(n) + 1 for n in names])
+    at = np.searchsorted(starts, [m.start() for m in _HINT.finditer(text.lower())], "right") - 1
+    return {names[i] for i in at.tolist()}
+
+
+def _left_out_search(name):
     m = _ANY_LEFT_OUT.search(name)
     if m is None:
         return ""
@@ -230,7 +245,7 @@ class WeightFile:
                 continue
             reason = e.left_out or (left_out_reason(e.name) if len(e.shape) < 2 else "")
             take = not reason or (take_all and reason not in ("optimizer state", EMPTY))
-            if take and (not include or hit(e.name, include)) and not hit(e.name, exclude):
+            if take and (not include or hit(e.name, include)) and not (exclude and hit(e.name, exclude)):
                 out.append(e.name)
         return out
 
@@ -590,8 +605,8 @@ class SafeTensorsFile(WeightFile):
         """The same header order, dtypes and metadata."""
         items = [(n, dt, shape, (lambda n=n: tensor(n)) if pruned is None or n in pruned else
                   (lambda n=n: self.raw(n))) for n, (dt, shape, _, _) in self.header.items()]
-        with open(path, "wb") as f:
-            st.write(f, items, self.metadata)
+        with open(path, "wb") as f:  # the header as it was: same names, dtypes, shapes, order and metadata
+            st.write(f, items, self.metadata, self.header_bytes if st.in_order(self.header) else None)
 
     @staticmethod
     def write_stream(path, entries, tensor, *, dtypes=None, metadata=None, source="input"):
@@ -615,12 +630,26 @@ class SafeTensorsFile(WeightFile):
     def __init__(self, path):
         super().__init__(path)
         self.header, self.metadata, self.start, self.header_bytes = st.read_header(self.path)
+        # entry_of's rules, its dtype lookups made once per dtype (a file may hold 100,000 tensors); 8-bit
+        # floats pass through
+        kinds = {dt: ("F8", False) if dt.startswith("F8") else _dtype_info("bfloat16" if dt == "BF16" else
+                                                                             st.DTYPES[dt]) for dt in st.DTYPES}
+        entries = self.entries
+        hinted = left_out_hints(list(self.header))
         with st.gc_paused():  # one Entry per tensor, and no cycles
             for name, (dt, shape, _, _) in self.header.items():
-                e = entry_of(name, shape, "bfloat16" if dt == "BF16" else st.DTYPES[dt])
-                if dt.startswith("F8"):
-                    e.is_float, e.default, e.left_out = False, False, ""  # 8-bit floats pass through
-                self.entries[name] = e
+                dname, is_float = kinds[dt]
+                if dname == "F8":
+                    entries[name] = Entry(name, shape, _dtype_info(st.DTYPES[dt])[0], False, False, "")
+                    continue
+                reason = ""
+                if is_float:
+                    if 0 in shape:
+                        reason = EMPTY
+                    elif len(shape) >= 2 and name in hinted:
+                        reason = left_out_reason(name)
+                entries[name] = Entry(name, shape, dname, is_float, is_float and len(shape) >= 2 and not reason,
+                                      reason)
 
         self._fd = None
 
