@@ -167,19 +167,24 @@ def _pool_keys(sources, wide, executor=None):
     pooled = np.zeros(ntens, np.bool_)
     if not ntens or sources[0].on_device:
         return pooled, None, None
-    room = _POOL_BUDGET
-    per = [None] * ntens
-    for t, src in enumerate(sources):
-        if _sorts(src.size) and src.size <= room:
-            pooled[t] = True
-            room -= src.size
-            per[t] = (wide,)
+    sizes = np.fromiter((src.size for src in sources), np.int64, ntens)
+    sorts = (sizes <= _SORT_MAX) & (sizes < _SAMPLE_MIN)  # _sorts, for all at once
+    if int(sizes[sorts].sum()) <= _POOL_BUDGET:  # all of them fit (always, but for a test's budget)
+        pooled = sorts
+    else:  # in order, while the keys held stay within the budget
+        room = _POOL_BUDGET
+        for t in np.flatnonzero(sorts).tolist():
+            if sizes[t] <= room:
+                pooled[t] = True
+                room -= int(sizes[t])
     if not pooled.any():
         return pooled, None, None
-    taken = [sources[t] for t in np.flatnonzero(pooled)]
+    where = np.flatnonzero(pooled)
+    taken = [sources[t] for t in where.tolist()]
     offs = np.zeros(len(taken) + 1, np.int64)
-    np.cumsum([src.size for src in taken], out=offs[1:])
+    np.cumsum(sizes[where], out=offs[1:])
     if executor is not None:  # a cluster's sources: each shard's keys where it lives
+        per = [(wide,) if p else None for p in pooled.tolist()]
         keys = np.concatenate([k for k in each_source(sources, _sorted_keys, per, executor) if k is not None])
         return pooled, keys, offs
     keys = np.empty(int(offs[-1]), np.uint64)

@@ -87,10 +87,14 @@ def lazy_sources(reader, names, score_file):
     entries = reader.entries
     sources = {}
     if score_file is None:
+        dtypes = {}  # float_dtype's answer, once per stored dtype
         with st.gc_paused():  # one object per tensor, and no cycles
             for n in names:
                 e = entries[n]
-                sources[n] = LazySource(n, e.shape, float_dtype(e), reader, MODE_ABS)
+                dt = dtypes.get(e.dtype)
+                if dt is None:
+                    dt = dtypes[e.dtype] = float_dtype(e)
+                sources[n] = LazySource(n, e.shape, dt, reader, MODE_ABS)
         return sources
     for n in names:
         e = entries[n]
@@ -154,70 +158,86 @@ BATCH = 1 << 20
 class SmallBatches:
     """Prunes the small tensors of a plan many at a time: what :func:`prune_one`
     gives each, bit for bit, without its per-tensor cost (a file of 100,000
-    tiny tensors spent most of its time there). A batch is the run of small
-    tensors that follows the one asked for, in the plan's order (the order
-    files are written in), that share their dtype and their scores' form;
-    their bytes are laid end to end and one kernel selects and zeroes them
-    all. Only unstructured selection by whole tensor (no pattern, no row
-    scope) is batched; :meth:`take` answers None for any other tensor."""
+    tiny tensors spent most of its time there). A batch is a run of small
+    tensors, consecutive in the plan's order (the order files are written
+    in), that share their dtype and their scores' form, of at most
+    :data:`BATCH` entries; the batches are laid out once, and the first
+    tensor asked for runs its whole batch: its bytes read in one piece, one
+    kernel selecting and zeroing them all. Only unstructured selection by
+    whole tensor (no pattern, no row scope) is batched; :meth:`take` answers
+    None for any other tensor."""
 
     def __init__(self, reader, sources, plan, pattern=ELEMENTS):
         self.reader, self.sources, self.plan = reader, sources, plan
+        self.batch_of = {}  # name -> (first, end) indices of its batch in the plan's order
         self.names = list(sources)
-        self.index = {n: i for i, n in enumerate(self.names)}
-        self.on = pattern is ELEMENTS and plan.row_fractions is None
         self.done = {}
+        if pattern is not ELEMENTS or plan.row_fractions is not None:
+            return
+        entries, rules = reader.entries, plan.rules
+        run, form, total = [], None, 0
+        for i, name in enumerate(self.names):
+            src = sources[name]
+            size = src.size
+            f = None
+            if 0 < size <= SMALL:
+                rule = rules[i]
+                f = (entries[name].dtype, src.mode, rule.wide if rule is not None else src.needs_wide(),
+                     src.scaled)
+            if f is None or f != form or total + size > BATCH:
+                self._close(run)
+                run, form, total = [], f, 0
+            if f is not None:
+                run.append(i)
+                total += size
+        self._close(run)
 
-    def _form(self, i):
-        """What a batch shares, or None for a tensor that is not batched."""
-        name = self.names[i]
-        src = self.sources[name]
-        if not self.on or not 0 < src.size <= SMALL:
-            return None
-        rule = self.plan.rules[i]
-        wide = rule.wide if rule is not None else src.needs_wide()
-        return self.reader.entries[name].dtype, src.mode, wide, bool(src.scaled)
+    def _close(self, run):
+        if run:
+            span = (run[0], run[-1] + 1)
+            for i in run:
+                self.batch_of[self.names[i]] = span
 
     def take(self, name):
         """``(masked raw array, summary)`` of tensor ``name``, or None when it is not batched."""
-        if name not in self.done:
-            i = self.index[name]
-            form = self._form(i)
-            if form is None:
+        got = self.done.pop(name, None)
+        if got is None:
+            span = self.batch_of.get(name)
+            if span is None:
                 return None
-            batch, total = [i], self.sources[name].size
-            for j in range(i + 1, len(self.names)):
-                size = self.sources[self.names[j]].size
-                if self.names[j] in self.done or self._form(j) != form or total + size > BATCH:
-                    break
-                batch.append(j)
-                total += size
-            self._run(batch, form)
-        return self.done.pop(name)
+            self._run(range(*span))
+            got = self.done.pop(name)
+        return got
 
-    def _run(self, batch, form):
-        dtype, mode, wide, scaled = form
+    def _run(self, batch):
         reader, plan = self.reader, self.plan
-        names = [self.names[i] for i in batch]
+        names = self.names[batch.start:batch.stop]
         srcs = [self.sources[n] for n in names]
+        first = srcs[0]
         entry = reader.entries[names[0]]
         raw = reader.raw_run(names)
         w = to_float(raw, entry)  # aliases ``raw`` for float32/64: the kernel reads an entry before it zeroes it
-        s = w if mode == MODE_ABS else np.concatenate([flat(src.load()) for src in srcs])
+        s = w if first.mode == MODE_ABS else np.concatenate([flat(src.load()) for src in srcs])
+        sizes = [src.size for src in srcs]
         offs = np.zeros(len(batch) + 1, np.int64)
-        np.cumsum([src.size for src in srcs], out=offs[1:])
-        rules = [plan.rules[i] for i in batch]
+        np.cumsum(sizes, out=offs[1:])
+        rules = plan.rules[batch.start:batch.stop]
         rule_key = np.array([r.key if r is not None else 0 for r in rules], np.uint64)
         quota = np.array([r.quota if r is not None else 0 for r in rules], np.int64)
         count = np.array([-1 if r is not None else plan.counts[i] for i, r in zip(batch, rules)], np.int64)
         inv = np.array([src.inv for src in srcs], np.float64)
         kept, nnz, bad = (np.zeros(len(batch), np.int64) for _ in range(3))
-        batch_keep(w, s, offs, mode, inv, scaled, wide, rule_key, quota, count, plan.lo[batch], plan.hi[batch],
-                   bool(plan.capped), _bits(raw), kept, nnz, bad)
+        batch_keep(w, s, offs, first.mode, inv, bool(first.scaled), rules[0].wide if rules[0] is not None else
+                   first.needs_wide(), rule_key, quota, count, plan.lo[batch.start:batch.stop],
+                   plan.hi[batch.start:batch.stop], bool(plan.capped), _bits(raw), kept, nnz, bad)
         if bad.any():  # the one-tensor path names the tensor and the first non-finite entry
             t = int(np.flatnonzero(bad)[0])
             prune_one(reader, self.sources, plan, batch[t], names[t], False)
-        entries, item = reader.entries, w.dtype.itemsize
-        for name, b, end, k, z in zip(names, offs.tolist(), offs[1:].tolist(), kept.tolist(), nnz.tolist()):
-            e = entries[name]
-            self.done[name] = raw[b:end].reshape(e.shape), tensor_summary(e, k, z, item)
+        # each summary as tensor_summary gives it, without its per-tensor lookups (a batch holds one dtype)
+        item, stored = w.dtype.itemsize, raw.dtype.itemsize
+        done = self.done
+        for src, b, size, k, z in zip(srcs, offs.tolist(), sizes, kept.tolist(), nnz.tolist()):
+            shape = src.shape
+            csr = z * (item + 4) + 4 * ((shape[0] if len(shape) >= 2 else 1) + 1)
+            done[src.name] = (raw[b:b + size].reshape(shape),
+                              TensorSummary(src.name, shape, size, size - k, z, size * stored, csr))
