@@ -12,7 +12,7 @@ from . import _cache  # noqa: F401  (first: where Numba may cache, before any ke
 from ._version import __version__
 from .allocation import outlier_allocation
 from .csr import check_csr, csr_matmul, index_dtype, matrix_shape, to_csr, to_dense
-from .groups import Group, group_scores
+from .groups import Group, group_scores, kept_entries
 from .importance import (
     Accumulator,
     Criterion,
@@ -42,7 +42,7 @@ from .reconstruct import (
 from .schedule import ConstantSparsity, GradualPruner, PolynomialDecay, PruningHistory, PruningStep
 from .selection import select_threshold, sparsity_mask, threshold_mask
 from .sequential import Feed, SequentialHooks, StopForward, prune_sequential
-from .shrink import Layer, shrink
+from .shrink import Layer, refit_inputs, shrink
 
 __all__ = [
     "Accumulator",
@@ -83,6 +83,7 @@ __all__ = [
     "group_scores",
     "index_dtype",
     "is_n_m",
+    "kept_entries",
     "list_criteria",
     "list_repairs",
     "magnitude",
@@ -97,6 +98,7 @@ __all__ = [
     "prune_layer",
     "prune_sequential",
     "reconstruct",
+    "refit_inputs",
     "register_criterion",
     "register_repair",
     "select_threshold",

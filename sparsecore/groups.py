@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike
 
 from ._validate import as_float_array, is_integer
 
-__all__ = ["Group", "group_scores"]
+__all__ = ["Group", "group_scores", "kept_entries"]
 
 _REDUCE = ("l1", "l2", "mean", "max")
 
@@ -202,3 +202,42 @@ def group_scores(group: Group, scores: Mapping[str, ArrayLike], *, reduce: str |
     if reduce == "mean":
         return a.mean(axis=1)
     return a.max(axis=1)
+
+
+def kept_entries(groups: Iterable[Group], keep: Mapping[str, ArrayLike], shapes: Mapping[str, tuple]
+                 ) -> dict[tuple[str, int], np.ndarray]:
+    """What removing units leaves of each member tensor: ``(tensor, axis) ->``
+    the sorted indices kept along that axis, for every axis a group of
+    ``groups`` named in ``keep`` (group name -> bool per unit) cuts; a
+    tensor axis that several groups cut keeps what none of them removes.
+    Refuses a keep vector that leaves fewer than the group's ``min_keep``
+    units (at least one), and names of no group.
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> g = sc.Group("mlp", [("up", 0), ("down", 1)], units=3)
+    >>> got = sc.kept_entries([g], {"mlp": np.array([True, False, True])}, {"up": (3, 2), "down": (2, 3)})
+    >>> {k: v.tolist() for k, v in got.items()}
+    {('up', 0): [0, 2], ('down', 1): [0, 2]}
+    """
+    by_name = {}
+    for g in groups:
+        if not isinstance(g, Group):
+            raise TypeError(f"groups must hold sparsecore.Group objects, got {type(g).__name__}")
+        by_name[g.name] = g
+    unknown = [k for k in keep if k not in by_name]
+    if unknown:
+        raise ValueError(f"keep names unknown groups {unknown}; the groups are {list(by_name)}")
+    gone = {}  # (tensor, axis) -> bool, True where a removed unit's entry lies
+    for name, k in keep.items():
+        g = by_name[name]
+        k = np.asarray(k)
+        if k.dtype == np.bool_ and k.shape == (g.units,) and k.sum() < max(g.min_keep, 1):
+            raise ValueError(f"keep for group {name!r} keeps {int(k.sum())} of its {g.units} units; at least "
+                             f"{max(g.min_keep, 1)} must stay")
+        for t, axis, idx in g.kept_indices(k, shapes):
+            drop = np.ones(shapes[t][axis], np.bool_)
+            drop[idx] = False
+            gone[(t, axis)] = drop | gone.get((t, axis), False)
+    return {key: np.flatnonzero(~drop) for key, drop in gone.items()}

@@ -24,12 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 from numpy.typing import ArrayLike
 
 from ._validate import as_float_array
-from .groups import Group
+from .groups import kept_entries
 
-__all__ = ["Layer", "shrink"]
+__all__ = ["Layer", "refit_inputs", "shrink"]
 
 
 @dataclass
@@ -192,30 +193,106 @@ def shrink(layers: Mapping[str, Layer], keep: Mapping[str, ArrayLike], *, groups
 
 
 def _shrink_groups(arrays, keep, groups):
-    for g in groups:
-        if not isinstance(g, Group):
-            raise TypeError(f"groups must hold sparsecore.Group objects, got {type(g).__name__}")
-    by_name = {g.name: g for g in groups}
-    unknown = [k for k in keep if k not in by_name]
-    if unknown:
-        raise ValueError(f"keep names unknown groups {unknown}; the groups are {list(by_name)}")
     shapes = {n: np.shape(a) for n, a in arrays.items()}
-    gone = {}  # (tensor, axis) -> bool, True where a removed unit's entry lies
-    for name, k in keep.items():
-        g = by_name[name]
-        k = np.asarray(k)
-        if k.dtype == np.bool_ and k.shape == (g.units,) and k.sum() < max(g.min_keep, 1):
-            raise ValueError(f"keep for group {name!r} keeps {int(k.sum())} of its {g.units} units; at least "
-                             f"{max(g.min_keep, 1)} must stay")
-        for t, axis, idx in g.kept_indices(k, shapes):
-            drop = np.ones(shapes[t][axis], np.bool_)
-            drop[idx] = False
-            gone[(t, axis)] = drop | gone.get((t, axis), False)
+    kept = kept_entries(groups, keep, shapes)
     out = {}
     for n, a in arrays.items():
         new = np.array(a)  # a copy, never a view of the input
-        for (t, axis), drop in gone.items():
+        for (t, axis), idx in kept.items():
             if t == n:
-                new = np.take(new, np.flatnonzero(~drop), axis=axis)
+                new = np.take(new, idx, axis=axis)
         out[n] = new
     return out
+
+
+_INPUT_REPAIRS = ("bias", "refit")
+
+
+def refit_inputs(weight: ArrayLike, kept: ArrayLike, hessian: ArrayLike, *, method: str = "refit",
+                 mean: ArrayLike | None = None, bias: bool = False, damp: float = 0.01, name: str = "weight"):
+    """Repair a layer whose inputs lost some units (the consumer of removed
+    heads or channels: an attention's output projection, an MLP's down
+    projection), from the statistics of its dense inputs ``x``, so that its
+    outputs on them change as little as possible.
+
+    Parameters
+    ----------
+    weight : array (out, in)
+        The dense layer, PyTorch's layout.
+    kept : int array
+        The inputs that stay, sorted (``kept_entries``' answer for the layer's
+        input axis).
+    hessian : array (in, in)
+        ``E[x xᵀ]`` of the layer's dense inputs (any positive multiple of it:
+        ``Σ x xᵀ`` over the calibration tokens, with ``mean`` ``Σ x`` over the
+        same tokens divided by their count).
+    method : {"bias", "refit"}
+        ``"bias"``: FLAP's compensation, no weight changed: the removed inputs'
+        mean contribution ``W[:, R] E[x_R]`` moves into the bias (needs
+        ``mean``). ``"refit"``: the kept columns refitted by least squares,
+        ``argmin E‖W x − W' x_K − c‖²``, with an output shift ``c`` fitted too
+        when ``bias`` (needs ``mean``), else ``c = 0``.
+    mean : array (in,), optional
+        ``E[x]`` of the same inputs (``hessian``'s scale must then be
+        ``E[x xᵀ]`` itself).
+    damp : float
+        Added to the kept block's diagonal, relative to its mean (as
+        SparseGPT's): keeps the solve stable when inputs are collinear.
+
+    Returns
+    -------
+    (new_weight, shift)
+        ``new_weight`` ``(out, len(kept))`` in ``weight``'s dtype, and the
+        ``(out,)`` shift to add to the layer's bias (None without one).
+
+    Examples
+    --------
+    >>> import numpy as np, sparsecore as sc
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((1000, 3)) @ np.array([[1, 0, 1], [0, 1, 1], [0, 0, 0.1]])  # x2 ≈ x0 + x1
+    >>> w = np.array([[1.0, 2.0, 3.0]])
+    >>> new, _ = sc.refit_inputs(w, np.array([0, 1]), x.T @ x / len(x), damp=0.0)
+    >>> np.round(new, 1)  # x2's weight moves to the inputs it follows
+    array([[4., 5.]])
+    """
+    w = as_float_array(weight, name, "weight")
+    if w.ndim != 2:
+        raise ValueError(f"weight {name!r} must be (out, in), got shape {w.shape}")
+    d = w.shape[1]
+    k = np.asarray(kept)
+    if k.dtype.kind not in "iu" or k.ndim != 1 or (k.size and (k.min() < 0 or k.max() >= d)) \
+            or np.any(np.diff(k) <= 0):
+        raise ValueError(f"kept inputs of {name!r} must be sorted distinct indices in [0, {d}), got {k!r}"[:300])
+    h = as_float_array(hessian, name, "hessian").astype(np.float64, copy=False)
+    if h.shape != (d, d):
+        raise ValueError(f"hessian of {name!r} must be ({d}, {d}), got {h.shape}")
+    if method not in _INPUT_REPAIRS:
+        raise ValueError(f"method must be one of {list(_INPUT_REPAIRS)}, got {method!r}")
+    if (method == "bias" or bias) and mean is None:
+        raise ValueError(f"{'method=bias' if method == 'bias' else 'bias=True'} needs the inputs' mean (mean=)")
+    if not np.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    mu = None
+    if mean is not None:
+        mu = as_float_array(mean, name, "mean").astype(np.float64, copy=False)
+        if mu.shape != (d,):
+            raise ValueError(f"mean of {name!r} must be ({d},), got {mu.shape}")
+    w64 = w.astype(np.float64)
+    gone = np.ones(d, np.bool_)
+    gone[k] = False
+    if method == "bias":
+        return w[:, k].copy(), (w64[:, gone] @ mu[gone]).astype(w.dtype)
+    hk = h[np.ix_(k, k)]
+    rhs = w64 @ h[:, k]  # (out, |K|): E[(W x) x_Kᵀ]
+    if bias:  # the kept inputs and a constant 1: E[x̃ x̃ᵀ] with x̃ = (x_K, 1)
+        hk = np.block([[hk, mu[k][:, None]], [mu[k][None, :], np.ones((1, 1))]])
+        rhs = np.concatenate([rhs, (w64 @ mu)[:, None]], axis=1)
+    lam = damp * float(np.mean(np.diag(hk))) if hk.size else 0.0
+    hk = hk + lam * np.eye(hk.shape[0])
+    try:
+        sol = scipy.linalg.solve(hk, rhs.T, assume_a="pos").T
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        raise ValueError(f"the kept inputs' statistics of {name!r} are singular; raise damp (got {damp})") from None
+    if bias:
+        return sol[:, :-1].astype(w.dtype), sol[:, -1].astype(w.dtype)
+    return sol.astype(w.dtype), None

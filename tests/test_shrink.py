@@ -120,3 +120,55 @@ def test_shrink_bad_input(rng):
         sc.shrink({"a": sc.Layer(np.ones((2, 2)), layout="oihw")}, {})
     with pytest.raises(TypeError, match="sparsecore.Layer"):
         sc.shrink({"a": np.ones((2, 2))}, {})
+
+
+# --- refit_inputs: the consumer of removed units repaired from its inputs' statistics -----------------------
+
+def _consumer(rng, n=400, d=12, out=5):
+    z = rng.standard_normal((n, d))
+    x = z @ (np.eye(d) + 0.4 * rng.standard_normal((d, d))) + rng.standard_normal(d)  # correlated, off-centre
+    return x, rng.standard_normal((out, d))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_refit_inputs_is_least_squares_on_the_samples(rng, dtype):
+    x, w = _consumer(rng)
+    kept = np.array([0, 2, 3, 7, 8, 11])
+    h, mu = x.T @ x / len(x), x.mean(0)
+    y = x @ w.T
+    new, shift = sc.refit_inputs(w.astype(dtype), kept, h, damp=0.0)
+    want = np.linalg.lstsq(x[:, kept], y, rcond=None)[0].T
+    assert shift is None and new.dtype == dtype and new.shape == (5, 6)
+    np.testing.assert_allclose(new, want, rtol=1e-4 if dtype == np.float32 else 1e-8, atol=1e-5)
+    new_b, c = sc.refit_inputs(w, kept, h, mean=mu, bias=True, damp=0.0)
+    ones = np.concatenate([x[:, kept], np.ones((len(x), 1))], axis=1)
+    want_b = np.linalg.lstsq(ones, y, rcond=None)[0].T
+    np.testing.assert_allclose(np.concatenate([new_b, c[:, None]], axis=1), want_b, rtol=1e-8, atol=1e-8)
+    # FLAP's compensation: the removed inputs' mean output moves into the bias; each repair fits better
+    cut, c0 = sc.refit_inputs(w, kept, h, method="bias", mean=mu)
+    np.testing.assert_array_equal(cut, w[:, kept])
+    gone = np.setdiff1d(np.arange(12), kept)
+    np.testing.assert_allclose(c0, w[:, gone] @ mu[gone])
+
+    def err(wk, c=0.0):
+        return float(np.square(y - x[:, kept] @ wk.T - c).sum())
+    assert err(new_b, c) <= err(new) <= err(w[:, kept])
+    assert err(new_b, c) <= err(cut, c0) <= err(w[:, kept])
+
+
+def test_refit_inputs_damps_collinear_inputs_and_refuses_bad_arguments(rng):
+    x, w = _consumer(rng, d=6)
+    x[:, 1] = x[:, 0]  # two kept inputs that are one
+    h = x.T @ x / len(x)
+    new, _ = sc.refit_inputs(w, np.array([0, 1, 2]), h)
+    assert np.isfinite(new).all()
+    with pytest.raises(ValueError, match="sorted distinct"):
+        sc.refit_inputs(w, np.array([2, 1]), h)
+    with pytest.raises(ValueError, match="needs the inputs' mean"):
+        sc.refit_inputs(w, np.array([0]), h, method="bias")
+    with pytest.raises(ValueError, match=r"hessian of 'weight' must be \(6, 6\)"):
+        sc.refit_inputs(w, np.array([0]), h[:5, :5])
+    with pytest.raises(ValueError, match="method must be one of"):
+        sc.refit_inputs(w, np.array([0]), h, method="obs")
+    with pytest.raises(ValueError, match="singular"):
+        sc.refit_inputs(w, np.array([0, 1]), h, damp=0.0)
