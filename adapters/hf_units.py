@@ -32,6 +32,8 @@ from torch import nn
 
 import sparsecore as sc
 
+from . import torch as sct
+
 __all__ = ["consumer", "fluctuation_scores", "input_stats", "prune_units", "remove_units", "save_check", "unit_groups"]
 
 UNITS = ("heads", "channels")
@@ -123,7 +125,8 @@ def _index(t, axis, idx):
     return t.detach().index_select(axis, torch.as_tensor(idx, device=t.device)).clone()
 
 
-def remove_units(model: nn.Module, keep: Mapping[str, np.ndarray], groups: Iterable[sc.Group]) -> dict:
+def remove_units(model: nn.Module, keep: Mapping[str, np.ndarray], groups: Iterable[sc.Group], *,
+                 config: bool = True) -> dict:
     """Cut the units ``keep`` removes (group name -> bool per unit, True =
     kept; ``PruneResult.groups``) out of ``model``, in place: every member
     linear replaced by a smaller one of the same dtype and device, the
@@ -136,16 +139,23 @@ def remove_units(model: nn.Module, keep: Mapping[str, np.ndarray], groups: Itera
     ``num_key_value_heads``, ``head_dim``, ``intermediate_size``), so that
     ``save_pretrained`` then ``from_pretrained`` gives this model back; with
     counts that differ by layer the model runs, but a stock config cannot
-    describe it (``ValueError`` from :func:`save_check` says so)."""
+    describe it (``ValueError`` from :func:`save_check` says so). ``config=False``
+    leaves the config alone (a caller cutting a model in parts sets it once).
+    """
     groups = list(groups)
     params = dict(model.named_parameters())
     members = {t for g in groups for t in g.tensors()}
     missing = sorted(members - params.keys())
     if missing:
         raise ValueError(f"the groups name {missing[0]!r}, which is not a parameter of {type(model).__name__}")
+    mods = dict(model.named_modules())
+    for t in sorted(members):
+        mname, _, pname = t.rpartition(".")
+        if not isinstance(mods.get(mname), nn.Linear) or pname not in ("weight", "bias"):
+            raise ValueError(f"the groups name {t!r}, which is not the weight or bias of an nn.Linear "
+                             f"({type(mods.get(mname)).__name__}); remove_units cuts linear layers only")
     shapes = {n: tuple(params[n].shape) for n in members}
     kept = sc.kept_entries(groups, keep, shapes)  # refuses unknown groups and emptied ones
-    mods = dict(model.named_modules())
     new = {}  # linear module name -> replacement
     for (t, axis), idx in kept.items():
         mname = t.rsplit(".", 1)[0]
@@ -166,7 +176,8 @@ def remove_units(model: nn.Module, keep: Mapping[str, np.ndarray], groups: Itera
     for mname, lin in new.items():  # the model changes only now
         parent, _, child = mname.rpartition(".")
         setattr(mods[parent] if parent else model, child, lin)
-    _update_counts(model, groups, counts)
+    if config:
+        _update_counts(model, groups, counts)
     return counts
 
 
@@ -244,49 +255,62 @@ def consumer(group):
     return next(t for t, axis, _ in group.members if axis == 1).rsplit(".", 1)[0]
 
 
-def input_stats(model: nn.Module, data: Iterable, linears: Iterable[str], *, max_batches: int | None = None
-                ) -> dict:
-    """``{linear name: (E[x xᵀ], E[x], tokens)}`` of the inputs of ``linears`` over ``data`` (batches of
-    token ids, or dicts of model inputs; a batch's ``attention_mask`` leaves its padding out), float64,
-    in one pass of the model as it is."""
-    names = list(linears)
-    mods = {n: model.get_submodule(n) for n in names}
-    sums = {n: [None, None, 0] for n in names}
-    state = {"mask": None}
+class _InputSums:
+    """Forward pre-hooks summing ``x xᵀ`` and ``x`` of some linears' inputs (float64, padding left out
+    where ``mask`` is set to the running batch's 2-D attention mask)."""
 
-    def hook(name):
+    def __init__(self, mods):
+        self.sums = {n: [None, None, 0] for n in mods}
+        self.mask = None
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in mods.items()]
+
+    def _hook(self, name):
         def pre(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if state["mask"] is not None and state["mask"].numel() == x.shape[0]:
-                x = x[state["mask"].reshape(-1).bool()]
+            if self.mask is not None and self.mask.numel() == x.shape[0]:
+                x = x[self.mask.reshape(-1).to(x.device).bool()]
             x = x.double()
-            acc = sums[name]
+            acc = self.sums[name]
             if acc[0] is None:
-                acc[0], acc[1] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), \
-                    torch.zeros(x.shape[1], dtype=torch.float64)
+                acc[0] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                acc[1] = torch.zeros(x.shape[1], dtype=torch.float64)
             acc[0] += (x.T @ x).cpu()
             acc[1] += x.sum(0).cpu()
             acc[2] += x.shape[0]
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def result(self):
+        """``{name: (E[x xᵀ], E[x], tokens)}``."""
+        out = {}
+        for n, (h, s_, count) in self.sums.items():
+            if not count:
+                raise ValueError(f"no calibration tokens reached {n!r}; give data that runs through the model")
+            out[n] = ((h / count).numpy(), (s_ / count).numpy(), count)
+        return out
+
+
+def _mask_of(batch):
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def input_stats(model: nn.Module, data: Iterable, linears: Iterable[str], *, max_batches: int | None = None
+                ) -> dict:
+    """``{linear name: (E[x xᵀ], E[x], tokens)}`` of the inputs of ``linears`` over ``data`` (batches of
+    token ids, or dicts of model inputs; a batch's ``attention_mask`` leaves its padding out), float64,
+    in one pass of the model as it is."""
+    sums = _InputSums({n: model.get_submodule(n) for n in linears})
     try:
         with torch.no_grad():
-            for i, batch in enumerate(data):
-                if max_batches is not None and i >= max_batches:
-                    break
-                kw = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
-                state["mask"] = kw.get("attention_mask")
-                model(**kw)
+            for batch in sct._calibration(data, max_batches):
+                sums.mask = _mask_of(batch)
+                sct._forward(model, batch)
     finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for n, (h, s_, count) in sums.items():
-        if not count:
-            raise ValueError(f"no calibration tokens reached {n!r}; give data that runs through the model")
-        out[n] = ((h / count).numpy(), (s_ / count).numpy(), count)
-    return out
+        sums.remove()
+    return sums.result()
 
 
 def fluctuation_scores(groups: Iterable[sc.Group], model: nn.Module, stats: Mapping) -> dict:
@@ -341,7 +365,7 @@ REPAIRS = ("none", "bias", "refit", "refit+bias")
 
 def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, scope: str = "local",
                 score: str = "magnitude", scores: Mapping[str, np.ndarray] | None = None, data=None,
-                repair: str = "none", multiple: int = 1, max_sparsity: float | None = None,
+                repair: str = "none", order: str = "model", multiple: int = 1, max_sparsity: float | None = None,
                 damp: float = 0.01, max_batches: int | None = None, stats: Mapping | None = None) -> dict:
     """Remove the fraction ``sparsity`` of ``model``'s heads and channels
     (:func:`unit_groups`): a float, or ``{"heads": a, "channels": b}``.
@@ -360,18 +384,24 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
         Calibration batches (token ids, or dicts of model inputs), for the
         fluctuation score and the repair.
     repair : {"none", "bias", "refit", "refit+bias"}
-        How each consumer (o_proj, down_proj) is repaired from its dense
-        inputs' statistics (:func:`sparsecore.refit_inputs`): FLAP's bias
+        How each consumer (o_proj, down_proj) is repaired from its inputs'
+        statistics (:func:`sparsecore.refit_inputs`): FLAP's bias
         compensation, the least-squares refit of its kept columns, or both
         fitted together. A bias makes the config's ``attention_bias`` /
         ``mlp_bias`` true (zero biases on the other projections).
+    order : {"model", "block"}
+        ``"model"``: every statistic from one pass of the dense model.
+        ``"block"`` (local scope, needs ``data``): block by block, each
+        block's attention and then its MLP scored and repaired on the inputs
+        the blocks already cut give it (the pruned stream, as
+        :func:`sparsecore.prune_sequential` does for weights).
     multiple : int
         With ``scope="local"``, kept counts rounded down to a multiple of
         this (8, 64: shapes the hardware's tiles divide), never below one
         multiple; groups of fewer units than that keep their count.
     stats : mapping, optional
         :func:`input_stats` of the consumers, collected once for several
-        runs on the same model (instead of ``data``).
+        runs on the same dense model (instead of ``data``; ``order="model"``).
 
     Returns :func:`remove_units`' counts.
     """
@@ -379,8 +409,13 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
     if repair not in REPAIRS:
         raise ValueError(f"repair must be one of {list(REPAIRS)}, got {repair!r}")
+    if order not in ("model", "block"):
+        raise ValueError(f"order must be 'model' or 'block', got {order!r}")
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
+    if order == "block" and (data is None or scope != "local"):
+        raise ValueError("order='block' cuts block by block with the same count in every layer: it needs "
+                         "scope='local' and calibration batches (data=)")
     if (score == "fluctuation" and scores is None or repair != "none") and data is None and stats is None:
         raise ValueError(f"score={score!r} and repair={repair!r} need calibration batches (data=)")
     kinds = [units] if isinstance(units, str) else list(units)
@@ -394,12 +429,6 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
         for g in unit_groups(model, k):
             groups.append(sc.Group(g.name, [m[:2] for m in g.members], units=g.units, reduce=reduce))
             kind_of[g.name] = k
-    if stats is None and data is not None:
-        stats = input_stats(model, data, [consumer(g) for g in groups], max_batches=max_batches)
-    if scores is None and score == "fluctuation":
-        scores = fluctuation_scores(groups, model, stats)
-    params = dict(model.named_parameters())
-    weights = {t: params[t].detach().float().cpu().numpy() for g in groups for t in g.tensors()}
     per = {}
     for g in groups:  # each group's fraction, its kept count rounded to the multiple
         f = fractions.get(kind_of[g.name], 0.0)
@@ -409,30 +438,108 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
         if multiple > 1 and scope == "local":
             keep_n = max(multiple, keep_n // multiple * multiple) if g.units >= multiple else keep_n
         per[g.name] = (g.units - keep_n) / g.units
-    kw = {} if max_sparsity is None else {"max_sparsity": max_sparsity}
-    target = per if scope == "local" else (sum(per[g.name] * g.units for g in groups) /
-                                           sum(g.units for g in groups))
-    res = sc.prune(weights, scores, groups=groups, sparsity=target, scope=scope, **kw)
-    keep = res.groups
-    repaired = {}
-    if repair != "none":
-        shapes = {t: weights[t].shape for t in weights}
-        kept = sc.kept_entries(groups, keep, shapes)
-        for g in groups:
-            c = consumer(g)
-            h, mu, _ = stats[c]
-            idx = kept[(f"{c}.weight", 1)]
-            w = params[f"{c}.weight"].detach().double().cpu().numpy()
-            method = "bias" if repair == "bias" else "refit"
-            repaired[c] = sc.refit_inputs(w, idx, h, method=method, mean=mu, bias=repair != "refit", damp=damp,
-                                          name=f"{c}.weight")
-    counts = remove_units(model, keep, groups)
-    for c, (new_w, shift) in repaired.items():  # the model is cut: the consumers' repaired weights go in
-        lin = model.get_submodule(c)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(new_w))
-        if shift is not None:
-            _with_bias(model, c, shift)
-    if any(shift is not None for _, shift in repaired.values()):
+    cut = _Cut(model, score, scores, repair, damp, scope, max_sparsity)
+    if order == "model":
+        if stats is None and data is not None:
+            stats = input_stats(model, data, [consumer(g) for g in groups], max_batches=max_batches)
+        counts = cut(groups, per, stats)
+    else:
+        counts = _block_by_block(model, data, groups, per, cut, max_batches)
+    _update_counts(model, groups, counts)
+    if cut.biased:
         _stock_biases(model)
     return counts
+
+
+class _Cut:
+    """One selection, repair and removal over some groups, from their consumers' statistics."""
+
+    def __init__(self, model, score, scores, repair, damp, scope, max_sparsity):
+        self.model, self.score, self.scores, self.repair, self.damp = model, score, scores, repair, damp
+        self.scope, self.max_sparsity, self.biased = scope, max_sparsity, False
+
+    def __call__(self, groups, per, stats):
+        model = self.model
+        params = dict(model.named_parameters())
+        scores = self.scores
+        if scores is None and self.score == "fluctuation":
+            scores = fluctuation_scores(groups, model, stats)
+        weights = {t: params[t].detach().float().cpu().numpy() for g in groups for t in g.tensors()}
+        kw = {} if self.max_sparsity is None else {"max_sparsity": self.max_sparsity}
+        target = {g.name: per[g.name] for g in groups} if self.scope == "local" else \
+            sum(per[g.name] * g.units for g in groups) / sum(g.units for g in groups)
+        keep = sc.prune(weights, scores, groups=groups, sparsity=target, scope=self.scope, **kw).groups
+        repaired = {}
+        if self.repair != "none":
+            kept = sc.kept_entries(groups, keep, {t: w.shape for t, w in weights.items()})
+            for g in groups:
+                c = consumer(g)
+                h, mu, _ = stats[c]
+                w = params[f"{c}.weight"].detach().double().cpu().numpy()
+                repaired[c] = sc.refit_inputs(w, kept[(f"{c}.weight", 1)], h, mean=mu, damp=self.damp,
+                                              method="bias" if self.repair == "bias" else "refit",
+                                              bias=self.repair != "refit", name=f"{c}.weight")
+        counts = remove_units(model, keep, groups, config=False)
+        for c, (new_w, shift) in repaired.items():  # the model is cut: the consumers' repaired weights go in
+            lin = model.get_submodule(c)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(new_w))
+            if shift is not None:
+                _with_bias(model, c, shift)
+                self.biased = True
+        return counts
+
+
+def _block_by_block(model, data, groups, per, cut, max_batches):
+    """:func:`prune_units` with ``order="block"``: the stack's inputs caught once, then each block's
+    attention and MLP cut in turn on the inputs the cut blocks before give it."""
+    stack_name, stack = sct._stack_of(model)
+    if stack is None:
+        raise ValueError(f"{type(model).__name__}: order='block' needs a transformer's stack of blocks, and none "
+                         f"was found; use order='model'")
+    cache = []
+
+    def catch(module, args, kwargs):
+        cache.append([args, kwargs, None])
+        raise sc.StopForward
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    counts = {}
+    h = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        if use_cache is not None:
+            config.use_cache = False
+        with torch.no_grad():
+            try:
+                for batch in sct._calibration(data, max_batches):
+                    try:
+                        sct._forward(model, batch)
+                    except sc.StopForward:
+                        cache[-1][2] = _mask_of(batch)
+            finally:
+                h.remove()
+            for i, block in enumerate(stack):
+                mine = [g for g in groups if g.name.startswith(f"{stack_name}.{i}.")]
+                attention = [g for g in mine if _is_attention(model.get_submodule(g.name))]
+                for part in (attention, [g for g in mine if g not in attention]):
+                    if not part:
+                        continue
+                    sums = _InputSums({consumer(g): model.get_submodule(consumer(g)) for g in part})
+                    try:
+                        for item in cache:
+                            sums.mask = item[2]
+                            block(*item[0], **item[1])
+                    finally:
+                        sums.remove()
+                    counts.update(cut(part, per, sums.result()))
+                cache = [sct._advance(item, block(*item[0], **item[1])) for item in cache]
+    finally:
+        if use_cache is not None:
+            config.use_cache = use_cache
+    return counts
+
+
+def _is_attention(mod):
+    return isinstance(getattr(mod, "q_proj", None), nn.Linear) or \
+        isinstance(getattr(getattr(mod, "self", None), "query", None), nn.Linear)

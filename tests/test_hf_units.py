@@ -109,6 +109,8 @@ def test_a_refused_removal_leaves_the_model_as_it_was():
         hfu.remove_units(model, keep, groups)
     with pytest.raises(ValueError, match="unknown groups"):
         hfu.remove_units(model, {"model.layers.9.mlp": np.ones(64, np.bool_)}, groups)
+    with pytest.raises(ValueError, match="not the weight or bias of an nn.Linear"):
+        hfu.remove_units(model, {}, [sc.Group("norm", [("model.layers.0.input_layernorm.weight", 0)], units=4)])
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)
 
@@ -238,3 +240,44 @@ def test_kept_counts_round_to_a_multiple_and_options_are_checked():
         hfu.prune_units(tiny_llama(), 0.5, multiple=0)
     with pytest.raises(ValueError, match=r"sparsity of channels must be a number in \[0, 1\)"):
         hfu.prune_units(tiny_llama(), {"channels": 1.0}, units="channels")
+
+
+def test_block_by_block_cuts_what_one_pass_cuts_when_the_statistics_do_not_matter():
+    data, test = _calibration(), _ids(3, 20, seed=5)
+    a, b = tiny_llama(), tiny_llama()
+    ca = hfu.prune_units(a, 0.5, data=data)
+    cb = hfu.prune_units(b, 0.5, data=data, order="block")
+    assert ca == cb
+    with torch.no_grad():
+        torch.testing.assert_close(a(test).logits, b(test).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        ref = tiny_llama()(test).logits
+    c = tiny_llama()
+    hfu.prune_units(c, 0.5, data=data, order="block", score="fluctuation", repair="refit+bias")
+    assert c.config.num_key_value_heads == 1 and c.config.intermediate_size == 32 and c.config.mlp_bias
+    with torch.no_grad():
+        assert float(((c(test).logits - ref) ** 2).mean()) < float(((a(test).logits - ref) ** 2).mean())
+    assert c.config.use_cache  # put back
+    with pytest.raises(ValueError, match="order='block' cuts block by block"):
+        hfu.prune_units(tiny_llama(), 0.5, order="block")
+
+
+def test_an_encoder_with_padding_cut_block_by_block():
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(3):
+        ids = torch.from_numpy(rng.integers(1, 50, (2, 10)))
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[1, 6:] = 0
+        data.append({"input_ids": ids, "attention_mask": mask})
+    stats = hfu.input_stats(model, data, ["encoder.layer.0.output.dense"])
+    assert stats["encoder.layer.0.output.dense"][2] == 3 * (10 + 6)  # padding left out
+    counts = hfu.prune_units(model, 0.25, data=data, order="block", score="fluctuation", repair="refit")
+    assert counts["encoder.layer.1.attention"] == 3 and counts["encoder.layer.0.intermediate"] == 36
+    with torch.no_grad():
+        out = model(**data[0]).last_hidden_state
+    assert out.shape == (2, 10, 32) and torch.isfinite(out).all()
