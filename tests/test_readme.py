@@ -126,3 +126,20 @@ def test_readme_hugging_face_recipe_runs(hf_folder, tmp_path, monkeypatch, capsy
         for n in b.entries:
             if ".layers." in n:
                 np.testing.assert_array_equal(a.raw(n), b.raw(n), err_msg=n)
+
+
+def test_readme_hf_units_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("transformers")
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "hf_units.prune_units" in b][0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert set(scope["counts"].values()) == {32}
+    assert scope["model"].config.intermediate_size == 32 and scope["model"].config.mlp_bias
+    import transformers
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smaller")
+    assert back.model.layers[0].mlp.down_proj.weight.shape == (32, 32)

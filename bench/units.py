@@ -1,0 +1,165 @@
+"""Whole heads and channels removed from a real decoder: SmolLM2-135M, one-shot.
+
+The model's attention heads (each key/value head with its 3 query heads) and
+MLP channels (``sparsecore.adapters.hf_units``), removed to take 20% and 50%
+of the non-embedding parameters away, in two mixes: channels only, and one
+key/value head of the three in every layer plus channels. The same count in
+every layer (what a stock Llama config describes), kept channels rounded to a
+multiple of 64. Scored by the weights' magnitude or by FLAP's fluctuation of
+each unit's inputs to its consumer; repaired by nothing, by FLAP's bias
+compensation, or by the least-squares refit of the consumer's kept columns
+with its bias (``sparsecore.refit_inputs``), from the dense model's input
+statistics on 32 x 512 calibration tokens of real Wikipedia text (collected
+once), or (order "block", channels mix only: a run takes minutes) scored and
+refitted block by block on the inputs the blocks already cut give. Perplexity on 16 x 1024 disjoint tokens; the dense model in the same
+run. Then the smaller model against the dense one: greedy decode of
+``--tokens`` tokens at batch 1 (tokens/s) and the prefill of 512 tokens,
+alternating, medians of ``--repeats``; and the folder written by
+``save_pretrained`` loaded back by a plain ``from_pretrained``.
+
+Model and text as bench/llm.py fetches them (bench/data.py). Peers (FLAP's
+and SliceGPT's own code, Torch-Pruning) are not run here yet.
+
+    python bench/units.py [--targets 0.2,0.5] [--tokens 64] [--repeats 3] [--json F]
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llm  # noqa: E402  (model, text, windows and perplexity, shared with the weight-pruning benchmark)
+
+from sparsecore.adapters import hf_units as hfu  # noqa: E402
+
+ROWS = [("magnitude", "none", "model"), ("fluctuation", "none", "model"), ("fluctuation", "bias", "model"),
+        ("fluctuation", "refit+bias", "model"), ("magnitude", "refit+bias", "model"),
+        ("fluctuation", "refit+bias", "block")]
+
+
+def body_params(model):
+    """Parameters of the decoder layers (the non-embedding ones; the head is tied to the embedding)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+
+
+def mixes(model, target):
+    """``{mix: sparsity per unit kind}`` removing about ``target`` of the layers' parameters."""
+    cfg = model.config
+    d, hd, kv, q, ff = (cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads,
+                        cfg.intermediate_size)
+    attn = d * hd * (2 * q + 2 * kv)
+    mlp = 3 * d * ff
+    out = {"channels": {"heads": 0.0, "channels": min(0.95, target * (attn + mlp) / mlp)}}
+    one_head = attn / kv  # one key/value head with its query heads
+    rest = target * (attn + mlp) - one_head
+    if rest > 0:
+        out["1 kv head + channels"] = {"heads": 1 / kv, "channels": min(0.95, rest / mlp)}
+    return out
+
+
+def decode_speed(model, prompt, tokens, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prefill(model, ids, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="0.2,0.5")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    llm.fetch()
+    dense, tok = llm.model_and_tokenizer()
+    calib, ev = llm.windows(tok, llm.wiki_text())
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    stats = hfu.input_stats(dense, [w[None] for w in calib], [hfu.consumer(g) for g in hfu.unit_groups(dense)])
+    print(f"input statistics of the 60 consumers on {calib.numel()} tokens: {time.perf_counter() - t:.1f} s "
+          f"(order 'model' rows: their seconds leave this out)")
+    base = llm.perplexity(dense, ev)
+    n0 = body_params(dense)
+    print(f"dense: perplexity {base:.2f}, {n0 / 1e6:.1f} M layer parameters")
+    results = {"dense": base, "rows": []}
+    best = {}
+    for target in [float(x) for x in a.targets.split(",")]:
+        print(f"\n{target:.0%} of the layers' parameters removed")
+        print(f"{'mix':>22}  {'score':>11}  {'repair':>10}  {'order':>5}  {'removed':>7}  {'heads':>5}  "
+              f"{'channels':>8}  {'perplexity':>10}  {'to dense':>8}  {'s':>6}")
+        for mix, frac in mixes(dense, target).items():
+            for score, repair, order in ROWS:
+                if order == "block" and mix != "channels":
+                    continue
+                m = copy.deepcopy(dense)
+                t = time.perf_counter()
+                if order == "block":
+                    hfu.prune_units(m, frac, score=score, repair=repair, data=[w[None] for w in calib],
+                                    order="block", multiple=64)
+                else:
+                    hfu.prune_units(m, frac, score=score, repair=repair, stats=stats, multiple=64)
+                secs = time.perf_counter() - t
+                ppl = llm.perplexity(m, ev)
+                removed = 1 - body_params(m) / n0
+                row = dict(target=target, mix=mix, score=score, repair=repair, order=order, removed=removed,
+                           perplexity=ppl, heads=m.config.num_attention_heads, channels=m.config.intermediate_size,
+                           seconds=secs)
+                results["rows"].append(row)
+                print(f"{mix:>22}  {score:>11}  {repair:>10}  {order:>5}  {removed:>7.1%}  {row['heads']:>5}  "
+                      f"{row['channels']:>8}  {ppl:>10.2f}  {ppl / base:>8.2f}  {secs:>6.1f}")
+                if target not in best or ppl < best[target][0]:
+                    best[target] = (ppl, m, row)
+    prompt = tok("The history of the city", return_tensors="pt").input_ids
+    ids = ev[0][:512][None]
+    print(f"\nspeed at batch 1, {torch.get_num_threads()} threads, medians of {a.repeats} alternating runs")
+    print(f"{'model':>34}  {'decode tok/s':>12}  {'to dense':>8}  {'prefill 512 s':>13}  {'to dense':>8}")
+    decode_speed(dense, prompt, 8, 1)
+    dd, dp = [], []
+    for target, (ppl, m, row) in best.items():
+        decode_speed(m, prompt, 8, 1)
+        d0, d1 = decode_speed(dense, prompt, a.tokens, a.repeats), decode_speed(m, prompt, a.tokens, a.repeats)
+        p0, p1 = prefill(dense, ids, a.repeats), prefill(m, ids, a.repeats)
+        dd.append(d0)
+        dp.append(p0)
+        name = f"{row['removed']:.0%} removed ({row['mix']})"
+        print(f"{name:>34}  {a.tokens / d1:>12.1f}  {d0 / d1:>8.2f}  {p1:>13.3f}  {p0 / p1:>8.2f}")
+        results[f"speed {target}"] = dict(decode_dense=a.tokens / d0, decode=a.tokens / d1, prefill_dense=p0,
+                                          prefill=p1)
+        with tempfile.TemporaryDirectory() as folder:
+            hfu.save_check(m)
+            m.save_pretrained(folder)
+            from transformers import AutoModelForCausalLM
+
+            back = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            print(f"{'':>34}  saved and loaded back: perplexity {llm.perplexity(back, ev[:4]):.2f} "
+                  f"(first 4 windows; the model in memory: {llm.perplexity(m, ev[:4]):.2f})")
+    print(f"{'dense':>34}  {a.tokens / statistics.median(dd):>12.1f}  {1:>8.2f}  {statistics.median(dp):>13.3f}  "
+          f"{1:>8.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
