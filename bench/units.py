@@ -11,9 +11,10 @@ compensation, or by the least-squares refit of the consumer's kept columns
 with its bias (``sparsecore.refit_inputs``), from the dense model's input
 statistics on 32 x 512 calibration tokens of real Wikipedia text (collected
 once), or (order "block", channels mix only: a run takes minutes) scored and
-refitted block by block on the inputs the blocks already cut give. Perplexity on 16 x 1024 disjoint tokens; the dense model in the same
-run. Then the smaller model against the dense one: greedy decode of
-``--tokens`` tokens at batch 1 (tokens/s) and the prefill of 512 tokens,
+refitted block by block on the inputs the blocks already cut give.
+Perplexity on 16 x 1024 disjoint tokens; the dense model in the same run.
+Then the smaller model against the dense one: greedy decode of ``--tokens``
+tokens at batch 1 (tokens/s) and the prefill of 512 tokens,
 alternating, medians of ``--repeats``; and the folder written by
 ``save_pretrained`` loaded back by a plain ``from_pretrained``.
 
