@@ -18,8 +18,12 @@ tokens at batch 1 (tokens/s) and the prefill of 512 tokens,
 alternating, medians of ``--repeats``; and the folder written by
 ``save_pretrained`` loaded back by a plain ``from_pretrained``.
 
-Model and text as bench/llm.py fetches them (bench/data.py). Peers (FLAP's
-and SliceGPT's own code, Torch-Pruning) are not run here yet.
+Then FLAP (its authors' pruning code, bench/_flap.py, glue for transformers 5
+marked there) against ours at the very same number of MLP channels removed in
+every layer: FLAP's head pruning cannot run under grouped-query attention, so
+that table is channels only. SliceGPT and Torch-Pruning are not run here yet.
+
+Model and text as bench/llm.py fetches them (bench/data.py).
 
     python bench/units.py [--targets 0.2,0.5] [--tokens 64] [--repeats 3] [--json F]
 """
@@ -65,6 +69,49 @@ def mixes(model, target):
     return out
 
 
+def peers(dense, calib, ev, stats, base, targets, results):
+    """FLAP (the authors' code, bench/_flap.py) against ours at the very same count of MLP channels removed per
+    layer (no rounding). FLAP's head pruning cannot run under grouped-query attention, so channels only."""
+    import _flap
+
+    cfg = dense.config
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    per_layer = body_params(dense) / cfg.num_hidden_layers
+    print(f"\nagainst FLAP (CASIA-IVA-Lab/FLAP@3bb57db, its own pruning code), MLP channels only, the same count "
+          f"removed in every layer; calibration {tuple(calib.shape)}")
+    print(f"{'target':>6}  {'removed':>7}  {'channels':>8}  {'method':>44}  {'perplexity':>10}  {'to FLAP':>7}  "
+          f"{'s':>6}")
+    for target in targets:
+        r = round(target * per_layer / (3 * d))  # channels removed per layer
+        ratio = (r + 0.5) / ((4 * d + 3 * ff) / 3)  # what FLAP's cal_remove_neuron turns into r (UL-MM)
+        rows = []
+        for name in ("FLAP UL-MM WIFV (bias compensation)", "FLAP AL-MM WIFV (adaptive per layer)",
+                     "ours: fluctuation + bias, order model", "ours: fluctuation + refit+bias, order model",
+                     "ours: fluctuation + refit+bias, order block"):
+            m = copy.deepcopy(dense)
+            t = time.perf_counter()
+            if name.startswith("FLAP"):
+                _flap.run_flap(m, calib, pruning_ratio=ratio, structure=name.split()[1], metrics="WIFV",
+                               remove_heads=0)
+            else:
+                repair = "bias" if "+ bias" in name else "refit+bias"
+                order = name.rsplit(" ", 1)[1]
+                kw = dict(data=[w[None] for w in calib]) if order == "block" else dict(stats=stats)
+                hfu.prune_units(m, {"channels": r / ff}, units="channels", score="fluctuation", repair=repair,
+                                order=order, **kw)
+            secs = time.perf_counter() - t
+            kept = sorted({layer.mlp.down_proj.in_features for layer in m.model.layers})
+            removed = 1 - body_params(m) / body_params(dense)
+            rows.append((name, llm.perplexity(m, ev), removed, kept, secs))
+        flap = rows[0][1]
+        for name, ppl, removed, kept, secs in rows:
+            ch = str(kept[0]) if len(kept) == 1 else f"{kept[0]}-{kept[-1]}"
+            print(f"{target:>6.0%}  {removed:>7.1%}  {ch:>8}  {name:>44}  {ppl:>10.2f}  {ppl / flap:>7.2f}  "
+                  f"{secs:>6.1f}")
+            results["rows"].append(dict(target=target, peer_table=True, method=name, perplexity=ppl,
+                                        removed=removed, channels=kept, seconds=secs))
+
+
 def decode_speed(model, prompt, tokens, repeats):
     times = []
     for _ in range(repeats):
@@ -91,6 +138,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="leave FLAP's rows out")
+    ap.add_argument("--peers-only", action="store_true", help="the dense model and FLAP's table only")
     a = ap.parse_args()
     llm.fetch()
     dense, tok = llm.model_and_tokenizer()
@@ -105,7 +154,7 @@ def main():
     print(f"dense: perplexity {base:.2f}, {n0 / 1e6:.1f} M layer parameters")
     results = {"dense": base, "rows": []}
     best = {}
-    for target in [float(x) for x in a.targets.split(",")]:
+    for target in [] if a.peers_only else [float(x) for x in a.targets.split(",")]:
         print(f"\n{target:.0%} of the layers' parameters removed")
         print(f"{'mix':>22}  {'score':>11}  {'repair':>10}  {'order':>5}  {'removed':>7}  {'heads':>5}  "
               f"{'channels':>8}  {'perplexity':>10}  {'to dense':>8}  {'s':>6}")
@@ -131,6 +180,13 @@ def main():
                       f"{row['channels']:>8}  {ppl:>10.2f}  {ppl / base:>8.2f}  {secs:>6.1f}")
                 if target not in best or ppl < best[target][0]:
                     best[target] = (ppl, m, row)
+    if a.peers or a.peers_only:
+        peers(dense, calib, ev, stats, base, [float(x) for x in a.targets.split(",")], results)
+    if a.peers_only:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     prompt = tok("The history of the city", return_tensors="pt").input_ids
     ids = ev[0][:512][None]
     print(f"\nspeed at batch 1, {torch.get_num_threads()} threads, medians of {a.repeats} alternating runs")
