@@ -29,7 +29,7 @@ import torch
 from sparsecore.io.calibration import SEQ_LEN, CalibratedPrune, digest, read_calibration, windows
 from sparsecore.io.errors import UserError
 from sparsecore.io.files import open_weights
-from sparsecore.io.offline import check_model_output, write_model
+from sparsecore.io.offline import check_model_output, write_folder, write_model
 
 from . import torch as sct
 
@@ -167,12 +167,58 @@ def _stored(param, entry):
     return t.to(_TORCH_DTYPES.get(entry.dtype, torch.float32)).contiguous().numpy().astype(entry.dtype, copy=False)
 
 
+def _prune_units(request):
+    """``--units``: whole heads and channels removed (:mod:`sparsecore.adapters.hf_units`), the smaller model
+    written by ``save_pretrained`` into a new folder (:func:`sparsecore.io.offline.write_folder`)."""
+    from . import hf_units
+
+    say = request.say
+    if request.sparse:
+        raise UserError("--units writes a smaller dense model: a model folder, not a sparse file")
+    if request.sparsity is None or request.pattern is not None:
+        raise UserError("--units takes --sparsity (the fraction of units removed), not --pattern")
+    check_model_output(request.src, request.dst, sparse=False, force=request.force)
+    folder = _folder(request.src)
+    t0 = time.perf_counter()
+    model, config, causal = load_model(request.src)
+    samples = _samples(request, folder, config, causal, say)
+    sha = digest(samples)
+    say(f"calibration: {len(samples)} samples from {request.calibration} (sha256 {sha[:16]})")
+    data = _batches(samples, causal, getattr(config, "pad_token_id", None))
+    before = sum(p.numel() for p in model.parameters())
+    loaded = time.perf_counter()
+    try:
+        kinds = {g.name: (kind, g.units) for kind in request.units for g in hf_units.unit_groups(model, kind)}
+        counts = hf_units.prune_units(model, request.sparsity, units=request.units, score=request.unit_score,
+                                      repair=request.unit_repair, order=request.unit_order, data=data,
+                                      multiple=request.multiple, damp=request.damp)
+        hf_units.save_check(model)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{request.src}: {exc}") from None
+    calibrated = time.perf_counter()
+    provenance = {"units": ",".join(request.units), "sparsity": repr(request.sparsity),
+                  "score": request.unit_score, "repair": request.unit_repair, "order": request.unit_order,
+                  "multiple": str(request.multiple), "calibration_file": os.path.abspath(request.calibration),
+                  "calibration_sha256": sha, "calibration_samples": str(len(samples)),
+                  "source": os.path.abspath(request.src)}
+    result = write_folder(request.src, request.dst, model.save_pretrained, force=request.force,
+                          sync=request.sync, provenance=provenance)
+    result.timings = {"load": loaded - t0, "calibrate": calibrated - loaded,
+                      "write": time.perf_counter() - calibrated}
+    result.calibration = {"sha256": sha, "samples": len(samples), "tokens": sum(map(len, samples))}
+    result.units = {name: (kind, counts[name], of) for name, (kind, of) in kinds.items()}
+    result.parameters = (before, sum(p.numel() for p in model.parameters()))
+    return result
+
+
 def prune(request: CalibratedPrune):
     """Prune the model folder ``request.src`` into ``request.dst`` with
     calibration (see the module doc); returns the engine's
     :class:`~sparsecore.io.offline.FileResult`, with ``timings`` (seconds of
     loading, calibration and writing) and ``calibration`` (what was used)."""
     say = request.say
+    if request.units:
+        return _prune_units(request)
     check_model_output(request.src, request.dst, sparse=request.sparse, force=request.force)
     folder = _folder(request.src)
     t0 = time.perf_counter()

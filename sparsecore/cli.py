@@ -184,6 +184,21 @@ def _parser():
     cal.add_argument("--allocation", choices=["uniform", "owl"],
                      help="uniform (default): every layer at --sparsity; owl: blocks with more outliers pruned "
                           "less, --sparsity on average")
+    cal.add_argument("--units", metavar="KINDS",
+                     help="remove whole units instead of weights: heads, channels or heads,channels (attention "
+                          "heads, a key/value head with its query heads; MLP channels), the same count in every "
+                          "layer, into a smaller dense model that from_pretrained loads; --sparsity is the fraction "
+                          "of units removed")
+    cal.add_argument("--unit-score", choices=["fluctuation", "magnitude"],
+                     help="with --units: FLAP's fluctuation of each unit's inputs (default) or weight magnitude")
+    cal.add_argument("--unit-repair", choices=["refit+bias", "refit", "bias", "none"],
+                     help="with --units: how each consumer (o_proj, down_proj) is repaired: least-squares refit of "
+                          "its kept inputs with a fitted bias (default), without, FLAP's bias compensation, none")
+    cal.add_argument("--unit-order", choices=["block", "model"],
+                     help="with --units: block (default): each block scored and repaired on what the blocks cut "
+                          "before it give; model: all from one pass of the dense model (faster)")
+    cal.add_argument("--multiple", type=int, metavar="N",
+                     help="with --units: kept counts rounded down to a multiple of N (64: shapes hardware tiles)")
     where = q.add_mutually_exclusive_group()
     where.add_argument("--dask", metavar="ADDRESS",
                        help="run on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786): a sharded "
@@ -419,9 +434,43 @@ _PLAIN_FLAGS = (("threshold", "--threshold", None), ("scores", "--scores", None)
                 ("dask", "--dask", None), ("workers", "--workers", None), ("dask_log", "--dask-log", None))
 
 
+#: Flags of whole-unit removal only (dest, flag).
+_UNIT_FLAGS = (("unit_score", "--unit-score"), ("unit_repair", "--unit-repair"), ("unit_order", "--unit-order"),
+               ("multiple", "--multiple"))
+
+
+def _check_unit_flags(args, parser):
+    """``--units`` and its flags: which units, with calibration, and none of the weight path's own flags."""
+    if args.units is None:
+        given = [flag for dest, flag in _UNIT_FLAGS if getattr(args, dest) is not None]
+        if given:
+            parser.error(f"prune: {given[0]} applies with --units")
+        return
+    kinds = [k.strip() for k in args.units.split(",") if k.strip()]
+    if not kinds or any(k not in ("heads", "channels") for k in kinds):
+        parser.error(f"prune: --units takes heads, channels or heads,channels, got {args.units!r}")
+    args.units = kinds
+    if args.calibration is None:
+        parser.error("prune: --units removes whole heads and channels, which needs calibration to keep the model "
+                     "(scores and repair from its inputs): pass --calibration FILE")
+    for dest, flag in (("pattern", "--pattern"), ("update", "--update"), ("dense_target", "--dense-target"),
+                       ("allocation", "--allocation"), ("sparse", "--sparse")):
+        if getattr(args, dest) not in (None, False):
+            parser.error(f"prune: {flag} applies to pruning weights; --units removes whole units")
+    if args.method != "magnitude":
+        parser.error(f"prune: --method {args.method} chooses weights; --units removes whole units (--unit-score "
+                     f"chooses them)")
+    if args.sparsity is None or not 0 <= args.sparsity < 1:
+        parser.error(f"prune: --units takes --sparsity in [0, 1) (the fraction of units removed), got "
+                     f"{args.sparsity}")
+    if args.multiple is not None and args.multiple < 1:
+        parser.error(f"prune: --multiple must be 1 or more, got {args.multiple}")
+
+
 def _check_calibrated_flags(args, parser):
     """The calibrated path's flags (exit 2 naming the flag): calibration given where it is needed and only
     there, sizes and fractions in range, no flag of the plain path that it would ignore."""
+    _check_unit_flags(args, parser)
     calibrated = args.calibration is not None or args.method != "magnitude"
     if not calibrated:
         given = [flag for dest, flag in _CALIBRATION_FLAGS if getattr(args, dest) is not None]
@@ -487,10 +536,29 @@ def _calibrated(args, parser):
         allocation=args.allocation or "uniform", samples=args.samples or SAMPLES,
         seq_len=args.seq_len, include=args.include, exclude=args.exclude,
         sparse=True if args.sparse else None, force=args.force, sync=not args.no_sync, compression=args.compress,
-        encoding=args.encoding, progress=progress, say=say)
+        encoding=args.encoding, progress=progress, say=say, units=args.units,
+        unit_score=args.unit_score or "fluctuation", unit_repair=args.unit_repair or "refit+bias",
+        unit_order=args.unit_order or "block", multiple=args.multiple or 1)
     t0 = time.perf_counter()
     res = run(request)
     took = time.perf_counter() - t0
+    if not args.quiet and args.units:
+        kept, layers = {}, {}  # kind -> the (kept, of) counts of its layers (one pair: the same in every layer)
+        for kind, k, of in res.units.values():
+            kept.setdefault(kind, set()).add((k, of))
+            layers[kind] = layers.get(kind, 0) + 1
+        before, after = res.parameters
+        said = [f"{kind} {' / '.join(f'{k} of {of}' for k, of in sorted(v))} kept in each of {layers[kind]} layers"
+                for kind, v in kept.items()]
+        print(f"{_clean(args.input)}: {', '.join(said)}; parameters {before / 1e6:.1f} M -> {after / 1e6:.1f} M "
+              f"({1 - after / before:.1%} fewer)")
+        timings = res.timings
+        print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out; {took:.0f} s ("
+              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"); peak memory "
+              f"{_fmt_bytes(_peak_memory())}")
+        print(f"written: {_clean(args.output)} (a smaller model: from_pretrained loads it; how it was made: "
+              f"sparsecore_recipe.json)")
+        return 0
     if not args.quiet:
         print(f"pruned {_clean(args.input)} with {args.method}"
               + (f" + {args.update}" if args.update else "") + f": {len(res.summary)} layers, "

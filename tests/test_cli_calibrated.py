@@ -228,3 +228,49 @@ def test_a_long_summary_is_shown_per_block():
     assert rows[3].shape == "7 tensors" and rows[3].size == 7 * 64 and rows[3].pruned == 7 * 32
     total = format_table(rows).splitlines()[-1]
     assert total.split()[:3] == ["total", str(30 * 7 * 32), "50.00%"]
+
+
+# --- --units: whole heads and channels removed into a smaller model -----------------------------------------
+
+def test_units_write_a_smaller_model_that_from_pretrained_loads(folder, tmp_path, capsys):
+    from sparsecore.adapters import hf_units
+
+    out = tmp_path / "small"
+    assert _run(folder / "model", "-o", out, "--units", "heads,channels", "--sparsity", "0.5", "--calibration",
+                folder / "ids.npy", "--samples", "8", "--seq-len", "64", "--multiple", "16") == 0
+    printed = capsys.readouterr().out
+    assert "heads 1 of 2 kept in each of 2 layers, channels 32 of 64 kept in each of 2 layers" in printed
+    assert "fewer)" in printed and "from_pretrained loads it" in printed
+    small = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert small.config.num_key_value_heads == 1 and small.config.intermediate_size == 32
+    assert small.config.mlp_bias and small.config.attention_bias  # the default repair fits biases
+    # the Python path on the same windows gives the same model
+    model = transformers.LlamaForCausalLM.from_pretrained(folder / "model").eval()
+    ids = np.load(folder / "ids.npy")[:8 * 64].reshape(8, 64)
+    hf_units.prune_units(model, 0.5, data=[{"input_ids": torch.as_tensor(r)[None]} for r in ids],
+                         score="fluctuation", repair="refit+bias", order="block", multiple=16)
+    want = model.state_dict()
+    for n, v in small.state_dict().items():
+        assert torch.equal(v, want[n]), n
+    # the tokenizer came along; the input is untouched; the record says how
+    assert (out / "tokenizer.json").read_bytes() == (folder / "model" / "tokenizer.json").read_bytes()
+    recipe = json.loads((out / RECIPE).read_text())
+    assert recipe["units"] == "heads,channels" and recipe["repair"] == "refit+bias"
+    assert transformers.LlamaForCausalLM.from_pretrained(folder / "model").config.intermediate_size == 64
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--units", "heads", "--sparsity", "0.5"], "needs calibration"),
+    (["--units", "neurons", "--sparsity", "0.5", "--calibration", "X"], "--units takes heads, channels"),
+    (["--units", "heads", "--calibration", "X"], "--units takes --sparsity"),
+    (["--units", "heads", "--sparsity", "0.5", "--calibration", "X", "--method", "sparsegpt"], "--method sparsegpt"),
+    (["--units", "heads", "--sparsity", "0.5", "--calibration", "X", "--update", "obs"], "--update applies"),
+    (["--units", "heads", "--sparsity", "0.5", "--calibration", "X", "--allocation", "owl"], "--allocation applies"),
+    (["--units", "heads", "--sparsity", "0.5", "--calibration", "X", "--multiple", "0"], "--multiple must be"),
+    (["--unit-repair", "bias", "--sparsity", "0.5"], "--unit-repair applies with --units"),
+])
+def test_bad_unit_flags_exit_2_naming_the_flag(folder, tmp_path, capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        _run(folder / "model", "-o", tmp_path / "o", *args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

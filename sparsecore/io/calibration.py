@@ -76,6 +76,13 @@ class CalibratedPrune:
     encoding: str = "auto"
     progress: Callable | None = None
     say: Callable[[str], None] = print
+    # whole units instead of weights (``--units``): "heads", "channels"; scored and repaired as
+    # ``sparsecore.adapters.hf_units.prune_units`` does, kept counts rounded to ``multiple``
+    units: list | None = None
+    unit_score: str = "fluctuation"
+    unit_repair: str = "refit+bias"
+    unit_order: str = "block"
+    multiple: int = 1
 
 
 @dataclass

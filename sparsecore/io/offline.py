@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -92,6 +93,8 @@ class FileResult:
     timings: dict = field(default_factory=dict)  # seconds by phase, where a caller measures them (calibrated)
     calibration: dict = field(default_factory=dict)  # what a calibrated prune was calibrated on
     ignored: list = field(default_factory=list)  # layers a calibrated prune left dense (outside the blocks)
+    units: dict = field(default_factory=dict)  # whole units removed: group -> (kind, kept, of)
+    parameters: tuple = ()  # (before, after) where units were removed
 
     def table(self):
         """The summary as a text table."""
@@ -449,11 +452,49 @@ def write_model(src, dst, tensors: Callable[[str], np.ndarray], names: Iterable[
         with (AtomicDir if folder else AtomicPath)(dst, sync, replace=force) as tmp:
             _write_tensors(reader, tmp, one, names, result, sparse, attrs, progress, compression, None, encoding)
             if folder and provenance:
-                if os.path.lexists(os.path.join(tmp, RECIPE)):
-                    raise UserError(f"{src}: holds a {RECIPE} of its own, which the output's record would "
-                                    f"replace; move it out of the folder")
-                with open(os.path.join(tmp, RECIPE), "w") as f:
-                    json.dump({"tool": f"sparsecore {_version.__version__}", **provenance}, f, indent=1)
+                _write_recipe(src, tmp, provenance)
+    result.input_bytes = bytes_of(src)
+    result.output_bytes = bytes_of(dst)
+    return result
+
+
+def _write_recipe(src, folder, provenance):
+    if os.path.lexists(os.path.join(folder, RECIPE)):
+        raise UserError(f"{src}: holds a {RECIPE} of its own, which the output's record would replace; move it out "
+                        f"of the folder")
+    with open(os.path.join(folder, RECIPE), "w") as f:
+        json.dump({"tool": f"sparsecore {_version.__version__}", **provenance}, f, indent=1)
+
+
+def write_folder(src, dst, fill: Callable[[str], None], *, force: bool = False, sync: bool = True,
+                 provenance: dict | None = None) -> FileResult:
+    """Write a new model folder ``dst`` from the model folder ``src`` whose
+    tensors changed shape (a model with whole heads and channels removed):
+    ``fill(folder)`` writes the framework's own files into an empty folder
+    (``save_pretrained``: config and weights), then every other file of
+    ``src`` that it did not write (tokenizer, generation config, ...) is
+    copied, links checked as a prune's are, and ``provenance`` recorded in
+    :data:`RECIPE`. Atomic, as :func:`prune_file`: ``dst`` appears whole or
+    not at all, and the input is never touched."""
+    if not is_checkpoint_path(src) or not os.path.isdir(os.fspath(src)):
+        raise UserError(f"{src}: a model whose tensors change shape is written as a model folder; give the folder")
+    check_model_output(src, dst, sparse=False, force=force)
+    provenance = {str(k): str(v) for k, v in (provenance or {}).items()}
+    with open_weights(src) as reader:
+        if reader.weight_copies():
+            raise UserError(f"{src}: the folder holds other copies of the weights ({reader.weight_copies()[0]}, "
+                            f"...), which would be carried with the old shapes; move them out of the folder")
+        others = [rel for rel in reader.other_files() if rel != RECIPE]
+        with AtomicDir(dst, sync, replace=force) as tmp:
+            fill(tmp)
+            for rel in others:
+                target = os.path.join(tmp, rel)
+                if not os.path.lexists(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(os.path.join(reader.folder, rel), target)
+            if provenance:  # the input's own record, if any, is replaced by this one
+                _write_recipe(src, tmp, provenance)
+    result = FileResult(os.fspath(src), os.fspath(dst), "folder")
     result.input_bytes = bytes_of(src)
     result.output_bytes = bytes_of(dst)
     return result
