@@ -1,6 +1,9 @@
 """Whole heads and channels of Hugging Face transformers (adapters.hf_units): the groups found from the model,
 the smaller model equal to the masked one, and the round trip through save_pretrained / from_pretrained."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -281,3 +284,38 @@ def test_an_encoder_with_padding_cut_block_by_block():
     with torch.no_grad():
         out = model(**data[0]).last_hidden_state
     assert out.shape == (2, 10, 32) and torch.isfinite(out).all()
+
+
+def test_write_folder_is_atomic_and_carries_the_other_files(hf_folder, tmp_path):
+    import shutil
+
+    from sparsecore.io import UserError
+    from sparsecore.io.offline import RECIPE, write_folder
+
+    src = tmp_path / "model"
+    shutil.copytree(hf_folder / "model", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+
+    def fail(folder):
+        (tmp_path / "seen").write_text(folder)
+        raise RuntimeError("the framework failed half way")
+    with pytest.raises(RuntimeError, match="half way"):
+        write_folder(src, tmp_path / "out", fail)
+    assert not (tmp_path / "out").exists() and not os.path.exists((tmp_path / "seen").read_text())
+    model = tiny_llama()
+    hfu.prune_units(model, {"channels": 0.5}, units="channels")
+    res = write_folder(src, tmp_path / "out", model.save_pretrained, provenance={"units": "channels"})
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_bytes() == before["tokenizer.json"]
+    assert json.loads((out / RECIPE).read_text())["units"] == "channels"
+    assert not (out / "model.safetensors.index.json").exists() or \
+        (out / "model.safetensors.index.json").read_bytes() != before["model.safetensors.index.json"]
+    assert res.output_bytes < res.input_bytes
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 32
+    with pytest.raises(UserError, match="exists"):
+        write_folder(src, out, model.save_pretrained)
+    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    with pytest.raises(UserError, match="other copies of the weights"):
+        write_folder(src, tmp_path / "out2", model.save_pretrained)
+    assert not (tmp_path / "out2").exists()
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.name != "pytorch_model.bin"} == before
