@@ -379,7 +379,9 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
         replace either.
     scope : {"local", "global"}
         The same count in every layer (what a stock config can describe), or
-        ranked across layers (``max_sparsity`` per group).
+        ranked across layers (``max_sparsity`` per group) by each group's unit
+        scores made z-scores (FLAP's standardisation), the total the same;
+        counts then differ by layer: the model runs, ``save_check`` refuses it.
     data : iterable of batches, optional
         Calibration batches (token ids, or dicts of model inputs), for the
         fluctuation score and the repair.
@@ -465,6 +467,15 @@ class _Cut:
         if scores is None and self.score == "fluctuation":
             scores = fluctuation_scores(groups, model, stats)
         weights = {t: params[t].detach().float().cpu().numpy() for g in groups for t in g.tensors()}
+        if self.scope == "global":  # FLAP's standardisation: each group's unit scores as z-scores, so that
+            # groups of different scales (attention, MLP, early and late layers) rank against each other
+            elem = scores if scores is not None else {t: np.abs(w) for t, w in weights.items()}
+            unit = {}
+            for g in groups:
+                u = sc.group_scores(g, {t: elem[t] for t in g.tensors() if t in elem})
+                sd = float(u.std())
+                unit[g.name] = (u - u.mean()) / sd if sd > 0 else np.zeros_like(u)
+            scores = unit
         kw = {} if self.max_sparsity is None else {"max_sparsity": self.max_sparsity}
         target = {g.name: per[g.name] for g in groups} if self.scope == "local" else \
             sum(per[g.name] * g.units for g in groups) / sum(g.units for g in groups)

@@ -21,7 +21,9 @@ alternating, medians of ``--repeats``; and the folder written by
 Then FLAP (its authors' pruning code, bench/_flap.py, glue for transformers 5
 marked there) against ours at the very same number of MLP channels removed in
 every layer: FLAP's head pruning cannot run under grouped-query attention, so
-that table is channels only. SliceGPT and Torch-Pruning are not run here yet.
+that table is channels only; its last row ranks every layer's channels
+together (z-scored per layer, as FLAP's adaptive structure does), counts
+then differing by layer. SliceGPT and Torch-Pruning are not run here yet.
 
 Model and text as bench/llm.py fetches them (bench/data.py).
 
@@ -87,7 +89,8 @@ def peers(dense, calib, ev, stats, base, targets, results):
         rows = []
         for name in ("FLAP UL-MM WIFV (bias compensation)", "FLAP AL-MM WIFV (adaptive per layer)",
                      "ours: fluctuation + bias, order model", "ours: fluctuation + refit+bias, order model",
-                     "ours: fluctuation + refit+bias, order block"):
+                     "ours: fluctuation + refit+bias, order block",
+                     "ours: fluctuation + refit+bias, global, order model"):
             m = copy.deepcopy(dense)
             t = time.perf_counter()
             if name.startswith("FLAP"):
@@ -98,7 +101,7 @@ def peers(dense, calib, ev, stats, base, targets, results):
                 order = name.rsplit(" ", 1)[1]
                 kw = dict(data=[w[None] for w in calib]) if order == "block" else dict(stats=stats)
                 hfu.prune_units(m, {"channels": r / ff}, units="channels", score="fluctuation", repair=repair,
-                                order=order, **kw)
+                                order=order, scope="global" if "global" in name else "local", **kw)
             secs = time.perf_counter() - t
             kept = sorted({layer.mlp.down_proj.in_features for layer in m.model.layers})
             removed = 1 - body_params(m) / body_params(dense)

@@ -319,3 +319,17 @@ def test_write_folder_is_atomic_and_carries_the_other_files(hf_folder, tmp_path)
         write_folder(src, tmp_path / "out2", model.save_pretrained)
     assert not (tmp_path / "out2").exists()
     assert {p.name: p.read_bytes() for p in src.iterdir() if p.name != "pytorch_model.bin"} == before
+
+
+def test_global_scope_ranks_standardised_scores_across_layers():
+    model = tiny_llama()
+    with torch.no_grad():  # layer 1's MLP weights 100 times larger: raw scores would empty layer 0 first
+        for lin in (model.model.layers[1].mlp.gate_proj, model.model.layers[1].mlp.up_proj,
+                    model.model.layers[1].mlp.down_proj):
+            lin.weight.mul_(100)
+    params = {t: p.detach().numpy() for t, p in model.named_parameters()}
+    raw = sc.prune(params, groups=hfu.unit_groups(model, "channels"), sparsity=0.5, scope="global").groups
+    assert sorted(int(k.sum()) for k in raw.values()) == [1, 63]  # raw magnitudes: layer 0 all but emptied
+    counts = hfu.prune_units(model, {"channels": 0.5}, units="channels", scope="global")
+    assert sum(counts.values()) == 64  # the same total as 32 of 64 in each of 2 layers
+    assert all(12 <= c <= 52 for c in counts.values())  # z-scores: neither layer emptied by the other's scale
