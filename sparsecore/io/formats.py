@@ -105,7 +105,10 @@ def left_out_reason(name):
     """Why a tensor named ``name`` is left out of the default set, or ``""``."""
     if name.isascii() and _HINT.search(name.lower()) is None:
         return ""
-    return _left_out_search(name)
+    m = _ANY_LEFT_OUT.search(name)
+    if m is None:
+        return ""
+    return next(_LEFT_OUT[i][0] for i in range(len(_LEFT_OUT)) if m.group(f"g{i}") is not None)
 
 
 def left_out_hints(names):
@@ -117,13 +120,6 @@ def left_out_hints(names):
     starts = np.cumsum([0] + [len(n) + 1 for n in names])
     at = np.searchsorted(starts, [m.start() for m in _HINT.finditer(text.lower())], "right") - 1
     return {names[i] for i in at.tolist()}
-
-
-def _left_out_search(name):
-    m = _ANY_LEFT_OUT.search(name)
-    if m is None:
-        return ""
-    return next(_LEFT_OUT[i][0] for i in range(len(_LEFT_OUT)) if m.group(f"g{i}") is not None)
 
 
 _DTYPES = {}  # dtype -> (name, is float): entry_of is called once per tensor of a file
@@ -146,11 +142,14 @@ def _dtype_info(dtype):
     return info
 
 
-def entry_of(name, shape, dtype, optimizer=False):
-    """The :class:`Entry` of a tensor read from a file (float or not, pruned by default or not)."""
+def entry_of(name, shape, dtype, optimizer=False, hinted=True):
+    """The :class:`Entry` of a tensor read from a file (float or not, pruned by default or not).
+    ``hinted=False``: :func:`left_out_hints` found no word of a left-out rule in its name (not searched
+    again)."""
     dt, is_float = _dtype_info(dtype)
     shape = tuple(map(int, shape))
-    reason = "optimizer state" if optimizer else left_out_reason(name) if is_float and len(shape) >= 2 else ""
+    reason = "optimizer state" if optimizer else \
+        left_out_reason(name) if is_float and len(shape) >= 2 and hinted else ""
     if is_float and 0 in shape:
         reason = EMPTY
     return Entry(name, shape, dt, is_float, is_float and len(shape) >= 2 and not reason, reason)
@@ -630,26 +629,13 @@ class SafeTensorsFile(WeightFile):
     def __init__(self, path):
         super().__init__(path)
         self.header, self.metadata, self.start, self.header_bytes = st.read_header(self.path)
-        # entry_of's rules, its dtype lookups made once per dtype (a file may hold 100,000 tensors); 8-bit
-        # floats pass through
-        kinds = {dt: ("F8", False) if dt.startswith("F8") else _dtype_info("bfloat16" if dt == "BF16" else
-                                                                             st.DTYPES[dt]) for dt in st.DTYPES}
-        entries = self.entries
-        hinted = left_out_hints(list(self.header))
+        hinted = left_out_hints(list(self.header))  # one name search for the file (it may hold 100,000)
         with st.gc_paused():  # one Entry per tensor, and no cycles
             for name, (dt, shape, _, _) in self.header.items():
-                dname, is_float = kinds[dt]
-                if dname == "F8":
-                    entries[name] = Entry(name, shape, _dtype_info(st.DTYPES[dt])[0], False, False, "")
-                    continue
-                reason = ""
-                if is_float:
-                    if 0 in shape:
-                        reason = EMPTY
-                    elif len(shape) >= 2 and name in hinted:
-                        reason = left_out_reason(name)
-                entries[name] = Entry(name, shape, dname, is_float, is_float and len(shape) >= 2 and not reason,
-                                      reason)
+                e = entry_of(name, shape, "bfloat16" if dt == "BF16" else st.DTYPES[dt], hinted=name in hinted)
+                if dt.startswith("F8"):
+                    e.is_float, e.default, e.left_out = False, False, ""  # 8-bit floats pass through
+                self.entries[name] = e
 
         self._fd = None
 
