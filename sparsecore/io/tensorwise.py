@@ -143,10 +143,14 @@ def _bits(flat_raw):
 def tensor_summary(entry, kept, nnz, itemsize, csr_bytes=None):
     """A pruned tensor's summary line; ``csr_bytes`` when no CSR was built: what int32 indices and
     ``itemsize``-byte values of its 2-D view would take."""
-    shape, size = entry.shape, entry.size
+    return _summary_line(entry.name, entry.shape, entry.size, entry.nbytes, kept, nnz, itemsize, csr_bytes)
+
+
+def _summary_line(name, shape, size, nbytes, kept, nnz, itemsize, csr_bytes=None):
+    """:func:`tensor_summary` from the entry's fields, for a caller that has them at hand."""
     if csr_bytes is None:  # rows of the 2-D view (csr.matrix_shape): the first axis, or one row
         csr_bytes = nnz * (itemsize + 4) + 4 * ((shape[0] if len(shape) >= 2 else 1) + 1)
-    return TensorSummary(entry.name, shape, size, size - kept, nnz, entry.nbytes, csr_bytes)
+    return TensorSummary(name, shape, size, size - kept, nnz, nbytes, csr_bytes)
 
 
 #: Tensors of at most this many entries are pruned in batches (:class:`SmallBatches`).
@@ -233,11 +237,10 @@ class SmallBatches:
         if bad.any():  # the one-tensor path names the tensor and the first non-finite entry
             t = int(np.flatnonzero(bad)[0])
             prune_one(reader, self.sources, plan, batch[t], names[t], False)
-        # each summary as tensor_summary gives it, without its per-tensor lookups (a batch holds one dtype)
+        # each summary as tensor_summary gives it, without its per-tensor entry lookups (a batch holds one
+        # dtype: the stored bytes are its itemsize times the size)
         item, stored = w.dtype.itemsize, raw.dtype.itemsize
         done = self.done
         for src, b, size, k, z in zip(srcs, offs.tolist(), sizes, kept.tolist(), nnz.tolist()):
-            shape = src.shape
-            csr = z * (item + 4) + 4 * ((shape[0] if len(shape) >= 2 else 1) + 1)
-            done[src.name] = (raw[b:b + size].reshape(shape),
-                              TensorSummary(src.name, shape, size, size - k, z, size * stored, csr))
+            done[src.name] = (raw[b:b + size].reshape(src.shape),
+                              _summary_line(src.name, src.shape, size, size * stored, k, z, item))
