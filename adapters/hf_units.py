@@ -63,11 +63,12 @@ def _members(prefix, rows, cols):
     return out
 
 
-def unit_groups(model: nn.Module, units: Iterable[str] = UNITS) -> list[sc.Group]:
+def unit_groups(model: nn.Module, units: Iterable[str] = UNITS, *, reduce: str = "l2") -> list[sc.Group]:
     """The coupled groups of ``model``'s attention heads (``"heads"``) and MLP
     channels (``"channels"``), one group per attention and per MLP, named
     after the module (``model.layers.0.self_attn``), members named as
-    ``model.named_parameters()`` names them.
+    ``model.named_parameters()`` names them; ``reduce`` combines a unit's
+    entry scores (:class:`sparsecore.Group`).
 
     Raises ``ValueError`` naming the model's class when none of the layouts
     above is found, and naming the module when an attention's projections
@@ -102,7 +103,7 @@ def unit_groups(model: nn.Module, units: Iterable[str] = UNITS) -> list[sc.Group
                     raise ValueError(f"attention {name!r}: {q.out_features // head_dim} query heads do not share "
                                      f"{kv} key/value heads evenly")
                 groups.append(sc.Group(name, _members(prefix, zip(names[:3], (q, k, v)), [(names[3], o)]),
-                                       units=kv))
+                                       units=kv, reduce=reduce))
                 continue
         if "channels" in units:
             dec = _linears(mod, "gate_proj", "up_proj", "down_proj")
@@ -113,7 +114,7 @@ def unit_groups(model: nn.Module, units: Iterable[str] = UNITS) -> list[sc.Group
                 rows, cols = [("intermediate.dense", enc[0])], [("output.dense", enc[1])]
             if dec is not None or enc is not None:
                 groups.append(sc.Group(name if dec is not None else f"{prefix}intermediate",
-                                       _members(prefix, rows, cols), units=rows[0][1].out_features))
+                                       _members(prefix, rows, cols), units=rows[0][1].out_features, reduce=reduce))
     if not groups:
         raise ValueError(f"{type(model).__name__}: no attention or MLP of a layout sparsecore reads (decoder "
                          f"q_proj/k_proj/v_proj/o_proj and gate_proj/up_proj/down_proj, encoder self.query/key/value "
@@ -257,7 +258,7 @@ def consumer(group):
 
 class _InputSums:
     """Forward pre-hooks summing ``x xᵀ`` and ``x`` of some linears' inputs (float64, padding left out
-    where ``mask`` is set to the running batch's 2-D attention mask)."""
+    where ``mask`` is set to the running batch's 2-D padding mask, ``adapters.torch._token_mask``'s)."""
 
     def __init__(self, mods):
         self.sums = {n: [None, None, 0] for n in mods}
@@ -267,8 +268,8 @@ class _InputSums:
     def _hook(self, name):
         def pre(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if self.mask is not None and self.mask.numel() == x.shape[0]:
-                x = x[self.mask.reshape(-1).to(x.device).bool()]
+            if self.mask is not None and self.mask.size == x.shape[0]:
+                x = x[torch.as_tensor(self.mask.reshape(-1), device=x.device)]
             x = x.double()
             acc = self.sums[name]
             if acc[0] is None:
@@ -293,10 +294,6 @@ class _InputSums:
         return out
 
 
-def _mask_of(batch):
-    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
-
-
 def input_stats(model: nn.Module, data: Iterable, linears: Iterable[str], *, max_batches: int | None = None
                 ) -> dict:
     """``{linear name: (E[x xᵀ], E[x], tokens)}`` of the inputs of ``linears`` over ``data`` (batches of
@@ -306,7 +303,7 @@ def input_stats(model: nn.Module, data: Iterable, linears: Iterable[str], *, max
     try:
         with torch.no_grad():
             for batch in sct._calibration(data, max_batches):
-                sums.mask = _mask_of(batch)
+                sums.mask = sct._token_mask(batch)
                 sct._forward(model, batch)
     finally:
         sums.remove()
@@ -428,8 +425,8 @@ def prune_units(model: nn.Module, sparsity, *, units: Iterable[str] = UNITS, sco
     reduce = "l1" if score == "fluctuation" and scores is None else "l2"
     groups, kind_of = [], {}
     for k in kinds:
-        for g in unit_groups(model, k):
-            groups.append(sc.Group(g.name, [m[:2] for m in g.members], units=g.units, reduce=reduce))
+        for g in unit_groups(model, k, reduce=reduce):
+            groups.append(g)
             kind_of[g.name] = k
     per = {}
     for g in groups:  # each group's fraction, its kept count rounded to the multiple
@@ -508,46 +505,24 @@ def _block_by_block(model, data, groups, per, cut, max_batches):
     if stack is None:
         raise ValueError(f"{type(model).__name__}: order='block' needs a transformer's stack of blocks, and none "
                          f"was found; use order='model'")
-    cache = []
-
-    def catch(module, args, kwargs):
-        cache.append([args, kwargs, None])
-        raise sc.StopForward
-
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
     counts = {}
-    h = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        if use_cache is not None:
-            config.use_cache = False
-        with torch.no_grad():
-            try:
-                for batch in sct._calibration(data, max_batches):
-                    try:
-                        sct._forward(model, batch)
-                    except sc.StopForward:
-                        cache[-1][2] = _mask_of(batch)
-            finally:
-                h.remove()
-            for i, block in enumerate(stack):
-                mine = [g for g in groups if g.name.startswith(f"{stack_name}.{i}.")]
-                attention = [g for g in mine if _is_attention(model.get_submodule(g.name))]
-                for part in (attention, [g for g in mine if g not in attention]):
-                    if not part:
-                        continue
-                    sums = _InputSums({consumer(g): model.get_submodule(consumer(g)) for g in part})
-                    try:
-                        for item in cache:
-                            sums.mask = item[2]
-                            block(*item[0], **item[1])
-                    finally:
-                        sums.remove()
-                    counts.update(cut(part, per, sums.result()))
-                cache = [sct._advance(item, block(*item[0], **item[1])) for item in cache]
-    finally:
-        if use_cache is not None:
-            config.use_cache = use_cache
+    with torch.no_grad(), sct._no_kv_cache(model):
+        cache = sct._stack_inputs(model, stack, data, max_batches)
+        for i, block in enumerate(stack):
+            mine = [g for g in groups if g.name.startswith(f"{stack_name}.{i}.")]
+            attention = [g for g in mine if _is_attention(model.get_submodule(g.name))]
+            for part in (attention, [g for g in mine if g not in attention]):
+                if not part:
+                    continue
+                sums = _InputSums({consumer(g): model.get_submodule(consumer(g)) for g in part})
+                try:
+                    for item in cache:
+                        sums.mask = item[2]
+                        block(*item[0], **item[1])
+                finally:
+                    sums.remove()
+                counts.update(cut(part, per, sums.result()))
+            cache = [sct._advance(item, block(*item[0], **item[1])) for item in cache]
     return counts
 
 

@@ -973,6 +973,42 @@ def _forward(model, batch):
     return model(batch)
 
 
+def _stack_inputs(model, stack, data, max_batches=None):
+    """Each calibration batch's call of the stack's first block, ``[args, kwargs, padding mask]``: the
+    model run on the batch until a pre-hook there catches the call and stops it."""
+    cache = []
+
+    def catch(module, args, kwargs):
+        cache.append([args, kwargs, None])
+        raise sc.StopForward
+
+    h = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in _calibration(data, max_batches):
+            try:
+                _forward(model, batch)
+            except sc.StopForward:
+                cache[-1][2] = _token_mask(batch)
+    finally:
+        h.remove()
+    return cache
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model):
+    """A Hugging Face model's ``config.use_cache`` off for a block (blocks run alone on cached inputs keep no
+    key/value cache), put back after."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    try:
+        if use_cache is not None:
+            config.use_cache = False
+        yield
+    finally:
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
 def _token_mask(batch):
     """The 2-D padding mask of a Hugging Face batch (True = a real token), or None."""
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
@@ -1102,22 +1138,7 @@ class _TorchHooks(sc.SequentialHooks):
     def inputs(self):
         if not self.carry:
             return _calibration(self.data, self.max_batches)
-        cache = []
-
-        def catch(module, args, kwargs):
-            cache.append([args, kwargs, None])
-            raise sc.StopForward
-
-        h = self.stack[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            for batch in _calibration(self.data, self.max_batches):
-                try:
-                    _forward(self.model, batch)
-                except sc.StopForward:
-                    cache[-1][2] = _token_mask(batch)
-        finally:
-            h.remove()
-        return cache
+        return _stack_inputs(self.model, self.stack, self.data, self.max_batches)
 
     def run(self, block, item, catch):
         names = self._blocks[block]
@@ -1177,16 +1198,8 @@ class _TorchHooks(sc.SequentialHooks):
 
     @contextlib.contextmanager
     def session(self):
-        config = getattr(self.model, "config", None)
-        use_cache = getattr(config, "use_cache", None)
-        with _preserved(self.model, "eval"), torch.no_grad():
-            try:
-                if config is not None and use_cache is not None:
-                    config.use_cache = False
-                yield
-            finally:
-                if config is not None and use_cache is not None:
-                    config.use_cache = use_cache
+        with _preserved(self.model, "eval"), torch.no_grad(), _no_kv_cache(self.model):
+            yield
 
 
 def prune_sequential(model: nn.Module, data: Iterable, *, sparsity=None, pattern=None, method: str = "sparsegpt",
