@@ -481,9 +481,10 @@ def write_folder(src, dst, fill: Callable[[str], None], *, force: bool = False, 
     check_model_output(src, dst, sparse=False, force=force)
     provenance = {str(k): str(v) for k, v in (provenance or {}).items()}
     with open_weights(src) as reader:
-        if reader.weight_copies():
-            raise UserError(f"{src}: the folder holds other copies of the weights ({reader.weight_copies()[0]}, "
-                            f"...), which would be carried with the old shapes; move them out of the folder")
+        copies = reader.weight_copies()
+        if copies:
+            raise UserError(f"{src}: the folder holds other copies of the weights ({copies[0]}, ...), which would "
+                            f"be carried with the old shapes; move them out of the folder")
         others = [rel for rel in reader.other_files() if rel != RECIPE]
         with AtomicDir(dst, sync, replace=force) as tmp:
             fill(tmp)
