@@ -542,7 +542,9 @@ def _calibrated(args, parser):
     t0 = time.perf_counter()
     res = run(request)
     took = time.perf_counter() - t0
-    if not args.quiet and args.units:
+    if args.quiet:
+        return 0
+    if args.units:
         kept, layers = {}, {}  # kind -> the (kept, of) counts of its layers (one pair: the same in every layer)
         for kind, k, of in res.units.values():
             kept.setdefault(kind, set()).add((k, of))
@@ -552,27 +554,27 @@ def _calibrated(args, parser):
                 for kind, v in kept.items()]
         print(f"{_clean(args.input)}: {', '.join(said)}; parameters {before / 1e6:.1f} M -> {after / 1e6:.1f} M "
               f"({1 - after / before:.1%} fewer)")
-        timings = res.timings
-        print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out; {took:.0f} s ("
-              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"); peak memory "
-              f"{_fmt_bytes(_peak_memory())}")
+        print(_run_line(res, took, ""))
         print(f"written: {_clean(args.output)} (a smaller model: from_pretrained loads it; how it was made: "
               f"sparsecore_recipe.json)")
         return 0
-    if not args.quiet:
-        print(f"pruned {_clean(args.input)} with {args.method}"
-              + (f" + {args.update}" if args.update else "") + f": {len(res.summary)} layers, "
-              f"{len(res.ignored)} left dense outside the blocks")
-        print(_clean(format_table(_by_block(res.summary) if len(res.summary) > PLOT_ROWS else
-                                  [t if (c := _clean(t.name, LONGEST)) == t.name else dataclasses.replace(t, name=c)
-                                   for t in res.summary]), newlines=True))
-        timings = res.timings
-        print(f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out ({res.format}); "
-              f"{took:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "); peak memory "
-              f"{_fmt_bytes(_peak_memory())} (the model folder: {_fmt_bytes(res.input_bytes)})")
-        print(f"written: {_clean(args.output)} (how it was made: "
-              + ("the file's attributes" if res.format == "sparse" else "sparsecore_recipe.json") + ")")
+    print(f"pruned {_clean(args.input)} with {args.method}"
+          + (f" + {args.update}" if args.update else "") + f": {len(res.summary)} layers, "
+          f"{len(res.ignored)} left dense outside the blocks")
+    print(_clean(format_table(_by_block(res.summary) if len(res.summary) > PLOT_ROWS else
+                              [t if (c := _clean(t.name, LONGEST)) == t.name else dataclasses.replace(t, name=c)
+                               for t in res.summary]), newlines=True))
+    print(_run_line(res, took, f" ({res.format})") + f" (the model folder: {_fmt_bytes(res.input_bytes)})")
+    print(f"written: {_clean(args.output)} (how it was made: "
+          + ("the file's attributes" if res.format == "sparse" else "sparsecore_recipe.json") + ")")
     return 0
+
+
+def _run_line(res, took, kind):
+    """A calibrated run's bytes in and out (``kind`` after them), its time by phase and its peak memory."""
+    return (f"{_fmt_bytes(res.input_bytes)} in -> {_fmt_bytes(res.output_bytes)} out{kind}; {took:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in res.timings.items()) + f"); peak memory "
+            f"{_fmt_bytes(_peak_memory())}")
 
 
 def _prune(args, parser):
