@@ -197,13 +197,13 @@ def _update_counts(model, groups, counts):
     config = getattr(model, "config", None)
     heads, kv_heads, channels, head_dims = set(), set(), set(), set()
     for g in groups:
-        mod = mods[g.name] if g.name in mods else None
-        if mod is not None and isinstance(getattr(mod, "q_proj", None), nn.Linear):
+        mod = mods.get(g.name)
+        if isinstance(getattr(mod, "q_proj", None), nn.Linear):
             hd = mod.head_dim
             heads.add(mod.q_proj.out_features // hd)
             kv_heads.add(mod.k_proj.out_features // hd)
             head_dims.add(hd)
-        elif mod is not None and hasattr(mod, "self") and isinstance(getattr(mod.self, "query", None), nn.Linear):
+        elif isinstance(getattr(getattr(mod, "self", None), "query", None), nn.Linear):
             s = mod.self
             s.num_attention_heads = s.query.out_features // s.attention_head_size
             s.all_head_size = s.query.out_features
@@ -243,12 +243,12 @@ def save_check(model: nn.Module) -> None:
                              f"a {type(config).__name__} derives the head size from the head count, so it cannot "
                              f"describe removed heads; keep the heads (units='channels') to save with "
                              f"save_pretrained")
-        for lin, want in ((getattr(mod, "gate_proj", None), "intermediate_size"),
-                          (getattr(getattr(mod, "intermediate", None), "dense", None), "intermediate_size")):
-            if isinstance(lin, nn.Linear) and lin.out_features != getattr(config, want, lin.out_features):
+        for lin in (getattr(mod, "gate_proj", None), getattr(getattr(mod, "intermediate", None), "dense", None)):
+            if isinstance(lin, nn.Linear) and lin.out_features != getattr(config, "intermediate_size",
+                                                                          lin.out_features):
                 raise ValueError(f"{name}: {lin.out_features} MLP channels, but the config says "
-                                 f"{getattr(config, want)}: the layers keep different counts, which a stock config "
-                                 f"cannot describe (select with scope='local')")
+                                 f"{config.intermediate_size}: the layers keep different counts, which a stock "
+                                 f"config cannot describe (select with scope='local')")
 
 
 def consumer(group):
