@@ -167,30 +167,50 @@ def _stored(param, entry):
     return t.to(_TORCH_DTYPES.get(entry.dtype, torch.float32)).contiguous().numpy().astype(entry.dtype, copy=False)
 
 
+class _Run:
+    """What both calibrated paths start with: the output's paths checked, the folder's model loaded and the
+    calibration read, tokenised and batched (said in one line); :meth:`record` puts the phases' seconds and
+    the calibration used on the result."""
+
+    def __init__(self, request, sparse):
+        check_model_output(request.src, request.dst, sparse=sparse, force=request.force)
+        self.t0 = time.perf_counter()
+        self.model, self.config, causal = load_model(request.src)
+        samples = _samples(request, _folder(request.src), self.config, causal, request.say)
+        self.samples, self.sha = samples, digest(samples)
+        lengths = sorted({len(x) for x in samples})
+        request.say(f"calibration: {len(samples)} samples of "
+                    f"{lengths[0] if len(lengths) == 1 else f'{lengths[0]}-{lengths[-1]}'} tokens from "
+                    f"{request.calibration} (sha256 {self.sha[:16]})")
+        self.data = _batches(samples, causal, getattr(self.config, "pad_token_id", None))
+        self.loaded = time.perf_counter()
+
+    def record(self, result, calibrated):
+        """``result`` with ``timings`` (load, calibrate: until ``calibrated``, write: until now) and
+        ``calibration``."""
+        result.timings = {"load": self.loaded - self.t0, "calibrate": calibrated - self.loaded,
+                          "write": time.perf_counter() - calibrated}
+        result.calibration = {"sha256": self.sha, "samples": len(self.samples),
+                              "tokens": sum(map(len, self.samples))}
+        return result
+
+
 def _prune_units(request):
     """``--units``: whole heads and channels removed (:mod:`sparsecore.adapters.hf_units`), the smaller model
     written by ``save_pretrained`` into a new folder (:func:`sparsecore.io.offline.write_folder`)."""
     from . import hf_units
 
-    say = request.say
     if request.sparse:
         raise UserError("--units writes a smaller dense model: a model folder, not a sparse file")
     if request.sparsity is None or request.pattern is not None:
         raise UserError("--units takes --sparsity (the fraction of units removed), not --pattern")
-    check_model_output(request.src, request.dst, sparse=False, force=request.force)
-    folder = _folder(request.src)
-    t0 = time.perf_counter()
-    model, config, causal = load_model(request.src)
-    samples = _samples(request, folder, config, causal, say)
-    sha = digest(samples)
-    say(f"calibration: {len(samples)} samples from {request.calibration} (sha256 {sha[:16]})")
-    data = _batches(samples, causal, getattr(config, "pad_token_id", None))
+    run = _Run(request, sparse=False)
+    model = run.model
     before = sum(p.numel() for p in model.parameters())
-    loaded = time.perf_counter()
     try:
         kinds = {g.name: (kind, g.units) for kind in request.units for g in hf_units.unit_groups(model, kind)}
         counts = hf_units.prune_units(model, request.sparsity, units=request.units, score=request.unit_score,
-                                      repair=request.unit_repair, order=request.unit_order, data=data,
+                                      repair=request.unit_repair, order=request.unit_order, data=run.data,
                                       multiple=request.multiple, damp=request.damp)
         hf_units.save_check(model)
     except (ValueError, TypeError) as exc:
@@ -199,13 +219,10 @@ def _prune_units(request):
     provenance = {"units": ",".join(request.units), "sparsity": repr(request.sparsity),
                   "score": request.unit_score, "repair": request.unit_repair, "order": request.unit_order,
                   "multiple": str(request.multiple), "calibration_file": os.path.abspath(request.calibration),
-                  "calibration_sha256": sha, "calibration_samples": str(len(samples)),
+                  "calibration_sha256": run.sha, "calibration_samples": str(len(run.samples)),
                   "source": os.path.abspath(request.src)}
-    result = write_folder(request.src, request.dst, model.save_pretrained, force=request.force,
-                          sync=request.sync, provenance=provenance)
-    result.timings = {"load": loaded - t0, "calibrate": calibrated - loaded,
-                      "write": time.perf_counter() - calibrated}
-    result.calibration = {"sha256": sha, "samples": len(samples), "tokens": sum(map(len, samples))}
+    result = run.record(write_folder(request.src, request.dst, model.save_pretrained, force=request.force,
+                                     sync=request.sync, provenance=provenance), calibrated)
     result.units = {name: (kind, counts[name], of) for name, (kind, of) in kinds.items()}
     result.parameters = (before, sum(p.numel() for p in model.parameters()))
     return result
@@ -219,18 +236,10 @@ def prune(request: CalibratedPrune):
     say = request.say
     if request.units:
         return _prune_units(request)
-    check_model_output(request.src, request.dst, sparse=request.sparse, force=request.force)
-    folder = _folder(request.src)
-    t0 = time.perf_counter()
-    model, config, causal = load_model(request.src)
+    run = _Run(request, request.sparse)
+    model, data, samples, sha = run.model, run.data, run.samples, run.sha
     with open_weights(request.src) as reader:
         entries = dict(reader.entries)
-    samples = _samples(request, folder, config, causal, say)
-    sha = digest(samples)
-    lengths = sorted({len(s) for s in samples})
-    say(f"calibration: {len(samples)} samples of {lengths[0] if len(lengths) == 1 else f'{lengths[0]}-{lengths[-1]}'} "
-        f"tokens from {request.calibration} (sha256 {sha[:16]})")
-    data = _batches(samples, causal, getattr(config, "pad_token_id", None))
     include = [f"*{p}*" if not any(c in p for c in "*?[") else p for p in request.include] or None
     exclude = [f"*{p}*" if not any(c in p for c in "*?[") else p for p in request.exclude]
     chosen = sct.prunable(model, include, exclude)
@@ -239,7 +248,6 @@ def prune(request: CalibratedPrune):
         raise UserError(f"{request.src}: the model's layers ({foreign[0]}, ...) are not named as in its files "
                         f"({next(iter(entries))}, ...); calibrated pruning needs the names transformers saves")
     sparsity = request.sparsity
-    loaded = time.perf_counter()
     if request.allocation == "owl":
         if sparsity is None:
             raise UserError("--allocation owl spreads a --sparsity over the blocks; give --sparsity")
@@ -271,11 +279,9 @@ def prune(request: CalibratedPrune):
                   "calibration_file": os.path.abspath(request.calibration), "calibration_sha256": sha,
                   "calibration_samples": str(len(samples)), "calibration_tokens": str(sum(map(len, samples))),
                   "source": os.path.abspath(request.src)}
-    result = write_model(request.src, request.dst, lambda n: _stored(params[n], entries[n]), names,
-                         sparse=request.sparse, force=request.force, sync=request.sync,
-                         compression=request.compression, encoding=request.encoding, provenance=provenance)
-    result.timings = {"load": loaded - t0, "calibrate": calibrated - loaded,
-                      "write": time.perf_counter() - calibrated}
-    result.calibration = {"sha256": sha, "samples": len(samples), "tokens": sum(map(len, samples))}
+    result = run.record(write_model(request.src, request.dst, lambda n: _stored(params[n], entries[n]), names,
+                                    sparse=request.sparse, force=request.force, sync=request.sync,
+                                    compression=request.compression, encoding=request.encoding,
+                                    provenance=provenance), calibrated)
     result.ignored = list(res.ignored)
     return result
