@@ -42,6 +42,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode  # noqa: E402  (alternate: the timing loop of the packed-weights speed benchmark)
 import llm  # noqa: E402  (model, text, windows and perplexity, shared with the weight-pruning benchmark)
 
 from sparsecore.adapters import hf_units as hfu  # noqa: E402
@@ -115,24 +116,9 @@ def peers(dense, calib, ev, stats, base, targets, results):
                                         removed=removed, channels=kept, seconds=secs))
 
 
-def decode_speed(model, prompt, tokens, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def prefill(model, ids, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.no_grad():
-            model(ids)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def generate(model, prompt, tokens):
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
 
 def main():
@@ -194,12 +180,12 @@ def main():
     ids = ev[0][:512][None]
     print(f"\nspeed at batch 1, {torch.get_num_threads()} threads, medians of {a.repeats} alternating runs")
     print(f"{'model':>34}  {'decode tok/s':>12}  {'to dense':>8}  {'prefill 512 s':>13}  {'to dense':>8}")
-    decode_speed(dense, prompt, 8, 1)
     dd, dp = [], []
     for target, (ppl, m, row) in best.items():
-        decode_speed(m, prompt, 8, 1)
-        d0, d1 = decode_speed(dense, prompt, a.tokens, a.repeats), decode_speed(m, prompt, a.tokens, a.repeats)
-        p0, p1 = prefill(dense, ids, a.repeats), prefill(m, ids, a.repeats)
+        with torch.no_grad():  # dense and smaller in turn, each warmed up first (bench/decode.py's alternate)
+            d0, d1, p0, p1 = decode.alternate([lambda: generate(dense, prompt, a.tokens),
+                                               lambda: generate(m, prompt, a.tokens),
+                                               lambda: dense(ids), lambda: m(ids)], a.repeats)
         dd.append(d0)
         dp.append(p0)
         name = f"{row['removed']:.0%} removed ({row['mix']})"
